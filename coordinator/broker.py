@@ -1,0 +1,181 @@
+"""Run an MQTT broker: Mosquitto when installed, else an embedded amqtt broker.
+
+Mosquitto (Debian package ``mosquitto``) is the real thing: fast, small, with
+persistence, TLS and ACLs. The embedded broker (pure-Python ``amqtt``) exists so
+that a laptop with only pip can run the demo; it speaks MQTT 3.1.1 only, which
+is all the edgeprune protocol uses.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+MOSQUITTO_CANDIDATES = ("mosquitto", "/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def mosquitto_path() -> str | None:
+    for candidate in MOSQUITTO_CANDIDATES:
+        path = shutil.which(candidate)
+        if path:
+            return path
+    return None
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(host: str, port: int, timeout_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return True
+        except OSError:
+            time.sleep(0.05)
+    return False
+
+
+def mosquitto_config(host: str, port: int, workdir: Path, persistence: bool = False) -> str:
+    """A Mosquitto 2.0 config for one plain listener.
+
+    Queues are raised from the defaults because a coordinator receiving replies
+    from a large fleet at once must not have QoS-1 messages dropped silently
+    (Mosquitto does not tell a 3.1.1 publisher when it drops).
+    """
+    lines = [
+        f"listener {port} {host}",
+        "allow_anonymous true",
+        f"persistence {'true' if persistence else 'false'}",
+        "max_inflight_messages 100",
+        "max_queued_messages 100000",
+        "max_queued_bytes 0",
+        "set_tcp_nodelay true",
+        "log_dest stderr",
+        "log_type error",
+        "log_type warning",
+        "log_type notice",
+        "log_timestamp_format %Y-%m-%dT%H:%M:%S",
+    ]
+    if persistence:
+        lines += [f"persistence_location {workdir}/", "autosave_interval 5"]
+    return "\n".join(lines) + "\n"
+
+
+@dataclass
+class BrokerProcess:
+    """A broker running as a child process."""
+
+    kind: str
+    host: str
+    port: int
+    proc: subprocess.Popen
+    workdir: Path
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://{self.host}:{self.port}"
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def warn_if_exposed(host: str) -> None:
+    if host not in LOOPBACK:
+        log.warning("broker listens on %s without TLS: anyone on that network can join the fleet; "
+                    "use it for local demos only", host)
+
+
+def start(kind: str = "auto", host: str = "127.0.0.1", port: int = 0, workdir: str | os.PathLike | None = None,
+          persistence: bool = False, log_file: str | os.PathLike | None = None) -> BrokerProcess:
+    """Start a broker child process and wait until it accepts connections.
+
+    ``kind``: ``mosquitto``, ``embedded`` or ``auto`` (Mosquitto if installed).
+    """
+    if kind == "auto":
+        kind = "mosquitto" if mosquitto_path() else "embedded"
+    port = port or free_port(host)
+    work = Path(workdir) if workdir else Path.cwd()
+    work.mkdir(parents=True, exist_ok=True)
+    out = open(log_file, "ab") if log_file else subprocess.DEVNULL
+    if kind == "mosquitto":
+        exe = mosquitto_path()
+        if exe is None:
+            raise RuntimeError("mosquitto is not installed (apt-get install mosquitto), use --embedded")
+        conf = work / f"mosquitto-{port}.conf"
+        conf.write_text(mosquitto_config(host, port, work, persistence))
+        cmd = [exe, "-c", str(conf)]
+    elif kind == "embedded":
+        cmd = [sys.executable, "-m", "coordinator.broker", "--host", host, "--port", str(port)]
+    else:
+        raise ValueError(f"unknown broker kind {kind!r}")
+    proc = subprocess.Popen(cmd, stdout=out, stderr=out, start_new_session=True)
+    if not wait_for_port(host, port, 20.0):
+        proc.kill()
+        raise RuntimeError(f"{kind} broker did not start listening on {host}:{port}: {' '.join(cmd)}")
+    return BrokerProcess(kind, host, port, proc, work)
+
+
+def run_embedded(host: str, port: int) -> None:
+    """Serve MQTT 3.1.1 with amqtt in this process until interrupted."""
+    import asyncio
+
+    from amqtt.broker import Broker
+
+    config = {
+        "listeners": {"default": {"type": "tcp", "bind": f"{host}:{port}", "max_connections": 0}},
+        "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
+    }
+
+    async def serve() -> None:
+        broker = Broker(config)
+        await broker.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await broker.shutdown()
+
+    logging.getLogger("amqtt").setLevel(logging.WARNING)
+    logging.getLogger("transitions").setLevel(logging.WARNING)
+    asyncio.run(serve())
+
+
+if __name__ == "__main__":  # used by start(kind="embedded")
+    import argparse
+
+    p = argparse.ArgumentParser(description="embedded amqtt broker")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=1883)
+    a = p.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    run_embedded(a.host, a.port)

@@ -1,0 +1,420 @@
+"""The coordinator's MQTT session: fleet presence, commands and replies, blob transfer.
+
+One connection carries everything. Presence comes from the devices' retained
+status/caps plus live heartbeats; commands go out with request ids and come
+back as :class:`Reply` objects (errors are replies too, never exceptions), and
+blobs move in chunks: broadcast down as retained chunks every selected device
+can fetch once, pulled up one device at a time with bounded concurrency so the
+coordinator's memory does not grow with the fleet.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+from edge_agent.blobs import Assembler, sha256_hex, split
+from edge_agent.link import Link, Will
+from edge_agent.protocol import serde, topics
+from edge_agent.protocol.constants import DEFAULT_CHUNK_BYTES, DEFAULT_STALE_AFTER_BEATS
+from edge_agent.protocol.errors import ErrorCode, ProtocolError
+from edge_agent.protocol.messages import Capabilities, Command, CoordinatorStatus, Reply, Status, error_dict
+
+from .store import Store
+
+log = logging.getLogger("coordinator.session")
+
+
+def new_id(prefix: str = "") -> str:
+    return prefix + secrets.token_hex(8)
+
+
+@dataclass
+class DeviceView:
+    device_id: str
+    status: Status | None = None
+    caps: dict | None = None
+    last_heard: float | None = None  # monotonic time of the last live message from the device
+    last_seen_wall: float | None = None
+
+    def state(self, now: float, stale_after_beats: int, probe_deadline: float | None) -> str:
+        if self.status is None:
+            return "unknown"
+        if self.status.state == "offline":
+            return "offline"
+        beat = self.status.heartbeat_s or 10.0
+        if self.last_heard is None:
+            return "stale" if probe_deadline is not None and now >= probe_deadline else self.status.state
+        if now - self.last_heard > stale_after_beats * beat:
+            return "stale"
+        return self.status.state
+
+
+@dataclass(frozen=True)
+class BlobRef:
+    sha256: str
+    bytes: int
+    chunks: int
+
+    def as_args(self) -> dict[str, Any]:
+        return {"sha256": self.sha256, "bytes": self.bytes, "chunks": self.chunks}
+
+
+@dataclass
+class _Pending:
+    device_id: str
+    cmd: str
+    future: Future
+    on_progress: Callable[[Reply], None] | None
+    sent: float
+
+
+@dataclass
+class Stats:
+    messages_out: int = 0
+    bytes_out: int = 0
+    messages_in: int = 0
+    bytes_in: int = 0
+    rejected_in: int = 0
+    rejected_reasons: dict[str, int] = field(default_factory=dict)
+
+
+class Session:
+    """A coordinator connection to one fleet.
+
+    ``long_running`` sessions (train, bench) publish a retained ``online``
+    coordinator status with a Will; one-shot sessions (devices, ping) send a
+    non-retained probe and leave the retained status alone.
+    """
+
+    def __init__(self, broker_url: str, fleet: str, store: Store | None = None, *, long_running: bool = False,
+                 stale_after_beats: int = DEFAULT_STALE_AFTER_BEATS, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                 max_concurrent_uploads: int = 8, keepalive_s: int = 15):
+        self.fleet = topics.validate_id(fleet, "fleet")
+        self.store = store
+        self.long_running = long_running
+        self.stale_after_beats = stale_after_beats
+        self.chunk_bytes = chunk_bytes
+        self.coordinator_id = new_id("c")
+        self.stats = Stats()
+        self.views: dict[str, DeviceView] = {}
+        self._views_lock = threading.Lock()
+        self._pending: dict[str, _Pending] = {}
+        self._pending_lock = threading.Lock()
+        self._assembler = Assembler()
+        self._asm_lock = threading.Lock()  # the assembler is fed on the network thread, cleaned up on callers'
+        self._fetches: dict[tuple[str, str], Future] = {}
+        self._fetch_slots = threading.Semaphore(max_concurrent_uploads)
+        self._published: dict[str, int] = {}  # sha -> chunk count of retained blobs we must clear
+        self._probe_deadline: float | None = None
+        self._changed = threading.Condition()
+        self._t_status = topics.coordinator_status(fleet)
+        will = Will(self._t_status, self._coordinator_msg("offline")) if long_running else None
+        self.link = Link(broker_url, client_id=f"ep-{self.fleet}-{self.coordinator_id}", on_message=self._on_message,
+                         on_connect=self._on_connect, will=will, keepalive_s=keepalive_s, name="coordinator")
+        for channel in ("status", "caps", "reply", "data"):
+            self.link.subscribe(topics.device_filter(fleet, channel))
+
+    # -- lifecycle -------------------------------------------------------
+    def start(self, timeout_s: float = 10.0) -> "Session":
+        if not self.link.start(wait_s=timeout_s):
+            self.link.stop()
+            raise ConnectionError(f"cannot connect to the MQTT broker at {self.link.address.url} within {timeout_s:.0f} s "
+                                  f"(is it running? start one with `edgeprune broker`)")
+        return self
+
+    def close(self) -> None:
+        for sha in list(self._published):
+            self.clear_blob(sha)
+        final = [(self._t_status, self._coordinator_msg("offline"), True)] if self.long_running else []
+        self.link.stop(final=final)
+
+    def __enter__(self) -> "Session":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _coordinator_msg(self, state: str) -> bytes:
+        return serde.encode(CoordinatorStatus(coordinator_id=self.coordinator_id, state=state, ts=time.time()))
+
+    def _on_connect(self) -> None:
+        self.announce()
+
+    def announce(self) -> None:
+        """Tell agents we are here; each live agent answers by re-publishing status and caps."""
+        self._publish(self._t_status, self._coordinator_msg("online"), retain=self.long_running)
+
+    def _publish(self, topic: str, payload: bytes, retain: bool = False):
+        self.stats.messages_out += 1
+        self.stats.bytes_out += len(payload)
+        return self.link.publish(topic, payload, retain=retain)
+
+    # -- incoming --------------------------------------------------------
+    def _reject(self, topic: str, exc: ProtocolError) -> None:
+        self.stats.rejected_in += 1
+        self.stats.rejected_reasons[exc.code.value] = self.stats.rejected_reasons.get(exc.code.value, 0) + 1
+        log.warning("ignoring message on %s: %s", topic, exc)
+
+    def _on_message(self, topic: str, payload: bytes, retained: bool) -> None:
+        self.stats.messages_in += 1
+        self.stats.bytes_in += len(payload)
+        try:
+            parsed = topics.parse(topic)
+            if parsed.kind != "device":
+                return
+            device_id = parsed.device_id
+            assert device_id is not None
+            if parsed.channel == "data":
+                self._on_data(device_id, serde.decode_frame(payload))
+                return
+            if not payload:
+                return  # a retained message being cleared
+            if parsed.channel == "status":
+                self._on_status(device_id, serde.decode(Status, payload), retained)
+            elif parsed.channel == "caps":
+                caps = serde.decode(Capabilities, payload)
+                self._check_sender(device_id, caps.device_id)
+                self._on_caps(device_id, asdict(caps), retained)
+            elif parsed.channel == "reply":
+                reply = serde.decode(Reply, payload)
+                self._check_sender(device_id, reply.device_id)
+                self._heard(device_id, retained)
+                self._on_reply(reply)
+        except ProtocolError as exc:
+            self._reject(topic, exc)
+
+    @staticmethod
+    def _check_sender(topic_id: str, claimed: str) -> None:
+        if topic_id != claimed:
+            raise ProtocolError(ErrorCode.BAD_FIELD, f"device_id {claimed!r} does not match topic id {topic_id!r}")
+
+    def _view(self, device_id: str) -> DeviceView:
+        with self._views_lock:
+            view = self.views.get(device_id)
+            if view is None:
+                view = self.views[device_id] = DeviceView(device_id)
+            return view
+
+    def _heard(self, device_id: str, retained: bool) -> None:
+        if not retained:
+            view = self._view(device_id)
+            view.last_heard = time.monotonic()
+            view.last_seen_wall = time.time()
+
+    def _notify(self) -> None:
+        with self._changed:
+            self._changed.notify_all()
+
+    def _on_status(self, device_id: str, status: Status, retained: bool) -> None:
+        self._check_sender(device_id, status.device_id)
+        if status.state not in ("online", "busy", "offline"):
+            raise ProtocolError(ErrorCode.BAD_FIELD, f"unknown device state {status.state!r}")
+        view = self._view(device_id)
+        view.status = status
+        self._heard(device_id, retained)
+        if status.state == "offline":
+            self._fail_pending(device_id, ErrorCode.TIMEOUT, "device went offline")
+        if self.store is not None:
+            self.store.upsert_device(self.fleet, device_id, self.state_of(view), status=asdict(status),
+                                     seen=view.last_seen_wall if not retained else None)
+        self._notify()
+
+    def _on_caps(self, device_id: str, caps: dict, retained: bool) -> None:
+        view = self._view(device_id)
+        view.caps = caps
+        self._heard(device_id, retained)
+        if self.store is not None:
+            self.store.upsert_device(self.fleet, device_id, self.state_of(view), caps=caps)
+        self._notify()
+
+    def _on_reply(self, reply: Reply) -> None:
+        with self._pending_lock:
+            pending = self._pending.get(reply.id) if reply.id else None
+            if pending is not None and reply.kind in ("result", "error"):
+                del self._pending[reply.id]
+        if pending is None:
+            if reply.kind == "error":
+                log.warning("error reply from %s for request %s: %s", reply.device_id, reply.id, reply.error_message)
+            else:
+                log.debug("reply for unknown or finished request %s from %s", reply.id, reply.device_id)
+            return
+        if reply.device_id != pending.device_id:
+            log.warning("reply %s came from %s, expected %s; ignored", reply.id, reply.device_id, pending.device_id)
+            return
+        if reply.kind in ("result", "error"):
+            if not pending.future.done():
+                pending.future.set_result(reply)
+        elif pending.on_progress is not None:
+            try:
+                pending.on_progress(reply)
+            except Exception:
+                log.exception("progress callback failed")
+
+    def _on_data(self, device_id: str, frame) -> None:
+        self._heard(device_id, False)
+        key = (device_id, frame.blob_sha256)
+        fut = self._fetches.get(key)
+        if fut is None or fut.done():
+            return  # nobody asked for it (late duplicate); drop
+        try:
+            with self._asm_lock:
+                data = self._assembler.add(frame, source=device_id)
+        except ProtocolError as exc:
+            fut.set_exception(exc)
+            return
+        if data is not None:
+            fut.set_result(data)
+
+    # -- presence --------------------------------------------------------
+    def state_of(self, view: DeviceView) -> str:
+        return view.state(time.monotonic(), self.stale_after_beats, self._probe_deadline)
+
+    def discover(self, wait_s: float = 2.0) -> list[dict[str, Any]]:
+        """Probe the fleet and return every device with its state once live ones have answered."""
+        self._probe_deadline = time.monotonic() + wait_s
+        self.announce()
+        deadline = self._probe_deadline
+        with self._changed:
+            while time.monotonic() < deadline:
+                pending = [v for v in self.views.values()
+                           if v.status is not None and v.status.state != "offline" and v.last_heard is None]
+                if self.views and not pending and time.monotonic() > deadline - wait_s + 0.3:
+                    break
+                self._changed.wait(min(0.1, max(0.0, deadline - time.monotonic())))
+        if self.store is not None:
+            for view in list(self.views.values()):
+                self.store.upsert_device(self.fleet, view.device_id, self.state_of(view))
+        return self.device_table()
+
+    def device_table(self) -> list[dict[str, Any]]:
+        rows = []
+        with self._views_lock:
+            views = sorted(self.views.values(), key=lambda v: v.device_id)
+        for v in views:
+            caps = v.caps or {}
+            rows.append({
+                "device_id": v.device_id,
+                "state": self.state_of(v),
+                "arch": caps.get("arch"),
+                "runtime": next(iter(caps.get("runtimes") or {}), None),
+                "runtimes": caps.get("runtimes") or {},
+                "can_train": caps.get("can_train"),
+                "last_seen": v.last_seen_wall,
+                "task": v.status.task if v.status else None,
+                "caps": v.caps,
+            })
+        return rows
+
+    def online(self) -> list[str]:
+        return [r["device_id"] for r in self.device_table() if r["state"] in ("online", "busy")]
+
+    def wait_for(self, predicate: Callable[[list[dict[str, Any]]], bool], timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        with self._changed:
+            while True:
+                if predicate(self.device_table()):
+                    return True
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._changed.wait(min(remaining, 0.25))
+
+    def wait_online(self, count: int, timeout_s: float) -> list[str]:
+        self.wait_for(lambda rows: sum(r["state"] in ("online", "busy") for r in rows) >= count, timeout_s)
+        return self.online()
+
+    # -- commands --------------------------------------------------------
+    def submit(self, device_id: str, cmd: str, args: dict | None = None,
+               on_progress: Callable[[Reply], None] | None = None, timeout_s: float | None = None) -> tuple[str, Future]:
+        """Send a command; the future resolves to the final :class:`Reply` (result or error)."""
+        topics.validate_id(device_id, "device id")
+        request_id = new_id("r")
+        future: Future = Future()
+        with self._pending_lock:
+            self._pending[request_id] = _Pending(device_id, cmd, future, on_progress, time.monotonic())
+        msg = Command(id=request_id, cmd=cmd, ts=time.time(), args=args or {}, timeout_s=timeout_s)
+        self._publish(topics.device(self.fleet, device_id, "cmd"), serde.encode(msg))
+        return request_id, future
+
+    def forget(self, request_id: str) -> None:
+        with self._pending_lock:
+            self._pending.pop(request_id, None)
+
+    def call(self, device_id: str, cmd: str, args: dict | None = None, timeout_s: float = 10.0,
+             on_progress: Callable[[Reply], None] | None = None) -> Reply:
+        """Send a command and wait for its final reply; a timeout comes back as an error reply."""
+        request_id, future = self.submit(device_id, cmd, args, on_progress, timeout_s)
+        try:
+            return future.result(timeout_s)
+        except TimeoutError:
+            self.forget(request_id)
+            return Reply(id=request_id, device_id=device_id, kind="error", ts=time.time(),
+                         error=error_dict(ErrorCode.TIMEOUT, f"no reply to {cmd} within {timeout_s:.1f} s"))
+
+    def _fail_pending(self, device_id: str, code: ErrorCode, message: str) -> None:
+        with self._pending_lock:
+            failed = [(rid, p) for rid, p in self._pending.items() if p.device_id == device_id]
+            for rid, _ in failed:
+                del self._pending[rid]
+        for rid, p in failed:
+            if not p.future.done():
+                p.future.set_result(Reply(id=rid, device_id=device_id, kind="error", ts=time.time(),
+                                          error=error_dict(code, f"{p.cmd}: {message}")))
+        for (dev, sha), fut in list(self._fetches.items()):
+            if dev == device_id and not fut.done():
+                fut.set_exception(ProtocolError(code, f"blob {sha[:12]}: {message}"))
+
+    # -- blobs -----------------------------------------------------------
+    def publish_blob(self, data: bytes) -> BlobRef:
+        """Broadcast a blob as retained chunks; any device can fetch it (once) by hash."""
+        sha = sha256_hex(data)
+        frames = list(split(data, self.chunk_bytes, sha256=sha))
+        if sha not in self._published:
+            infos = [self._publish(topics.blob_chunk(self.fleet, sha, f.index), serde.encode_frame(f), retain=True)
+                     for f in frames]
+            for info in infos:
+                info.wait_for_publish(60)
+            self._published[sha] = len(frames)
+        return BlobRef(sha, len(data), len(frames))
+
+    def clear_blob(self, sha256: str) -> None:
+        """Remove a broadcast blob's retained chunks from the broker."""
+        count = self._published.pop(sha256, 0)
+        infos = [self._publish(topics.blob_chunk(self.fleet, sha256, i), b"", retain=True) for i in range(count)]
+        for info in infos:
+            info.wait_for_publish(10)
+
+    def fetch_blob(self, device_id: str, sha256: str, timeout_s: float = 60.0) -> bytes:
+        """Pull a blob (an update, a result) from a device. At most N pulls run at once."""
+        topics.validate_sha256(sha256)
+        with self._fetch_slots:
+            key = (device_id, sha256)
+            fut: Future = Future()
+            self._fetches[key] = fut
+            rid, reply_fut = self.submit(device_id, "blob_get", {"sha256": sha256})
+            try:
+                deadline = time.monotonic() + timeout_s
+                while True:
+                    try:
+                        return fut.result(0.05)
+                    except TimeoutError:
+                        pass
+                    if reply_fut.done() and not reply_fut.result().ok:
+                        reply = reply_fut.result()
+                        raise ProtocolError(ErrorCode.coerce(reply.error_code), reply.error_message or "blob_get failed")
+                    if time.monotonic() > deadline:
+                        with self._asm_lock:
+                            got, total = self._assembler.progress(sha256, device_id)
+                        raise ProtocolError(ErrorCode.TIMEOUT, f"blob {sha256[:12]} from {device_id}: "
+                                                               f"{got}/{total} chunks after {timeout_s:.0f} s")
+            finally:
+                self.forget(rid)
+                self._fetches.pop(key, None)
+                with self._asm_lock:
+                    self._assembler.discard(sha256, device_id)

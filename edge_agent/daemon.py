@@ -1,0 +1,360 @@
+"""The agent daemon: presence, heartbeats, and commands from the coordinator.
+
+Threads:
+
+- the MQTT network thread (:class:`~edge_agent.link.Link`) decodes every
+  message, answers quick commands inline and never blocks;
+- one *job* thread runs long commands (training rounds, benchmarks) one at a
+  time; while it works the device reports ``busy``;
+- a small *io* pool serves blob uploads, so the coordinator can collect a
+  finished update while the next job runs;
+- a heartbeat thread re-publishes the retained status.
+
+Every command gets a reply, an error reply if need be: the agent never goes
+silent and never dies of bad input.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import __version__, caps
+from .blobs import Assembler, BlobStore, split
+from .link import Link, Will
+from .protocol import serde, topics
+from .protocol.errors import ErrorCode, ProtocolError
+from .protocol.messages import Command, CoordinatorStatus, Reply, Status, error_dict
+
+log = logging.getLogger("edge_agent")
+
+Handler = Callable[["Agent", Command], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class CommandSpec:
+    fn: Handler
+    mode: str  # "inline" (network thread), "io" (io pool) or "job" (the one job thread; device busy)
+    help: str
+
+
+COMMANDS: dict[str, CommandSpec] = {}
+
+
+def command(name: str, mode: str = "inline", help: str = ""):
+    """Register a command handler. Handlers return a result dict or raise ProtocolError."""
+    def deco(fn: Handler) -> Handler:
+        COMMANDS[name] = CommandSpec(fn, mode, help or (fn.__doc__ or "").strip().splitlines()[0])
+        return fn
+    return deco
+
+
+class _BlobWait:
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.data: bytes | None = None
+        self.error: ProtocolError | None = None
+
+
+class Agent:
+    REPLY_CACHE = 256  # replies kept to answer duplicate (QoS 1 re-delivered) commands
+
+    def __init__(self, settings: dict[str, Any]):
+        self.settings = settings
+        self.fleet: str = settings["fleet"]
+        self.device_id: str = settings["device_id"]
+        self.state_dir = Path(settings["state_dir"])
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.blobs = BlobStore(self.state_dir / "blobs")
+        self.started = time.time()
+        self._seq = 0
+        self._task: str | None = None
+        self._status_lock = threading.Lock()
+        self._jobs: queue.Queue[Command | None] = queue.Queue(maxsize=1)
+        self._io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="agent-io")
+        self._replies: OrderedDict[str, Reply | None] = OrderedDict()
+        self._replies_lock = threading.Lock()
+        self._assembler = Assembler()
+        self._blob_waits: dict[str, _BlobWait] = {}
+        self._blob_lock = threading.Lock()
+        self._stop = threading.Event()
+        self.trainer = None  # edge_agent.trainer.Trainer, created on the first training command
+        self.t = {
+            "status": topics.device(self.fleet, self.device_id, "status"),
+            "caps": topics.device(self.fleet, self.device_id, "caps"),
+            "cmd": topics.device(self.fleet, self.device_id, "cmd"),
+            "reply": topics.device(self.fleet, self.device_id, "reply"),
+            "data": topics.device(self.fleet, self.device_id, "data"),
+            "coordinator": topics.coordinator_status(self.fleet),
+        }
+        will = Will(self.t["status"], serde.encode(self._status_msg("offline")))
+        self.link = Link(
+            settings["broker"],
+            client_id=f"ep-{self.fleet}-{self.device_id}",
+            on_message=self._on_message,
+            on_connect=self._announce,
+            will=will,
+            keepalive_s=settings["keepalive_s"],
+            reconnect_min_s=settings["reconnect_min_s"],
+            reconnect_max_s=settings["reconnect_max_s"],
+            name=f"agent-{self.device_id}",
+        )
+        self.link.subscribe(self.t["cmd"])
+        self.link.subscribe(self.t["coordinator"])
+
+    # -- lifecycle -------------------------------------------------------
+    def start(self) -> None:
+        threading.Thread(target=self._job_loop, name="agent-job", daemon=True).start()
+        threading.Thread(target=self._heartbeat_loop, name="agent-heartbeat", daemon=True).start()
+        self.link.start()
+        log.info("agent %s (fleet %s) starting, broker %s", self.device_id, self.fleet, self.link.address.url)
+
+    def stop(self) -> None:
+        """Graceful stop: publish ``offline`` ourselves (the broker drops the Will on a clean disconnect)."""
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        try:
+            self._jobs.put_nowait(None)
+        except queue.Full:
+            pass
+        if self.trainer is not None:
+            self.trainer.close()
+        self.link.stop(final=[(self.t["status"], serde.encode(self._status_msg("offline")), True)])
+        self._io.shutdown(wait=False, cancel_futures=True)
+        log.info("agent %s stopped", self.device_id)
+
+    def wait(self) -> None:
+        while not self._stop.wait(1.0):
+            pass
+
+    # -- presence --------------------------------------------------------
+    def _status_msg(self, state: str | None = None) -> Status:
+        with self._status_lock:
+            self._seq += 1
+            return Status(
+                device_id=self.device_id,
+                state=state or ("busy" if self._task else "online"),
+                ts=time.time(),
+                seq=self._seq,
+                heartbeat_s=self.settings["heartbeat_s"],
+                uptime_s=round(time.time() - self.started, 3),
+                task=self._task,
+                agent_version=__version__,
+            )
+
+    def publish_status(self) -> None:
+        if self.link.connected.is_set() and not self._stop.is_set():
+            self.link.publish(self.t["status"], serde.encode(self._status_msg()), retain=True)
+
+    def _announce(self) -> None:
+        """After every (re)connect and when the coordinator comes online: status and capabilities."""
+        self.publish_status()
+        self.link.publish(self.t["caps"], serde.encode(caps.collect(self.device_id, str(self.state_dir))), retain=True)
+
+    def _heartbeat_loop(self) -> None:
+        while not self._stop.wait(self.settings["heartbeat_s"]):
+            self.publish_status()
+
+    def set_task(self, task: str | None) -> None:
+        self._task = task
+        self.publish_status()
+
+    # -- incoming --------------------------------------------------------
+    def _on_message(self, topic: str, payload: bytes, retained: bool) -> None:
+        if topic == self.t["cmd"]:
+            self._on_command(payload)
+        elif topic == self.t["coordinator"]:
+            try:
+                msg = serde.decode(CoordinatorStatus, payload)
+            except ProtocolError as exc:
+                log.warning("ignoring bad coordinator status: %s", exc)
+                return
+            if msg.state == "online" and not retained:  # a replayed retained one: we announced on connect
+                self._announce()
+        else:
+            self._on_blob_chunk(topic, payload)
+
+    def _on_command(self, payload: bytes) -> None:
+        try:
+            cmd = serde.decode(Command, payload, self.settings["max_message_bytes"])
+        except ProtocolError as exc:
+            log.warning("refusing command: %s", exc)
+            self.reply_error(serde.peek_request_id(payload), exc.code, exc.message)
+            return
+        with self._replies_lock:
+            if cmd.id in self._replies:
+                cached = self._replies[cmd.id]
+                log.info("duplicate command %s (%s)%s", cmd.id, cmd.cmd, "; re-sending reply" if cached else "")
+                if cached is not None:
+                    self._publish_reply(cached, remember=False)
+                return
+            self._replies[cmd.id] = None
+            while len(self._replies) > self.REPLY_CACHE:
+                self._replies.popitem(last=False)
+        spec = COMMANDS.get(cmd.cmd)
+        if spec is None:
+            self.reply_error(cmd.id, ErrorCode.UNKNOWN_COMMAND,
+                             f"unknown command {cmd.cmd!r}; this agent knows: {', '.join(sorted(COMMANDS))}")
+        elif spec.mode == "inline":
+            self._execute(cmd, spec)
+        elif spec.mode == "io":
+            self._io.submit(self._execute, cmd, spec)
+        else:
+            try:
+                self._jobs.put_nowait(cmd)
+            except queue.Full:
+                self.reply_error(cmd.id, ErrorCode.BUSY, f"busy with {self._task or 'another job'}; try again later")
+                return
+            self.reply(cmd.id, "accepted", {"cmd": cmd.cmd})
+
+    def _job_loop(self) -> None:
+        while True:
+            cmd = self._jobs.get()
+            if cmd is None:
+                return
+            self.set_task(cmd.cmd)
+            try:
+                self._execute(cmd, COMMANDS[cmd.cmd])
+            finally:
+                self.set_task(None)
+
+    def _execute(self, cmd: Command, spec: CommandSpec) -> None:
+        try:
+            result = spec.fn(self, cmd)
+        except ProtocolError as exc:
+            log.warning("command %s (%s) failed: %s", cmd.id, cmd.cmd, exc)
+            self.reply_error(cmd.id, exc.code, exc.message)
+        except Exception as exc:  # a bug must cost one error reply, not the agent
+            log.exception("command %s (%s) crashed", cmd.id, cmd.cmd)
+            self.reply_error(cmd.id, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+        else:
+            self.reply(cmd.id, "result", result)
+
+    # -- outgoing --------------------------------------------------------
+    def reply(self, request_id: str | None, kind: str, result: dict[str, Any] | None = None) -> None:
+        self._publish_reply(Reply(id=request_id, device_id=self.device_id, kind=kind, ts=time.time(), result=result),
+                            remember=kind == "result")
+
+    def reply_error(self, request_id: str | None, code: ErrorCode, message: str) -> None:
+        self._publish_reply(Reply(id=request_id, device_id=self.device_id, kind="error", ts=time.time(),
+                                  error=error_dict(code, message)), remember=True)
+
+    def _publish_reply(self, reply: Reply, remember: bool) -> None:
+        if remember and reply.id is not None:
+            with self._replies_lock:
+                if reply.id in self._replies:
+                    self._replies[reply.id] = reply
+        self.link.publish(self.t["reply"], serde.encode(reply))
+
+    def progress(self, request_id: str, **info: Any) -> None:
+        self.reply(request_id, "progress", info)
+
+    # -- blobs -----------------------------------------------------------
+    def upload_blob(self, sha256: str, request_id: str | None) -> int:
+        """Publish a stored blob as chunk frames on our data topic; return its size."""
+        data = self.blobs.get(sha256)
+        infos = [self.link.publish(self.t["data"], serde.encode_frame(frame))
+                 for frame in split(data, self.settings["chunk_bytes"], request_id, sha256)]
+        for info in infos:
+            info.wait_for_publish(60)
+        return len(data)
+
+    def fetch_blob(self, sha256: str, timeout_s: float) -> bytes:
+        """A blob the coordinator broadcast (retained chunks), from the cache when we have it."""
+        topics.validate_sha256(sha256)
+        if self.blobs.has(sha256):
+            try:
+                return self.blobs.get(sha256)
+            except ProtocolError:
+                pass  # corrupted on disk: removed, fetch again
+        wait = _BlobWait()
+        with self._blob_lock:
+            self._blob_waits[sha256] = wait
+        flt = topics.blob_filter(self.fleet, sha256)
+        self.link.subscribe(flt)
+        try:
+            if not wait.event.wait(timeout_s):
+                got, total = self._assembler.progress(sha256, "broadcast")
+                raise ProtocolError(ErrorCode.TIMEOUT, f"blob {sha256[:12]}: {got}/{total} chunks after {timeout_s:.0f} s")
+            if wait.error is not None:
+                raise wait.error
+            assert wait.data is not None
+            self.blobs.put(wait.data, sha256)
+            self.blobs.evict_to(self.settings["blob_cache_bytes"], keep={sha256})
+            return wait.data
+        finally:
+            self.link.unsubscribe(flt)
+            with self._blob_lock:
+                self._blob_waits.pop(sha256, None)
+            self._assembler.discard(sha256, "broadcast")
+
+    def _on_blob_chunk(self, topic: str, payload: bytes) -> None:
+        try:
+            parsed = topics.parse(topic)
+            if parsed.kind != "blob":
+                raise ProtocolError(ErrorCode.BAD_TOPIC, f"unexpected topic {topic}")
+            if not payload:
+                return  # a retained chunk being cleared
+            frame = serde.decode_frame(payload)
+            if frame.blob_sha256 != parsed.blob_sha256 or frame.index != parsed.chunk_index:
+                raise ProtocolError(ErrorCode.BAD_FIELD, f"chunk header does not match topic {topic}")
+        except ProtocolError as exc:
+            log.warning("ignoring chunk on %s: %s", topic, exc)
+            return
+        with self._blob_lock:
+            wait = self._blob_waits.get(frame.blob_sha256)
+        if wait is None or wait.event.is_set():
+            return
+        try:
+            data = self._assembler.add(frame, "broadcast")
+        except ProtocolError as exc:
+            wait.error = exc
+            wait.event.set()
+            return
+        if data is not None:
+            wait.data = data
+            wait.event.set()
+
+
+# -- built-in commands ----------------------------------------------------
+
+@command("ping", help="Answer at once; the coordinator measures the round trip.")
+def _ping(agent: Agent, cmd: Command) -> dict[str, Any]:
+    return {"agent_ts": time.time(), "sent_ts": cmd.ts}
+
+
+@command("caps", help="Collect and return capabilities (also re-published retained).")
+def _caps(agent: Agent, cmd: Command) -> dict[str, Any]:
+    agent._announce()
+    return caps.as_dict(caps.collect(agent.device_id, str(agent.state_dir)))
+
+
+@command("commands", help="List the commands this agent understands.")
+def _commands(agent: Agent, cmd: Command) -> dict[str, Any]:
+    return {"commands": {name: {"mode": spec.mode, "help": spec.help} for name, spec in sorted(COMMANDS.items())}}
+
+
+@command("blob_get", mode="io", help="Upload a stored blob (an update or result) as chunks on the data topic.")
+def _blob_get(agent: Agent, cmd: Command) -> dict[str, Any]:
+    sha = cmd.args.get("sha256")
+    topics.validate_sha256(sha)
+    size = agent.upload_blob(sha, cmd.id)
+    return {"sha256": sha, "bytes": size}
+
+
+@command("sleep", mode="job", help="Hold the job slot for `seconds` (for tests of busy state and timeouts).")
+def _sleep(agent: Agent, cmd: Command) -> dict[str, Any]:
+    seconds = cmd.args.get("seconds", 1.0)
+    if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or not 0 <= seconds <= 3600:
+        raise ProtocolError(ErrorCode.BAD_ARGS, "sleep: seconds must be a number in 0..3600")
+    time.sleep(seconds)
+    return {"slept_s": seconds}

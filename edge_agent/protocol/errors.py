@@ -1,0 +1,44 @@
+"""Error codes carried in error replies, so failures travel as data."""
+
+from __future__ import annotations
+
+import enum
+
+
+class ErrorCode(str, enum.Enum):
+    MALFORMED = "malformed"                # not JSON / not a frame / wrong structure
+    BAD_VERSION = "bad_version"            # protocol major version differs
+    BAD_FIELD = "bad_field"                # missing field or wrong type
+    TOO_LARGE = "too_large"                # payload over the configured limit
+    BAD_TOPIC = "bad_topic"                # topic or id fails validation
+    UNKNOWN_COMMAND = "unknown_command"
+    BAD_ARGS = "bad_args"                  # command arguments invalid
+    BUSY = "busy"                          # agent is already running a long job
+    UNSUPPORTED = "unsupported"            # agent cannot do it (e.g. no TensorFlow)
+    NOT_FOUND = "not_found"                # referenced blob/run unknown
+    INTEGRITY = "integrity"                # hash mismatch, corrupted data
+    REJECTED = "rejected"                  # valid message refused by policy (NaN update...)
+    RESOURCES = "resources"                # not enough disk/RAM
+    TIMEOUT = "timeout"
+    CANCELLED = "cancelled"
+    INTERNAL = "internal"                  # bug or unexpected exception
+
+    @classmethod
+    def coerce(cls, value: object) -> "ErrorCode":
+        """The code for ``value``; INTERNAL for codes a newer peer may send that we do not know."""
+        try:
+            return cls(value)
+        except ValueError:
+            return cls.INTERNAL
+
+
+class ProtocolError(Exception):
+    """A message that cannot be accepted. ``code`` says why, for the error reply."""
+
+    def __init__(self, code: ErrorCode, message: str):
+        super().__init__(message)
+        self.code = ErrorCode(code)
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.code.value}: {self.message}"
