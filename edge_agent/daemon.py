@@ -78,7 +78,9 @@ class Agent:
         self._seq = 0
         self._task: str | None = None
         self._status_lock = threading.Lock()
-        self._jobs: queue.Queue[Command | None] = queue.Queue(maxsize=1)
+        self._jobs: queue.Queue[Command | None] = queue.Queue()
+        self._job_lock = threading.Lock()
+        self._job_active: str | None = None  # the one job running or about to run
         self._io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="agent-io")
         self._replies: OrderedDict[str, Reply | None] = OrderedDict()
         self._replies_lock = threading.Lock()
@@ -95,6 +97,7 @@ class Agent:
             "data": topics.device(self.fleet, self.device_id, "data"),
             "coordinator": topics.coordinator_status(self.fleet),
         }
+        self._blob_prefix = f"{topics.PREFIX}/{self.fleet}/blob/"
         will = Will(self.t["status"], serde.encode(self._status_msg("offline")))
         self.link = Link(
             settings["broker"],
@@ -122,10 +125,7 @@ class Agent:
         if self._stop.is_set():
             return
         self._stop.set()
-        try:
-            self._jobs.put_nowait(None)
-        except queue.Full:
-            pass
+        self._jobs.put(None)
         if self.trainer is not None:
             self.trainer.close()
         self.link.stop(final=[(self.t["status"], serde.encode(self._status_msg("offline")), True)])
@@ -156,9 +156,9 @@ class Agent:
             self.link.publish(self.t["status"], serde.encode(self._status_msg()), retain=True)
 
     def _announce(self) -> None:
-        """After every (re)connect and when the coordinator comes online: status and capabilities."""
-        self.publish_status()
+        """After every (re)connect and when the coordinator comes online: capabilities, then status."""
         self.link.publish(self.t["caps"], serde.encode(caps.collect(self.device_id, str(self.state_dir))), retain=True)
+        self.publish_status()
 
     def _heartbeat_loop(self) -> None:
         while not self._stop.wait(self.settings["heartbeat_s"]):
@@ -180,8 +180,13 @@ class Agent:
                 return
             if msg.state == "online" and not retained:  # a replayed retained one: we announced on connect
                 self._announce()
-        else:
+        elif topic.startswith(self._blob_prefix):
             self._on_blob_chunk(topic, payload)
+        else:
+            # Not addressed to us. amqtt 0.12.1 sends a connecting client the retained
+            # messages matching *any* session's subscriptions (broker.py, "pre-existing
+            # session's subscriptions" loop), so agents see other devices' status here.
+            log.debug("ignoring unsolicited message on %s", topic)
 
     def _on_command(self, payload: bytes) -> None:
         try:
@@ -209,12 +214,15 @@ class Agent:
         elif spec.mode == "io":
             self._io.submit(self._execute, cmd, spec)
         else:
-            try:
-                self._jobs.put_nowait(cmd)
-            except queue.Full:
-                self.reply_error(cmd.id, ErrorCode.BUSY, f"busy with {self._task or 'another job'}; try again later")
+            with self._job_lock:
+                running = self._job_active
+                if running is None:
+                    self._job_active = cmd.cmd
+            if running is not None:
+                self.reply_error(cmd.id, ErrorCode.BUSY, f"busy with {running}; try again later")
                 return
             self.reply(cmd.id, "accepted", {"cmd": cmd.cmd})
+            self._jobs.put(cmd)
 
     def _job_loop(self) -> None:
         while True:
@@ -225,6 +233,8 @@ class Agent:
             try:
                 self._execute(cmd, COMMANDS[cmd.cmd])
             finally:
+                with self._job_lock:
+                    self._job_active = None
                 self.set_task(None)
 
     def _execute(self, cmd: Command, spec: CommandSpec) -> None:
@@ -349,6 +359,17 @@ def _blob_get(agent: Agent, cmd: Command) -> dict[str, Any]:
     topics.validate_sha256(sha)
     size = agent.upload_blob(sha, cmd.id)
     return {"sha256": sha, "bytes": size}
+
+
+@command("blob_fetch", mode="io", help="Fetch a broadcast blob into the cache (pre-loading models/artifacts).")
+def _blob_fetch(agent: Agent, cmd: Command) -> dict[str, Any]:
+    sha = topics.validate_sha256(cmd.args.get("sha256"))
+    timeout_s = cmd.args.get("timeout_s", 120.0)
+    if not isinstance(timeout_s, (int, float)) or isinstance(timeout_s, bool) or timeout_s <= 0:
+        raise ProtocolError(ErrorCode.BAD_ARGS, "blob_fetch: timeout_s must be a positive number")
+    cached = agent.blobs.has(sha)
+    data = agent.fetch_blob(sha, float(timeout_s))
+    return {"sha256": sha, "bytes": len(data), "cached": cached}
 
 
 @command("sleep", mode="job", help="Hold the job slot for `seconds` (for tests of busy state and timeouts).")

@@ -1,0 +1,120 @@
+import json
+
+import pytest
+from hypothesis import given, strategies as st
+
+from edge_agent.protocol import serde
+from edge_agent.protocol.constants import PROTOCOL_VERSION
+from edge_agent.protocol.errors import ErrorCode, ProtocolError
+from edge_agent.protocol.messages import (ChunkFrame, Command, CoordinatorStatus, Reply, Status, error_dict)
+
+
+def test_status_round_trip():
+    s = Status(device_id="pi1", state="online", ts=1.5, seq=3, heartbeat_s=10.0, task=None, agent_version="0.1.0")
+    raw = serde.encode(s)
+    obj = json.loads(raw)
+    assert obj["v"] == PROTOCOL_VERSION and obj["type"] == "status"
+    assert serde.decode(Status, raw) == s
+
+
+def test_unknown_keys_tolerated_and_minor_versions_accepted():
+    obj = json.loads(serde.encode(Command(id="r1", cmd="ping", ts=1.0)))
+    obj["v"] = "1.7"
+    obj["future_field"] = {"x": 1}
+    cmd = serde.decode(Command, json.dumps(obj).encode())
+    assert cmd.cmd == "ping" and cmd.args == {}
+
+
+@pytest.mark.parametrize("version", ["2.0", "0.9", "", None, 1])
+def test_wrong_major_version_refused(version):
+    obj = json.loads(serde.encode(Command(id="r1", cmd="ping", ts=1.0)))
+    obj["v"] = version
+    with pytest.raises(ProtocolError) as e:
+        serde.decode(Command, json.dumps(obj).encode())
+    assert e.value.code == ErrorCode.BAD_VERSION
+
+
+@pytest.mark.parametrize("payload,code", [
+    (b"\xff\xfe", ErrorCode.MALFORMED),
+    (b"not json", ErrorCode.MALFORMED),
+    (b"[1, 2]", ErrorCode.MALFORMED),
+    (b'{"v":"1.0","type":"status","device_id":"a","state":"online"}', ErrorCode.BAD_FIELD),  # ts missing
+    (b'{"v":"1.0","type":"status","device_id":"a","state":"online","ts":"now"}', ErrorCode.BAD_FIELD),
+    (b'{"v":"1.0","type":"status","device_id":"a","state":"online","ts":1,"seq":true}', ErrorCode.BAD_FIELD),
+    (b'{"v":"1.0","type":"cmd","device_id":"a"}', ErrorCode.MALFORMED),  # wrong type for Status
+])
+def test_bad_status_payloads(payload, code):
+    with pytest.raises(ProtocolError) as e:
+        serde.decode(Status, payload)
+    assert e.value.code == code
+
+
+def test_nan_is_not_a_valid_float():
+    with pytest.raises(ProtocolError) as e:
+        serde.decode(Status, b'{"v":"1.0","type":"status","device_id":"a","state":"online","ts":NaN}')
+    assert e.value.code == ErrorCode.BAD_FIELD
+
+
+def test_oversize_refused_before_parsing():
+    payload = b'{"v":"1.0","type":"cmd","id":"r","cmd":"ping","ts":1,"args":{"pad":"' + b"x" * 2000 + b'"}}'
+    with pytest.raises(ProtocolError) as e:
+        serde.decode(Command, payload, max_bytes=1000)
+    assert e.value.code == ErrorCode.TOO_LARGE
+    assert serde.decode(Command, payload, max_bytes=4000).cmd == "ping"
+
+
+def test_command_id_validated_and_peekable():
+    with pytest.raises(ProtocolError) as e:
+        serde.decode(Command, b'{"v":"1.0","type":"cmd","id":"bad id!","cmd":"ping","ts":1}')
+    assert e.value.code == ErrorCode.BAD_TOPIC
+    assert serde.peek_request_id(b'{"v":"9.0","id":"abc"}') == "abc"
+    assert serde.peek_request_id(b'{"id":"bad id!"}') is None
+    assert serde.peek_request_id(b"\x00garbage") is None
+
+
+def test_reply_semantics():
+    r = Reply(id="r1", device_id="d", kind="error", ts=1.0, error=error_dict(ErrorCode.BUSY, "busy"))
+    back = serde.decode(Reply, serde.encode(r))
+    assert not back.ok and back.error_code == "busy"
+    with pytest.raises(ProtocolError):
+        serde.decode(Reply, b'{"v":"1.0","type":"reply","id":"r","device_id":"d","kind":"weird","ts":1}')
+    with pytest.raises(ProtocolError):
+        serde.decode(Reply, b'{"v":"1.0","type":"reply","id":"r","device_id":"d","kind":"error","ts":1}')
+
+
+def test_coordinator_status_round_trip():
+    c = CoordinatorStatus(coordinator_id="c1", state="online", ts=2.0)
+    assert serde.decode(CoordinatorStatus, serde.encode(c)) == c
+
+
+@given(data=st.binary(max_size=2048), index=st.integers(0, 99), extra=st.integers(1, 50),
+       req=st.one_of(st.none(), st.from_regex(r"\A[A-Za-z0-9_-]{1,20}\Z")))
+def test_frame_round_trip(data, index, extra, req):
+    f = ChunkFrame("cd" * 32, index, index + extra, 123456, data, req)
+    assert serde.decode_frame(serde.encode_frame(f)) == f
+
+
+@pytest.mark.parametrize("mutate,code", [
+    (lambda b: b"XXXX" + b[4:], ErrorCode.MALFORMED),
+    (lambda b: b[:6], ErrorCode.MALFORMED),
+    (lambda b: b[:4] + (10**6).to_bytes(4, "big") + b[8:], ErrorCode.MALFORMED),
+])
+def test_bad_frames(mutate, code):
+    good = serde.encode_frame(ChunkFrame("cd" * 32, 0, 1, 3, b"abc"))
+    with pytest.raises(ProtocolError) as e:
+        serde.decode_frame(mutate(good))
+    assert e.value.code == code
+
+
+def test_frame_field_checks():
+    with pytest.raises(ProtocolError) as e:
+        serde.decode_frame(serde.encode_frame(ChunkFrame("cd" * 32, 5, 5, 3, b"abc")))
+    assert e.value.code == ErrorCode.BAD_FIELD
+    with pytest.raises(ProtocolError) as e:
+        serde.decode_frame(serde.encode_frame(ChunkFrame("cd" * 32, 0, 1, 3, b"abcd")), max_chunk_bytes=3)
+    assert e.value.code == ErrorCode.TOO_LARGE
+
+
+def test_error_code_coerce():
+    assert ErrorCode.coerce("busy") is ErrorCode.BUSY
+    assert ErrorCode.coerce("from_the_future") is ErrorCode.INTERNAL
