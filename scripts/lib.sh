@@ -1,0 +1,68 @@
+# Shared set-up for scripts/demo and scripts/test. Sourced, not run.
+# Creates .venv with a Python >= 3.10, installs the project with the given
+# extras (skipped when pyproject.toml has not changed), and installs Debian
+# packages with apt when they are missing and apt is usable.
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$ROOT/.venv"
+
+log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+
+as_root() {
+  if [ "$(id -u)" = 0 ]; then "$@"
+  elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then sudo "$@"
+  else return 1
+  fi
+}
+
+APT_UPDATED=""
+apt_install() {  # apt_install PACKAGE...  (returns 1 when apt is not usable)
+  command -v apt-get >/dev/null 2>&1 || return 1
+  if [ -z "$APT_UPDATED" ]; then
+    log "apt-get update"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null || return 1
+    APT_UPDATED=1
+  fi
+  log "apt-get install $*"
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+
+ensure_mosquitto() {
+  if command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ]; then return 0; fi
+  apt_install mosquitto mosquitto-clients \
+    || log "mosquitto not installed and apt not usable: the embedded broker will be used"
+  # the Debian package starts a system broker on :1883 where systemd runs; edgeprune starts its own
+}
+
+find_python() {
+  for py in python3.13 python3.12 python3.11 python3.10 python3; do
+    if command -v "$py" >/dev/null 2>&1 && "$py" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; then
+      echo "$py"; return 0
+    fi
+  done
+  echo "edgeprune needs Python >= 3.10 (found: $(python3 --version 2>&1))" >&2
+  return 1
+}
+
+ensure_venv() {  # ensure_venv EXTRAS   e.g. ensure_venv dev
+  local extras="$1" py stamp want
+  if [ ! -x "$VENV/bin/python" ]; then
+    py="$(find_python)" || exit 1
+    log "creating .venv with $($py --version)"
+    if ! "$py" -m venv "$VENV" 2>/dev/null; then
+      rm -rf "$VENV"
+      apt_install python3-venv || { echo "cannot create a venv: install python3-venv" >&2; exit 1; }
+      "$py" -m venv "$VENV"
+    fi
+    "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
+  fi
+  stamp="$VENV/.edgeprune-$extras"
+  want="$(sha256sum "$ROOT/pyproject.toml" | cut -c1-16)"
+  if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    log "installing edgeprune[$extras] into .venv (first time: TensorFlow is ~600 MB, a few minutes)"
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$ROOT[$extras]" 2>&1 \
+      | grep -v -e '^WARNING: Location' -e 'is ignored: it is neither' || true
+    "$VENV/bin/python" -c 'import edge_agent, coordinator' || { echo "install failed" >&2; exit 1; }
+    echo "$want" > "$stamp"
+  fi
+}
