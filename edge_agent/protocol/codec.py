@@ -1,0 +1,246 @@
+"""The tensor bundle codec: how models go down and (sparse) updates come up.
+
+Format (all integers little-endian)::
+
+    b"EPT1" | u32 header length | header (UTF-8 JSON) | body (zstd or raw)
+
+Header::
+
+    {"v": 1, "kind": "model"|"update", "compression": "zstd"|"none",
+     "body_bytes": <uncompressed body length>, "meta": {...},
+     "tensors": [{"name", "shape", "mask", "values", "scale", "nnz", "delta"}, ...]}
+
+Body, uncompressed: first every tensor's *mask section*, then every tensor's
+*values section*, each in tensor order (masks compress better next to masks).
+
+Mask encodings (``mask``):
+
+- ``dense``: no mask; all N positions carry a value.
+- ``bitmap``: ceil(N/8) bytes, ``numpy.packbits`` (big bit order) of the 0/1
+  mask over all N positions in C order.
+- ``relative``: ceil(K/8) bytes: a bitmap over only the K positions that are 1
+  in a *reference mask* both sides already hold (the round's global mask).
+  A client that keeps the global mask sends K bits of ones, which zstd turns
+  into almost nothing; the mask costs bits only where it changed.
+
+Value encodings (``values``), for the nnz kept positions in C order:
+``fp32`` (4 B), ``fp16`` (2 B), ``int8`` (1 B, symmetric, per-tensor ``scale``
+= max|x|/127, stochastic rounding so the quantisation error averages out
+across clients). ``delta`` = true means values are ``x - reference`` at the
+kept positions (updates relative to the global model they started from:
+smaller range, so int8 loses far less).
+
+Decoding validates the structure (sizes, counts, shapes, that a relative mask
+fits its reference) and raises :class:`ProtocolError`; whether values are finite
+is the receiver's policy (the aggregator rejects NaN/Inf updates).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from .errors import ErrorCode, ProtocolError
+
+MAGIC = b"EPT1"
+_HEAD = struct.Struct("<4sI")
+MAX_HEADER_BYTES = 16 << 20
+MAX_BODY_BYTES = 1 << 30
+VALUE_DTYPES = {"fp32": np.dtype("<f4"), "fp16": np.dtype("<f2"), "int8": np.dtype("i1")}
+ZSTD_LEVEL = 10
+
+
+@dataclass
+class Bundle:
+    """A decoded bundle: dense arrays (zeros where masked) plus their masks (None = dense)."""
+
+    kind: str
+    tensors: list[np.ndarray]
+    masks: list[np.ndarray | None]
+    names: list[str]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def _zstd():
+    import zstandard
+
+    return zstandard
+
+
+def _quantize_int8(x: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, float]:
+    peak = float(np.max(np.abs(x))) if x.size else 0.0
+    if peak == 0.0 or not math.isfinite(peak):
+        # NaN/Inf must not be hidden by quantisation: send them as the receiver's problem
+        return np.zeros(x.shape, dtype=np.int8), (peak if not math.isfinite(peak) else 0.0)
+    scale = peak / 127.0
+    q = np.floor(x.astype(np.float64) / scale + rng.random(x.shape))
+    return np.clip(q, -127, 127).astype(np.int8), scale
+
+
+def encode(tensors: Sequence[np.ndarray], *, names: Sequence[str], kind: str,
+           masks: Sequence[np.ndarray | None] | None = None,
+           reference: Sequence[np.ndarray] | None = None,
+           reference_masks: Sequence[np.ndarray | None] | None = None,
+           values: str = "fp32", delta: bool = False, compression: str = "zstd",
+           meta: dict[str, Any] | None = None, seed: int = 0) -> bytes:
+    """Encode tensors (with optional masks) into one bundle.
+
+    A tensor's mask is sent ``relative`` to ``reference_masks[i]`` when that is
+    given (the mask must then be a subset of it), else as a ``bitmap``; a
+    ``None`` mask means ``dense``. ``delta`` subtracts ``reference[i]``.
+    """
+    if values not in VALUE_DTYPES:
+        raise ValueError(f"unknown value format {values!r}")
+    if compression not in ("zstd", "none"):
+        raise ValueError(f"unknown compression {compression!r}")
+    masks = list(masks) if masks is not None else [None] * len(tensors)
+    if delta and reference is None:
+        raise ValueError("delta encoding needs reference tensors")
+    rng = np.random.default_rng(seed)
+    entries, mask_parts, value_parts = [], [], []
+    for i, (name, t) in enumerate(zip(names, tensors)):
+        t = np.asarray(t, dtype=np.float32)
+        m = masks[i]
+        ref_m = reference_masks[i] if reference_masks is not None else None
+        if m is None:
+            kept = t.reshape(-1)
+            mode = "dense"
+            if delta:
+                kept = kept - np.asarray(reference[i], dtype=np.float32).reshape(-1)
+        else:
+            m = np.asarray(m, dtype=bool)
+            if m.shape != t.shape:
+                raise ValueError(f"{name}: mask shape {m.shape} != tensor shape {t.shape}")
+            if ref_m is not None:
+                ref_m = np.asarray(ref_m, dtype=bool)
+                if np.any(m & ~ref_m):
+                    raise ValueError(f"{name}: mask keeps positions outside its reference mask")
+                mask_parts.append(np.packbits(m[ref_m]).tobytes())
+                mode = "relative"
+            else:
+                mask_parts.append(np.packbits(m.reshape(-1)).tobytes())
+                mode = "bitmap"
+            kept = t[m]
+            if delta:
+                kept = kept - np.asarray(reference[i], dtype=np.float32)[m]
+        scale = None
+        if values == "int8":
+            q, scale = _quantize_int8(kept, rng)
+            value_parts.append(q.tobytes())
+        else:
+            value_parts.append(kept.astype(VALUE_DTYPES[values]).tobytes())
+        entries.append({"name": name, "shape": list(t.shape), "mask": mode, "values": values,
+                        "scale": scale, "nnz": int(kept.size), "delta": bool(delta)})
+    body = b"".join(mask_parts) + b"".join(value_parts)
+    raw_len = len(body)
+    if compression == "zstd":
+        body = _zstd().ZstdCompressor(level=ZSTD_LEVEL).compress(body)
+    header = json.dumps({"v": 1, "kind": kind, "compression": compression, "body_bytes": raw_len,
+                         "meta": meta or {}, "tensors": entries}, separators=(",", ":"), allow_nan=True).encode()
+    return _HEAD.pack(MAGIC, len(header)) + header + body
+
+
+def read_header(data: bytes) -> tuple[dict[str, Any], int]:
+    if len(data) < _HEAD.size or data[:4] != MAGIC:
+        raise ProtocolError(ErrorCode.MALFORMED, "not an edgeprune tensor bundle (bad magic)")
+    _, hlen = _HEAD.unpack_from(data)
+    if hlen > MAX_HEADER_BYTES or _HEAD.size + hlen > len(data):
+        raise ProtocolError(ErrorCode.MALFORMED, f"tensor bundle header length {hlen} is invalid")
+    try:
+        header = json.loads(data[_HEAD.size:_HEAD.size + hlen].decode("utf-8"))
+        assert isinstance(header, dict) and isinstance(header["tensors"], list)
+    except (ValueError, UnicodeDecodeError, AssertionError, KeyError, TypeError):
+        raise ProtocolError(ErrorCode.MALFORMED, "tensor bundle header is not valid JSON") from None
+    if header.get("v") != 1:
+        raise ProtocolError(ErrorCode.BAD_VERSION, f"tensor bundle version {header.get('v')!r} is not supported")
+    return header, _HEAD.size + hlen
+
+
+def decode(data: bytes, reference: Sequence[np.ndarray] | None = None,
+           reference_masks: Sequence[np.ndarray | None] | None = None,
+           max_body_bytes: int = MAX_BODY_BYTES) -> Bundle:
+    """Decode a bundle; ``reference``/``reference_masks`` are needed for delta/relative tensors."""
+    header, offset = read_header(data)
+    body_len = header.get("body_bytes")
+    if not isinstance(body_len, int) or not 0 <= body_len <= max_body_bytes:
+        raise ProtocolError(ErrorCode.TOO_LARGE, f"tensor bundle body of {body_len} bytes is over the limit")
+    body = data[offset:]
+    if header.get("compression") == "zstd":
+        try:
+            body = _zstd().ZstdDecompressor().decompress(body, max_output_size=body_len)
+        except _zstd().ZstdError as exc:
+            raise ProtocolError(ErrorCode.MALFORMED, f"tensor bundle body does not decompress: {exc}") from None
+    elif header.get("compression") != "none":
+        raise ProtocolError(ErrorCode.MALFORMED, f"unknown compression {header.get('compression')!r}")
+    if len(body) != body_len:
+        raise ProtocolError(ErrorCode.MALFORMED, f"tensor bundle body is {len(body)} bytes, header says {body_len}")
+    entries = header["tensors"]
+    if reference is not None and len(reference) != len(entries):
+        raise ProtocolError(ErrorCode.BAD_FIELD, f"bundle has {len(entries)} tensors, the model has {len(reference)}")
+
+    masks: list[np.ndarray | None] = []
+    pos = 0
+    try:
+        for i, e in enumerate(entries):
+            shape = tuple(int(d) for d in e["shape"])
+            if any(d < 0 for d in shape):
+                raise ValueError("negative dimension")
+            if reference is not None and tuple(np.shape(reference[i])) != shape:
+                raise ProtocolError(ErrorCode.BAD_FIELD, f"{e['name']}: shape {shape} does not match the model's "
+                                                         f"{tuple(np.shape(reference[i]))}")
+            n = int(np.prod(shape))
+            if e["mask"] == "dense":
+                masks.append(None)
+                continue
+            if e["mask"] == "bitmap":
+                nbytes = -(-n // 8)
+                bits = np.unpackbits(np.frombuffer(body, np.uint8, nbytes, pos), count=n).astype(bool)
+                masks.append(bits.reshape(shape))
+            elif e["mask"] == "relative":
+                ref_m = None if reference_masks is None else reference_masks[i]
+                if ref_m is None:
+                    raise ProtocolError(ErrorCode.BAD_FIELD, f"{e['name']}: relative mask without a reference mask")
+                ref_m = np.asarray(ref_m, dtype=bool)
+                k = int(ref_m.sum())
+                nbytes = -(-k // 8)
+                bits = np.unpackbits(np.frombuffer(body, np.uint8, nbytes, pos), count=k).astype(bool)
+                full = np.zeros(shape, dtype=bool)
+                full[ref_m] = bits
+                masks.append(full)
+            else:
+                raise ValueError(f"unknown mask encoding {e['mask']!r}")
+            pos += nbytes
+        tensors = []
+        for i, e in enumerate(entries):
+            shape = tuple(int(d) for d in e["shape"])
+            m = masks[i]
+            nnz = int(np.prod(shape)) if m is None else int(m.sum())
+            if int(e["nnz"]) != nnz:
+                raise ProtocolError(ErrorCode.BAD_FIELD, f"{e['name']}: header says {e['nnz']} values, mask has {nnz}")
+            dtype = VALUE_DTYPES[e["values"]]
+            raw = np.frombuffer(body, dtype, nnz, pos)
+            pos += nnz * dtype.itemsize
+            vals = raw.astype(np.float32) * np.float32(e["scale"]) if e["values"] == "int8" else raw.astype(np.float32)
+            if e["delta"]:
+                if reference is None:
+                    raise ProtocolError(ErrorCode.BAD_FIELD, f"{e['name']}: delta values without a reference")
+                ref = np.asarray(reference[i], dtype=np.float32)
+                vals = vals + (ref.reshape(-1) if m is None else ref[m])
+            out = np.zeros(shape, dtype=np.float32)
+            if m is None:
+                out[...] = vals.reshape(shape)
+            else:
+                out[m] = vals
+            tensors.append(out)
+    except ProtocolError:
+        raise
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ProtocolError(ErrorCode.MALFORMED, f"tensor bundle body is inconsistent: {exc}") from None
+    if pos != len(body):
+        raise ProtocolError(ErrorCode.MALFORMED, f"tensor bundle body has {len(body) - pos} trailing bytes")
+    return Bundle(header["kind"], tensors, masks, [e["name"] for e in entries], header.get("meta") or {})
