@@ -22,6 +22,8 @@ fleets of Raspberry-Pi-class devices, over MQTT.
   edgeprune broker              run an MQTT broker for the fleet (Mosquitto, or embedded)
   edgeprune devices             list the fleet's devices, their state and capabilities
   edgeprune ping --device ID    round-trip a command to one device
+  edgeprune train               federated pruning-aware training over the fleet
+  edgeprune runs                list runs;  edgeprune show RUN  prints one
 
 Common settings come from flags or EDGEPRUNE_BROKER, EDGEPRUNE_FLEET,
 EDGEPRUNE_HOME. Every command takes --json for scripts.
@@ -168,6 +170,98 @@ def cmd_ping(args: argparse.Namespace) -> int:
     return 0 if rtts else 1
 
 
+# -- train / runs / show -------------------------------------------------------
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .progress import Reporter
+    from .rounds import TrainConfig, train
+
+    cfg = TrainConfig(
+        model=args.model, rounds=args.rounds, sparsity=args.sparsity, schedule=args.schedule,
+        ramp_fraction=args.ramp_fraction, clients_per_round=args.clients_per_round, fraction=args.fraction,
+        min_clients=args.min_clients, local_epochs=args.local_epochs, batch_size=args.batch_size, lr=args.lr,
+        optimizer=args.optimizer, granularity=args.granularity, mask_policy=args.mask_policy,
+        update_format=args.update_format, round_timeout_s=args.round_timeout, seed=args.seed,
+        eval_data=args.eval_data, input_shape=tuple(args.input_shape) if args.input_shape else None,
+        num_classes=args.num_classes, devices=args.devices.split(",") if args.devices else None,
+        wait_for_devices=args.wait_for, wait_timeout_s=args.wait_timeout)
+    try:
+        cfg.validate()
+    except ValueError as exc:
+        return output.fail(str(exc), code="bad_args", as_json=args.json, status=2)
+    try:
+        session = _session(args, long_running=True)
+    except ConnectionError as exc:
+        return output.fail(str(exc), code="connect", as_json=args.json)
+    reporter = Reporter(quiet=args.json)
+    try:
+        session.discover(1.0)
+        summary = train(cfg, session, session.store, reporter)
+    except ValueError as exc:
+        return output.fail(str(exc), code="bad_args", as_json=args.json, status=2)
+    except KeyboardInterrupt:
+        return output.fail("interrupted; the run so far is saved", code="interrupted", as_json=args.json, status=130)
+    finally:
+        session.close()
+    if args.json:
+        rounds = session.store.rounds(summary["run_id"])
+        output.print_json({**summary, "rounds": rounds})
+    else:
+        acc = summary["final_accuracy"]
+        reporter.say(f"run {summary['run_id']} {summary['state']}: accuracy "
+                     f"{(acc * 100 if acc is not None else float('nan')):.2f}%, sparsity {summary['final_sparsity'] or 0:.1%}, "
+                     f"upload {output.human_bytes(summary['upload_bytes_per_client_round'])}/client-round "
+                     f"({(summary['ratio_vs_dense_fp32'] or 0):.1f}x below dense fp32), {summary['total_wall_s']:.1f} s")
+        reporter.say(f"model and TensorBoard logs: {summary['run_dir']}")
+    return 0 if summary["state"] == "done" and summary["rounds_done"] else 1
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    runs = _store(args).runs()
+    if args.json:
+        output.print_json(runs)
+        return 0
+    output.table("runs", ["run", "kind", "fleet", "state", "created", "rounds", "accuracy", "sparsity"],
+                 [[r["run_id"], r["kind"], r["fleet"], r["state"], time.strftime("%Y-%m-%d %H:%M", time.localtime(r["created"])),
+                   (r["summary"] or {}).get("rounds_done", "-"),
+                   f"{r['summary']['final_accuracy'] * 100:.2f}%" if (r["summary"] or {}).get("final_accuracy") is not None else "-",
+                   f"{r['summary']['final_sparsity']:.1%}" if (r["summary"] or {}).get("final_sparsity") is not None else "-"]
+                  for r in runs])
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    store = _store(args)
+    run = store.run(args.run)
+    if run is None:
+        return output.fail(f"no run {args.run!r} (see `edgeprune runs`)", code="not_found", as_json=args.json)
+    rounds = store.rounds(run["run_id"])
+    clients = store.client_rounds(run["run_id"])
+    if args.json:
+        output.print_json({**run, "rounds": rounds, "client_rounds": clients})
+        return 0
+    cfg = run["config"]
+    print(f"run {run['run_id']} ({run['kind']}, {run['state']}) on fleet {run['fleet']}")
+    print(f"  model {cfg.get('model')}: {cfg.get('num_params', 0):,} parameters, target sparsity {cfg.get('sparsity', 0):.0%} "
+          f"({cfg.get('schedule')}, {cfg.get('granularity')}, mask policy {cfg.get('mask_policy')})")
+    dense = (cfg.get("layers") or {}).get("dense") or {}
+    for layer, why in dense.items():
+        print(f"  layer {layer} left dense: {why}")
+    output.table("rounds", ["round", "clients", "accuracy", "loss", "sparsity", "up/client", "down/client", "up vs fp32", "wall s"],
+                 [[r["round"], f"{r['clients_ok']}/{r['clients_selected']}",
+                   f"{r['accuracy'] * 100:.2f}%" if r.get("accuracy") is not None else "-",
+                   f"{r['loss']:.4f}" if r.get("loss") is not None else "-", f"{r['sparsity']:.2%}",
+                   output.human_bytes(r.get("bytes_up_per_client")), output.human_bytes(r.get("bytes_down_per_client")),
+                   f"{r['up_ratio_vs_dense_fp32']:.1f}x" if r.get("up_ratio_vs_dense_fp32") else "-", f"{r['wall_s']:.1f}"]
+                  for r in rounds])
+    failed = [c for c in clients if not c["ok"]]
+    if failed:
+        output.table("client failures", ["round", "device", "error"], [[c["round"], c["device_id"], c["error"]] for c in failed])
+    if run["summary"]:
+        print(f"  run dir: {run['summary'].get('run_dir')}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgeprune", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -202,6 +296,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for each reply")
     p.add_argument("--connect-timeout", type=float, default=10.0, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_ping)
+
+    p = sub.add_parser("train", help="federated pruning-aware training over the live fleet",
+                       description="Train one model across the fleet's devices. Each device trains on its own data "
+                                   "with TF-MOT pruning at the round's scheduled sparsity and uploads a sparse update; "
+                                   "the coordinator aggregates them (masked FedAvg) into a pruned global model, "
+                                   "evaluates it on held-out data and stores every round.")
+    _common(p)
+    p.add_argument("--model", default="digits_cnn", help="built-in model (digits_cnn, mlp) or a tf-keras model file "
+                                                         "(.keras, .h5, SavedModel dir) [default digits_cnn]")
+    p.add_argument("--rounds", type=int, default=10, help="federated rounds (default 10)")
+    p.add_argument("--sparsity", type=float, default=0.8, help="target fraction of pruned weights; 0 = dense FedAvg (default 0.8)")
+    p.add_argument("--schedule", choices=["polynomial", "constant"], default="polynomial",
+                   help="sparsity over rounds: polynomial ramp to the target, then hold (default); or constant from round 1")
+    p.add_argument("--ramp-fraction", type=float, default=0.5, help="polynomial: fraction of rounds to reach the target (default 0.5)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--clients-per-round", type=int, help="devices sampled per round (default: all eligible)")
+    g.add_argument("--fraction", type=float, help="fraction of eligible devices sampled per round")
+    p.add_argument("--min-clients", type=int, default=1, help="updates needed to apply a round (default 1)")
+    p.add_argument("--local-epochs", type=int, default=2, help="local epochs per round (default 2)")
+    p.add_argument("--batch-size", type=int, default=32, help="local batch size (default 32)")
+    p.add_argument("--lr", type=float, default=1e-3, help="local learning rate (default 0.001)")
+    p.add_argument("--optimizer", choices=["adam", "sgd"], default="adam", help="local optimizer (default adam)")
+    p.add_argument("--granularity", choices=["unstructured", "block", "2:4"], default="unstructured",
+                   help="pruning granularity: single weights, 1x4 blocks (Dense), or 2:4 (50%%) (default unstructured)")
+    p.add_argument("--mask-policy", choices=["magnitude", "union", "intersection"], default="magnitude",
+                   help="global mask each round: magnitude of the aggregate at the scheduled sparsity (default), "
+                        "or union/intersection of client masks")
+    p.add_argument("--update-format", choices=["auto", "fp32", "fp16", "int8"], default="auto",
+                   help="upload value encoding; auto = int8 deltas when pruning, plain fp32 for dense FedAvg")
+    p.add_argument("--round-timeout", type=float, default=600.0, help="seconds to wait for updates in a round (default 600)")
+    p.add_argument("--seed", type=int, default=0, help="seed for model init, client sampling and local shuffling")
+    p.add_argument("--eval-data", default="digits", help="held-out data on the coordinator: 'digits', .npz, .csv, "
+                                                         "image folder, or 'none' (default digits)")
+    p.add_argument("--input-shape", type=int, nargs="+", help="input shape for a built-in model without --eval-data")
+    p.add_argument("--num-classes", type=int, help="classes for a built-in model without --eval-data")
+    p.add_argument("--devices", help="comma-separated device ids to use (default: all online that can train)")
+    p.add_argument("--wait-for", type=int, default=0, help="wait until this many trainable devices are online")
+    p.add_argument("--wait-timeout", type=float, default=60.0, help="seconds --wait-for waits (default 60)")
+    p.add_argument("--connect-timeout", type=float, default=10.0, help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("runs", help="list training runs (and other jobs) in the coordinator home")
+    _common(p, broker=False)
+    p.set_defaults(func=cmd_runs)
+
+    p = sub.add_parser("show", help="print one run: config, per-round accuracy, sparsity, bytes, failures")
+    _common(p, broker=False)
+    p.add_argument("run", help="run id (a unique prefix is enough)")
+    p.set_defaults(func=cmd_show)
     return parser
 
 

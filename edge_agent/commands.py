@@ -1,5 +1,85 @@
-"""Registers the long-running commands (training, benchmark) with the daemon.
+"""Registers the long-running commands (training; later benchmarks) with the daemon.
 
 Kept apart from :mod:`.daemon` so the presence/command core reads on its own;
-nothing here imports TensorFlow or LiteRT at import time.
+nothing here imports TensorFlow or LiteRT at import time: training happens in
+the worker process (:mod:`.trainer`, :mod:`.worker`).
 """
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from .daemon import Agent, command
+from .protocol import topics
+from .protocol.errors import ErrorCode, ProtocolError
+from .protocol.messages import Command
+
+
+def _arg(cmd: Command, name: str, kind, default=None, required: bool = False):
+    value = cmd.args.get(name, default)
+    if value is None and required:
+        raise ProtocolError(ErrorCode.BAD_ARGS, f"{cmd.cmd}: missing argument {name!r}")
+    if value is not None and (not isinstance(value, kind) or (kind in (int, float) and isinstance(value, bool))):
+        raise ProtocolError(ErrorCode.BAD_ARGS, f"{cmd.cmd}: argument {name!r} must be {getattr(kind, '__name__', kind)}")
+    return value
+
+
+def _trainer(agent: Agent):
+    from . import tfenv
+    from .trainer import Trainer
+
+    if not tfenv.available():
+        raise ProtocolError(ErrorCode.UNSUPPORTED, "this device cannot train: TensorFlow, tf-keras and "
+                                                   "tensorflow-model-optimization are not installed (edgeprune[train])")
+    if not agent.settings.get("data"):
+        raise ProtocolError(ErrorCode.UNSUPPORTED, "this device has no training data configured (--data)")
+    if agent.trainer is None:
+        agent.trainer = Trainer(agent.settings)
+    return agent.trainer
+
+
+@command("train_begin", mode="job", help="Start (or restart) the training worker for a run and load the model.")
+def _train_begin(agent: Agent, cmd: Command) -> dict[str, Any]:
+    run_id = topics.validate_id(_arg(cmd, "run_id", str, required=True), "run id")
+    arch = _arg(cmd, "arch", dict, required=True)
+    trainer = _trainer(agent)
+    agent.progress(cmd.id, phase="fetching model architecture")
+    arch_json = agent.fetch_blob(topics.validate_sha256(arch.get("sha256")), 120.0).decode("utf-8")
+    agent.progress(cmd.id, phase="starting training worker")
+    msg = {k: cmd.args[k] for k in ("pruning", "granularity", "lr", "optimizer") if k in cmd.args}
+    return trainer.begin(run_id, {**msg, "arch": arch_json})
+
+
+@command("train_round", mode="job", help="Train one round on local data; keep the sparse update for the coordinator.")
+def _train_round(agent: Agent, cmd: Command) -> dict[str, Any]:
+    run_id = topics.validate_id(_arg(cmd, "run_id", str, required=True), "run id")
+    rnd = _arg(cmd, "round", int, required=True)
+    model = _arg(cmd, "model", dict, required=True)
+    trainer = _trainer(agent)
+    t0 = time.perf_counter()
+    blob = agent.fetch_blob(topics.validate_sha256(model.get("sha256")), float(cmd.args.get("fetch_timeout_s", 300.0)))
+    fetch_s = time.perf_counter() - t0
+    agent.progress(cmd.id, phase="training", round=rnd)
+    keys = ("epochs", "batch_size", "lr", "sparsity_from", "sparsity_to", "seed", "update_format")
+    reply = trainer.round(run_id, {**{k: cmd.args[k] for k in keys if k in cmd.args},
+                                   "run_id": run_id, "round": rnd, "model": blob})
+    update = reply["update"]
+    sha = agent.blobs.put(update)  # kept until the coordinator pulls it (blob_get)
+    metrics = {**reply["metrics"], "fetch_s": round(fetch_s, 4), "model_bytes": len(blob)}
+    return {"run_id": run_id, "round": rnd, "update": {"sha256": sha, "bytes": len(update)}, "metrics": metrics}
+
+
+@command("train_end", mode="io", help="End a training run: stop the worker so the memory returns.")
+def _train_end(agent: Agent, cmd: Command) -> dict[str, Any]:
+    trainer = agent.trainer
+    stopped = trainer is not None and trainer.alive
+    if trainer is not None:
+        trainer.close()
+    return {"worker_stopped": stopped}
+
+
+@command("train_status", help="Whether a training worker is running, and for which run.")
+def _train_status(agent: Agent, cmd: Command) -> dict[str, Any]:
+    t = agent.trainer
+    return {"run_id": t.run_id if t else None, "worker_alive": bool(t and t.alive), "worker_pid": t.pid if t else None}

@@ -127,7 +127,7 @@ class Agent:
         self._stop.set()
         self._jobs.put(None)
         if self.trainer is not None:
-            self.trainer.close()
+            self.trainer.kill_now()
         self.link.stop(final=[(self.t["status"], serde.encode(self._status_msg("offline")), True)])
         self._io.shutdown(wait=False, cancel_futures=True)
         log.info("agent %s stopped", self.device_id)

@@ -25,7 +25,7 @@ def load(threads: int = 0) -> SimpleNamespace:
     if _TF is not None:
         return _TF
     os.environ["TF_USE_LEGACY_KERAS"] = "1"
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TF's C++ start-up chatter (CUDA probing on CPU hosts)
     import tensorflow as tf
     import tensorflow_model_optimization as tfmot
     import tf_keras as keras

@@ -1,0 +1,65 @@
+"""Progress for long jobs: a table row per round, a live client counter within a round.
+
+Writes to stderr so ``--json`` output on stdout stays clean; quiet in JSON mode.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from .output import human_bytes
+
+
+class Reporter:
+    def __init__(self, quiet: bool = False):
+        self.quiet = quiet
+        self._console = None
+        self._status = None
+        if not quiet:
+            try:
+                from rich.console import Console
+
+                self._console = Console(stderr=True, highlight=False, soft_wrap=True)
+            except ImportError:
+                pass
+
+    def say(self, msg: str) -> None:
+        if self.quiet:
+            return
+        if self._console:
+            self._console.print(msg)
+        else:
+            print(msg, file=sys.stderr, flush=True)
+
+    def warn(self, msg: str) -> None:
+        if not self.quiet:
+            self.say(f"[yellow]warning:[/yellow] {msg}" if self._console else f"warning: {msg}")
+
+    def round_header(self) -> None:
+        self.say(f"{'round':>5}  {'clients':>8}  {'accuracy':>8}  {'loss':>7}  {'sparsity':>8}  "
+                 f"{'up/client':>10}  {'down/client':>11}  {'up vs fp32':>10}  {'wall':>7}")
+
+    def round_progress(self, rnd: int, done: int, total: int) -> None:
+        if self.quiet or self._console is None or not self._console.is_terminal:
+            return
+        text = f"round {rnd}: {done}/{total} clients done"
+        if self._status is None:
+            self._status = self._console.status(text)
+            self._status.start()
+        else:
+            self._status.update(text)
+
+    def round_done(self, row: dict[str, Any]) -> None:
+        if self._status is not None:
+            self._status.stop()
+            self._status = None
+        acc = row.get("accuracy")
+        loss = row.get("loss")
+        ratio = row.get("up_ratio_vs_dense_fp32")
+        self.say(f"{row['round']:>5}  {row['clients_ok']:>3}/{row['clients_selected']:<4}  "
+                 f"{(f'{acc * 100:.2f}%' if acc is not None else '-'):>8}  "
+                 f"{(f'{loss:.4f}' if loss is not None else '-'):>7}  {row['sparsity'] * 100:>7.2f}%  "
+                 f"{human_bytes(row.get('bytes_up_per_client')):>10}  {human_bytes(row.get('bytes_down_per_client')):>11}  "
+                 f"{(f'{ratio:.1f}x' if ratio else '-'):>10}  {row['wall_s']:>6.1f}s"
+                 + (f"  [{row['failures']} failed]" if row.get("failures") else ""))

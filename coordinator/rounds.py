@@ -1,0 +1,345 @@
+"""Federated pruning-aware training: the run and its round loop.
+
+One round: pick clients -> broadcast the global model (once, as retained chunks)
+-> each client trains with TF-MOT at the round's scheduled sparsity and keeps a
+sparse update -> pull updates as they finish, validate and fold them into a
+streaming masked FedAvg -> new global weights and mask -> evaluate -> persist.
+A client that fails, times out or vanishes costs the round its update, not the
+round; ``min_clients`` decides whether what arrived is enough.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import math
+import random
+import secrets
+import time
+import zlib
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edge_agent.protocol import codec
+from edge_agent.protocol.errors import ProtocolError
+
+from .aggregate import MASK_POLICIES, MaskedFedAvg, UpdateRejected, sparsity_report
+from .progress import Reporter
+from .schedule import sparsity_at
+from .session import Session
+from .store import Store
+
+BEGIN_TIMEOUT_S = 600.0
+
+
+@dataclass
+class TrainConfig:
+    model: str = "digits_cnn"
+    rounds: int = 10
+    sparsity: float = 0.8
+    schedule: str = "polynomial"
+    ramp_fraction: float = 0.5
+    clients_per_round: int | None = None
+    fraction: float | None = None
+    min_clients: int = 1
+    local_epochs: int = 2
+    batch_size: int = 32
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    granularity: str = "unstructured"
+    mask_policy: str = "magnitude"
+    update_format: str = "auto"
+    round_timeout_s: float = 600.0
+    seed: int = 0
+    eval_data: str | None = "digits"
+    input_shape: tuple | None = None
+    num_classes: int | None = None
+    devices: list[str] | None = None
+    wait_for_devices: int = 0
+    wait_timeout_s: float = 60.0
+
+    def validate(self) -> None:
+        if self.rounds < 1:
+            raise ValueError("--rounds must be >= 1")
+        if not 0.0 <= self.sparsity < 1.0:
+            raise ValueError("--sparsity must be in [0, 1)")
+        if self.granularity == "2:4" and self.sparsity not in (0.0, 0.5):
+            raise ValueError("--granularity 2:4 means exactly 50% sparsity: use --sparsity 0.5")
+        if self.mask_policy not in MASK_POLICIES:
+            raise ValueError(f"--mask-policy must be one of {', '.join(MASK_POLICIES)}")
+        if self.granularity == "2:4" and self.mask_policy != "magnitude":
+            raise ValueError("--granularity 2:4 keeps its pattern only with --mask-policy magnitude")
+        if self.update_format not in ("auto", "fp32", "fp16", "int8"):
+            raise ValueError("--update-format must be auto, fp32, fp16 or int8")
+        if self.min_clients < 1 or self.local_epochs < 1 or self.batch_size < 1 or self.round_timeout_s <= 0:
+            raise ValueError("--min-clients, --local-epochs, --batch-size and --round-timeout must be positive")
+        if self.fraction is not None and not 0.0 < self.fraction <= 1.0:
+            raise ValueError("--fraction must be in (0, 1]")
+
+    @property
+    def pruning_on(self) -> bool:
+        return self.sparsity > 0.0
+
+    @property
+    def values_format(self) -> str:
+        if self.update_format != "auto":
+            return self.update_format
+        return "int8" if self.pruning_on else "fp32"
+
+
+class Timer:
+    """Accumulates wall time per phase of a round (for the overhead breakdown)."""
+
+    def __init__(self) -> None:
+        self.phases: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, phase: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phases[phase] = self.phases.get(phase, 0.0) + time.perf_counter() - t0
+
+
+@dataclass
+class Run:
+    cfg: TrainConfig
+    session: Session
+    store: Store
+    reporter: Reporter
+    run_id: str
+    run_dir: Path
+    gm: Any = None
+    eval_set: Any = None
+    begun: dict[str, dict] = field(default_factory=dict)
+    counted: set = field(default_factory=set)
+    rows: list[dict] = field(default_factory=list)
+    tb: Any = None
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
+
+
+def train(cfg: TrainConfig, session: Session, store: Store, reporter: Reporter) -> dict[str, Any]:
+    """Run a whole federated training job; return its summary (also stored)."""
+    cfg.validate()
+    from edge_agent import tfenv
+
+    from .global_model import GlobalModel, load_eval_data
+
+    run_id = new_run_id()
+    run = Run(cfg, session, store, reporter, run_id, store.home / "runs" / run_id)
+    t0 = time.perf_counter()
+    tf = tfenv.load().tf
+    run.eval_set = load_eval_data(cfg.eval_data)
+    shape = cfg.input_shape or (tuple(run.eval_set.x.shape[1:]) if run.eval_set is not None else None)
+    classes = cfg.num_classes or (run.eval_set.num_classes if run.eval_set is not None else None)
+    run.gm = GlobalModel.create(cfg.model, shape, classes, cfg.granularity, cfg.pruning_on, cfg.seed)
+    for layer, why in run.gm.layer_report["dense"].items():
+        reporter.warn(f"layer {layer} stays dense: {why}")
+    store.create_run(run.run_id, session.fleet, "train", {
+        **asdict(cfg), "num_params": run.gm.num_params, "dense_fp32_bytes": run.gm.dense_fp32_bytes,
+        "layers": run.gm.layer_report, "tensors": [{"name": n, "shape": list(s), "pruned": i.kind}
+                                                   for n, s, i in zip(run.gm.names, run.gm.shapes, run.gm.infos)]})
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    run.tb = tf.summary.create_file_writer(str(run.run_dir / "tensorboard"))
+    reporter.say(f"run {run.run_id}: {cfg.model} ({run.gm.num_params:,} parameters), {cfg.rounds} rounds, "
+                 f"target sparsity {cfg.sparsity:.0%} ({cfg.schedule}, {cfg.granularity}), fleet {session.fleet}")
+    state, baseline = "failed", {}
+    try:
+        _begin_clients(run, _eligible(run))
+        baseline = run.gm.evaluate(run.eval_set)
+        reporter.round_header()
+        for rnd in range(1, cfg.rounds + 1):
+            row = _round(run, rnd)
+            run.rows.append(row)
+            reporter.round_done(row)
+        state = "done"
+    except KeyboardInterrupt:
+        state = "interrupted"
+        raise
+    finally:
+        run.gm.save(run.run_dir, "final")
+        for dev in list(run.begun):
+            session.submit(dev, "train_end")
+        summary = _summary(run, state, time.perf_counter() - t0, baseline)
+        store.finish_run(run.run_id, state, summary)
+    return summary
+
+
+def _eligible(run: Run) -> list[str]:
+    s, cfg = run.session, run.cfg
+    if cfg.wait_for_devices:
+        s.wait_for(lambda rows: sum(r["state"] == "online" and bool(r["can_train"]) for r in rows)
+                   >= cfg.wait_for_devices, cfg.wait_timeout_s)
+    rows = [r for r in s.device_table() if r["state"] == "online" and r["can_train"]]
+    if cfg.devices:
+        rows = [r for r in rows if r["device_id"] in cfg.devices]
+    return sorted(r["device_id"] for r in rows)
+
+
+def _begin_clients(run: Run, devices: list[str]) -> None:
+    """Start a warm training worker on each device (in parallel); drop those that cannot."""
+    new = [d for d in devices if d not in run.begun]
+    if not new:
+        return
+    arch = run.session.publish_blob(run.gm.arch_json.encode("utf-8"))
+    args = {"run_id": run.run_id, "arch": arch.as_args(), "pruning": run.cfg.pruning_on,
+            "granularity": run.cfg.granularity, "lr": run.cfg.lr, "optimizer": run.cfg.optimizer}
+    futures = {d: run.session.submit(d, "train_begin", args)[1] for d in new}
+    for dev, fut in futures.items():
+        try:
+            reply = fut.result(BEGIN_TIMEOUT_S)
+        except cf.TimeoutError:
+            run.reporter.warn(f"{dev}: no answer to train_begin within {BEGIN_TIMEOUT_S:.0f} s")
+            continue
+        if reply.ok:
+            run.begun[dev] = reply.result
+        else:
+            run.reporter.warn(f"{dev} cannot train: {reply.error_code}: {reply.error_message}")
+    run.reporter.say(f"{len(run.begun)} devices training: " + ", ".join(
+        f"{d} ({r['num_samples']} samples)" for d, r in sorted(run.begun.items())))
+
+
+def _select(run: Run, rnd: int) -> list[str]:
+    cfg = run.cfg
+    online = _eligible(run)
+    _begin_clients(run, online)  # devices that joined since the run began
+    pool = [d for d in online if d in run.begun]
+    k = len(pool)
+    if cfg.clients_per_round:
+        k = min(k, cfg.clients_per_round)
+    elif cfg.fraction:
+        k = min(k, max(1, math.ceil(cfg.fraction * len(pool))))
+    return sorted(random.Random(cfg.seed * 7919 + rnd).sample(pool, k))
+
+
+def _round(run: Run, rnd: int) -> dict[str, Any]:
+    cfg, s, gm, t = run.cfg, run.session, run.gm, Timer()
+    wall0, started = time.perf_counter(), time.time()
+    target = sparsity_at(rnd, cfg.rounds, cfg.sparsity, cfg.schedule, cfg.ramp_fraction)
+    if cfg.granularity == "2:4" and cfg.pruning_on:
+        target = 0.5
+    current = sparsity_report(gm.masks, gm.names, gm.shapes)["prunable"]  # where clients start (a failed round stays put)
+    clients = _select(run, rnd)
+    failures: dict[str, str] = {}
+    agg = MaskedFedAvg(gm.infos, gm.shapes)
+    bytes_up: dict[str, int] = {}
+    if len(clients) >= cfg.min_clients:
+        with t("serialize"):
+            blob = gm.encode({"run_id": run.run_id, "round": rnd})
+        with t("publish"):
+            ref = s.publish_blob(blob)
+        args = {"run_id": run.run_id, "round": rnd, "model": ref.as_args(), "epochs": cfg.local_epochs,
+                "batch_size": cfg.batch_size, "lr": cfg.lr, "sparsity_from": current, "sparsity_to": target,
+                "update_format": cfg.values_format}
+        pending = {s.submit(d, "train_round", {**args, "seed": cfg.seed * 1_000_003 + rnd * 1009 + zlib.crc32(d.encode())})[1]: d
+                   for d in clients}
+        deadline = time.monotonic() + cfg.round_timeout_s
+        while pending:
+            with t("wait"):
+                done, _ = cf.wait(pending, timeout=max(0.0, deadline - time.monotonic()),
+                                  return_when=cf.FIRST_COMPLETED)
+            if not done:
+                break
+            for fut in done:
+                dev = pending.pop(fut)
+                error = _collect(run, rnd, dev, fut.result(), target, agg, t, bytes_up)
+                if error:
+                    failures[dev] = error
+            run.reporter.round_progress(rnd, len(clients) - len(pending), len(clients))
+        for dev in pending.values():
+            failures[dev] = f"no update within --round-timeout {cfg.round_timeout_s:.0f} s"
+        s.clear_blob(ref.sha256)
+        bytes_down = len(blob)
+    else:
+        bytes_down = 0
+        failures["round"] = f"only {len(clients)} eligible clients, --min-clients is {cfg.min_clients}"
+    applied = agg.count >= cfg.min_clients
+    if applied:
+        with t("aggregate"):
+            gm.weights, gm.masks = agg.result(cfg.mask_policy, target, gm.masks)
+    with t("evaluate"):
+        metrics = gm.evaluate(run.eval_set)
+    sparsity = sparsity_report(gm.masks, gm.names, gm.shapes)
+    ups = list(bytes_up.values())
+    row = {
+        "round": rnd, "target_sparsity": round(target, 5), "sparsity": sparsity["prunable"],
+        "sparsity_overall": sparsity["overall"], "sparsity_per_tensor": sparsity["per_tensor"],
+        "clients_selected": len(clients), "clients_ok": agg.count, "failures": len(failures),
+        "failure_reasons": failures, "applied": applied,
+        "accuracy": metrics.get("accuracy"), "loss": metrics.get("loss"),
+        "bytes_down_per_client": bytes_down, "bytes_down_total": bytes_down * len(clients),
+        "bytes_up_per_client": (sum(ups) / len(ups)) if ups else None, "bytes_up_total": sum(ups),
+        "up_ratio_vs_dense_fp32": (gm.dense_fp32_bytes / (sum(ups) / len(ups))) if ups else None,
+        "dense_fp32_bytes": gm.dense_fp32_bytes,
+    }
+    with t("persist"):
+        gm.save(run.run_dir, "latest")
+        with run.tb.as_default():
+            import tensorflow as tf  # already loaded by tfenv
+
+            for key in ("accuracy", "loss", "sparsity", "bytes_up_per_client", "bytes_down_per_client"):
+                if row.get(key) is not None:
+                    tf.summary.scalar(key, row[key], step=rnd)
+        run.tb.flush()
+    row["wall_s"] = round(time.perf_counter() - wall0, 4)
+    row["timing_s"] = {k: round(v, 4) for k, v in t.phases.items()}
+    run.store.save_round(run.run_id, rnd, started, row)
+    return row
+
+
+def _collect(run: Run, rnd: int, dev: str, reply, target: float, agg: MaskedFedAvg, t: Timer,
+             bytes_up: dict[str, int]) -> str | None:
+    """Pull, check and aggregate one client's update. Returns an error text, or None."""
+    s, gm = run.session, run.gm
+    if not reply.ok:
+        run.store.save_client_round(run.run_id, rnd, dev, False, None, None, None,
+                                    f"{reply.error_code}: {reply.error_message}")
+        return f"{reply.error_code}: {reply.error_message}"
+    if (dev, rnd) in run.counted:
+        return None  # counted once per (device, round)
+    result = reply.result or {}
+    try:
+        with t("transfer"):
+            data = s.fetch_blob(dev, result["update"]["sha256"], timeout_s=run.cfg.round_timeout_s)
+        with t("decode"):
+            upd = codec.decode(data, reference=gm.weights, reference_masks=gm.masks)
+            if upd.meta.get("round") != rnd or upd.meta.get("run_id") != run.run_id:
+                raise UpdateRejected(f"update is for run {upd.meta.get('run_id')} round {upd.meta.get('round')}")
+            agg.validate(upd.tensors, upd.masks, target)
+        with t("aggregate"):
+            agg.add(upd.tensors, upd.masks, float(result["metrics"]["num_samples"]))
+    except (ProtocolError, UpdateRejected, KeyError, TypeError) as exc:
+        msg = f"update rejected: {exc}"
+        run.reporter.warn(f"{dev}, round {rnd}: {msg}")
+        run.store.save_client_round(run.run_id, rnd, dev, False, None, None, result.get("metrics"), msg)
+        return msg
+    run.counted.add((dev, rnd))
+    bytes_up[dev] = len(data)
+    run.store.save_client_round(run.run_id, rnd, dev, True, result["metrics"].get("model_bytes"), len(data),
+                                result["metrics"], None)
+    return None
+
+
+def _summary(run: Run, state: str, wall_s: float, baseline: dict) -> dict[str, Any]:
+    rows = [r for r in run.rows if r.get("applied")]
+    ups = [r["bytes_up_per_client"] for r in rows if r.get("bytes_up_per_client")]
+    last = run.rows[-1] if run.rows else {}
+    return {
+        "run_id": run.run_id, "state": state, "run_dir": str(run.run_dir), "rounds_done": len(run.rows),
+        "initial_accuracy": baseline.get("accuracy"),
+        "final_accuracy": last.get("accuracy"), "final_loss": last.get("loss"),
+        "final_sparsity": last.get("sparsity"), "final_sparsity_overall": last.get("sparsity_overall"),
+        "num_params": run.gm.num_params, "dense_fp32_bytes": run.gm.dense_fp32_bytes,
+        "upload_bytes_per_client_round": (sum(ups) / len(ups)) if ups else None,
+        "ratio_vs_dense_fp32": (run.gm.dense_fp32_bytes / (sum(ups) / len(ups))) if ups else None,
+        "bytes_up_total": sum(r["bytes_up_total"] for r in run.rows),
+        "bytes_down_total": sum(r["bytes_down_total"] for r in run.rows),
+        "round_wall_s": (sum(r["wall_s"] for r in run.rows) / len(run.rows)) if run.rows else None,
+        "total_wall_s": round(wall_s, 3), "clients": sorted(run.begun),
+        "layers": run.gm.layer_report,
+    }

@@ -1,0 +1,139 @@
+"""The agent's side of training: owns the TensorFlow worker process.
+
+The worker is spawned on ``train_begin`` (a fresh interpreter: nothing of the
+agent's memory is shared), kept warm across rounds, and ended on ``train_end``,
+when the agent stops, or by itself after ``worker_idle_s``. If it died or idled
+out between rounds of the same run, the next round re-begins it transparently.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import threading
+import time
+from typing import Any
+
+from .protocol.errors import ErrorCode, ProtocolError
+
+log = logging.getLogger("edge_agent.trainer")
+BEGIN_TIMEOUT_S = 600.0  # TensorFlow import + model build on a slow Pi
+ROUND_TIMEOUT_S = 24 * 3600.0
+
+
+class Trainer:
+    def __init__(self, settings: dict[str, Any]):
+        self.settings = settings
+        self._ctx = multiprocessing.get_context("spawn")
+        self._proc = None
+        self._conn = None
+        self._lock = threading.Lock()
+        self.run_id: str | None = None
+        self._begin_msg: dict[str, Any] | None = None
+        self.begin_info: dict[str, Any] | None = None
+
+    @property
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.is_alive()
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self.alive else None
+
+    def _spawn(self) -> None:
+        from . import worker
+
+        parent, child = self._ctx.Pipe()
+        worker_settings = {k: self.settings.get(k) for k in
+                           ("data", "data_shard", "data_partition", "data_alpha", "data_seed", "data_label_column")}
+        self._proc = self._ctx.Process(
+            target=worker.main, name="edgeprune-train-worker", daemon=True,
+            args=(child, worker_settings, float(self.settings["worker_idle_s"]), int(self.settings["train_threads"])))
+        self._proc.start()
+        child.close()
+        self._conn = parent
+        log.info("training worker started (pid %s)", self._proc.pid)
+
+    def _request(self, msg: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+        assert self._conn is not None and self._proc is not None
+        try:
+            self._conn.send(msg)
+        except (BrokenPipeError, OSError):
+            raise ProtocolError(ErrorCode.INTERNAL, f"training worker is gone (exit code {self._proc.exitcode})") from None
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self._conn.poll(0.2):
+                try:
+                    reply = self._conn.recv()
+                except (EOFError, OSError):
+                    break
+                if not reply.get("ok"):
+                    raise ProtocolError(ErrorCode.coerce(reply.get("code")), reply.get("message", "worker error"))
+                return reply
+            if not self._proc.is_alive():
+                break
+            if time.monotonic() > deadline:
+                self.close(kill=True)
+                raise ProtocolError(ErrorCode.TIMEOUT, f"training worker did not answer within {timeout_s:.0f} s; killed")
+        self._proc.join(1)
+        code = self._proc.exitcode
+        self._proc = self._conn = None
+        raise ProtocolError(ErrorCode.INTERNAL, f"training worker died (exit code {code}); the agent is still up")
+
+    def begin(self, run_id: str, msg: dict[str, Any]) -> dict[str, Any]:
+        with self._lock:
+            if self.alive and self.run_id != run_id:
+                self._close_locked()
+            if not self.alive:
+                self._spawn()
+            self._begin_msg = {"op": "begin", **msg}
+            self.run_id = run_id
+            t0 = time.perf_counter()
+            info = self._request(self._begin_msg, BEGIN_TIMEOUT_S)
+            info["begin_s"] = round(time.perf_counter() - t0, 3)
+            info["worker_pid"] = self._proc.pid if self._proc else None
+            info.pop("ok", None)
+            self.begin_info = info
+            return info
+
+    def round(self, run_id: str, msg: dict[str, Any]) -> dict[str, Any]:
+        with self._lock:
+            if self.run_id != run_id or self._begin_msg is None:
+                raise ProtocolError(ErrorCode.BAD_ARGS, f"run {run_id} has not begun on this device (send train_begin)")
+            restarted = False
+            if not self.alive:  # idled out or crashed between rounds: start again, same run
+                self._spawn()
+                self._request(self._begin_msg, BEGIN_TIMEOUT_S)
+                restarted = True
+            reply = self._request({"op": "round", **msg}, ROUND_TIMEOUT_S)
+            reply["metrics"]["worker_restarted"] = restarted
+            return reply
+
+    def kill_now(self) -> None:
+        """Kill the worker without waiting for a round in progress (agent shutdown)."""
+        proc = self._proc
+        if proc is not None and proc.is_alive():
+            proc.kill()
+            proc.join(5)
+
+    def close(self, kill: bool = False) -> None:
+        with self._lock:
+            self._close_locked(kill)
+
+    def _close_locked(self, kill: bool = False) -> None:
+        proc, conn = self._proc, self._conn
+        self._proc = self._conn = None
+        self.run_id = None
+        self._begin_msg = None
+        if proc is None:
+            return
+        if not kill and proc.is_alive():
+            try:
+                conn.send({"op": "end"})
+            except (BrokenPipeError, OSError):
+                pass
+            proc.join(10)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(5)
+        log.info("training worker stopped (exit code %s)", proc.exitcode)

@@ -1,0 +1,224 @@
+"""The training worker: a child process that holds TensorFlow for one training run.
+
+The agent starts it on ``train_begin`` and talks to it over a pipe. It imports
+TensorFlow once, builds and compiles the (pruning-wrapped) model once, and then
+serves rounds until ``end``, until it has been idle for ``idle_s``, or until
+its parent goes away. The idle agent therefore never carries TensorFlow's
+~650 MB, and rounds never pay its ~5 s start-up again.
+
+Messages are dicts: ``{"op": "begin"|"round"|"end", ...}``; replies are
+``{"ok": True, ...}`` or ``{"ok": False, "code": <ErrorCode value>, "message": str}``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import resource
+import time
+from typing import Any
+
+import numpy as np
+
+from .protocol import codec
+
+RAMP_FRACTION = 2 / 3
+"""Within a round, masks move from the previous target to the new one over the
+first 2/3 of the local steps; the last third fine-tunes under a fixed mask."""
+MASK_UPDATES_PER_ROUND = 4
+
+
+class WorkerError(Exception):
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's high-water mark (VmHWM) so a round's peak can be read on its own."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+class Run:
+    """One training run's state in the worker: data, model, optimizer, schedule."""
+
+    def __init__(self, msg: dict[str, Any], settings: dict[str, Any]):
+        from . import data, models, pruning
+        from .tfenv import load
+
+        self.t = load()
+        self.pruning_mod = pruning
+        try:
+            self.data = data.load_local(settings)
+        except (ValueError, OSError) as exc:
+            raise WorkerError("unsupported", f"cannot load training data: {exc}") from None
+        try:
+            self.model = models.from_json(msg["arch"])
+        except (ValueError, TypeError, KeyError) as exc:
+            raise WorkerError("bad_args", f"cannot rebuild the model from its architecture: {exc}") from None
+        in_shape = tuple(self.model.input_shape[1:])
+        if tuple(self.data.x.shape[1:]) != in_shape:
+            if int(np.prod(self.data.x.shape[1:])) == int(np.prod(in_shape)):
+                self.data = data.Dataset(self.data.x.reshape((-1, *in_shape)), self.data.y, self.data.name)
+            else:
+                raise WorkerError("bad_args", f"local data has shape {self.data.x.shape[1:]}, the model expects {in_shape}")
+        out_units = int(self.model.output_shape[-1])
+        if self.data.num_classes > out_units:
+            raise WorkerError("bad_args", f"local data has {self.data.num_classes} classes, the model outputs {out_units}")
+        self.pruned = bool(msg.get("pruning"))
+        self.granularity = msg.get("granularity", "unstructured")
+        self.schedule = None
+        self.report: dict[str, Any] = {"pruned": {}, "dense": {}}
+        if self.pruned:
+            self.schedule = pruning.make_round_schedule()
+            try:
+                self.model, self.report = pruning.wrap(self.model, self.granularity, self.schedule)
+            except ValueError as exc:
+                raise WorkerError("bad_args", str(exc)) from None
+        models.compile_model(self.model, float(msg.get("lr", 1e-3)), msg.get("optimizer", "adam"))
+        self.spec = pruning.weight_spec(self.model)
+        self.names = [s["name"] for s in self.spec]
+        self.callbacks = [self.t.tfmot.sparsity.keras.UpdatePruningStep()] if self.pruned else []
+
+    def info(self) -> dict[str, Any]:
+        from .data import label_histogram
+
+        return {"num_samples": len(self.data), "dataset": self.data.name,
+                "label_histogram": label_histogram(self.data.y, int(self.model.output_shape[-1])),
+                "layers": self.report, "weights": len(self.spec)}
+
+    def _pruning_step(self) -> int:
+        for layer in self.model.layers:
+            step = getattr(layer, "pruning_step", None)
+            if step is not None:
+                return max(0, int(step.numpy()))
+        return 0
+
+    def round(self, msg: dict[str, Any]) -> dict[str, Any]:
+        tf, pruning = self.t.tf, self.pruning_mod
+        wall0, cpu0 = time.perf_counter(), cpu_seconds()
+        peak_ok = reset_peak_rss()
+        try:
+            glob = codec.decode(msg["model"])
+        except Exception as exc:  # ProtocolError or worse: the agent reports it
+            raise WorkerError("integrity", f"global model does not decode: {exc}") from None
+        if len(glob.tensors) != len(self.spec):
+            raise WorkerError("bad_args", f"global model has {len(glob.tensors)} tensors, expected {len(self.spec)}")
+        ref_masks = [m if s["prunable"] else None for m, s in zip(glob.masks, self.spec)]
+        pruning.set_state(self.model, glob.tensors, ref_masks if self.pruned else None)
+        opt = self.model.optimizer
+        for v in opt.variables:
+            v.assign(tf.zeros_like(v))
+        opt.learning_rate.assign(float(msg.get("lr", 1e-3)))
+
+        epochs, batch = int(msg.get("epochs", 1)), int(msg.get("batch_size", 32))
+        steps = epochs * math.ceil(len(self.data) / batch)
+        s0, s1 = float(msg.get("sparsity_from", 0.0)), float(msg.get("sparsity_to", 0.0))
+        if self.schedule is not None:
+            step0 = self._pruning_step()
+            freq = max(1, int(steps * RAMP_FRACTION) // MASK_UPDATES_PER_ROUND)
+            begin = step0 + 1
+            updates = min(MASK_UPDATES_PER_ROUND, max(1, int(steps * RAMP_FRACTION) // freq))
+            # prune only if some tensor is not yet at the new target (a rejected round leaves the mask where it was)
+            behind = any(m is not None and 1.0 - m.mean() < s1 - 1e-6 for m in ref_masks)
+            self.schedule.set(min(s0, s1), s1, begin, begin + freq * updates, freq, active=behind)
+        tf.keras.utils.set_random_seed(int(msg.get("seed", 0)))
+        hist = self.model.fit(self.data.x, self.data.y, epochs=epochs, batch_size=batch, shuffle=True,
+                              callbacks=self.callbacks, verbose=0)
+        weights = pruning.get_weights(self.model)
+        masks: list[np.ndarray | None] = [None] * len(weights)
+        if self.pruned:
+            for i, m in enumerate(pruning.get_masks(self.model)):
+                if m is not None:
+                    m = m & ref_masks[i] if ref_masks[i] is not None else m  # no regrowth outside the global mask
+                    weights[i] = weights[i] * m
+                    masks[i] = m
+        train_s = time.perf_counter() - wall0
+        fmt = msg.get("update_format", "int8")
+        if self.pruned or fmt != "fp32":
+            update = codec.encode(weights, names=self.names, masks=masks, kind="update", reference=glob.tensors,
+                                  reference_masks=ref_masks, values=fmt, delta=True, compression="zstd",
+                                  meta={"run_id": msg.get("run_id"), "round": msg.get("round")},
+                                  seed=int(msg.get("seed", 0)))
+        else:  # dense FedAvg baseline: plain fp32 weights, no tricks
+            update = codec.encode(weights, names=self.names, kind="update", values="fp32", compression="none",
+                                  meta={"run_id": msg.get("run_id"), "round": msg.get("round")})
+        kept = [m for m in masks if m is not None]
+        return {
+            "update": update,
+            "metrics": {
+                "num_samples": len(self.data),
+                "train_loss": float(hist.history["loss"][-1]),
+                "train_accuracy": float(hist.history.get("accuracy", [float("nan")])[-1]),
+                "steps": steps,
+                "train_s": round(train_s, 4),
+                "wall_s": round(time.perf_counter() - wall0, 4),
+                "cpu_s": round(cpu_seconds() - cpu0, 4),
+                "peak_rss_bytes": peak_rss_bytes(),
+                "peak_rss_scope": "round" if peak_ok else "process",
+                "sparsity": (1.0 - sum(int(m.sum()) for m in kept) / sum(m.size for m in kept)) if kept else 0.0,
+                "update_bytes": len(update),
+            },
+        }
+
+
+def main(conn, settings: dict[str, Any], idle_s: float, threads: int) -> None:
+    """Worker entry point (runs in the spawned child)."""
+    t0 = time.perf_counter()
+    from .tfenv import load
+
+    load(threads)
+    startup_s = time.perf_counter() - t0
+    run: Run | None = None
+    parent = os.getppid()
+    while True:
+        if not conn.poll(idle_s):
+            return  # idle: give the memory back
+        try:
+            msg = conn.recv()
+        except EOFError:
+            return  # the agent went away
+        if os.getppid() != parent:
+            return
+        op = msg.get("op")
+        try:
+            if op == "begin":
+                run = Run(msg, settings)
+                conn.send({"ok": True, "startup_s": round(startup_s, 3), **run.info()})
+            elif op == "round":
+                if run is None:
+                    raise WorkerError("bad_args", "no training run has begun in this worker")
+                conn.send({"ok": True, **run.round(msg)})
+            elif op == "end":
+                conn.send({"ok": True})
+                return
+            else:
+                raise WorkerError("unknown_command", f"unknown worker op {op!r}")
+        except WorkerError as exc:
+            conn.send({"ok": False, "code": exc.code, "message": str(exc)})
+        except Exception as exc:  # keep serving: one bad round is not the end of the run
+            import traceback
+
+            traceback.print_exc()
+            conn.send({"ok": False, "code": "internal", "message": f"{type(exc).__name__}: {exc}"})
