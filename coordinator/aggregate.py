@@ -149,11 +149,12 @@ class MaskedFedAvg:
     def validate(self, tensors: list[np.ndarray], masks: list[np.ndarray | None], sparsity: float) -> None:
         if len(tensors) != len(self.infos):
             raise UpdateRejected(f"update has {len(tensors)} tensors, the model has {len(self.infos)}")
-        for info, t, m, acc in zip(self.infos, tensors, masks, self.sum):
+        for info, t, acc in zip(self.infos, tensors, self.sum):
             if t.shape != acc.shape:
                 raise UpdateRejected(f"{info.name}: shape {t.shape} != {acc.shape}")
             if not np.all(np.isfinite(t)):
                 raise UpdateRejected(f"{info.name}: contains NaN or Inf")
+        for info, m in zip(self.infos, masks):
             if info.kind is None:
                 if m is not None:
                     raise UpdateRejected(f"{info.name}: a mask on a tensor that is not pruned")

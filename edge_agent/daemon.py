@@ -52,7 +52,7 @@ COMMANDS: dict[str, CommandSpec] = {}
 def command(name: str, mode: str = "inline", help: str = ""):
     """Register a command handler. Handlers return a result dict or raise ProtocolError."""
     def deco(fn: Handler) -> Handler:
-        COMMANDS[name] = CommandSpec(fn, mode, help or (fn.__doc__ or "").strip().splitlines()[0])
+        COMMANDS[name] = CommandSpec(fn, mode, help or next(iter((fn.__doc__ or "").strip().splitlines()), ""))
         return fn
     return deco
 

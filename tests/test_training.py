@@ -1,0 +1,105 @@
+"""End to end: real Mosquitto, real agent processes, real TF-MOT training on digits."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from coordinator.progress import Reporter
+from coordinator.rounds import TrainConfig, train
+from edge_agent.protocol import codec
+from tests.conftest import wait_until
+
+pytestmark = [pytest.mark.slow, pytest.mark.tf]
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def start_fleet(agents, url, n, fleet="fl"):
+    return [agents(url, f"pi{i}", fleet, "--data", "digits", "--data-shard", f"{i}/{n}", "--train-threads", "1",
+                   "--heartbeat-s", "1", "--keepalive-s", "5") for i in range(n)]
+
+
+def test_federated_pruning_end_to_end(mosquitto, agents, session_factory, tmp_path):
+    procs = start_fleet(agents, mosquitto.url, 3)
+    s = session_factory(mosquitto.url, "fl", long_running=True)
+    assert s.wait_for(lambda rows: sum(r["state"] == "online" and r["caps"] is not None for r in rows) == 3, 30)
+
+    cfg = TrainConfig(rounds=3, sparsity=0.8, local_epochs=2, seed=1)
+    summary = train(cfg, s, s.store, Reporter(quiet=True))
+    assert summary["state"] == "done" and summary["rounds_done"] == 3
+    assert summary["clients"] == ["pi0", "pi1", "pi2"]
+    rounds = s.store.rounds(summary["run_id"])
+    assert [r["clients_ok"] for r in rounds] == [3, 3, 3]
+    # the schedule reached its target and the model learned
+    assert rounds[-1]["sparsity"] == pytest.approx(0.8, abs=0.002)
+    assert rounds[0]["sparsity"] < rounds[-1]["sparsity"]
+    assert summary["final_accuracy"] > 0.7 > summary["initial_accuracy"]
+    # only sparse updates crossed: int8 deltas + relative masks, far below dense fp32
+    assert rounds[-1]["bytes_up_per_client"] < summary["dense_fp32_bytes"] / 12
+    clients = s.store.client_rounds(summary["run_id"])
+    assert len(clients) == 9 and all(c["ok"] and c["bytes_up"] > 0 and c["bytes_down"] > 0 for c in clients)
+    m = clients[-1]["metrics"]
+    for key in ("train_loss", "train_accuracy", "num_samples", "wall_s", "cpu_s", "peak_rss_bytes"):
+        assert key in m, key
+    assert m["peak_rss_bytes"] > 100e6  # the TF worker, not the agent
+    # the stored global model: pruned weights exactly zero, sparsity as reported
+    final = codec.decode((Path(summary["run_dir"]) / "final.ept").read_bytes())
+    for t, mask in zip(final.tensors, final.masks):
+        if mask is not None:
+            assert np.all(t[~mask] == 0)
+    assert (Path(summary["run_dir"]) / "model.keras").exists()
+    assert list((Path(summary["run_dir"]) / "tensorboard").glob("events.out.tfevents.*"))
+    # workers end with the run; agents stay up
+    for p in procs:
+        assert wait_until(lambda: not s.call(p.device_id, "train_status", timeout_s=5).result["worker_alive"], 15)
+        assert p.alive()
+    # the CLI shows the run
+    out = subprocess.run([sys.executable, "-m", "coordinator", "show", summary["run_id"][:15], "--json",
+                          "--home", str(s.store.home)], capture_output=True, text=True, timeout=60)
+    shown = json.loads(out.stdout)
+    assert shown["run_id"] == summary["run_id"] and len(shown["rounds"]) == 3
+
+    # dense FedAvg baseline in the same tool: plain fp32 updates
+    dense = train(TrainConfig(rounds=1, sparsity=0.0, local_epochs=1, seed=1), s, s.store, Reporter(quiet=True))
+    row = s.store.rounds(dense["run_id"])[0]
+    assert row["sparsity"] == 0.0
+    assert dense["dense_fp32_bytes"] <= row["bytes_up_per_client"] < dense["dense_fp32_bytes"] + 4096
+
+
+def test_round_survives_bad_and_vanishing_clients(mosquitto, agents, session_factory):
+    good = start_fleet(agents, mosquitto.url, 2)
+    agents(mosquitto.url, "nodata", "fl")  # cannot train: no data configured
+    for mode in ("nan", "dense", "shape"):
+        agents(mosquitto.url, f"evil-{mode}", "fl", env={"EVIL_MODE": mode}, module="tests.helpers.evil_agent")
+    s = session_factory(mosquitto.url, "fl", long_running=True)
+    assert s.wait_for(lambda rows: sum(r["state"] == "online" for r in rows) == 6, 30), s.device_table()
+
+    result = {}
+    cfg = TrainConfig(rounds=2, sparsity=0.5, schedule="constant", local_epochs=3, seed=2, round_timeout_s=120)
+    t = threading.Thread(target=lambda: result.update(train(cfg, s, s.store, Reporter(quiet=True))))
+    t.start()
+    # kill pi1 in the middle of round 2's training
+    assert wait_until(lambda: s.store.runs() and len(s.store.rounds(s.store.runs()[0]["run_id"])) == 1, 240)
+    assert wait_until(lambda: any(r["device_id"] == "pi1" and r["task"] == "train_round" for r in s.device_table()), 60)
+    good[1].kill9()
+    t.join(300)
+    assert not t.is_alive()
+    assert result["state"] == "done" and result["rounds_done"] == 2
+    assert "nodata" not in result["clients"]
+    rounds = s.store.rounds(result["run_id"])
+    assert rounds[0]["clients_ok"] == 2 and rounds[1]["clients_ok"] == 1  # only the good ones, then pi0 alone
+    assert all(r["applied"] for r in rounds)
+    reasons = rounds[0]["failure_reasons"]
+    assert "NaN" in reasons["evil-nan"]
+    assert "below the round's target" in reasons["evil-dense"]
+    assert "tensors" in reasons["evil-shape"]
+    assert "offline" in rounds[1]["failure_reasons"]["pi1"]
+    assert rounds[1]["sparsity"] == pytest.approx(0.5, abs=0.002)
+    assert good[0].alive()
