@@ -181,7 +181,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         ramp_fraction=args.ramp_fraction, clients_per_round=args.clients_per_round, fraction=args.fraction,
         min_clients=args.min_clients, local_epochs=args.local_epochs, batch_size=args.batch_size, lr=args.lr,
         optimizer=args.optimizer, granularity=args.granularity, mask_policy=args.mask_policy,
-        update_format=args.update_format, round_timeout_s=args.round_timeout, seed=args.seed,
+        update_format=args.update_format, regrow=args.regrow, round_timeout_s=args.round_timeout, seed=args.seed,
         eval_data=args.eval_data, input_shape=tuple(args.input_shape) if args.input_shape else None,
         num_classes=args.num_classes, devices=args.devices.split(",") if args.devices else None,
         wait_for_devices=args.wait_for, wait_timeout_s=args.wait_timeout)
@@ -309,22 +309,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparsity", type=float, default=0.8, help="target fraction of pruned weights; 0 = dense FedAvg (default 0.8)")
     p.add_argument("--schedule", choices=["polynomial", "constant"], default="polynomial",
                    help="sparsity over rounds: polynomial ramp to the target, then hold (default); or constant from round 1")
-    p.add_argument("--ramp-fraction", type=float, default=0.5, help="polynomial: fraction of rounds to reach the target (default 0.5)")
+    p.add_argument("--ramp-fraction", type=float, default=0.8, help="polynomial: fraction of rounds to reach the target (default 0.8)")
+    p.add_argument("--regrow", type=float, default=0.5,
+                   help="each round, clients train every weight (pruned ones from zero) for this fraction of their "
+                        "local steps, then prune by magnitude, so weights that matter can grow back; 0 = fixed masks "
+                        "that only shrink (default 0.5; 2:4 never regrows)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--clients-per-round", type=int, help="devices sampled per round (default: all eligible)")
     g.add_argument("--fraction", type=float, help="fraction of eligible devices sampled per round")
     p.add_argument("--min-clients", type=int, default=1, help="updates needed to apply a round (default 1)")
     p.add_argument("--local-epochs", type=int, default=2, help="local epochs per round (default 2)")
     p.add_argument("--batch-size", type=int, default=32, help="local batch size (default 32)")
-    p.add_argument("--lr", type=float, default=1e-3, help="local learning rate (default 0.001)")
+    p.add_argument("--lr", type=float, default=2e-3, help="local learning rate (default 0.002)")
     p.add_argument("--optimizer", choices=["adam", "sgd"], default="adam", help="local optimizer (default adam)")
     p.add_argument("--granularity", choices=["unstructured", "block", "2:4"], default="unstructured",
                    help="pruning granularity: single weights, 1x4 blocks (Dense), or 2:4 (50%%) (default unstructured)")
-    p.add_argument("--mask-policy", choices=["magnitude", "union", "intersection"], default="magnitude",
-                   help="global mask each round: magnitude of the aggregate at the scheduled sparsity (default), "
-                        "or union/intersection of client masks")
-    p.add_argument("--update-format", choices=["auto", "fp32", "fp16", "int8"], default="auto",
-                   help="upload value encoding; auto = int8 deltas when pruning, plain fp32 for dense FedAvg")
+    p.add_argument("--mask-policy", choices=["global", "layer", "union", "intersection"], default="global",
+                   help="global mask each round: one magnitude threshold across all layers at the scheduled sparsity "
+                        "(default), the same sparsity in every layer, or the union/intersection of client masks")
+    p.add_argument("--update-format", choices=["auto", "fp32", "fp16", "int8", "int6", "int4"], default="auto",
+                   help="upload value encoding; auto = int4 deltas with stochastic rounding when pruning, "
+                        "plain fp32 for dense FedAvg")
     p.add_argument("--round-timeout", type=float, default=600.0, help="seconds to wait for updates in a round (default 600)")
     p.add_argument("--seed", type=int, default=0, help="seed for model init, client sampling and local shuffling")
     p.add_argument("--eval-data", default="digits", help="held-out data on the coordinator: 'digits', .npz, .csv, "

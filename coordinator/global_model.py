@@ -18,7 +18,8 @@ from edge_agent import data as data_mod
 from edge_agent import models, pruning
 from edge_agent.protocol import codec
 
-from .aggregate import TensorInfo, mbyn_mask
+from .aggregate import TensorInfo
+from .masks import mbyn_mask
 
 
 def load_eval_data(spec: str | None):
@@ -42,8 +43,7 @@ class GlobalModel:
         self.plain = model
         self.granularity = granularity
         self.pruning_on = pruning_on
-        schedule = pruning.make_round_schedule()
-        wrapped, self.layer_report = pruning.wrap(model, granularity, schedule)
+        wrapped, self.layer_report, _ = pruning.wrap(model, granularity)
         self.spec = pruning.weight_spec(wrapped)
         if not pruning_on:
             self.layer_report = {"pruned": {}, "dense": {}}

@@ -24,13 +24,15 @@ from typing import Any
 from edge_agent.protocol import codec
 from edge_agent.protocol.errors import ProtocolError
 
-from .aggregate import MASK_POLICIES, MaskedFedAvg, UpdateRejected, sparsity_report
+from .aggregate import MaskedFedAvg, UpdateRejected
+from .masks import MASK_POLICIES, round_targets, sparsity_report
 from .progress import Reporter
 from .schedule import sparsity_at
 from .session import Session
 from .store import Store
 
 BEGIN_TIMEOUT_S = 600.0
+UPDATE_FORMATS = ("auto", "fp32", "fp16", "int8", "int6", "int4")
 
 
 @dataclass
@@ -39,17 +41,18 @@ class TrainConfig:
     rounds: int = 10
     sparsity: float = 0.8
     schedule: str = "polynomial"
-    ramp_fraction: float = 0.5
+    ramp_fraction: float = 0.8
     clients_per_round: int | None = None
     fraction: float | None = None
     min_clients: int = 1
     local_epochs: int = 2
     batch_size: int = 32
-    lr: float = 1e-3
+    lr: float = 2e-3
     optimizer: str = "adam"
     granularity: str = "unstructured"
-    mask_policy: str = "magnitude"
+    mask_policy: str = "global"
     update_format: str = "auto"
+    regrow: float = 0.5
     round_timeout_s: float = 600.0
     seed: int = 0
     eval_data: str | None = "digits"
@@ -68,10 +71,12 @@ class TrainConfig:
             raise ValueError("--granularity 2:4 means exactly 50% sparsity: use --sparsity 0.5")
         if self.mask_policy not in MASK_POLICIES:
             raise ValueError(f"--mask-policy must be one of {', '.join(MASK_POLICIES)}")
-        if self.granularity == "2:4" and self.mask_policy != "magnitude":
-            raise ValueError("--granularity 2:4 keeps its pattern only with --mask-policy magnitude")
-        if self.update_format not in ("auto", "fp32", "fp16", "int8"):
-            raise ValueError("--update-format must be auto, fp32, fp16 or int8")
+        if self.granularity == "2:4" and self.mask_policy in ("union", "intersection"):
+            raise ValueError("--granularity 2:4 keeps its pattern only with --mask-policy global or layer")
+        if self.update_format not in UPDATE_FORMATS:
+            raise ValueError(f"--update-format must be one of {', '.join(UPDATE_FORMATS)}")
+        if not 0.0 <= self.regrow < 1.0:
+            raise ValueError("--regrow must be in [0, 1): the fraction of local steps before the prune")
         if self.min_clients < 1 or self.local_epochs < 1 or self.batch_size < 1 or self.round_timeout_s <= 0:
             raise ValueError("--min-clients, --local-epochs, --batch-size and --round-timeout must be positive")
         if self.fraction is not None and not 0.0 < self.fraction <= 1.0:
@@ -83,9 +88,16 @@ class TrainConfig:
 
     @property
     def values_format(self) -> str:
+        """auto: int4 deltas when pruning (unbiased stochastic rounding; measured no accuracy loss
+        on digits against fp32, see benchmarks/fl_pruning.py), plain fp32 for dense FedAvg."""
         if self.update_format != "auto":
             return self.update_format
-        return "int8" if self.pruning_on else "fp32"
+        return "int4" if self.pruning_on else "fp32"
+
+    @property
+    def regrow_fraction(self) -> float:
+        """2:4 keeps one fixed pattern (TF-MOT sets it once), so it never regrows."""
+        return self.regrow if self.pruning_on and self.granularity != "2:4" else 0.0
 
 
 class Timer:
@@ -132,40 +144,47 @@ def train(cfg: TrainConfig, session: Session, store: Store, reporter: Reporter) 
 
     run_id = new_run_id()
     run = Run(cfg, session, store, reporter, run_id, store.home / "runs" / run_id)
-    t0 = time.perf_counter()
-    tf = tfenv.load().tf
-    run.eval_set = load_eval_data(cfg.eval_data)
-    shape = cfg.input_shape or (tuple(run.eval_set.x.shape[1:]) if run.eval_set is not None else None)
-    classes = cfg.num_classes or (run.eval_set.num_classes if run.eval_set is not None else None)
-    run.gm = GlobalModel.create(cfg.model, shape, classes, cfg.granularity, cfg.pruning_on, cfg.seed)
-    for layer, why in run.gm.layer_report["dense"].items():
-        reporter.warn(f"layer {layer} stays dense: {why}")
-    store.create_run(run.run_id, session.fleet, "train", {
-        **asdict(cfg), "num_params": run.gm.num_params, "dense_fp32_bytes": run.gm.dense_fp32_bytes,
-        "layers": run.gm.layer_report, "tensors": [{"name": n, "shape": list(s), "pruned": i.kind}
-                                                   for n, s, i in zip(run.gm.names, run.gm.shapes, run.gm.infos)]})
-    run.run_dir.mkdir(parents=True, exist_ok=True)
-    run.tb = tf.summary.create_file_writer(str(run.run_dir / "tensorboard"))
+    t0, phases = time.perf_counter(), Timer()
+    with phases("setup"):
+        for dev in _eligible(run):  # workers import TensorFlow while we do the same
+            session.submit(dev, "train_prepare", {"run_id": run_id})
+        tf = tfenv.load().tf
+        run.eval_set = load_eval_data(cfg.eval_data)
+        shape = cfg.input_shape or (tuple(run.eval_set.x.shape[1:]) if run.eval_set is not None else None)
+        classes = cfg.num_classes or (run.eval_set.num_classes if run.eval_set is not None else None)
+        run.gm = GlobalModel.create(cfg.model, shape, classes, cfg.granularity, cfg.pruning_on, cfg.seed)
+        for layer, why in run.gm.layer_report["dense"].items():
+            reporter.warn(f"layer {layer} stays dense: {why}")
+        store.create_run(run.run_id, session.fleet, "train", {
+            **asdict(cfg), "num_params": run.gm.num_params, "dense_fp32_bytes": run.gm.dense_fp32_bytes,
+            "layers": run.gm.layer_report, "tensors": [{"name": n, "shape": list(s), "pruned": i.kind}
+                                                       for n, s, i in zip(run.gm.names, run.gm.shapes, run.gm.infos)]})
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        run.tb = tf.summary.create_file_writer(str(run.run_dir / "tensorboard"))
     reporter.say(f"run {run.run_id}: {cfg.model} ({run.gm.num_params:,} parameters), {cfg.rounds} rounds, "
                  f"target sparsity {cfg.sparsity:.0%} ({cfg.schedule}, {cfg.granularity}), fleet {session.fleet}")
     state, baseline = "failed", {}
     try:
-        _begin_clients(run, _eligible(run))
-        baseline = run.gm.evaluate(run.eval_set)
-        reporter.round_header()
-        for rnd in range(1, cfg.rounds + 1):
-            row = _round(run, rnd)
-            run.rows.append(row)
-            reporter.round_done(row)
+        with phases("begin_clients"):
+            _begin_clients(run, _eligible(run))
+        with phases("rounds"):
+            baseline = run.gm.evaluate(run.eval_set)
+            reporter.round_header()
+            for rnd in range(1, cfg.rounds + 1):
+                row = _round(run, rnd)
+                run.rows.append(row)
+                reporter.round_done(row)
         state = "done"
     except KeyboardInterrupt:
         state = "interrupted"
         raise
     finally:
-        run.gm.save(run.run_dir, "final")
-        for dev in list(run.begun):
-            session.submit(dev, "train_end")
+        with phases("finish"):
+            run.gm.save(run.run_dir, "final")
+            for dev in list(run.begun):
+                session.submit(dev, "train_end")
         summary = _summary(run, state, time.perf_counter() - t0, baseline)
+        summary["phases_s"] = {k: round(v, 3) for k, v in phases.phases.items()}
         store.finish_run(run.run_id, state, summary)
     return summary
 
@@ -173,9 +192,9 @@ def train(cfg: TrainConfig, session: Session, store: Store, reporter: Reporter) 
 def _eligible(run: Run) -> list[str]:
     s, cfg = run.session, run.cfg
     if cfg.wait_for_devices:
-        s.wait_for(lambda rows: sum(r["state"] == "online" and bool(r["can_train"]) for r in rows)
+        s.wait_for(lambda rows: sum(r["state"] in ("online", "busy") and bool(r["can_train"]) for r in rows)
                    >= cfg.wait_for_devices, cfg.wait_timeout_s)
-    rows = [r for r in s.device_table() if r["state"] == "online" and r["can_train"]]
+    rows = [r for r in s.device_table() if r["state"] in ("online", "busy") and r["can_train"]]
     if cfg.devices:
         rows = [r for r in rows if r["device_id"] in cfg.devices]
     return sorted(r["device_id"] for r in rows)
@@ -223,7 +242,8 @@ def _round(run: Run, rnd: int) -> dict[str, Any]:
     target = sparsity_at(rnd, cfg.rounds, cfg.sparsity, cfg.schedule, cfg.ramp_fraction)
     if cfg.granularity == "2:4" and cfg.pruning_on:
         target = 0.5
-    current = sparsity_report(gm.masks, gm.names, gm.shapes)["prunable"]  # where clients start (a failed round stays put)
+    kinds = [i.kind for i in gm.infos]
+    targets = round_targets(gm.weights, gm.masks, kinds, cfg.mask_policy, target)  # per tensor, from where we are
     clients = _select(run, rnd)
     failures: dict[str, str] = {}
     agg = MaskedFedAvg(gm.infos, gm.shapes)
@@ -234,8 +254,9 @@ def _round(run: Run, rnd: int) -> dict[str, Any]:
         with t("publish"):
             ref = s.publish_blob(blob)
         args = {"run_id": run.run_id, "round": rnd, "model": ref.as_args(), "epochs": cfg.local_epochs,
-                "batch_size": cfg.batch_size, "lr": cfg.lr, "sparsity_from": current, "sparsity_to": target,
-                "update_format": cfg.values_format}
+                "batch_size": cfg.batch_size, "lr": cfg.lr, "sparsity_to": target,
+                "targets": {n: round(t, 6) for n, t, k in zip(gm.names, targets, kinds) if k},
+                "update_format": cfg.values_format, "regrow": cfg.regrow_fraction}
         pending = {s.submit(d, "train_round", {**args, "seed": cfg.seed * 1_000_003 + rnd * 1009 + zlib.crc32(d.encode())})[1]: d
                    for d in clients}
         deadline = time.monotonic() + cfg.round_timeout_s
@@ -247,7 +268,7 @@ def _round(run: Run, rnd: int) -> dict[str, Any]:
                 break
             for fut in done:
                 dev = pending.pop(fut)
-                error = _collect(run, rnd, dev, fut.result(), target, agg, t, bytes_up)
+                error = _collect(run, rnd, dev, fut.result(), targets, agg, t, bytes_up)
                 if error:
                     failures[dev] = error
             run.reporter.round_progress(rnd, len(clients) - len(pending), len(clients))
@@ -261,7 +282,7 @@ def _round(run: Run, rnd: int) -> dict[str, Any]:
     applied = agg.count >= cfg.min_clients
     if applied:
         with t("aggregate"):
-            gm.weights, gm.masks = agg.result(cfg.mask_policy, target, gm.masks)
+            gm.weights, gm.masks = agg.result(cfg.mask_policy, target, None if cfg.regrow_fraction else gm.masks)
     with t("evaluate"):
         metrics = gm.evaluate(run.eval_set)
     sparsity = sparsity_report(gm.masks, gm.names, gm.shapes)
@@ -292,7 +313,7 @@ def _round(run: Run, rnd: int) -> dict[str, Any]:
     return row
 
 
-def _collect(run: Run, rnd: int, dev: str, reply, target: float, agg: MaskedFedAvg, t: Timer,
+def _collect(run: Run, rnd: int, dev: str, reply, targets: list[float], agg: MaskedFedAvg, t: Timer,
              bytes_up: dict[str, int]) -> str | None:
     """Pull, check and aggregate one client's update. Returns an error text, or None."""
     s, gm = run.session, run.gm
@@ -310,7 +331,7 @@ def _collect(run: Run, rnd: int, dev: str, reply, target: float, agg: MaskedFedA
             upd = codec.decode(data, reference=gm.weights, reference_masks=gm.masks)
             if upd.meta.get("round") != rnd or upd.meta.get("run_id") != run.run_id:
                 raise UpdateRejected(f"update is for run {upd.meta.get('run_id')} round {upd.meta.get('round')}")
-            agg.validate(upd.tensors, upd.masks, target)
+            agg.validate(upd.tensors, upd.masks, targets)
         with t("aggregate"):
             agg.add(upd.tensors, upd.masks, float(result["metrics"]["num_samples"]))
     except (ProtocolError, UpdateRejected, KeyError, TypeError) as exc:

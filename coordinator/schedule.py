@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 
 SCHEDULES = ("polynomial", "constant")
-DEFAULT_RAMP_FRACTION = 0.5
+DEFAULT_RAMP_FRACTION = 0.8
 
 
 def sparsity_at(rnd: int, rounds: int, target: float, kind: str = "polynomial",

@@ -39,6 +39,13 @@ def _trainer(agent: Agent):
     return agent.trainer
 
 
+@command("train_prepare", mode="io", help="Start the training worker early (TensorFlow import, data) for a run.")
+def _train_prepare(agent: Agent, cmd: Command) -> dict[str, Any]:
+    run_id = topics.validate_id(_arg(cmd, "run_id", str, required=True), "run id")
+    started = _trainer(agent).prepare(run_id)
+    return {"run_id": run_id, "worker_started": started}
+
+
 @command("train_begin", mode="job", help="Start (or restart) the training worker for a run and load the model.")
 def _train_begin(agent: Agent, cmd: Command) -> dict[str, Any]:
     run_id = topics.validate_id(_arg(cmd, "run_id", str, required=True), "run id")
@@ -61,7 +68,7 @@ def _train_round(agent: Agent, cmd: Command) -> dict[str, Any]:
     blob = agent.fetch_blob(topics.validate_sha256(model.get("sha256")), float(cmd.args.get("fetch_timeout_s", 300.0)))
     fetch_s = time.perf_counter() - t0
     agent.progress(cmd.id, phase="training", round=rnd)
-    keys = ("epochs", "batch_size", "lr", "sparsity_from", "sparsity_to", "seed", "update_format")
+    keys = ("epochs", "batch_size", "lr", "targets", "seed", "update_format", "regrow")
     reply = trainer.round(run_id, {**{k: cmd.args[k] for k in keys if k in cmd.args},
                                    "run_id": run_id, "round": rnd, "model": blob})
     update = reply["update"]

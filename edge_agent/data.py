@@ -34,13 +34,34 @@ class Dataset:
         return len(self.y)
 
 
-def digits_split() -> tuple[Dataset, Dataset]:
-    """The fixed digits train/test split (80/20, stratified, seed 0). Pixels scaled to [0, 1]."""
+def _load_digits() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits (images 8x8 in 0..16, labels), read from the file inside its wheel.
+
+    Importing scikit-learn (and SciPy behind it) costs seconds per process, paid by every
+    training worker on a Pi; the data file is what load_digits() reads, so read it directly
+    and fall back to load_digits() if the file ever moves."""
+    import gzip
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError("the built-in digits data needs scikit-learn installed (edgeprune[train])")
+    path = Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data" / "digits.csv.gz"
+    if path.is_file():
+        with gzip.open(path) as f:
+            raw = np.loadtxt(f, delimiter=",")
+        return raw[:, :-1].reshape(-1, 8, 8), raw[:, -1].astype(np.int64)
     from sklearn.datasets import load_digits
 
     d = load_digits()
-    x = (d.images.astype(np.float32) / 16.0)[..., None]
-    y = d.target.astype(np.int64)
+    return d.images, d.target
+
+
+def digits_split() -> tuple[Dataset, Dataset]:
+    """The fixed digits train/test split (80/20, stratified, seed 0). Pixels scaled to [0, 1]."""
+    images, target = _load_digits()
+    x = (images.astype(np.float32) / 16.0)[..., None]
+    y = target.astype(np.int64)
     rng = np.random.default_rng(DIGITS_SPLIT_SEED)
     test_idx = []
     for c in range(10):

@@ -85,12 +85,17 @@ def _prunable_weight_names(layer) -> list[str]:
     return ["rnn_or_mha"]
 
 
-def wrap(model, granularity: str, schedule) -> tuple[Any, dict[str, Any]]:
+def wrap(model, granularity: str, make_schedule=None) -> tuple[Any, dict[str, Any], dict[str, Any]]:
     """Clone ``model`` with every prunable layer wrapped in ``prune_low_magnitude``.
 
-    Returns the wrapped model (weights copied) and a report:
-    ``{"pruned": {layer: granularity}, "dense": {layer: reason}}``.
+    Each wrapped layer gets its own schedule from ``make_schedule`` (default
+    :func:`make_round_schedule`), so layers can move to different targets.
+    Returns the wrapped model (weights copied), a report
+    ``{"pruned": {layer: granularity}, "dense": {layer: reason}}`` and the
+    schedules by layer name.
     """
+    make_schedule = make_schedule or make_round_schedule
+    schedules: dict[str, Any] = {}
     if granularity not in GRANULARITIES:
         raise ValueError(f"unknown granularity {granularity!r}; choose from {', '.join(GRANULARITIES)}")
     t = _tf()
@@ -106,6 +111,7 @@ def wrap(model, granularity: str, schedule) -> tuple[Any, dict[str, Any]]:
             report["dense"][layer.name] = f"{type(layer).__name__} is not supported by TF-MOT pruning"
             return fresh
         kind = "unstructured"
+        schedule = make_schedule()
         kwargs: dict[str, Any] = {"pruning_schedule": schedule}
         if granularity == "block" and isinstance(layer, keras.layers.Dense):
             kwargs["block_size"] = BLOCK_SHAPE
@@ -123,6 +129,7 @@ def wrap(model, granularity: str, schedule) -> tuple[Any, dict[str, Any]]:
             report["dense"][layer.name] = f"TF-MOT cannot wrap it: {exc}"
             return fresh
         report["pruned"][layer.name] = kind
+        schedules[layer.name] = schedule
         return wrapped
 
     try:
@@ -130,7 +137,7 @@ def wrap(model, granularity: str, schedule) -> tuple[Any, dict[str, Any]]:
     except (ValueError, TypeError) as exc:
         raise ValueError(f"TF-MOT cannot prune this model: {exc}") from None
     set_state(wrapped, get_weights(model))
-    return wrapped, report
+    return wrapped, report, schedules
 
 
 def _inner(layer):

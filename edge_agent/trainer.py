@@ -80,6 +80,18 @@ class Trainer:
         self._proc = self._conn = None
         raise ProtocolError(ErrorCode.INTERNAL, f"training worker died (exit code {code}); the agent is still up")
 
+    def prepare(self, run_id: str) -> bool:
+        """Start the worker now (TensorFlow import, data loading) so it overlaps the
+        coordinator's own set-up; ``begin`` then finds it warm. True if one was started."""
+        with self._lock:
+            if self.alive and self.run_id == run_id:
+                return False
+            if self.alive:
+                self._close_locked()
+            self._spawn()
+            self.run_id = run_id
+            return True
+
     def begin(self, run_id: str, msg: dict[str, Any]) -> dict[str, Any]:
         with self._lock:
             if self.alive and self.run_id != run_id:

@@ -63,14 +63,14 @@ def cpu_seconds() -> float:
 class Run:
     """One training run's state in the worker: data, model, optimizer, schedule."""
 
-    def __init__(self, msg: dict[str, Any], settings: dict[str, Any]):
+    def __init__(self, msg: dict[str, Any], settings: dict[str, Any], preloaded=None):
         from . import data, models, pruning
         from .tfenv import load
 
         self.t = load()
         self.pruning_mod = pruning
         try:
-            self.data = data.load_local(settings)
+            self.data = preloaded if preloaded is not None else data.load_local(settings)
         except (ValueError, OSError) as exc:
             raise WorkerError("unsupported", f"cannot load training data: {exc}") from None
         try:
@@ -88,12 +88,11 @@ class Run:
             raise WorkerError("bad_args", f"local data has {self.data.num_classes} classes, the model outputs {out_units}")
         self.pruned = bool(msg.get("pruning"))
         self.granularity = msg.get("granularity", "unstructured")
-        self.schedule = None
+        self.schedules: dict[str, Any] = {}
         self.report: dict[str, Any] = {"pruned": {}, "dense": {}}
         if self.pruned:
-            self.schedule = pruning.make_round_schedule()
             try:
-                self.model, self.report = pruning.wrap(self.model, self.granularity, self.schedule)
+                self.model, self.report, self.schedules = pruning.wrap(self.model, self.granularity)
             except ValueError as exc:
                 raise WorkerError("bad_args", str(exc)) from None
         models.compile_model(self.model, float(msg.get("lr", 1e-3)), msg.get("optimizer", "adam"))
@@ -115,6 +114,35 @@ class Run:
                 return max(0, int(step.numpy()))
         return 0
 
+    def _plan_pruning(self, steps: int, ref_masks: list, targets: dict[str, float], regrow: float = 0.0) -> None:
+        """Per layer: ramp from the mask's current sparsity to its target over the first
+        2/3 of the local steps, a few mask updates; layers already there keep their mask.
+
+        With ``regrow`` (a fraction of the local steps), every position trains from the
+        start (pruned ones from zero) and the layer is pruned by magnitude at that point:
+        weights that grew back can win their place."""
+        step0 = self._pruning_step()
+        if regrow:
+            at = step0 + max(1, int(steps * regrow))
+            for spec, ref in zip(self.spec, ref_masks):
+                sched = self.schedules.get(spec["layer"])
+                if sched is not None and ref is not None:
+                    target = float(targets.get(spec["name"], 1.0 - float(ref.mean())))
+                    sched.set(target, target, at, at, 1, active=True)
+            return
+        ramp = max(1, int(steps * RAMP_FRACTION))
+        freq = max(1, ramp // MASK_UPDATES_PER_ROUND)
+        updates = min(MASK_UPDATES_PER_ROUND, max(1, ramp // freq))
+        begin = step0 + 1
+        for spec, ref in zip(self.spec, ref_masks):
+            sched = self.schedules.get(spec["layer"])
+            if sched is None or ref is None:
+                continue
+            current = 1.0 - float(ref.mean())
+            target = float(targets.get(spec["name"], current))
+            sched.set(min(current, target), target, begin, begin + freq * updates, freq,
+                      active=target > current + 1e-6)
+
     def round(self, msg: dict[str, Any]) -> dict[str, Any]:
         tf, pruning = self.t.tf, self.pruning_mod
         wall0, cpu0 = time.perf_counter(), cpu_seconds()
@@ -126,7 +154,8 @@ class Run:
         if len(glob.tensors) != len(self.spec):
             raise WorkerError("bad_args", f"global model has {len(glob.tensors)} tensors, expected {len(self.spec)}")
         ref_masks = [m if s["prunable"] else None for m, s in zip(glob.masks, self.spec)]
-        pruning.set_state(self.model, glob.tensors, ref_masks if self.pruned else None)
+        regrow = float(msg.get("regrow") or 0.0)
+        pruning.set_state(self.model, glob.tensors, None if regrow or not self.pruned else ref_masks)
         opt = self.model.optimizer
         for v in opt.variables:
             v.assign(tf.zeros_like(v))
@@ -134,15 +163,8 @@ class Run:
 
         epochs, batch = int(msg.get("epochs", 1)), int(msg.get("batch_size", 32))
         steps = epochs * math.ceil(len(self.data) / batch)
-        s0, s1 = float(msg.get("sparsity_from", 0.0)), float(msg.get("sparsity_to", 0.0))
-        if self.schedule is not None:
-            step0 = self._pruning_step()
-            freq = max(1, int(steps * RAMP_FRACTION) // MASK_UPDATES_PER_ROUND)
-            begin = step0 + 1
-            updates = min(MASK_UPDATES_PER_ROUND, max(1, int(steps * RAMP_FRACTION) // freq))
-            # prune only if some tensor is not yet at the new target (a rejected round leaves the mask where it was)
-            behind = any(m is not None and 1.0 - m.mean() < s1 - 1e-6 for m in ref_masks)
-            self.schedule.set(min(s0, s1), s1, begin, begin + freq * updates, freq, active=behind)
+        if self.schedules:
+            self._plan_pruning(steps, ref_masks, msg.get("targets") or {}, regrow)
         tf.keras.utils.set_random_seed(int(msg.get("seed", 0)))
         hist = self.model.fit(self.data.x, self.data.y, epochs=epochs, batch_size=batch, shuffle=True,
                               callbacks=self.callbacks, verbose=0)
@@ -151,7 +173,8 @@ class Run:
         if self.pruned:
             for i, m in enumerate(pruning.get_masks(self.model)):
                 if m is not None:
-                    m = m & ref_masks[i] if ref_masks[i] is not None else m  # no regrowth outside the global mask
+                    if not regrow and ref_masks[i] is not None:
+                        m = m & ref_masks[i]  # no regrowth outside the global mask
                     weights[i] = weights[i] * m
                     masks[i] = m
         train_s = time.perf_counter() - wall0
@@ -189,6 +212,13 @@ def main(conn, settings: dict[str, Any], idle_s: float, threads: int) -> None:
     from .tfenv import load
 
     load(threads)
+    preloaded = None
+    try:  # while the coordinator is still getting ready (a load error is reported at begin)
+        from .data import load_local
+
+        preloaded = load_local(settings)
+    except Exception:
+        pass
     startup_s = time.perf_counter() - t0
     run: Run | None = None
     parent = os.getppid()
@@ -204,7 +234,7 @@ def main(conn, settings: dict[str, Any], idle_s: float, threads: int) -> None:
         op = msg.get("op")
         try:
             if op == "begin":
-                run = Run(msg, settings)
+                run = Run(msg, settings, preloaded)
                 conn.send({"ok": True, "startup_s": round(startup_s, 3), **run.info()})
             elif op == "round":
                 if run is None:

@@ -82,7 +82,7 @@ def test_unchanged_mask_costs_almost_nothing():
 @settings(max_examples=60, deadline=None)
 @given(arr=hnp.arrays(np.float32, hnp.array_shapes(min_dims=1, max_dims=4, max_side=7),
                       elements=st.floats(-1e3, 1e3, width=32)),
-       density=st.floats(0, 1), values=st.sampled_from(["fp32", "fp16", "int8"]),
+       density=st.floats(0, 1), values=st.sampled_from(["fp32", "fp16", "int8", "int6", "int4"]),
        compression=st.sampled_from(["zstd", "none"]), seed=st.integers(0, 100))
 def test_property_round_trip(arr, density, values, compression, seed):
     rng = np.random.default_rng(seed)
@@ -98,17 +98,18 @@ def test_property_round_trip(arr, density, values, compression, seed):
         np.testing.assert_allclose(b.tensors[0], t.astype(np.float16).astype(np.float32))
     else:
         peak = np.abs(t[mask]).max() if mask.any() else 0
-        assert np.all(np.abs(b.tensors[0] - t) <= peak / 127 * 1.0001 + 1e-6)
+        levels = codec.INT_LEVELS[values]
+        assert np.all(np.abs(b.tensors[0] - t) <= peak / levels * 1.0001 + 1e-6)
 
 
 @settings(max_examples=40, deadline=None)
 @given(shape=hnp.array_shapes(min_dims=1, max_dims=3, max_side=9), seed=st.integers(0, 1000),
-       p_ref=st.floats(0, 1), p_keep=st.floats(0, 1))
-def test_property_relative_masks(shape, seed, p_ref, p_keep):
+       p_ref=st.floats(0, 1), p_keep=st.floats(0, 1), p_regrow=st.sampled_from([0.0, 0.1]))
+def test_property_relative_and_xor_masks(shape, seed, p_ref, p_keep, p_regrow):
     rng = np.random.default_rng(seed)
     ref_mask = rng.random(shape) < p_ref
     ref = (rng.normal(size=shape) * ref_mask).astype(np.float32)
-    mask = ref_mask & (rng.random(shape) < p_keep)
+    mask = (ref_mask & (rng.random(shape) < p_keep)) | (rng.random(shape) < p_regrow)
     t = (ref + rng.normal(size=shape).astype(np.float32)) * mask
     data = codec.encode([t], names=["t"], masks=[mask], kind="update", reference=[ref], reference_masks=[ref_mask],
                         delta=True)
@@ -117,10 +118,45 @@ def test_property_relative_masks(shape, seed, p_ref, p_keep):
     np.testing.assert_allclose(b.tensors[0], t, atol=1e-5)
 
 
-def test_mask_outside_reference_refused_on_encode():
-    with pytest.raises(ValueError, match="outside its reference"):
-        codec.encode([np.ones(4, np.float32)], names=["t"], masks=[np.ones(4, bool)], kind="update",
-                     reference_masks=[np.array([1, 0, 1, 1], bool)])
+def test_regrown_positions_use_xor_masks():
+    ref_mask = np.array([1, 0, 1, 1, 0, 0, 1, 0], bool)
+    ref = np.arange(8, dtype=np.float32) * ref_mask
+    mask = np.array([1, 1, 0, 1, 0, 0, 1, 0], bool)  # regrew position 1, pruned position 2
+    t = (np.arange(8, dtype=np.float32) + 0.5) * mask
+    data = codec.encode([t], names=["t"], masks=[mask], kind="update", reference=[ref], reference_masks=[ref_mask],
+                        delta=True)
+    header, _ = codec.read_header(data)
+    assert header["tensors"][0]["mask"] == "xor"
+    b = codec.decode(data, reference=[ref], reference_masks=[ref_mask])
+    np.testing.assert_array_equal(b.masks[0], mask)
+    np.testing.assert_allclose(b.tensors[0], t)
+
+
+@pytest.mark.parametrize("fmt,levels", [("int8", 127), ("int6", 31), ("int4", 7)])
+def test_integer_formats_error_bound_and_size(fmt, levels):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=50_000).astype(np.float32)
+    data = codec.encode([x], names=["x"], kind="update", values=fmt, seed=1)
+    back = codec.decode(data).tensors[0]
+    step = np.abs(x).max() / levels
+    assert np.abs(back - x).max() <= step * 1.0001
+    assert abs(float((back - x).mean())) < step / 50  # unbiased
+
+
+def test_fewer_levels_compress_smaller():
+    x = np.random.default_rng(0).normal(size=50_000).astype(np.float32)
+    sizes = [len(codec.encode([x], names=["x"], kind="update", values=f)) for f in ("int8", "int6", "int4")]
+    assert sizes[0] > sizes[1] > sizes[2]
+    assert sizes[2] < 50_000 * 3.5 / 8  # near the entropy of 15 levels (~3 bits), far below 8
+
+
+def test_integer_value_out_of_range_refused():
+    data = bytearray(codec.encode([np.array([1.0, -1.0], np.float32)], names=["x"], kind="update", values="int4",
+                                  compression="none"))
+    data[-1] = 100  # int4 values must stay in -7..7
+    with pytest.raises(ProtocolError) as e:
+        codec.decode(bytes(data))
+    assert e.value.code == ErrorCode.BAD_FIELD
 
 
 def good_bundle():

@@ -16,7 +16,7 @@ def tfm():
 def test_numpy_2of4_matches_tfmot(tfm):
     from tensorflow_model_optimization.python.core.sparsity.keras import pruning_utils as pu
 
-    from coordinator.aggregate import mbyn_mask
+    from coordinator.masks import mbyn_mask
 
     rng = np.random.default_rng(0)
     for shape in [(16, 8), (10, 3), (3, 3, 8, 6), (3, 3, 5, 4)]:
@@ -44,7 +44,8 @@ def test_wrap_reports_layers_it_cannot_prune(tfm):
     x = Scale(name="my_scale")(x)
     out = keras.layers.Dense(3, name="out")(x)
     model = keras.Model(inp, out)
-    wrapped, report = pruning.wrap(model, "unstructured", pruning.make_round_schedule())
+    wrapped, report, schedules = pruning.wrap(model, "unstructured")
+    assert set(schedules) == {"fc", "out"}
     assert set(report["pruned"]) == {"fc", "out"}
     assert "my_scale" in report["dense"] and "not supported" in report["dense"]["my_scale"]
     spec = pruning.weight_spec(wrapped)
@@ -60,7 +61,7 @@ def test_round_schedule_reaches_target_and_keeps_masks(tfm):
 
     model = models.build("digits_cnn", (8, 8, 1), 10)
     sched = pruning.make_round_schedule()
-    wrapped, _ = pruning.wrap(model, "unstructured", sched)
+    wrapped, _, _ = pruning.wrap(model, "unstructured", lambda: sched)
     models.compile_model(wrapped)
     train, _ = data.digits_split()
     cb = [tfm.tfmot.sparsity.keras.UpdatePruningStep()]

@@ -22,11 +22,16 @@ Mask encodings (``mask``):
   in a *reference mask* both sides already hold (the round's global mask).
   A client that keeps the global mask sends K bits of ones, which zstd turns
   into almost nothing; the mask costs bits only where it changed.
+- ``xor``: ceil(N/8) bytes: the bitmap of ``mask XOR reference mask``, for a
+  mask that also keeps positions the reference had pruned (regrowth). Mostly
+  zeros, so it compresses to about the entropy of the change.
 
 Value encodings (``values``), for the nnz kept positions in C order:
-``fp32`` (4 B), ``fp16`` (2 B), ``int8`` (1 B, symmetric, per-tensor ``scale``
-= max|x|/127, stochastic rounding so the quantisation error averages out
-across clients). ``delta`` = true means values are ``x - reference`` at the
+``fp32`` (4 B), ``fp16`` (2 B), ``int8`` / ``int6`` / ``int4`` (1 B each
+before compression: symmetric integers in -L..L with L = 127 / 31 / 7,
+per-tensor ``scale`` = max|x|/L, stochastic rounding so the quantisation
+error is unbiased and averages out across clients; zstd then codes them in
+about their entropy). ``delta`` = true means values are ``x - reference`` at the
 kept positions (updates relative to the global model they started from:
 smaller range, so int8 loses far less).
 
@@ -51,7 +56,11 @@ MAGIC = b"EPT1"
 _HEAD = struct.Struct("<4sI")
 MAX_HEADER_BYTES = 16 << 20
 MAX_BODY_BYTES = 1 << 30
-VALUE_DTYPES = {"fp32": np.dtype("<f4"), "fp16": np.dtype("<f2"), "int8": np.dtype("i1")}
+VALUE_DTYPES = {"fp32": np.dtype("<f4"), "fp16": np.dtype("<f2"), "int8": np.dtype("i1"), "int6": np.dtype("i1"),
+                "int4": np.dtype("i1")}
+INT_LEVELS = {"int8": 127, "int6": 31, "int4": 7}
+"""Symmetric integer formats: values in -L..L, one byte each; zstd's entropy coder then
+spends about the entropy of the quantised values, not 8 bits."""
 ZSTD_LEVEL = 10
 
 
@@ -72,14 +81,14 @@ def _zstd():
     return zstandard
 
 
-def _quantize_int8(x: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, float]:
+def _quantize(x: np.ndarray, levels: int, rng: np.random.Generator) -> tuple[np.ndarray, float]:
     peak = float(np.max(np.abs(x))) if x.size else 0.0
     if peak == 0.0 or not math.isfinite(peak):
         # NaN/Inf must not be hidden by quantisation: send them as the receiver's problem
         return np.zeros(x.shape, dtype=np.int8), (peak if not math.isfinite(peak) else 0.0)
-    scale = peak / 127.0
+    scale = peak / levels
     q = np.floor(x.astype(np.float64) / scale + rng.random(x.shape))
-    return np.clip(q, -127, 127).astype(np.int8), scale
+    return np.clip(q, -levels, levels).astype(np.int8), scale
 
 
 def encode(tensors: Sequence[np.ndarray], *, names: Sequence[str], kind: str,
@@ -118,10 +127,12 @@ def encode(tensors: Sequence[np.ndarray], *, names: Sequence[str], kind: str,
                 raise ValueError(f"{name}: mask shape {m.shape} != tensor shape {t.shape}")
             if ref_m is not None:
                 ref_m = np.asarray(ref_m, dtype=bool)
-                if np.any(m & ~ref_m):
-                    raise ValueError(f"{name}: mask keeps positions outside its reference mask")
-                mask_parts.append(np.packbits(m[ref_m]).tobytes())
-                mode = "relative"
+                if np.any(m & ~ref_m):  # regrown positions: send what changed
+                    mask_parts.append(np.packbits((m ^ ref_m).reshape(-1)).tobytes())
+                    mode = "xor"
+                else:
+                    mask_parts.append(np.packbits(m[ref_m]).tobytes())
+                    mode = "relative"
             else:
                 mask_parts.append(np.packbits(m.reshape(-1)).tobytes())
                 mode = "bitmap"
@@ -129,8 +140,8 @@ def encode(tensors: Sequence[np.ndarray], *, names: Sequence[str], kind: str,
             if delta:
                 kept = kept - np.asarray(reference[i], dtype=np.float32)[m]
         scale = None
-        if values == "int8":
-            q, scale = _quantize_int8(kept, rng)
+        if values in INT_LEVELS:
+            q, scale = _quantize(kept, INT_LEVELS[values], rng)
             value_parts.append(q.tobytes())
         else:
             value_parts.append(kept.astype(VALUE_DTYPES[values]).tobytes())
@@ -201,6 +212,13 @@ def decode(data: bytes, reference: Sequence[np.ndarray] | None = None,
                 nbytes = -(-n // 8)
                 bits = np.unpackbits(np.frombuffer(body, np.uint8, nbytes, pos), count=n).astype(bool)
                 masks.append(bits.reshape(shape))
+            elif e["mask"] == "xor":
+                ref_m = None if reference_masks is None else reference_masks[i]
+                if ref_m is None:
+                    raise ProtocolError(ErrorCode.BAD_FIELD, f"{e['name']}: xor mask without a reference mask")
+                nbytes = -(-n // 8)
+                bits = np.unpackbits(np.frombuffer(body, np.uint8, nbytes, pos), count=n).astype(bool)
+                masks.append(bits.reshape(shape) ^ np.asarray(ref_m, dtype=bool))
             elif e["mask"] == "relative":
                 ref_m = None if reference_masks is None else reference_masks[i]
                 if ref_m is None:
@@ -225,7 +243,12 @@ def decode(data: bytes, reference: Sequence[np.ndarray] | None = None,
             dtype = VALUE_DTYPES[e["values"]]
             raw = np.frombuffer(body, dtype, nnz, pos)
             pos += nnz * dtype.itemsize
-            vals = raw.astype(np.float32) * np.float32(e["scale"]) if e["values"] == "int8" else raw.astype(np.float32)
+            if e["values"] in INT_LEVELS:
+                if raw.size and int(np.abs(raw.astype(np.int16)).max()) > INT_LEVELS[e["values"]]:
+                    raise ProtocolError(ErrorCode.BAD_FIELD, f"{e['name']}: {e['values']} value out of range")
+                vals = raw.astype(np.float32) * np.float32(e["scale"])
+            else:
+                vals = raw.astype(np.float32)
             if e["delta"]:
                 if reference is None:
                     raise ProtocolError(ErrorCode.BAD_FIELD, f"{e['name']}: delta values without a reference")

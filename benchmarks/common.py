@@ -1,0 +1,65 @@
+"""Helpers shared by the benchmark scripts: a local fleet on real processes."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from coordinator import broker as broker_mod  # noqa: E402
+
+BIN = Path(sys.executable).parent
+
+
+def machine() -> dict:
+    import psutil
+
+    return {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
+            "ram_gb": round(psutil.virtual_memory().total / 2**30, 1), "cpu_model": _cpu_model()}
+
+
+def _cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+@contextlib.contextmanager
+def local_fleet(n: int, fleet: str, agent_args: list[str] | None = None, per_agent=None, broker_kind: str = "auto"):
+    """A broker plus ``n`` agent processes; yields (broker, workdir). Everything is stopped afterwards."""
+    work = Path(tempfile.mkdtemp(prefix="edgeprune-bench-"))
+    b = broker_mod.start(broker_kind, "127.0.0.1", 0, work / "broker", log_file=work / "broker.log")
+    procs = []
+    try:
+        for i in range(n):
+            args = [str(BIN / "edgeprune-agent"), "run", "--broker", b.url, "--fleet", fleet, "--device-id", f"dev{i:03d}",
+                    "--state-dir", str(work / f"agent{i}"), *(agent_args or []), *(per_agent(i) if per_agent else [])]
+            procs.append(subprocess.Popen(args, stdout=open(work / f"agent{i}.log", "ab"), stderr=subprocess.STDOUT))
+        yield b, work
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        b.stop()
+
+
+def timed(cmd: list[str], **kw) -> tuple[float, subprocess.CompletedProcess]:
+    t0 = time.perf_counter()
+    out = subprocess.run(cmd, capture_output=True, text=True, **kw)
+    return time.perf_counter() - t0, out

@@ -1,0 +1,149 @@
+"""Federated pruning on digits: dense vs 80% vs 90% sparsity, and a plain single-process loop.
+
+8 agents as local processes, non-IID shards (Dirichlet alpha 0.5), the same
+seeds and rounds for every configuration, all measured in one run of this
+script. Each federated run is a real `edgeprune train` process against a real
+broker; the plain loop is one Python process doing the same FedAvg with tf-keras
+and nothing else. Wall times include process start and TensorFlow import on both
+sides (and, for edgeprune, starting the 8 training workers).
+
+    python benchmarks/fl_pruning.py [--rounds 10] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import zlib
+
+from common import BIN, ROOT, local_fleet, machine, timed
+
+TARGETS = {
+    0.8: {"max_accuracy_gap_pts": 1.0, "min_ratio_vs_dense_fp32": 12.0},
+    0.9: {"max_accuracy_gap_pts": 3.0, "min_ratio_vs_dense_fp32": 20.0},
+}
+MAX_WALL_RATIO_DENSE_VS_PLAIN = 1.5
+
+
+def plain_loop(args) -> dict:
+    """FedAvg on the same shards in one process: the no-framework baseline."""
+    import numpy as np
+
+    from edge_agent import data, models, tfenv
+
+    t = tfenv.load(args.threads)
+    train, test = data.digits_split()
+    shards = data.partition(train.y, args.clients, "dirichlet", args.alpha, args.seed)
+    model = models.build("digits_cnn", (8, 8, 1), 10, args.seed)
+    models.compile_model(model, args.lr)
+    weights = model.get_weights()
+    for rnd in range(1, args.rounds + 1):
+        total, acc = 0.0, [np.zeros_like(w, dtype=np.float64) for w in weights]
+        for k, idx in enumerate(shards):
+            model.set_weights(weights)
+            for v in model.optimizer.variables:
+                v.assign(t.tf.zeros_like(v))
+            t.tf.keras.utils.set_random_seed(args.seed * 1_000_003 + rnd * 1009 + zlib.crc32(f"dev{k:03d}".encode()))
+            model.fit(train.x[idx], train.y[idx], epochs=args.epochs, batch_size=args.batch_size, shuffle=True, verbose=0)
+            for a, w in zip(acc, model.get_weights()):
+                a += len(idx) * w
+            total += len(idx)
+        weights = [(a / total).astype(np.float32) for a in acc]
+    model.set_weights(weights)
+    _, accuracy = model.evaluate(test.x, test.y, verbose=0)
+    return {"final_accuracy": float(accuracy)}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--clients", type=int, default=8)
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--alpha", type=float, default=0.5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="TensorFlow threads per process (agents and plain loop)")
+    p.add_argument("--sparsities", default="0,0.8,0.9")
+    p.add_argument("--train-args", default="", help="extra `edgeprune train` flags, e.g. '--mask-policy layer'")
+    p.add_argument("--no-plain", action="store_true", help="skip the plain loop (then gaps are not computed)")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--plain-loop", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.plain_loop:
+        print(json.dumps(plain_loop(args)))
+        return 0
+
+    log = (lambda *a: None) if args.json else (lambda *a: print(*a, file=sys.stderr, flush=True))
+    results = []
+    agent_args = ["--data", "digits", "--data-partition", "dirichlet", "--data-alpha", str(args.alpha),
+                  "--data-seed", str(args.seed), "--train-threads", str(args.threads), "--heartbeat-s", "5"]
+    with local_fleet(args.clients, "bench", agent_args, lambda i: ["--data-shard", f"{i}/{args.clients}"]) as (b, work):
+        for sparsity in [float(s) for s in args.sparsities.split(",")]:
+            log(f"== edgeprune train, sparsity {sparsity:.0%} ...")
+            cmd = [str(BIN / "edgeprune"), "train", "--broker", b.url, "--fleet", "bench", "--home", str(work / "home"),
+                   "--rounds", str(args.rounds), "--sparsity", str(sparsity), "--local-epochs", str(args.epochs),
+                   "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--seed", str(args.seed),
+                   "--wait-for", str(args.clients), "--json", *args.train_args.split()]
+            wall, out = timed(cmd, timeout=3600)
+            if out.returncode != 0:
+                print(out.stdout[-2000:], out.stderr[-4000:], file=sys.stderr)
+                return 1
+            s = json.loads(out.stdout)
+            results.append({"sparsity": sparsity, "final_accuracy": s["final_accuracy"],
+                            "final_sparsity": s["final_sparsity"],
+                            "upload_bytes_per_client_round": s["upload_bytes_per_client_round"],
+                            "upload_bytes_last_round": s["rounds"][-1]["bytes_up_per_client"],
+                            "ratio_vs_dense_fp32": s["dense_fp32_bytes"] / s["upload_bytes_per_client_round"],
+                            "download_bytes_per_client_round": s["bytes_down_total"] / (args.rounds * args.clients),
+                            "round_wall_s": s["round_wall_s"], "total_wall_s": round(wall, 2),
+                            "run_internal_wall_s": s["total_wall_s"], "dense_fp32_bytes": s["dense_fp32_bytes"],
+                            "rounds": args.rounds, "clients": args.clients})
+            log(f"   accuracy {s['final_accuracy']:.4f}, {results[-1]['ratio_vs_dense_fp32']:.1f}x, {wall:.1f} s")
+    if args.no_plain:
+        print(json.dumps(results, indent=2))
+        return 0
+    log("== plain single-process loop ...")
+    wall, out = timed([sys.executable, __file__, "--plain-loop", *sys.argv[1:]], cwd=ROOT, timeout=3600)
+    if out.returncode != 0:
+        print(out.stderr[-4000:], file=sys.stderr)
+        return 1
+    plain = {"configuration": "plain_single_process_loop", "total_wall_s": round(wall, 2),
+             **json.loads(out.stdout.strip().splitlines()[-1])}
+
+    dense = next((r for r in results if r["sparsity"] == 0.0), None)
+    reference = dense or plain  # the plain loop runs the same dense FedAvg when --sparsities has no 0
+    for r in results:
+        r["accuracy_gap_pts"] = round((reference["final_accuracy"] - r["final_accuracy"]) * 100, 2)
+        target = TARGETS.get(r["sparsity"])
+        if r["sparsity"] == 0.0:
+            r["target"] = {"max_wall_ratio_vs_plain_loop": MAX_WALL_RATIO_DENSE_VS_PLAIN}
+            r["wall_ratio_vs_plain_loop"] = round(r["total_wall_s"] / plain["total_wall_s"], 3)
+            r["target_met"] = r["wall_ratio_vs_plain_loop"] <= MAX_WALL_RATIO_DENSE_VS_PLAIN
+        elif target:
+            r["target"] = target
+            r["target_met"] = (r["accuracy_gap_pts"] <= target["max_accuracy_gap_pts"]
+                               and r["ratio_vs_dense_fp32"] >= target["min_ratio_vs_dense_fp32"])
+    out_rows = results + [plain]
+    if args.json:
+        print(json.dumps(out_rows, indent=2))
+        return 0
+    print(f"\nfl_pruning: digits, {args.clients} agents, Dirichlet alpha {args.alpha}, {args.rounds} rounds x "
+          f"{args.epochs} local epochs, seed {args.seed}; machine: {machine()}")
+    print(f"{'sparsity':>8} {'accuracy':>9} {'gap pts':>8} {'up B/client-round':>18} {'vs dense fp32':>14} "
+          f"{'round s':>8} {'total s':>8}  target")
+    for r in results:
+        print(f"{r['sparsity']:>8.0%} {r['final_accuracy'] * 100:>8.2f}% {r['accuracy_gap_pts']:>8.2f} "
+              f"{r['upload_bytes_per_client_round']:>18,.0f} {r['ratio_vs_dense_fp32']:>13.1f}x {r['round_wall_s']:>8.2f} "
+              f"{r['total_wall_s']:>8.1f}  {'met' if r.get('target_met') else 'MISSED'} {r.get('target')}")
+    print(f"{'plain':>8} {plain['final_accuracy'] * 100:>8.2f}% {'':>8} {'':>18} {'':>14} {'':>8} {plain['total_wall_s']:>8.1f}")
+    if dense:
+        print(f"dense edgeprune / plain loop wall time: {dense['wall_ratio_vs_plain_loop']:.2f}x "
+              f"(target <= {MAX_WALL_RATIO_DENSE_VS_PLAIN}x)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
