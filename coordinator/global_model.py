@@ -43,10 +43,12 @@ class GlobalModel:
         self.plain = model
         self.granularity = granularity
         self.pruning_on = pruning_on
-        wrapped, self.layer_report, _ = pruning.wrap(model, granularity)
-        self.spec = pruning.weight_spec(wrapped)
-        if not pruning_on:
-            self.layer_report = {"pruned": {}, "dense": {}}
+        self.layer_report: dict = {"pruned": {}, "dense": {}}
+        if pruning_on:
+            wrapped, self.layer_report, _ = pruning.wrap(model, granularity)
+            self.spec = pruning.weight_spec(wrapped)
+        else:  # dense FedAvg: TF-MOT is not even imported
+            self.spec = pruning.weight_spec(model)
         kinds = self.layer_report["pruned"]
         self.infos = [TensorInfo(s["name"], kinds.get(s["layer"]) if (s["prunable"] and pruning_on) else None)
                       for s in self.spec]

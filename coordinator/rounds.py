@@ -181,6 +181,7 @@ def train(cfg: TrainConfig, session: Session, store: Store, reporter: Reporter) 
     finally:
         with phases("finish"):
             run.gm.save(run.run_dir, "final")
+            run.tb.close()
             for dev in list(run.begun):
                 session.submit(dev, "train_end")
         summary = _summary(run, state, time.perf_counter() - t0, baseline)

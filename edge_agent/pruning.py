@@ -140,13 +140,23 @@ def wrap(model, granularity: str, make_schedule=None) -> tuple[Any, dict[str, An
     return wrapped, report, schedules
 
 
+def _tfmot_loaded() -> bool:
+    import sys
+
+    return "tensorflow_model_optimization" in sys.modules  # no TF-MOT, no wrapped layers
+
+
 def _inner(layer):
+    if not _tfmot_loaded():
+        return layer
     _, wrapper = _internals()
     return layer.layer if isinstance(layer, wrapper) else layer
 
 
 def _pruning_vars(layer) -> dict[int, Any]:
     """id(weight variable) -> mask variable, for a wrapped layer."""
+    if not _tfmot_loaded():
+        return {}
     _, wrapper = _internals()
     if not isinstance(layer, wrapper):
         return {}

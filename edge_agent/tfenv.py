@@ -9,14 +9,32 @@ processes that never train (an idle agent stays small).
 
 from __future__ import annotations
 
+import contextlib
 import os
-from types import SimpleNamespace
+import tempfile
 
-_TF: SimpleNamespace | None = None
+class TFStack:
+    """``tf`` and ``keras`` (tf_keras); ``tfmot`` is imported on first use, since dense
+    training never needs it and it drags in Keras 3 (about a second per process)."""
+
+    def __init__(self, tf, keras):
+        self.tf, self.keras = tf, keras
+        self._tfmot = None
+
+    @property
+    def tfmot(self):
+        if self._tfmot is None:
+            import tensorflow_model_optimization as tfmot
+
+            self._tfmot = tfmot
+        return self._tfmot
 
 
-def load(threads: int = 0) -> SimpleNamespace:
-    """Import TensorFlow, tf_keras and TF-MOT once; return them as ``tf``, ``keras``, ``tfmot``.
+_TF: TFStack | None = None
+
+
+def load(threads: int = 0) -> TFStack:
+    """Import TensorFlow and tf_keras once (TF-MOT lazily, via ``.tfmot``).
 
     ``threads`` > 0 caps TensorFlow's intra-op pool (set before first use); several
     agents sharing one small machine should each use 1.
@@ -25,16 +43,38 @@ def load(threads: int = 0) -> SimpleNamespace:
     if _TF is not None:
         return _TF
     os.environ["TF_USE_LEGACY_KERAS"] = "1"
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TF's C++ start-up chatter (CUDA probing on CPU hosts)
-    import tensorflow as tf
-    import tensorflow_model_optimization as tfmot
-    import tf_keras as keras
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    with _quiet_stderr():  # absl prints CUDA-probing chatter on CPU-only hosts before any log level applies
+        import tensorflow as tf
+        import tf_keras as keras
 
     if threads > 0:
         tf.config.threading.set_intra_op_parallelism_threads(threads)
         tf.config.threading.set_inter_op_parallelism_threads(max(1, threads))
-    _TF = SimpleNamespace(tf=tf, keras=keras, tfmot=tfmot)
+    _TF = TFStack(tf, keras)
     return _TF
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Hold back what C++ writes to fd 2 during the import; replay it if the import fails."""
+    try:
+        saved = os.dup(2)
+    except OSError:
+        yield
+        return
+    with tempfile.TemporaryFile() as buf:
+        os.dup2(buf.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 2)
+            buf.seek(0)
+            os.write(2, buf.read())
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 def available() -> bool:

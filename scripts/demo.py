@@ -95,11 +95,18 @@ def main() -> int:
     if rc != 0:
         return rc
 
+    step("federated pruning-aware training: 80% sparsity, each agent trains on its own digits shard")
+    rc = run("edgeprune", "train", "--broker", broker.url, "--fleet", FLEET, "--model", "digits_cnn",
+             "--rounds", "8", "--sparsity", "0.8", "--wait-for", str(len(DEVICES)))
+    if rc != 0:
+        return rc
+
     host_flag = "" if port == 1883 else f" -p {port}"
     step("the demo fleet keeps running; try:")
     print(f"  mosquitto_sub{host_flag} -t 'edgeprune/#' -v                 # retained status and capabilities")
     print(f"  mosquitto_pub{host_flag} -t edgeprune/v1/{FLEET}/device/pi-1/cmd -m garbage   # -> an error reply")
     print(f"  .venv/bin/edgeprune ping --broker {broker.url} --fleet {FLEET} --device pi-1")
+    print("  .venv/bin/edgeprune runs ; .venv/bin/edgeprune show RUN_ID # the stored runs")
     print("  ./scripts/demo stop                                        # stop broker and agents")
     return 0
 
