@@ -35,7 +35,7 @@ class UpdateRejected(ValueError):
 @dataclass
 class TensorInfo:
     name: str
-    kind: str | None  # None: not pruned (dense); else "unstructured", "block1x4" or "2:4"
+    kind: str | None  # None: not pruned (dense); else "unstructured", "block16x1" or "2:4"
 
 
 class MaskedFedAvg:

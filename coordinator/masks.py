@@ -7,6 +7,8 @@ coordinator can choose the global mask and check the clients' masks.
 
 Policies for the global mask after aggregation:
 
+Blocks are (16 x 1) on a [inputs, outputs] Dense kernel (see ``BLOCK``).
+
 - ``global`` (default): one magnitude threshold across every pruned tensor at
   the round's sparsity. Small layers with large weights (the first conv, the
   classifier) keep more, the big dense layer gives up more; a per-tensor floor
@@ -24,7 +26,7 @@ import numpy as np
 MASK_POLICIES = ("global", "layer", "union", "intersection")
 SPARSITY_TOLERANCE = 0.005
 MIN_DENSITY = 0.01
-BLOCK = (1, 4)
+BLOCK = (16, 1)  # as edge_agent.pruning.BLOCK_SHAPE: 16 consecutive inputs of one output
 
 def _topk_mask(score: np.ndarray, keep: int) -> np.ndarray:
     flat = score.reshape(-1)
@@ -70,20 +72,19 @@ def mbyn_mask(score: np.ndarray, m: int = 2, n: int = 4) -> np.ndarray:
     return _mbyn_unview(keep, score.shape)
 
 
-BLOCK = (1, 4)
-
-
 def _block_pool(a: np.ndarray, block: tuple[int, int], how: str) -> np.ndarray:
-    """Mean or max of a 2-D array over (bh x bw) blocks; edge blocks are partial (padding ignored)."""
+    """Mean, max or element count of a 2-D array over (bh x bw) blocks; edge blocks are partial."""
     bh, bw = block
     pr, pc = (-a.shape[0]) % bh, (-a.shape[1]) % bw
     padded = np.pad(a.astype(np.float64), ((0, pr), (0, pc)), constant_values=np.nan)
     blocks = padded.reshape(padded.shape[0] // bh, bh, padded.shape[1] // bw, bw)
+    if how == "count":
+        return np.sum(~np.isnan(blocks), axis=(1, 3))
     return np.nanmean(blocks, axis=(1, 3)) if how == "mean" else np.nanmax(blocks, axis=(1, 3))
 
 
 def block_mask(score: np.ndarray, sparsity: float, block: tuple[int, int] = BLOCK) -> np.ndarray:
-    """Keep the (1 x 4) blocks of a 2-D kernel with the largest mean score (TF-MOT's AVG pooling)."""
+    """Keep the blocks of a 2-D kernel with the largest mean score (TF-MOT's AVG pooling)."""
     if score.ndim != 2:
         raise ValueError("block sparsity needs a 2-D kernel")
     pooled = _block_pool(score, block, "mean")
@@ -124,13 +125,10 @@ def check_mask(mask: np.ndarray, kind: str, sparsity: float) -> str | None:
 
 
 def _units(score: np.ndarray, kind: str):
-    """Selection units of a tensor: (scores, sizes, expand) for elements or 1x4 blocks."""
+    """Selection units of a tensor: (scores, sizes, expand) for elements or blocks."""
     if kind.startswith("block"):
         pooled = _block_pool(score, BLOCK, "mean")
-        counts = np.full(pooled.shape, BLOCK[0] * BLOCK[1], dtype=np.int64)
-        rem = score.shape[1] % BLOCK[1]
-        if rem:
-            counts[:, -1] = rem * BLOCK[0]
+        counts = _block_pool(score, BLOCK, "count").astype(np.int64)
 
         def expand(keep):
             full = np.repeat(np.repeat(keep.reshape(pooled.shape), BLOCK[0], axis=0), BLOCK[1], axis=1)

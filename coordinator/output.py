@@ -70,4 +70,4 @@ def table(title: str | None, columns: Sequence[str], rows: Sequence[Sequence[Any
         t.add_column(c)
     for r in cells:
         t.add_row(*r)
-    Console().print(t)
+    Console(width=None if sys.stdout.isatty() else 200).print(t)

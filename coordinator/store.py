@@ -55,6 +55,29 @@ CREATE TABLE IF NOT EXISTS client_rounds (
     error TEXT,
     PRIMARY KEY (run_id, round, device_id)
 );
+CREATE TABLE IF NOT EXISTS artifacts (
+    run_id TEXT NOT NULL,
+    name TEXT NOT NULL,
+    format TEXT NOT NULL,
+    path TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    bytes INTEGER NOT NULL,
+    gzip_bytes INTEGER NOT NULL,
+    sparsity REAL NOT NULL,
+    info_json TEXT NOT NULL,
+    created REAL NOT NULL,
+    PRIMARY KEY (run_id, name)
+);
+CREATE TABLE IF NOT EXISTS bench_results (
+    bench_id TEXT NOT NULL,
+    run_id TEXT,
+    device_id TEXT NOT NULL,
+    artifact TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    result_json TEXT NOT NULL,
+    created REAL NOT NULL,
+    PRIMARY KEY (bench_id, device_id, artifact)
+);
 """
 
 
@@ -171,3 +194,26 @@ class Store:
         return [{"round": r["round"], "device_id": r["device_id"], "ok": bool(r["ok"]), "bytes_down": r["bytes_down"],
                  "bytes_up": r["bytes_up"], "metrics": json.loads(r["metrics_json"]) if r["metrics_json"] else None,
                  "error": r["error"]} for r in rows]
+
+    # -- artifacts and benchmark results ---------------------------------
+    def save_artifact(self, run_id: str, rec: dict) -> None:
+        self._exec("INSERT OR REPLACE INTO artifacts VALUES (?,?,?,?,?,?,?,?,?,?)",
+                   (run_id, rec["name"], rec["format"], rec["path"], rec["sha256"], rec["bytes"], rec["gzip_bytes"],
+                    rec["sparsity"], json.dumps(rec), time.time()))
+
+    def artifacts(self, run_id: str) -> list[dict[str, Any]]:
+        rows = self._query("SELECT info_json FROM artifacts WHERE run_id=? ORDER BY created, name", (run_id,))
+        return [json.loads(r["info_json"]) for r in rows]
+
+    def save_bench_result(self, bench_id: str, run_id: str | None, device_id: str, result: dict) -> None:
+        self._exec("INSERT OR REPLACE INTO bench_results VALUES (?,?,?,?,?,?,?)",
+                   (bench_id, run_id, device_id, result["artifact"], result.get("sha256") or "", json.dumps(result),
+                    time.time()))
+
+    def bench_results(self, run_id: str | None = None, bench_id: str | None = None) -> list[dict[str, Any]]:
+        if bench_id is not None:
+            rows = self._query("SELECT * FROM bench_results WHERE bench_id=? ORDER BY created", (bench_id,))
+        else:
+            rows = self._query("SELECT * FROM bench_results WHERE run_id=? ORDER BY created", (run_id,))
+        return [{"bench_id": r["bench_id"], "run_id": r["run_id"], "device_id": r["device_id"],
+                 **json.loads(r["result_json"])} for r in rows]

@@ -80,11 +80,11 @@ def _cpu_model() -> str:
     return fields.get("model name") or fields.get("Model") or fields.get("Hardware") or platform.processor() or "unknown"
 
 
-def collect(device_id: str, state_dir: str) -> Capabilities:
+def collect(device_id: str, state_dir: str, sysfs_root: str = "/sys") -> Capabilities:
     vm = psutil.virtual_memory()
     disk_path = state_dir if os.path.isdir(state_dir) else os.path.expanduser("~")
     stack = _found(TRAIN_STACK)
-    freq = sensors.cpu_max_freq_mhz()
+    freq = sensors.cpu_max_freq_mhz(sysfs_root)
     if freq is None:
         try:
             f = psutil.cpu_freq()
@@ -108,7 +108,7 @@ def collect(device_id: str, state_dir: str) -> Capabilities:
         runtimes=_found(RUNTIMES),
         can_train=len(stack) == len(TRAIN_STACK),
         train_stack=stack,
-        sensors=sensors.inventory(),
+        sensors=sensors.inventory(sysfs_root),
         ts=time.time(),
     )
 

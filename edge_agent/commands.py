@@ -90,3 +90,45 @@ def _train_end(agent: Agent, cmd: Command) -> dict[str, Any]:
 def _train_status(agent: Agent, cmd: Command) -> dict[str, Any]:
     t = agent.trainer
     return {"run_id": t.run_id if t else None, "worker_alive": bool(t and t.alive), "worker_pid": t.pid if t else None}
+
+
+@command("bench", mode="job", help="Benchmark TFLite artifacts on this device (fetched by hash, cached).")
+def _bench(agent: Agent, cmd: Command) -> dict[str, Any]:
+    from . import bench, sensors
+
+    artifacts = _arg(cmd, "artifacts", list, required=True)
+    if not artifacts or not all(isinstance(a, dict) for a in artifacts):
+        raise ProtocolError(ErrorCode.BAD_ARGS, "bench: artifacts must be a non-empty list of {name, sha256, bytes}")
+    for a in artifacts:
+        topics.validate_sha256(a.get("sha256"))
+        if not isinstance(a.get("name"), str) or not isinstance(a.get("bytes"), int) or a["bytes"] < 0:
+            raise ProtocolError(ErrorCode.BAD_ARGS, "bench: each artifact needs a name and a byte size")
+    bench.check_resources(sum(a["bytes"] for a in artifacts), str(agent.state_dir))
+    runs = _arg(cmd, "runs", int)
+    duration = _arg(cmd, "duration_s", (int, float))
+    if runs is None and duration is None:
+        runs = 100
+    if (runs is not None and runs < 1) or (duration is not None and duration <= 0):
+        raise ProtocolError(ErrorCode.BAD_ARGS, "bench: runs and duration_s must be positive")
+    ready, failed = [], {}
+    for a in artifacts:
+        agent.progress(cmd.id, phase="fetching", artifact=a["name"])
+        try:  # the hash is checked on arrival: a corrupted artifact never reaches the runtime
+            agent.fetch_blob(a["sha256"], float(cmd.args.get("fetch_timeout_s", 300.0)))
+        except ProtocolError as exc:
+            failed[a["name"]] = {"artifact": a["name"], "sha256": a["sha256"], "bytes": a["bytes"],
+                                 "status": "error", "error": f"refused before loading: {exc}"}
+            continue
+        ready.append({**a, "path": str(agent.blobs.path(a["sha256"]))})
+    root = agent.settings.get("sysfs_root", "/sys")
+    board = agent.settings.get("board") or sensors.board_model()
+    threads = _arg(cmd, "threads", int, 0)
+    result = bench.run(ready, threads=threads, runs=runs, duration_s=duration, warmup=_arg(cmd, "warmup", int, 10),
+                       budget_s=float(_arg(cmd, "budget_s", (int, float), agent.settings["bench_budget_s"])),
+                       runtime=_arg(cmd, "runtime", str, "auto"), board=board, sysfs_root=root,
+                       progress=lambda **kw: agent.progress(cmd.id, **kw))
+    by_name = {r["artifact"]: r for r in result["artifacts"]}
+    result["artifacts"] = [by_name.get(a["name"]) or failed[a["name"]] for a in artifacts]
+    result["device_id"] = agent.device_id
+    result["threads_requested"] = threads or "runtime default"
+    return result

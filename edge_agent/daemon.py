@@ -157,8 +157,11 @@ class Agent:
 
     def _announce(self) -> None:
         """After every (re)connect and when the coordinator comes online: capabilities, then status."""
-        self.link.publish(self.t["caps"], serde.encode(caps.collect(self.device_id, str(self.state_dir))), retain=True)
+        self.link.publish(self.t["caps"], serde.encode(self.capabilities()), retain=True)
         self.publish_status()
+
+    def capabilities(self):
+        return caps.collect(self.device_id, str(self.state_dir), self.settings.get("sysfs_root", "/sys"))
 
     def _heartbeat_loop(self) -> None:
         while not self._stop.wait(self.settings["heartbeat_s"]):
@@ -345,7 +348,7 @@ def _ping(agent: Agent, cmd: Command) -> dict[str, Any]:
 @command("caps", help="Collect and return capabilities (also re-published retained).")
 def _caps(agent: Agent, cmd: Command) -> dict[str, Any]:
     agent._announce()
-    return caps.as_dict(caps.collect(agent.device_id, str(agent.state_dir)))
+    return caps.as_dict(agent.capabilities())
 
 
 @command("commands", help="List the commands this agent understands.")

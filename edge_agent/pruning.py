@@ -19,7 +19,10 @@ import numpy as np
 from .tfenv import load
 
 GRANULARITIES = ("unstructured", "block", "2:4")
-BLOCK_SHAPE = (1, 4)
+BLOCK_SHAPE = (16, 1)
+"""Dense kernels are [inputs, outputs]; a (16, 1) block is 16 consecutive inputs of one
+output unit, i.e. the 1x16 block TFLite's int8 sparse FULLY_CONNECTED stores compactly
+(one index per 16 weights; smaller blocks are stored element by element)."""
 M_BY_N = (2, 4)
 
 

@@ -71,6 +71,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("data_label_column", "label", str, "label column for CSV data"),
     Setting("train_threads", 0, int, "TensorFlow intra-op threads in the training worker (0 = TensorFlow's default)"),
     Setting("worker_idle_s", 600.0, float, "the training worker (TensorFlow) exits after this many idle seconds"),
+    Setting("board", "", str, "board name for the energy model when /proc/device-tree/model is missing (e.g. 'Raspberry Pi 4 Model B')"),
+    Setting("sysfs_root", "/sys", str, "where to read thermal, cpufreq and power sensors (tests point it at a fake tree)"),
+    Setting("bench_budget_s", 600.0, float, "longest a benchmark may run per artifact before it is stopped"),
     Setting("log_level", "info", str, "logging level", ("debug", "info", "warning", "error")),
 )
 BY_NAME = {s.name: s for s in SETTINGS}

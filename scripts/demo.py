@@ -45,6 +45,7 @@ def stop_previous() -> None:
 
 def port_free(port: int) -> bool:
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Mosquitto does: TIME_WAIT is fine
         try:
             s.bind(("127.0.0.1", port))
             return True

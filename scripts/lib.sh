@@ -60,8 +60,12 @@ ensure_venv() {  # ensure_venv EXTRAS   e.g. ensure_venv dev
   want="$(sha256sum "$ROOT/pyproject.toml" | cut -c1-16)"
   if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     log "installing edgeprune[$extras] into .venv (first time: TensorFlow is ~600 MB, a few minutes)"
-    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$ROOT[$extras]" 2>&1 \
-      | grep -v -e '^WARNING: Location' -e 'is ignored: it is neither' || true
+    if ! "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$ROOT[$extras]" \
+        > "$VENV/pip-install.log" 2>&1; then
+      tail -30 "$VENV/pip-install.log" >&2
+      echo "pip install failed; full log: $VENV/pip-install.log" >&2
+      exit 1
+    fi
     "$VENV/bin/python" -c 'import edge_agent, coordinator' || { echo "install failed" >&2; exit 1; }
     echo "$want" > "$stamp"
   fi

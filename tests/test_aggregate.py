@@ -93,10 +93,17 @@ def test_mbyn_hand_computed_dense_and_conv():
 
 
 def test_block_mask_keeps_whole_blocks():
-    score = np.array([[1, 1, 1, 1, 9, 9, 9, 9], [2, 2, 2, 2, 0, 0, 0, 1.0]])
+    # Dense kernel [inputs=32, outputs=2]: blocks are 16 consecutive inputs of one output
+    score = np.zeros((32, 2))
+    score[:16, 0], score[16:, 0], score[:16, 1], score[16:, 1] = 1, 9, 2, 0.5
     m = block_mask(score, 0.5)
-    np.testing.assert_array_equal(m, [[0, 0, 0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0, 0, 0]])
-    assert check_mask(m, "block1x4", 0.5) is None
+    expected = np.zeros((32, 2), bool)
+    expected[16:, 0] = expected[:16, 1] = True
+    np.testing.assert_array_equal(m, expected)
+    assert check_mask(m, "block16x1", 0.5) is None
+    broken = m.copy()
+    broken[0, 0] = True  # a block half kept counts as kept
+    assert check_mask(broken, "block16x1", 0.5) is not None
 
 
 def test_magnitude_mask_within():

@@ -1,0 +1,129 @@
+"""Turn a trained model into the TFLite artifacts that ship, and record what they really are.
+
+Variants:
+
+- ``dense``: fp32, no optimisation (the baseline).
+- ``sparse``: fp32 with ``tf.lite.Optimize.EXPERIMENTAL_SPARSITY``: pruned weights
+  are stored in TFLite's sparse format (values + index metadata).
+- ``sparse-int8``: sparsity plus full-integer post-training quantisation calibrated
+  on a representative dataset (float input/output kept for drop-in use).
+- ``fp16``: weights stored as float16.
+- ``sparse-int8-qat`` (with ``--qat``): pruning-preserving quantisation-aware
+  fine-tuning (TF-MOT ``Default8BitPrunePreserveQuantizeScheme``), then as above.
+
+Every artifact is recorded with its sha256, raw and gzip size, and the weight
+sparsity read back from the .tflite bytes (:mod:`edge_agent.tflite_info`).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_agent import tflite_info
+
+FORMATS = ("dense", "sparse", "sparse-int8", "fp16")
+CALIBRATION_SAMPLES = 200
+
+
+def resolve_model(store, ref: str):
+    """(tf-keras model, run dict or None) for a run id (prefix) or a model file."""
+    from edge_agent import models
+
+    run = store.run(ref)
+    if run is not None:
+        path = Path((run["summary"] or {}).get("run_dir", "")) / "model.keras"
+        if not path.exists():
+            raise ValueError(f"run {run['run_id']} has no saved model at {path} (did it finish a round?)")
+        return models.load_file(str(path)), run
+    if os.path.exists(ref):
+        return models.load_file(ref), None
+    raise ValueError(f"{ref!r} is neither a run id (see `edgeprune runs`) nor a model file")
+
+
+def _converter(model, fmt: str, calibration: np.ndarray | None):
+    import tensorflow as tf
+
+    conv = tf.lite.TFLiteConverter.from_keras_model(model)
+    if fmt == "dense":
+        return conv
+    if fmt == "sparse":
+        conv.optimizations = [tf.lite.Optimize.EXPERIMENTAL_SPARSITY]
+    elif fmt.startswith("sparse-int8"):
+        if calibration is None:
+            raise ValueError("sparse-int8 needs calibration data (--calibration-data)")
+        conv.optimizations = [tf.lite.Optimize.DEFAULT, tf.lite.Optimize.EXPERIMENTAL_SPARSITY]
+
+        def representative():
+            for x in calibration[:CALIBRATION_SAMPLES]:
+                yield [x[None, ...].astype(np.float32)]
+
+        conv.representative_dataset = representative
+        conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    elif fmt == "fp16":
+        conv.optimizations = [tf.lite.Optimize.DEFAULT]
+        conv.target_spec.supported_types = [tf.float16]
+    else:
+        raise ValueError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
+    return conv
+
+
+def qat_model(model, x: np.ndarray, y: np.ndarray, epochs: int = 2, lr: float = 1e-4):
+    """Pruning-preserving quantisation-aware fine-tuning (keeps the zeros where they are)."""
+    from edge_agent import tfenv
+
+    t = tfenv.load()
+    tfmot = t.tfmot
+    annotated = tfmot.quantization.keras.quantize_annotate_model(model)
+    qat = tfmot.quantization.keras.quantize_apply(
+        annotated, tfmot.experimental.combine.Default8BitPrunePreserveQuantizeScheme())
+    softmax_out = model.layers[-1].get_config().get("activation") == "softmax"
+    qat.compile(optimizer=t.keras.optimizers.Adam(lr),
+                loss=t.keras.losses.SparseCategoricalCrossentropy(from_logits=not softmax_out), metrics=["accuracy"])
+    qat.fit(x, y, epochs=epochs, batch_size=32, verbose=0)
+    return qat
+
+
+def record(data: bytes, name: str, fmt: str, path: Path) -> dict[str, Any]:
+    info = tflite_info.weight_sparsity(data)
+    return {
+        "name": name, "format": fmt, "path": str(path), "sha256": hashlib.sha256(data).hexdigest(),
+        "bytes": len(data), "gzip_bytes": len(gzip.compress(data, 9)), "sparsity": info["sparsity"],
+        "weights": info["weights"], "tensors": info["tensors"],
+    }
+
+
+def export(model, formats: list[str], out_dir: Path, calibration=None, qat_data=None, prefix: str = "model",
+           progress=lambda msg: None) -> list[dict[str, Any]]:
+    """Convert ``model`` to each format, write ``out_dir/<prefix>-<format>.tflite``, return records."""
+    from edge_agent import tfenv
+
+    tfenv.load()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    calib = None if calibration is None else calibration.x.reshape((-1, *model.input_shape[1:]))
+    jobs = [(fmt, model) for fmt in formats]
+    if qat_data is not None:
+        progress("quantisation-aware fine-tuning (pruning preserved)")
+        x = qat_data.x.reshape((-1, *model.input_shape[1:]))
+        jobs.append(("sparse-int8-qat", qat_model(model, x, qat_data.y)))
+    records = []
+    for fmt, m in jobs:
+        progress(f"converting {fmt}")
+        t0 = time.perf_counter()
+        data = _converter(m, fmt, calib).convert()
+        path = out_dir / f"{prefix}-{fmt}.tflite"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+        rec = record(data, f"{prefix}-{fmt}", fmt, path)
+        rec["convert_s"] = round(time.perf_counter() - t0, 3)
+        records.append(rec)
+    (out_dir / "artifacts.json").write_text(json.dumps(records, indent=1))
+    return records
