@@ -31,7 +31,7 @@ def collect_artifacts(store: Store, ref: str, formats: list[str], reporter) -> t
     run = store.run(ref)
     if run is not None and store.artifacts(run["run_id"]):
         return store.artifacts(run["run_id"]), run["run_id"]
-    model, run = export.resolve_model(store, ref)
+    model, run = export.resolve_model(store, ref)  # a built-in name here means the dense, untrained model
     run_id = run["run_id"] if run else new_run_id()
     out = Path((run["summary"] or {}).get("run_dir")) / "artifacts" if run else store.home / "exports" / run_id
     calib = load_eval_data((run["config"] or {}).get("eval_data") if run else "digits")

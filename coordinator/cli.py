@@ -283,7 +283,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     store = _store(args)
     reporter = Reporter(quiet=args.json)
     try:
-        model, run = export.resolve_model(store, args.model)
+        model, run = export.resolve_model(store, args.model, args.prune, args.prune_policy, args.granularity)
         calib = load_eval_data(args.calibration_data or ((run or {}).get("config") or {}).get("eval_data") or "digits")
         qat = load_eval_data(args.qat_data) if args.qat else None
     except ValueError as exc:
@@ -293,7 +293,8 @@ def cmd_export(args: argparse.Namespace) -> int:
                                            else store.home / "exports" / run_id)
     recs = export.export(model, formats, out, calibration=calib, qat_data=qat, progress=reporter.say)
     if run is None:
-        store.create_run(run_id, "-", "export", {"model": args.model, "formats": formats})
+        store.create_run(run_id, "-", "export", {"model": args.model, "formats": formats, "prune": args.prune,
+                                                 "prune_policy": args.prune_policy})
         store.finish_run(run_id, "done", {"run_dir": str(out)})
     for r in recs:
         store.save_artifact(run_id, r)
@@ -453,7 +454,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    "raw and gzip size, and the weight sparsity read back from the .tflite bytes. "
                                    "Note: TFLite stores int8 sparsity compactly only in 1x16 blocks of FULLY_CONNECTED "
                                    "weights; train with --granularity block for small sparse-int8 artifacts.")
-    p.add_argument("model", help="run id (prefix), or a tf-keras model file (.keras, .h5, SavedModel dir)")
+    p.add_argument("model", help="run id (prefix), a tf-keras model file (.keras, .h5, SavedModel dir), or a built-in "
+                                 "model name (digits_cnn, mlp, mobilenet_tiny) for a latency study with untrained weights")
+    p.add_argument("--prune", type=float, default=0.0, help="built-in model only: magnitude-prune to this sparsity with TF-MOT")
+    p.add_argument("--prune-policy", choices=["all", "xnnpack"], default="all",
+                   help="built-in model only: which layers --prune touches (xnnpack: 1x1 convolutions only)")
+    p.add_argument("--granularity", choices=["unstructured", "block", "2:4"], default="unstructured",
+                   help="built-in model only: pruning granularity for --prune")
     p.add_argument("--formats", default="dense,sparse,sparse-int8,fp16", help="comma-separated: dense, sparse, sparse-int8, fp16")
     p.add_argument("--qat", action="store_true", help="also make sparse-int8-qat: pruning-preserving quantisation-aware fine-tuning")
     p.add_argument("--qat-data", default="digits", help="training data for --qat fine-tuning: 'digits', .npz or .csv (default digits)")
@@ -471,7 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--devices", default="all", help="'all' or comma-separated device ids")
     p.add_argument("--threads", type=int, default=0, help="interpreter threads (0 = runtime default)")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--runs", type=int, default=None, help="timed inferences per artifact (default 100)")
+    g.add_argument("--runs", type=int, default=None, help="timed inferences per artifact (default 200)")
     g.add_argument("--duration", type=float, default=None, help="seconds of timed inferences per artifact instead")
     p.add_argument("--warmup", type=int, default=10, help="untimed inferences first (default 10)")
     p.add_argument("--budget", type=float, default=600.0, help="seconds an artifact may take before it is stopped (default 600)")

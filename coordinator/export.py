@@ -33,8 +33,37 @@ FORMATS = ("dense", "sparse", "sparse-int8", "fp16")
 CALIBRATION_SAMPLES = 200
 
 
-def resolve_model(store, ref: str):
-    """(tf-keras model, run dict or None) for a run id (prefix) or a model file."""
+def latency_model(name: str, sparsity: float, policy: str = "all", granularity: str = "unstructured", seed: int = 0):
+    """A built-in model with untrained weights, magnitude-pruned with TF-MOT to ``sparsity``.
+
+    For latency and size studies only (accuracy is meaningless): it answers "does this
+    runtime on this device run the sparse variant faster?" without any training data.
+    The achieved sparsity is read back from the weights; a policy that prunes nothing fails loudly.
+    """
+    from edge_agent import models, pruning, tfenv
+
+    shape, classes = models.DEFAULT_SHAPES[name]
+    model = models.build(name, shape, classes, seed)
+    if sparsity <= 0:
+        return model
+    t = tfenv.load()
+    schedule = lambda: t.tfmot.sparsity.keras.ConstantSparsity(sparsity, begin_step=0, frequency=1)  # noqa: E731
+    wrapped, report, _ = pruning.wrap(model, granularity, schedule, policy)
+    models.compile_model(wrapped)
+    rng = np.random.default_rng(seed)
+    x = rng.random((64, *shape), dtype=np.float32)
+    wrapped.fit(x, rng.integers(0, classes, 64), batch_size=32, epochs=1, verbose=0,
+                callbacks=[t.tfmot.sparsity.keras.UpdatePruningStep()])
+    stripped = t.tfmot.sparsity.keras.strip_pruning(wrapped)
+    pruned = [w for layer in stripped.layers if layer.name in report["pruned"] for w in layer.get_weights()[:1]]
+    achieved = 1.0 - sum(int(np.count_nonzero(w)) for w in pruned) / max(1, sum(w.size for w in pruned))
+    if achieved < sparsity - 0.01:
+        raise ValueError(f"pruning left the weights at {achieved:.1%} sparsity, not {sparsity:.0%}")
+    return stripped
+
+
+def resolve_model(store, ref: str, prune: float = 0.0, policy: str = "all", granularity: str = "unstructured"):
+    """(tf-keras model, run dict or None) for a run id (prefix), a model file, or a built-in name."""
     from edge_agent import models
 
     run = store.run(ref)
@@ -45,7 +74,10 @@ def resolve_model(store, ref: str):
         return models.load_file(str(path)), run
     if os.path.exists(ref):
         return models.load_file(ref), None
-    raise ValueError(f"{ref!r} is neither a run id (see `edgeprune runs`) nor a model file")
+    if ref in models.BUILTIN:
+        return latency_model(ref, prune, policy, granularity), None
+    raise ValueError(f"{ref!r} is neither a run id (see `edgeprune runs`), a model file, "
+                     f"nor a built-in model ({', '.join(models.BUILTIN)})")
 
 
 def _converter(model, fmt: str, calibration: np.ndarray | None):
@@ -107,7 +139,12 @@ def export(model, formats: list[str], out_dir: Path, calibration=None, qat_data=
 
     tfenv.load()
     out_dir.mkdir(parents=True, exist_ok=True)
-    calib = None if calibration is None else calibration.x.reshape((-1, *model.input_shape[1:]))
+    shape = tuple(model.input_shape[1:])
+    if calibration is not None and int(np.prod(calibration.x.shape[1:])) == int(np.prod(shape)):
+        calib = calibration.x.reshape((-1, *shape))
+    else:  # no matching data (e.g. a built-in model for latency studies): calibrate on uniform noise
+        progress(f"no calibration data of shape {shape}: int8 ranges calibrated on uniform random inputs")
+        calib = np.random.default_rng(0).random((CALIBRATION_SAMPLES, *shape), dtype=np.float32)
     jobs = [(fmt, model) for fmt in formats]
     if qat_data is not None:
         progress("quantisation-aware fine-tuning (pruning preserved)")

@@ -310,7 +310,8 @@ def run(artifacts: list[dict[str, Any]], *, threads: int, runs: int | None, dura
             c.kill(c.status, c.error or "")
         results[c.name] = res
     for a in artifacts:
-        results[a["name"]].update({"artifact": a["name"], "sha256": a["sha256"], "bytes": a["bytes"]})
+        results[a["name"]].update({"artifact": a["name"], "sha256": a["sha256"], "bytes": a["bytes"],
+                                   "cached": a.get("cached", False)})
     throttled = None
     if before["throttled_flags"] is not None and after["throttled_flags"] is not None:
         # bits 0-3: throttling now; 16-19: since boot. New sticky bits mean it happened during the run.

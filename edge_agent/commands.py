@@ -107,19 +107,20 @@ def _bench(agent: Agent, cmd: Command) -> dict[str, Any]:
     runs = _arg(cmd, "runs", int)
     duration = _arg(cmd, "duration_s", (int, float))
     if runs is None and duration is None:
-        runs = 100
+        runs = 200
     if (runs is not None and runs < 1) or (duration is not None and duration <= 0):
         raise ProtocolError(ErrorCode.BAD_ARGS, "bench: runs and duration_s must be positive")
     ready, failed = [], {}
     for a in artifacts:
         agent.progress(cmd.id, phase="fetching", artifact=a["name"])
+        cached = agent.blobs.has(a["sha256"])
         try:  # the hash is checked on arrival: a corrupted artifact never reaches the runtime
             agent.fetch_blob(a["sha256"], float(cmd.args.get("fetch_timeout_s", 300.0)))
         except ProtocolError as exc:
             failed[a["name"]] = {"artifact": a["name"], "sha256": a["sha256"], "bytes": a["bytes"],
                                  "status": "error", "error": f"refused before loading: {exc}"}
             continue
-        ready.append({**a, "path": str(agent.blobs.path(a["sha256"]))})
+        ready.append({**a, "path": str(agent.blobs.path(a["sha256"])), "cached": cached})
     root = agent.settings.get("sysfs_root", "/sys")
     board = agent.settings.get("board") or sensors.board_model()
     threads = _arg(cmd, "threads", int, 0)

@@ -3,6 +3,7 @@
 - ``digits_cnn``: 2 conv + dense head for 8x8x1 images (~284k parameters, most of
   them in the dense layer: the typical over-parameterised edge CNN).
 - ``mlp``: a 3-layer MLP for tabular/sensor vectors.
+- ``mobilenet_tiny``: MobileNetV2-style, 96x96x3, shaped for XNNPACK's sparse kernels.
 
 Models travel as Keras JSON (architecture) plus weights in the tensor codec, so
 agents need no copy of this module's code to train a user's model.
@@ -41,7 +42,46 @@ def mlp(input_shape=(64,), num_classes=10, seed=0):
     ], name="mlp")
 
 
-BUILTIN: dict[str, Callable] = {"digits_cnn": digits_cnn, "mlp": mlp}
+def mobilenet_tiny(input_shape=(96, 96, 3), num_classes=10, seed=0, width=32):
+    """A MobileNetV2-style model shaped for XNNPACK's sparse inference path.
+
+    XNNPACK runs a subgraph with sparse kernels only if it starts with a 3x3 stride-2
+    convolution on 3 input channels (here ZeroPadding2D(1) + 'valid' conv), has its
+    1x1 convolutions at >= 2/3 sparsity, and ends in a mean (global average pooling).
+    Prune it with the ``xnnpack`` policy (1x1 convolutions only).
+    """
+    keras = load().keras
+    L = keras.layers
+    init = keras.initializers.HeNormal
+    x = inp = L.Input(shape=input_shape)
+    x = L.ZeroPadding2D(1, name="stem_pad")(x)
+    x = L.Conv2D(width, 3, strides=2, padding="valid", use_bias=False, kernel_initializer=init(seed), name="stem")(x)
+    x = L.BatchNormalization(name="stem_bn")(x)
+    x = L.ReLU(6.0, name="stem_relu")(x)
+    channels = width
+    for i, (expand, out, stride) in enumerate([(4, 32, 1), (4, 48, 2), (4, 48, 1), (4, 64, 2), (4, 64, 1)]):
+        shortcut = x
+        y = L.Conv2D(channels * expand, 1, use_bias=False, kernel_initializer=init(seed + 10 * i + 1),
+                     name=f"b{i}_expand")(x)
+        y = L.BatchNormalization(name=f"b{i}_expand_bn")(y)
+        y = L.ReLU(6.0, name=f"b{i}_expand_relu")(y)
+        y = L.DepthwiseConv2D(3, strides=stride, padding="same", use_bias=False, name=f"b{i}_dw")(y)
+        y = L.BatchNormalization(name=f"b{i}_dw_bn")(y)
+        y = L.ReLU(6.0, name=f"b{i}_dw_relu")(y)
+        y = L.Conv2D(out, 1, use_bias=False, kernel_initializer=init(seed + 10 * i + 2), name=f"b{i}_project")(y)
+        y = L.BatchNormalization(name=f"b{i}_project_bn")(y)
+        x = L.Add(name=f"b{i}_add")([shortcut, y]) if stride == 1 and out == channels else y
+        channels = out
+    x = L.Conv2D(256, 1, use_bias=False, kernel_initializer=init(seed + 99), name="head")(x)
+    x = L.BatchNormalization(name="head_bn")(x)
+    x = L.ReLU(6.0, name="head_relu")(x)
+    x = L.GlobalAveragePooling2D(name="pool")(x)
+    out = L.Dense(num_classes, kernel_initializer=keras.initializers.GlorotUniform(seed), name="logits")(x)
+    return keras.Model(inp, out, name="mobilenet_tiny")
+
+
+BUILTIN: dict[str, Callable] = {"digits_cnn": digits_cnn, "mlp": mlp, "mobilenet_tiny": mobilenet_tiny}
+DEFAULT_SHAPES = {"digits_cnn": ((8, 8, 1), 10), "mlp": ((64,), 10), "mobilenet_tiny": ((96, 96, 3), 10)}
 
 
 def build(name: str, input_shape: tuple, num_classes: int, seed: int = 0):

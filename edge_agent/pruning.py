@@ -19,6 +19,9 @@ import numpy as np
 from .tfenv import load
 
 GRANULARITIES = ("unstructured", "block", "2:4")
+POLICIES = ("all", "xnnpack")
+"""``all``: every layer TF-MOT can prune. ``xnnpack``: only 1x1 convolutions (pointwise), the
+only weights XNNPACK's sparse inference path uses; stem, depthwise and classifier stay dense."""
 BLOCK_SHAPE = (16, 1)
 """Dense kernels are [inputs, outputs]; a (16, 1) block is 16 consecutive inputs of one
 output unit, i.e. the 1x16 block TFLite's int8 sparse FULLY_CONNECTED stores compactly
@@ -76,19 +79,21 @@ def _internals():
     return prune_registry.PruneRegistry, pruning_wrapper.PruneLowMagnitude
 
 
-def _prunable_weight_names(layer) -> list[str]:
+def _prunable_weight_names(layer) -> list[str] | None:
+    """The weights TF-MOT would prune; [] for layers it supports with nothing to prune
+    (BatchNormalization...); None for layers it does not support."""
     t = _tf()
     registry, _ = _internals()
     if isinstance(layer, t.tfmot.sparsity.keras.PrunableLayer):
         return ["custom"]
     if not registry.supports(layer):
-        return []
+        return None
     if layer.__class__ in registry._LAYERS_WEIGHTS_MAP:
         return list(registry._LAYERS_WEIGHTS_MAP[layer.__class__])
     return ["rnn_or_mha"]
 
 
-def wrap(model, granularity: str, make_schedule=None) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+def wrap(model, granularity: str, make_schedule=None, policy: str = "all") -> tuple[Any, dict[str, Any], dict[str, Any]]:
     """Clone ``model`` with every prunable layer wrapped in ``prune_low_magnitude``.
 
     Each wrapped layer gets its own schedule from ``make_schedule`` (default
@@ -101,6 +106,8 @@ def wrap(model, granularity: str, make_schedule=None) -> tuple[Any, dict[str, An
     schedules: dict[str, Any] = {}
     if granularity not in GRANULARITIES:
         raise ValueError(f"unknown granularity {granularity!r}; choose from {', '.join(GRANULARITIES)}")
+    if policy not in POLICIES:
+        raise ValueError(f"unknown pruning policy {policy!r}; choose from {', '.join(POLICIES)}")
     t = _tf()
     keras, tfmot = t.keras, t.tfmot
     report: dict[str, Any] = {"pruned": {}, "dense": {}}
@@ -110,8 +117,13 @@ def wrap(model, granularity: str, make_schedule=None) -> tuple[Any, dict[str, An
         if not layer.weights:
             return fresh
         names = _prunable_weight_names(layer)
-        if not names:
+        if names is None:
             report["dense"][layer.name] = f"{type(layer).__name__} is not supported by TF-MOT pruning"
+            return fresh
+        if not names:
+            return fresh
+        if policy == "xnnpack" and not (type(layer) is keras.layers.Conv2D and tuple(layer.kernel_size) == (1, 1)):
+            report["dense"][layer.name] = "kept dense by the xnnpack policy (only 1x1 convolutions are pruned)"
             return fresh
         kind = "unstructured"
         schedule = make_schedule()

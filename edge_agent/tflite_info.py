@@ -46,9 +46,12 @@ def weight_sparsity(data: bytes) -> dict[str, Any]:
         raise NotTFLite("not a TFLite model (no 'TFL3' file identifier at byte 4)")
     schema = _schema()
     try:
-        model = schema.ModelT.InitFromPackedBuf(bytearray(data), 0)
-    except Exception as exc:  # truncated or corrupted flatbuffer
-        raise NotTFLite(f"TFLite flatbuffer does not parse: {exc}") from None
+        return _analyse(schema, schema.ModelT.InitFromPackedBuf(bytearray(data), 0))
+    except Exception as exc:  # truncated or corrupted flatbuffer: fields missing or out of range
+        raise NotTFLite(f"TFLite flatbuffer is corrupted: {type(exc).__name__}: {exc}") from None
+
+
+def _analyse(schema, model) -> dict[str, Any]:
     op_names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
     codes = [max(c.builtinCode, c.deprecatedBuiltinCode) for c in model.operatorCodes]
     tensors_out, zeros_total, size_total = [], 0, 0

@@ -53,6 +53,11 @@ def port_free(port: int) -> bool:
             return False
 
 
+def latest_run() -> str:
+    out = subprocess.run([str(BIN / "edgeprune"), "runs", "--json"], capture_output=True, text=True, check=True)
+    return next(r["run_id"] for r in json.loads(out.stdout) if r["kind"] == "train" and r["fleet"] == FLEET)
+
+
 def run(*args: str) -> int:
     print("$ " + " ".join(args), flush=True)
     return subprocess.call([str(BIN / args[0]), *args[1:]])
@@ -101,13 +106,28 @@ def main() -> int:
              "--rounds", "8", "--sparsity", "0.8", "--wait-for", str(len(DEVICES)))
     if rc != 0:
         return rc
+    run_id = latest_run()
+
+    step("export the pruned global model to TFLite: dense, sparse, sparse-int8, fp16")
+    if run("edgeprune", "export", run_id) != 0:
+        return 1
+
+    step("benchmark every variant on every agent (interleaved A/B on each device)")
+    if run("edgeprune", "bench", "--broker", broker.url, "--fleet", FLEET, "--model", run_id, "--runs", "300") != 0:
+        return 1
+
+    step("report")
+    html = DEMO / f"report-{run_id}.html"
+    if run("edgeprune", "report", run_id, "--html", str(html)) != 0:
+        return 1
 
     host_flag = "" if port == 1883 else f" -p {port}"
     step("the demo fleet keeps running; try:")
     print(f"  mosquitto_sub{host_flag} -t 'edgeprune/#' -v                 # retained status and capabilities")
     print(f"  mosquitto_pub{host_flag} -t edgeprune/v1/{FLEET}/device/pi-1/cmd -m garbage   # -> an error reply")
     print(f"  .venv/bin/edgeprune ping --broker {broker.url} --fleet {FLEET} --device pi-1")
-    print("  .venv/bin/edgeprune runs ; .venv/bin/edgeprune show RUN_ID # the stored runs")
+    print(f"  .venv/bin/edgeprune show {run_id}            # the run, round by round")
+    print(f"  open {html}")
     print("  ./scripts/demo stop                                        # stop broker and agents")
     return 0
 

@@ -34,6 +34,12 @@ ensure_mosquitto() {
   # the Debian package starts a system broker on :1883 where systemd runs; edgeprune starts its own
 }
 
+ensure_chromium() {  # for the test that opens the HTML report in headless Chromium
+  if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then return 0; fi
+  apt_install chromium chromium-driver \
+    || log "chromium not installed and apt not usable: the report rendering test will be skipped"
+}
+
 find_python() {
   for py in python3.13 python3.12 python3.11 python3.10 python3; do
     if command -v "$py" >/dev/null 2>&1 && "$py" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; then
