@@ -12,6 +12,8 @@ import os
 import sys
 import time
 
+from edge_agent.protocol.constants import DEFAULT_CHUNK_BYTES
+
 from . import __version__, output
 from .store import Store, default_home
 
@@ -52,7 +54,8 @@ def _store(args: argparse.Namespace) -> Store:
 def _session(args: argparse.Namespace, long_running: bool = False):
     from .session import Session
 
-    return Session(args.broker, args.fleet, _store(args), long_running=long_running).start(args.connect_timeout)
+    return Session(args.broker, args.fleet, _store(args), long_running=long_running,
+                   chunk_bytes=getattr(args, "chunk_bytes", DEFAULT_CHUNK_BYTES)).start(args.connect_timeout)
 
 
 # -- broker ------------------------------------------------------------------
@@ -446,6 +449,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--devices", help="comma-separated device ids to use (default: all online that can train)")
     p.add_argument("--wait-for", type=int, default=0, help="wait until this many trainable devices are online")
     p.add_argument("--wait-timeout", type=float, default=60.0, help="seconds --wait-for waits (default 60)")
+    p.add_argument("--chunk-bytes", type=int, default=DEFAULT_CHUNK_BYTES,
+                   help=f"bytes per MQTT message when sending models (default {DEFAULT_CHUNK_BYTES}; keep under "
+                        "the broker's limit: EMQX 1 MB, AWS IoT 128 KB)")
     p.add_argument("--connect-timeout", type=float, default=10.0, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_train)
 
@@ -485,6 +491,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runtime", default="auto", choices=["auto", "litert", "tflite_runtime", "tf.lite"],
                    help="force a runtime (default: the best the device has)")
     p.add_argument("--parallel", action="store_true", help="benchmark all devices at once (default: one after another)")
+    p.add_argument("--chunk-bytes", type=int, default=DEFAULT_CHUNK_BYTES,
+                   help=f"bytes per MQTT message when sending artifacts (default {DEFAULT_CHUNK_BYTES})")
     p.add_argument("--wait", type=float, default=2.0, help=argparse.SUPPRESS)
     p.add_argument("--connect-timeout", type=float, default=10.0, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_bench)

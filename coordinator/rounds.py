@@ -258,8 +258,9 @@ def _round(run: Run, rnd: int) -> dict[str, Any]:
                 "batch_size": cfg.batch_size, "lr": cfg.lr, "sparsity_to": target,
                 "targets": {n: round(t, 6) for n, t, k in zip(gm.names, targets, kinds) if k},
                 "update_format": cfg.values_format, "regrow": cfg.regrow_fraction}
-        pending = {s.submit(d, "train_round", {**args, "seed": cfg.seed * 1_000_003 + rnd * 1009 + zlib.crc32(d.encode())})[1]: d
-                   for d in clients}
+        submitted = {d: s.submit(d, "train_round", {**args, "seed": cfg.seed * 1_000_003 + rnd * 1009
+                                                     + zlib.crc32(d.encode())}) for d in clients}
+        pending = {fut: d for d, (_, fut) in submitted.items()}
         deadline = time.monotonic() + cfg.round_timeout_s
         while pending:
             with t("wait"):
@@ -275,6 +276,7 @@ def _round(run: Run, rnd: int) -> dict[str, Any]:
             run.reporter.round_progress(rnd, len(clients) - len(pending), len(clients))
         for dev in pending.values():
             failures[dev] = f"no update within --round-timeout {cfg.round_timeout_s:.0f} s"
+            s.forget(submitted[dev][0])  # a result that still comes is late: logged and ignored
         s.clear_blob(ref.sha256)
         bytes_down = len(blob)
     else:

@@ -81,6 +81,7 @@ class Stats:
     messages_in: int = 0
     bytes_in: int = 0
     rejected_in: int = 0
+    late_replies: int = 0
     rejected_reasons: dict[str, int] = field(default_factory=dict)
 
 
@@ -241,8 +242,10 @@ class Session:
         if pending is None:
             if reply.kind == "error":
                 log.warning("error reply from %s for request %s: %s", reply.device_id, reply.id, reply.error_message)
-            else:
-                log.debug("reply for unknown or finished request %s from %s", reply.id, reply.device_id)
+            elif reply.kind == "result":
+                self.stats.late_replies += 1
+                log.info("late result from %s for request %s (its round or call is over): ignored",
+                         reply.device_id, reply.id)
             return
         if reply.device_id != pending.device_id:
             log.warning("reply %s came from %s, expected %s; ignored", reply.id, reply.device_id, pending.device_id)

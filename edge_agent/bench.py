@@ -84,36 +84,32 @@ def _make_input(detail: dict, rng: np.random.Generator) -> np.ndarray:
     return rng.random(shape, dtype=np.float32).astype(dtype)
 
 
+def _load(Interpreter, path: str, threads: int, **options):
+    """Build, allocate, fill inputs, run once: (interpreter, load seconds, first inference ms)."""
+    t0 = time.perf_counter()
+    interp = Interpreter(model_path=path, num_threads=threads or None, **options)
+    interp.allocate_tensors()
+    rng = np.random.default_rng(0)
+    for d in interp.get_input_details():
+        interp.set_tensor(d["index"], _make_input(d, rng))
+    t1 = time.perf_counter()
+    interp.invoke()
+    return interp, t1 - t0, (time.perf_counter() - t1) * 1000
+
+
 def child_main(conn, path: str, threads: int, runtime: str) -> None:
     """Serve timing requests for one model until told to finish."""
     try:
         name, version, Interpreter, no_delegate = _import_runtime(runtime)
         baseline = _rss_bytes()
-        t0 = time.perf_counter()
         fallback = None
         try:
-            interp = Interpreter(model_path=path, num_threads=threads or None)
-            interp.allocate_tensors()
-            ins = interp.get_input_details()
-            rng = np.random.default_rng(0)
-            for d in ins:
-                interp.set_tensor(d["index"], _make_input(d, rng))
-            t1 = time.perf_counter()
-            interp.invoke()
+            interp, load_s, first_ms = _load(Interpreter, path, threads)
         except (RuntimeError, ValueError) as exc:  # e.g. XNNPACK failing to prepare a sparse int8 graph
             fallback = {"delegate": "none (builtin kernels only)", "reason": str(exc).strip().splitlines()[0][:500]}
-            t0 = time.perf_counter()
-            interp = Interpreter(model_path=path, num_threads=threads or None, **no_delegate)
-            interp.allocate_tensors()
-            ins = interp.get_input_details()
-            rng = np.random.default_rng(0)
-            for d in ins:
-                interp.set_tensor(d["index"], _make_input(d, rng))
-            t1 = time.perf_counter()
-            interp.invoke()
-        first_ms = (time.perf_counter() - t1) * 1000
+            interp, load_s, first_ms = _load(Interpreter, path, threads, **no_delegate)
         conn.send({"ok": True, "runtime": {"name": name, "version": version}, "fallback": fallback,
-                   "load_s": round(t1 - t0, 6), "first_inference_ms": round(first_ms, 4),
+                   "load_s": round(load_s, 6), "first_inference_ms": round(first_ms, 4),
                    "rss_baseline_bytes": baseline, "rss_after_load_bytes": _rss_bytes()})
     except Exception as exc:
         conn.send({"ok": False, "error": f"{type(exc).__name__}: {str(exc).strip()[:1000]}"})

@@ -60,7 +60,7 @@ ensure_venv() {  # ensure_venv EXTRAS   e.g. ensure_venv dev
       apt_install python3-venv || { echo "cannot create a venv: install python3-venv" >&2; exit 1; }
       "$py" -m venv "$VENV"
     fi
-    "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
+    "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
   fi
   stamp="$VENV/.edgeprune-$extras"
   want="$(sha256sum "$ROOT/pyproject.toml" | cut -c1-16)"
