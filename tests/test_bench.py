@@ -38,14 +38,14 @@ def test_bench_results_fallback_sensors_and_cache(mosquitto, agents, session_fac
     s = session_factory(mosquitto.url, "b", long_running=True)
     assert online(s, 2)
     arts = [artifacts["dense"], artifacts["sparse-int8"]]
-    summary = bench_mod.bench(s, s.store, arts, ["pi4", "bare"], run_id=None, threads=1, runs=300, duration_s=None,
+    summary = bench_mod.bench(s, s.store, arts, ["pi4", "bare"], run_id=None, threads=1, runs=1000, duration_s=None,
                               warmup=20, budget_s=120, runtime="auto", parallel=False, reporter=Reporter(quiet=True))
     for dev in ("pi4", "bare"):
         res = {r["artifact"]: r for r in summary["devices"][dev]["artifacts"]}
         dense, sparse = res[artifacts["dense"]["name"]], res[artifacts["sparse-int8"]["name"]]
         for r in (dense, sparse):
             assert r["status"] == "ok", r
-            assert r["runtime"]["name"] == "litert" and r["runs"] == 300 and r["cached"] is False
+            assert r["runtime"]["name"] == "litert" and r["runs"] == 1000 and r["cached"] is False
             lat = r["latency_ms"]
             assert 0 < lat["min"] <= lat["p50"] <= lat["p90"] <= lat["p99"]
             mem = r["memory"]
