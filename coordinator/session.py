@@ -393,6 +393,17 @@ class Session:
         for info in infos:
             info.wait_for_publish(10)
 
+    def clear_device(self, device_id: str) -> None:
+        """Forget a removed device: clear its retained status and caps, drop it from the registry."""
+        topics.validate_id(device_id, "device id")
+        infos = [self._publish(topics.device(self.fleet, device_id, ch), b"", retain=True) for ch in ("status", "caps")]
+        for info in infos:
+            info.wait_for_publish(10)
+        with self._views_lock:
+            self.views.pop(device_id, None)
+        if self.store is not None:
+            self.store.delete_device(self.fleet, device_id)
+
     def fetch_blob(self, device_id: str, sha256: str, timeout_s: float = 60.0) -> bytes:
         """Pull a blob (an update, a result) from a device. At most N pulls run at once."""
         topics.validate_sha256(sha256)

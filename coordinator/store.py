@@ -132,6 +132,10 @@ class Store:
                 self._db.execute("UPDATE devices SET last_seen=? WHERE fleet=? AND device_id=?",
                                  (seen, fleet, device_id))
 
+    def delete_device(self, fleet: str, device_id: str) -> None:
+        with self._lock, self._db:
+            self._db.execute("DELETE FROM devices WHERE fleet=? AND device_id=?", (fleet, device_id))
+
     def devices(self, fleet: str) -> list[dict[str, Any]]:
         rows = self._query("SELECT * FROM devices WHERE fleet=? ORDER BY device_id", (fleet,))
         out = []

@@ -83,7 +83,7 @@ class SettingsError(ValueError):
     """A setting has a bad value; the message names it and where it came from."""
 
 
-def _convert(setting: Setting, value: Any, source: str) -> Any:
+def convert(setting: Setting, value: Any, source: str) -> Any:
     if value is None:
         return None
     try:
@@ -126,12 +126,12 @@ def load(cli: dict[str, Any] | None = None, config_path: str | None = None,
         for key, value in table.items():
             if key not in BY_NAME:
                 raise SettingsError(f"config file {path}: unknown setting {key!r}")
-            values[key] = _convert(BY_NAME[key], value, path)
+            values[key] = convert(BY_NAME[key], value, path)
     for s in SETTINGS:
         if s.env in environ:
-            values[s.name] = _convert(s, environ[s.env], s.env)
+            values[s.name] = convert(s, environ[s.env], s.env)
     for key, value in cli.items():
-        values[key] = _convert(BY_NAME[key], value, BY_NAME[key].flag)
+        values[key] = convert(BY_NAME[key], value, BY_NAME[key].flag)
 
     values["config_path"] = path
     return validate(values)

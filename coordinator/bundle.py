@@ -1,0 +1,284 @@
+"""Offline agent bundles: the edgeprune wheel plus every dependency wheel for one device platform.
+
+A bundle is a ``.tar.gz`` a device installs with no network: ``wheels/`` (built
+here, or downloaded by pip for the *device's* architecture and Python, never the
+laptop's), ``install.sh`` (venv + ``pip --no-index`` + hand-over to
+``edge_agent.service``), ``uninstall.sh`` and ``manifest.json``. pip does the
+resolution (``pip download --only-binary=:all: --platform ...``); downloaded
+wheels are kept in a per-platform cache so the second bundle for a platform
+needs no network at all (``offline=True`` enforces that).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from edge_agent.service import INSTALLER_DIR
+
+from . import __version__
+
+BUNDLE_FORMAT = 1
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+SOURCE_PARTS = ("pyproject.toml", "README.md", "edge_agent", "coordinator")
+
+# manylinux tags pip may pick for each machine, oldest first; filtered by the device's glibc.
+_MANYLINUX_ARCH = {"aarch64": "aarch64", "arm64": "aarch64", "x86_64": "x86_64", "amd64": "x86_64",
+                   "armv7l": "armv7l", "armv6l": "armv6l", "riscv64": "riscv64"}
+DEFAULT_GLIBC = (2, 36)  # Debian 12 Bookworm = Raspberry Pi OS Bookworm
+
+
+class BundleError(RuntimeError):
+    """Building a bundle failed; the message names the package or step and the fix."""
+
+    def __init__(self, message: str, code: str = "bundle"):
+        super().__init__(message)
+        self.code = code  # "no_wheels" when pip found no binary for the platform
+
+
+@dataclass(frozen=True)
+class Platform:
+    arch: str          # as `uname -m` prints it, normalised (aarch64, x86_64, armv7l...)
+    python: str        # "3.11"
+    glibc: tuple[int, int] = DEFAULT_GLIBC
+
+    @classmethod
+    def parse(cls, arch: str, python: str, glibc: str | tuple[int, int] | None = None) -> "Platform":
+        machine = _MANYLINUX_ARCH.get(arch.lower())
+        if machine is None:
+            raise BundleError(f"unknown architecture {arch!r}; known: {', '.join(sorted(set(_MANYLINUX_ARCH.values())))}")
+        if not re.fullmatch(r"3\.\d{1,2}", python):
+            raise BundleError(f"--python must look like 3.11, not {python!r}")
+        if isinstance(glibc, str):
+            m = re.fullmatch(r"(\d+)\.(\d+)", glibc.strip())
+            if not m:
+                raise BundleError(f"glibc version must look like 2.36, not {glibc!r}")
+            glibc = (int(m.group(1)), int(m.group(2)))
+        return cls(machine, python, glibc or DEFAULT_GLIBC)
+
+    @property
+    def tag(self) -> str:
+        return f"{self.arch}-cp{self.python.replace('.', '')}"
+
+    def pip_platforms(self) -> list[str]:
+        tags = [f"manylinux_2_{minor}_{self.arch}" for minor in range(17, self.glibc[1] + 1)]
+        if self.arch in ("aarch64", "x86_64"):
+            tags.append(f"manylinux2014_{self.arch}")
+        tags.append(f"linux_{self.arch}")
+        return tags
+
+
+def wheel_cache(platform: Platform) -> Path:
+    """Downloaded device wheels, shared by every coordinator home [env EDGEPRUNE_WHEEL_CACHE]."""
+    base = os.environ.get("EDGEPRUNE_WHEEL_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "edgeprune", "wheels")
+    return Path(base) / platform.tag
+
+
+def source_digest(root: Path = PROJECT_ROOT) -> str:
+    """Hash of the project files that go into the wheel: a changed source means a new bundle."""
+    h = hashlib.sha256()
+    for part in SOURCE_PARTS:
+        path = root / part
+        files = [path] if path.is_file() else sorted(p for p in path.rglob("*")
+                                                      if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc")
+        for f in files:
+            h.update(str(f.relative_to(root)).encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _run_pip(args: list[str], what: str) -> str:
+    proc = subprocess.run([sys.executable, "-m", "pip", *args, "--disable-pip-version-check"],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise _PipFailed(what, proc.stdout + proc.stderr)
+    return proc.stdout
+
+
+class _PipFailed(Exception):
+    def __init__(self, what: str, output: str):
+        super().__init__(what)
+        self.what = what
+        self.output = output
+
+
+def build_project_wheel(dest: Path, root: Path = PROJECT_ROOT) -> Path:
+    """Build the edgeprune wheel from a clean copy of the source (keeps build/ out of the tree)."""
+    if not (root / "pyproject.toml").is_file():
+        raise BundleError(f"edgeprune's source is not at {root}: flashing builds the agent wheel from a source "
+                          "checkout (git clone ... && ./scripts/demo)")
+    with tempfile.TemporaryDirectory(prefix="edgeprune-wheel-") as tmp:
+        src = Path(tmp) / "src"
+        src.mkdir()
+        for part in SOURCE_PARTS:
+            p = root / part
+            if p.is_dir():
+                shutil.copytree(p, src / part, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info"))
+            else:
+                shutil.copy2(p, src / part)
+        try:
+            # no build isolation: setuptools comes with the coordinator extra, so this works offline
+            _run_pip(["wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dest), str(src)], "build the edgeprune wheel")
+        except _PipFailed as exc:
+            raise BundleError(f"building the edgeprune wheel failed:\n{_tail(exc.output)}") from None
+    wheels = sorted(dest.glob("edgeprune-*.whl"))
+    if not wheels:
+        raise BundleError("pip wheel produced no edgeprune wheel")
+    return wheels[-1]
+
+
+def _tail(text: str, lines: int = 12) -> str:
+    return "\n".join(text.strip().splitlines()[-lines:])
+
+
+def _missing_package(output: str) -> str | None:
+    m = re.search(r"No matching distribution found for ([^\s;]+)", output)
+    return m.group(1) if m else None
+
+
+def download_wheels(project_wheel: Path, extras: list[str], platform: Platform, cache: Path,
+                    dest: Path, offline: bool) -> None:
+    """Resolve ``edgeprune[extras]`` for the device's platform into ``dest`` (pip decides what).
+
+    Tries the wheel cache alone first; goes to the index only for what is missing,
+    then adds the new files to the cache.
+    """
+    cache.mkdir(parents=True, exist_ok=True)
+    req = f"{project_wheel}[{','.join(extras)}]" if extras else str(project_wheel)
+    base = ["download", "-q", "--only-binary=:all:", "--implementation", "cp",
+            "--python-version", platform.python, "-d", str(dest), "--find-links", str(cache),
+            "--find-links", str(project_wheel.parent)]
+    for tag in platform.pip_platforms():
+        base += ["--platform", tag]
+    targets = [req, "pip"]  # pip's own wheel: installs into a venv made --without-pip (no python3-venv needed)
+    try:
+        _run_pip([*base, "--no-index", *targets], "resolve from the wheel cache")
+    except _PipFailed as cached:
+        if offline:
+            missing = _missing_package(cached.output)
+            raise BundleError(
+                f"no {platform.arch} / Python {platform.python} wheel of {missing or 'a dependency'} in the wheel cache "
+                f"{cache} and offline mode is on. Build the bundle once with network access "
+                f"(edgeprune flash --bundle OUT --arch {platform.arch} --python {platform.python}), "
+                f"or put the wheel in the cache.", code="no_wheels") from None
+        try:
+            _run_pip([*base, *targets], "download wheels")
+        except _PipFailed as exc:
+            missing = _missing_package(exc.output)
+            if missing:
+                raise BundleError(
+                    f"no wheel of {missing} exists for {platform.arch} / CPython {platform.python} "
+                    f"(glibc {platform.glibc[0]}.{platform.glibc[1]}): pip found no binary for that platform. "
+                    f"Use a 64-bit OS on the device (Raspberry Pi OS Bookworm 64-bit = aarch64, Python 3.11), "
+                    f"or put a wheel you built for it into {cache}.", code="no_wheels") from None
+            raise BundleError(f"pip download failed for {platform.tag}:\n{_tail(exc.output)}") from None
+    for whl in dest.glob("*.whl"):
+        if whl.name.startswith("edgeprune-"):
+            continue
+        target = cache / whl.name
+        if not target.exists():
+            shutil.copy2(whl, target)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def bundle_name(platform: Platform, train: bool) -> str:
+    return f"edgeprune-agent-{__version__}-{platform.tag}{'-train' if train else ''}"
+
+
+def build(platform: Platform, out: Path, *, train: bool = False, cache: Path | None = None, offline: bool = False,
+          say=lambda msg: None) -> dict:
+    """Write the bundle to ``out`` and return its manifest."""
+    extras = ["agent"] + (["train"] if train else [])
+    cache = cache or wheel_cache(platform)
+    with tempfile.TemporaryDirectory(prefix="edgeprune-bundle-") as tmp:
+        tmp = Path(tmp)
+        wheels = tmp / "wheels"
+        wheels.mkdir()
+        say("building the edgeprune wheel")
+        project = build_project_wheel(tmp / "project")
+        say(f"collecting wheels for {platform.arch} / Python {platform.python} ({', '.join(extras)})")
+        download_wheels(project, extras, platform, cache, wheels, offline)
+        if not any(wheels.glob("edgeprune-*.whl")):
+            shutil.copy2(project, wheels / project.name)
+        files = sorted(wheels.glob("*.whl"))
+        entries = [{"file": f.name, "sha256": _sha256(f), "bytes": f.stat().st_size} for f in files]
+        bundle_id = hashlib.sha256("".join(e["sha256"] for e in entries).encode()).hexdigest()[:16]
+        manifest = {
+            "format": BUNDLE_FORMAT, "edgeprune": __version__, "bundle_id": bundle_id,
+            "arch": platform.arch, "python": platform.python, "glibc": "%d.%d" % platform.glibc,
+            "extras": extras, "wheels": entries, "wheel_bytes": sum(e["bytes"] for e in entries),
+        }
+        name = bundle_name(platform, train)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        partial = out.with_name(out.name + ".partial")
+        with tarfile.open(partial, "w:gz", compresslevel=1) as tar:  # wheels are zips already
+            _add_bytes(tar, f"{name}/manifest.json", json.dumps(manifest, indent=2).encode(), 0o644)
+            for script in ("install.sh", "uninstall.sh"):
+                _add_bytes(tar, f"{name}/{script}", (INSTALLER_DIR / script).read_bytes(), 0o755)
+            for f in files:
+                tar.add(f, arcname=f"{name}/wheels/{f.name}")
+        os.replace(partial, out)  # never leave a truncated bundle where a good one is expected
+        manifest["path"] = str(out)
+        manifest["dir"] = name
+        manifest["bundle_bytes"] = out.stat().st_size
+        return manifest
+
+
+def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes, mode: int) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mode = mode
+    tar.addfile(info, io.BytesIO(data))
+
+
+def cached_build(platform: Platform, home: Path, *, train: bool = False, offline: bool = False,
+                 say=lambda msg: None) -> dict:
+    """Reuse the bundle for this platform + source if it exists, else build it."""
+    key = f"{bundle_name(platform, train)}-{source_digest()}"
+    path = home / "bundles" / f"{key}.tar.gz"
+    meta = path.with_suffix(".json")
+    if path.is_file() and meta.is_file():
+        manifest = json.loads(meta.read_text())
+        manifest["reused"] = True
+        say(f"reusing bundle {path.name}")
+        return manifest
+    for old in (home / "bundles").glob(f"{bundle_name(platform, train)}-*"):  # older source versions
+        old.unlink(missing_ok=True)
+    manifest = build(platform, path, train=train, offline=offline, say=say)
+    meta.write_text(json.dumps(manifest, indent=2))
+    manifest["reused"] = False
+    return manifest
+
+
+def read_manifest(bundle: Path) -> dict:
+    """The manifest of an existing bundle file (for --from-bundle)."""
+    try:
+        with tarfile.open(bundle, "r:gz") as tar:
+            for member in tar.getmembers():
+                if member.name.endswith("/manifest.json") and member.name.count("/") == 1:
+                    manifest = json.load(tar.extractfile(member))
+                    manifest["path"] = str(bundle)
+                    manifest["dir"] = member.name.split("/")[0]
+                    manifest["bundle_bytes"] = bundle.stat().st_size
+                    return manifest
+    except (OSError, tarfile.TarError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{bundle} is not an edgeprune bundle: {exc}") from None
+    raise BundleError(f"{bundle} is not an edgeprune bundle: no manifest.json")

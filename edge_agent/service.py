@@ -1,0 +1,534 @@
+"""Run the agent as a service on a device: install, upgrade, roll back, remove.
+
+Called by the bundle's ``install.sh`` (``python -m edge_agent.service install``)
+and by ``edgeprune unflash``. Standard library only: it runs from a fresh venv.
+
+Layout (root / normal user):
+  venvs     /opt/edgeprune/venvs/<bundle id>   ~/.local/share/edgeprune/venvs/<bundle id>
+  current   /opt/edgeprune/current -> venvs/<id>  (switched atomically; the unit runs current/bin/python)
+  config    /etc/edgeprune/agent.toml          ~/.config/edgeprune/agent.toml   (mode 0600)
+  state     /var/lib/edgeprune/agent           ~/.local/state/edgeprune/agent   (kept across upgrades)
+  service   systemd system unit                systemd user unit + lingering
+            where systemd does not run: a supervisor process (restarts the agent on failure),
+            started at boot from cron @reboot when cron exists.
+An upgrade installs the new venv beside the old one, switches ``current`` and
+restarts; if the new agent does not stay up, ``current`` goes back to the old
+venv and the old config. A first install that fails removes what it created.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+INSTALLER_DIR = Path(__file__).with_name("installer")  # install.sh / uninstall.sh, copied into bundles
+UNIT_NAME = "edgeprune-agent.service"
+CRON_MARK = "# edgeprune-agent"
+RESULT_PREFIX = "EDGEPRUNE_RESULT "
+STAY_UP_S = 4.0       # a new agent must survive this long after start (settings errors exit at once)
+STOP_TIMEOUT_S = 15.0  # graceful stop before SIGKILL
+RESTART_DELAY_S = (1.0, 30.0)  # fallback supervisor: first and longest delay between restarts
+
+
+class InstallError(RuntimeError):
+    """Installing or removing failed; the message says what and what to do."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    root: bool
+    prefix: Path
+    config: Path
+    state: Path
+    unit: Path
+
+    @property
+    def current(self) -> Path:
+        return self.prefix / "current"
+
+    @property
+    def record(self) -> Path:
+        return self.prefix / "install.json"
+
+    @property
+    def log(self) -> Path:
+        return self.state / "agent.log"
+
+    @property
+    def pidfile(self) -> Path:
+        return self.state / "supervisor.pid"
+
+
+def layout(root: bool | None = None, home: Path | None = None) -> Layout:
+    root = os.geteuid() == 0 if root is None else root
+    if root:
+        return Layout(True, Path("/opt/edgeprune"), Path("/etc/edgeprune/agent.toml"), Path("/var/lib/edgeprune"),
+                      Path("/etc/systemd/system") / UNIT_NAME)
+    home = home or Path.home()
+    return Layout(False, home / ".local/share/edgeprune", home / ".config/edgeprune/agent.toml",
+                  home / ".local/state/edgeprune", home / ".config/systemd/user" / UNIT_NAME)
+
+
+# -- config --------------------------------------------------------------------------------------
+
+def toml_dumps(table: dict) -> str:
+    """Scalars only (all agent settings are): no TOML writer in the standard library."""
+    lines = ["# edgeprune agent settings, written by `edgeprune flash` (edgeprune-agent settings lists all)"]
+    for key, value in table.items():
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, (int, float)):
+            text = repr(value)
+        elif isinstance(value, str):
+            text = json.dumps(value)  # JSON string escapes are valid TOML basic-string escapes
+        else:
+            raise InstallError(f"setting {key}: cannot write {type(value).__name__} to TOML")
+        lines.append(f"{key} = {text}")
+    return "\n".join(lines) + "\n"
+
+
+def read_config(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    with open(path, "rb") as f:
+        table = tomllib.load(f)
+    return dict(table.get("agent", table))
+
+
+def merged_config(existing: dict, updates: dict) -> dict:
+    """Re-flashing keeps the device's identity: a different device id is refused, not silently applied."""
+    old_id, new_id = existing.get("device_id"), updates.get("device_id")
+    if old_id and new_id and old_id != new_id:
+        raise InstallError(f"this device is already flashed as {old_id!r}; flash it with --device-id {old_id}, "
+                           f"or `edgeprune unflash` it first to give it a new identity")
+    return {**existing, **{k: v for k, v in updates.items() if v is not None}}
+
+
+def write_config(path: Path, table: dict) -> None:
+    """Validate with the agent's own settings loader, then replace atomically with mode 0600."""
+    from . import settings
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".agent.", suffix=".toml")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(toml_dumps(table))
+        os.chmod(tmp, 0o600)
+        try:
+            settings.load({}, tmp, environ={})
+        except settings.SettingsError as exc:
+            raise InstallError(f"bad agent setting: {exc}") from None
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+# -- service managers ----------------------------------------------------------------------------
+
+def has_systemd() -> bool:
+    return os.path.isdir("/run/systemd/system") and shutil.which("systemctl") is not None
+
+
+def unit_text(lay: Layout) -> str:
+    return "\n".join([
+        "[Unit]",
+        "Description=edgeprune device agent (federated pruning-aware training, on-device benchmarks)",
+        "After=network-online.target",
+        "Wants=network-online.target",
+        "StartLimitIntervalSec=0",
+        "",
+        "[Service]",
+        "Type=simple",
+        f"ExecStart={lay.current}/bin/python -m edge_agent.cli run --config {lay.config}",
+        "Restart=on-failure",
+        "RestartSec=5",
+        "Environment=PYTHONUNBUFFERED=1",
+        "",
+        "[Install]",
+        f"WantedBy={'multi-user.target' if lay.root else 'default.target'}",
+        "",
+    ])
+
+
+def _systemctl(lay: Layout, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    cmd = ["systemctl"] + ([] if lay.root else ["--user"]) + list(args)
+    env = dict(os.environ)
+    if not lay.root:
+        env.setdefault("XDG_RUNTIME_DIR", f"/run/user/{os.getuid()}")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if check and proc.returncode != 0:
+        raise InstallError(f"{' '.join(cmd)} failed: {(proc.stderr or proc.stdout).strip()}")
+    return proc
+
+
+class Systemd:
+    name = "systemd"
+
+    def __init__(self, lay: Layout):
+        self.lay = lay
+
+    def install(self) -> list[str]:
+        notes = []
+        self.lay.unit.parent.mkdir(parents=True, exist_ok=True)
+        self.lay.unit.write_text(unit_text(self.lay))
+        if not self.lay.root:
+            user = os.environ.get("USER") or str(os.getuid())
+            linger = subprocess.run(["loginctl", "enable-linger", user], capture_output=True, text=True)
+            if linger.returncode != 0:
+                notes.append(f"could not enable lingering for {user} ({linger.stderr.strip()}): the agent runs "
+                             f"only while {user} is logged in; as root run `loginctl enable-linger {user}`")
+        _systemctl(self.lay, "daemon-reload")
+        _systemctl(self.lay, "enable", UNIT_NAME)
+        return notes
+
+    def start(self) -> None:
+        _systemctl(self.lay, "restart", UNIT_NAME)
+
+    def stop(self) -> None:
+        _systemctl(self.lay, "stop", UNIT_NAME, check=False)
+
+    def running(self) -> bool:
+        return _systemctl(self.lay, "is-active", "--quiet", UNIT_NAME, check=False).returncode == 0
+
+    def remove(self) -> None:
+        self.stop()
+        _systemctl(self.lay, "disable", UNIT_NAME, check=False)
+        self.lay.unit.unlink(missing_ok=True)
+        _systemctl(self.lay, "daemon-reload", check=False)
+
+    def describe(self) -> str:
+        scope = "system" if self.lay.root else "user"
+        return (f"systemd {scope} unit {self.lay.unit} (restart on failure); logs: "
+                f"journalctl {'' if self.lay.root else '--user '}-u {UNIT_NAME}")
+
+
+class Supervisor:
+    """No systemd (containers, chroots, minimal images): a small supervisor process restarts the agent."""
+
+    name = "supervisor"
+
+    def __init__(self, lay: Layout):
+        self.lay = lay
+
+    def _pid(self) -> int | None:
+        try:
+            pid = int(self.lay.pidfile.read_text().strip())
+            os.kill(pid, 0)
+            return pid
+        except (OSError, ValueError):
+            return None
+
+    def install(self) -> list[str]:
+        if shutil.which("crontab") is None:
+            return [f"no systemd and no cron here: the agent will not start at boot; add "
+                    f"`{self.lay.current}/bin/python -m edge_agent.service start` to the boot scripts"]
+        line = f"@reboot {self.lay.current}/bin/python -m edge_agent.service start {CRON_MARK}"
+        current = subprocess.run(["crontab", "-l"], capture_output=True, text=True).stdout
+        kept = [ln for ln in current.splitlines() if CRON_MARK not in ln]
+        subprocess.run(["crontab", "-"], input="\n".join(kept + [line]) + "\n", text=True, check=False)
+        return []
+
+    def start(self) -> None:
+        self.stop()
+        self.lay.state.mkdir(parents=True, exist_ok=True)
+        with open(self.lay.log, "ab") as log:
+            subprocess.Popen([str(self.lay.current / "bin" / "python"), "-m", "edge_agent.service", "supervise"],
+                             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=self.lay.state,
+                             start_new_session=True, close_fds=True)  # cwd: the installer's directory is deleted
+        deadline = time.monotonic() + 10
+        while self._pid() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        pid = self._pid()
+        if pid is None:
+            return
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT_S + 5
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except OSError:
+                break
+            time.sleep(0.1)
+        else:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        self.lay.pidfile.unlink(missing_ok=True)
+
+    def running(self) -> bool:
+        return self._pid() is not None
+
+    def remove(self) -> None:
+        self.stop()
+        if shutil.which("crontab"):
+            current = subprocess.run(["crontab", "-l"], capture_output=True, text=True).stdout
+            if CRON_MARK in current:
+                kept = [ln for ln in current.splitlines() if CRON_MARK not in ln]
+                subprocess.run(["crontab", "-"], input="\n".join(kept) + "\n", text=True, check=False)
+
+    def describe(self) -> str:
+        return (f"no systemd: supervisor process (pid file {self.lay.pidfile}, restarts the agent on failure); "
+                f"logs: {self.lay.log}")
+
+
+def manager(lay: Layout):
+    if has_systemd() and (lay.root or _systemctl(lay, "show-environment", check=False).returncode == 0):
+        return Systemd(lay)
+    return Supervisor(lay)
+
+
+def supervise(lay: Layout) -> int:
+    """Run the agent; restart it with growing delays when it fails; stop it on SIGTERM."""
+    lay.pidfile.write_text(str(os.getpid()))
+    child: subprocess.Popen | None = None
+    stopping = False
+
+    def _stop(signum, frame):
+        nonlocal stopping
+        stopping = True
+        if child is not None and child.poll() is None:
+            child.terminate()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    delay = RESTART_DELAY_S[0]
+    try:
+        while not stopping:
+            started = time.monotonic()
+            child = subprocess.Popen([sys.executable, "-m", "edge_agent.cli", "run", "--config", str(lay.config)])
+            while True:
+                try:
+                    rc = child.wait(timeout=STOP_TIMEOUT_S if stopping else None)
+                    break
+                except subprocess.TimeoutExpired:
+                    child.kill()
+            if stopping or rc == 0:
+                return 0
+            delay = RESTART_DELAY_S[0] if time.monotonic() - started > 60 else min(delay * 2, RESTART_DELAY_S[1])
+            print(f"edgeprune supervisor: agent exited with {rc}; restarting in {delay:.0f} s", flush=True)
+            end = time.monotonic() + delay
+            while not stopping and time.monotonic() < end:
+                time.sleep(0.2)
+        return 0
+    finally:
+        if lay.pidfile.read_text().strip() == str(os.getpid()):
+            lay.pidfile.unlink(missing_ok=True)
+
+
+# -- install / uninstall -------------------------------------------------------------------------
+
+def _read_record(lay: Layout) -> dict:
+    try:
+        return json.loads(lay.record.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _switch(lay: Layout, venv: Path) -> None:
+    tmp = lay.prefix / ".current.new"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(venv.relative_to(lay.prefix))
+    os.replace(tmp, lay.current)  # atomic: the unit always finds a whole venv
+
+
+def _stays_up(mgr, seconds: float) -> bool:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if not mgr.running():
+            return False
+        time.sleep(0.25)
+    return mgr.running()
+
+
+def _log_tail(lay: Layout, mgr) -> str:
+    if isinstance(mgr, Systemd):
+        cmd = ["journalctl"] + ([] if lay.root else ["--user"]) + ["-u", UNIT_NAME, "-n", "20", "--no-pager"]
+        return subprocess.run(cmd, capture_output=True, text=True).stdout[-3000:]
+    try:
+        return lay.log.read_text()[-3000:]
+    except OSError:
+        return ""
+
+
+def install(venv: Path, bundle_id: str, updates: dict, lay: Layout | None = None) -> dict:
+    """Point ``current`` at ``venv``, write the config, (re)start the service; undo on failure."""
+    lay = lay or layout()
+    venv = venv.resolve()
+    record = _read_record(lay)
+    existing = read_config(lay.config)
+    table = merged_config(existing, updates)
+    table.setdefault("state_dir", str(lay.state / "agent"))
+    first = not lay.current.exists()
+    previous = lay.current.resolve() if not first else None
+    old_config = lay.config.read_bytes() if lay.config.is_file() else None
+
+    mgr = manager(lay)
+    notes: list[str] = []
+    mgr.stop()
+    try:
+        write_config(lay.config, table)
+        Path(table["state_dir"]).mkdir(parents=True, exist_ok=True)
+        _switch(lay, venv)
+        notes += mgr.install()
+        mgr.start()
+        if not _stays_up(mgr, STAY_UP_S):
+            raise InstallError(f"the agent did not stay up after starting:\n{_log_tail(lay, mgr)}")
+    except BaseException:
+        _undo(lay, mgr, first, previous, old_config)
+        raise
+    if previous == venv:  # same bundle again: keep what we could roll back to before
+        previous = Path(record["previous"]) if record.get("previous") else None
+    kept = {venv.name} | ({previous.name} if previous else set())
+    for old in (lay.prefix / "venvs").iterdir():
+        if old.name not in kept:
+            shutil.rmtree(old, ignore_errors=True)
+    result = {
+        "device_id": table.get("device_id"), "bundle_id": bundle_id, "venv": str(venv),
+        "previous_bundle_id": record.get("bundle_id") if not first and record.get("bundle_id") != bundle_id else None,
+        "upgraded": not first and record.get("bundle_id") != bundle_id, "first_install": first,
+        "config": str(lay.config), "state_dir": table["state_dir"], "service": mgr.name,
+        "service_detail": mgr.describe(), "notes": notes, "root": lay.root,
+        "installed_at": time.time(),
+    }
+    lay.record.write_text(json.dumps({**result, "previous": str(previous) if previous else None}, indent=2))
+    return result
+
+
+def _undo(lay: Layout, mgr, first: bool, previous: Path | None, old_config: bytes | None) -> None:
+    mgr.stop()
+    if first:
+        mgr.remove()
+        lay.current.unlink(missing_ok=True)
+        if old_config is None:
+            lay.config.unlink(missing_ok=True)
+        return
+    if old_config is not None:
+        lay.config.write_bytes(old_config)
+    if previous is not None and previous.exists():
+        _switch(lay, previous)
+        try:
+            mgr.start()
+        except InstallError:
+            pass
+
+
+def rollback(lay: Layout | None = None) -> dict:
+    """Go back to the venv that was current before the last install (used when a re-flash fails)."""
+    lay = lay or layout()
+    record = _read_record(lay)
+    prev = record.get("previous")
+    if not prev or not Path(prev).exists():
+        raise InstallError("nothing to roll back to: no previous installation is kept")
+    mgr = manager(lay)
+    mgr.stop()
+    _switch(lay, Path(prev))
+    mgr.start()
+    return {"rolled_back_to": prev, "service": mgr.name}
+
+
+def uninstall(lay: Layout | None = None, keep_state: bool = False) -> dict:
+    lay = lay or layout()
+    mgr = manager(lay)
+    removed = []
+    if lay.unit.exists() or isinstance(mgr, Systemd):
+        mgr.remove()
+    Supervisor(lay).remove()  # also covers an install made while systemd was absent
+    if lay.unit.exists():
+        lay.unit.unlink()
+    paths = [lay.prefix, lay.config] + ([] if keep_state else [lay.state])
+    for p in paths:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(str(p))
+        elif p.exists() or p.is_symlink():
+            p.unlink()
+            removed.append(str(p))
+    try:
+        lay.config.parent.rmdir()
+    except OSError:
+        pass
+    return {"removed": removed, "kept_state": str(lay.state) if keep_state else None}
+
+
+def status(lay: Layout | None = None) -> dict:
+    lay = lay or layout()
+    mgr = manager(lay)
+    return {"installed": lay.current.exists(), "running": mgr.running(), "service": mgr.name,
+            "record": _read_record(lay), "layout": {k: str(v) for k, v in asdict(lay).items()}}
+
+
+# -- command line (device side) ------------------------------------------------------------------
+
+def _emit(obj: dict) -> None:
+    print(RESULT_PREFIX + json.dumps(obj), flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m edge_agent.service",
+                                description="Install, start, stop or remove the edgeprune agent service on this device.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    i = sub.add_parser("install", help="switch to a venv, write the config, (re)start the service")
+    i.add_argument("--venv", required=True)
+    i.add_argument("--bundle-id", required=True)
+    i.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="agent setting for the config")
+    u = sub.add_parser("uninstall", help="stop and remove the service, the venvs, the config and the state")
+    u.add_argument("--keep-state", action="store_true")
+    for name in ("start", "stop", "status", "rollback", "supervise"):
+        sub.add_parser(name)
+    args = p.parse_args(argv)
+    from . import settings
+
+    lay = layout()
+    try:
+        if args.cmd == "install":
+            updates = {}
+            for item in args.set:
+                key, sep, value = item.partition("=")
+                if not sep:
+                    raise InstallError(f"--set {item!r}: expected KEY=VALUE")
+                if key not in settings.BY_NAME:
+                    raise InstallError(f"--set {key}: unknown agent setting (edgeprune-agent settings lists them)")
+                try:
+                    updates[key] = settings.convert(settings.BY_NAME[key], value, f"--set {key}")
+                except settings.SettingsError as exc:
+                    raise InstallError(str(exc)) from None
+            _emit({"ok": True, **install(Path(args.venv), args.bundle_id, updates, lay)})
+        elif args.cmd == "uninstall":
+            _emit({"ok": True, **uninstall(lay, args.keep_state)})
+        elif args.cmd == "start":
+            manager(lay).start()
+        elif args.cmd == "stop":
+            manager(lay).stop()
+        elif args.cmd == "status":
+            _emit({"ok": True, **status(lay)})
+        elif args.cmd == "rollback":
+            _emit({"ok": True, **rollback(lay)})
+        elif args.cmd == "supervise":
+            return supervise(lay)
+    except (InstallError, OSError) as exc:
+        _emit({"ok": False, "error": str(exc)})
+        print(f"edgeprune: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
