@@ -199,12 +199,12 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def bundle_name(platform: Platform, train: bool) -> str:
-    return f"edgeprune-agent-{__version__}-{platform.tag}{'-train' if train else ''}"
+def bundle_name(platform: Platform, train: bool, version: str = __version__) -> str:
+    return f"edgeprune-agent-{version}-{platform.tag}{'-train' if train else ''}"
 
 
 def build(platform: Platform, out: Path, *, train: bool = False, cache: Path | None = None, offline: bool = False,
-          say=lambda msg: None) -> dict:
+          say=lambda msg: None, source_root: Path = PROJECT_ROOT) -> dict:
     """Write the bundle to ``out`` and return its manifest."""
     extras = ["agent"] + (["train"] if train else [])
     cache = cache or wheel_cache(platform)
@@ -213,7 +213,7 @@ def build(platform: Platform, out: Path, *, train: bool = False, cache: Path | N
         wheels = tmp / "wheels"
         wheels.mkdir()
         say("building the edgeprune wheel")
-        project = build_project_wheel(tmp / "project")
+        project = build_project_wheel(tmp / "project", source_root)
         say(f"collecting wheels for {platform.arch} / Python {platform.python} ({', '.join(extras)})")
         download_wheels(project, extras, platform, cache, wheels, offline)
         if not any(wheels.glob("edgeprune-*.whl")):
@@ -221,12 +221,13 @@ def build(platform: Platform, out: Path, *, train: bool = False, cache: Path | N
         files = sorted(wheels.glob("*.whl"))
         entries = [{"file": f.name, "sha256": _sha256(f), "bytes": f.stat().st_size} for f in files]
         bundle_id = hashlib.sha256("".join(e["sha256"] for e in entries).encode()).hexdigest()[:16]
+        version = project.name.split("-")[1]
         manifest = {
-            "format": BUNDLE_FORMAT, "edgeprune": __version__, "bundle_id": bundle_id,
+            "format": BUNDLE_FORMAT, "edgeprune": version, "bundle_id": bundle_id,
             "arch": platform.arch, "python": platform.python, "glibc": "%d.%d" % platform.glibc,
             "extras": extras, "wheels": entries, "wheel_bytes": sum(e["bytes"] for e in entries),
         }
-        name = bundle_name(platform, train)
+        name = bundle_name(platform, train, version)
         out.parent.mkdir(parents=True, exist_ok=True)
         partial = out.with_name(out.name + ".partial")
         with tarfile.open(partial, "w:gz", compresslevel=1) as tar:  # wheels are zips already

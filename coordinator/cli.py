@@ -271,8 +271,8 @@ def cmd_unflash(args: argparse.Namespace) -> int:
             with Session(args.broker, args.fleet, _store(args)).start(args.connect_timeout) as session:
                 session.clear_device(args.device_id)
             result["forgotten"] = args.device_id
-        except ConnectionError as exc:
-            result["forget_error"] = str(exc)
+        except (ConnectionError, RuntimeError, OSError) as exc:  # the device is gone either way
+            result["forget_error"] = f"{type(exc).__name__}: {exc}"
     if args.json:
         output.print_json(result)
     elif result.get("not_installed"):
@@ -690,7 +690,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    rc = args.func(args)
+    try:
+        rc = args.func(args)
+    except KeyboardInterrupt:
+        rc = output.fail("interrupted", code="interrupted", as_json=getattr(args, "json", False), status=130)
+    except Exception as exc:  # a bug: keep the traceback for the report, and the one error shape for scripts
+        import traceback
+
+        traceback.print_exc()
+        rc = output.fail(f"internal error: {type(exc).__name__}: {exc} (traceback above; please report it)",
+                         code="internal", as_json=getattr(args, "json", False))
     if "tensorflow" in sys.modules:
         # TensorFlow's interpreter teardown takes seconds and does nothing for us: every file,
         # the SQLite store and the MQTT session are closed by now. Skip it.

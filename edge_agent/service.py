@@ -118,20 +118,27 @@ def merged_config(existing: dict, updates: dict) -> dict:
     return {**existing, **{k: v for k, v in updates.items() if v is not None}}
 
 
-def write_config(path: Path, table: dict) -> None:
-    """Validate with the agent's own settings loader, then replace atomically with mode 0600."""
+def check_config(table: dict) -> None:
+    """Validate with the agent's own settings loader, exactly as the agent will read it."""
     from . import settings
 
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "agent.toml"
+        path.write_text(toml_dumps(table))
+        try:
+            settings.load({}, str(path), environ={})
+        except settings.SettingsError as exc:
+            raise InstallError(f"bad agent setting: {str(exc).replace(str(path), 'config')}") from None
+
+
+def write_config(path: Path, table: dict) -> None:
+    """Check, then replace atomically; mode 0600 from the start (it may hold credentials)."""
+    check_config(table)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".agent.", suffix=".toml")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".agent.", suffix=".toml")  # mkstemp: mode 0600
     try:
         with os.fdopen(fd, "w") as f:
             f.write(toml_dumps(table))
-        os.chmod(tmp, 0o600)
-        try:
-            settings.load({}, tmp, environ={})
-        except settings.SettingsError as exc:
-            raise InstallError(f"bad agent setting: {exc}") from None
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -228,16 +235,19 @@ class Supervisor:
     def _pid(self) -> int | None:
         try:
             pid = int(self.lay.pidfile.read_text().strip())
-            os.kill(pid, 0)
-            return pid
         except (OSError, ValueError):
             return None
+        return pid if _alive(pid) else None
+
+    def _cmd(self, action: str) -> list[str]:
+        return [str(self.lay.current / "bin" / "python"), "-m", "edge_agent.service", action,
+                "--layout", "root" if self.lay.root else "user"]
 
     def install(self) -> list[str]:
         if shutil.which("crontab") is None:
             return [f"no systemd and no cron here: the agent will not start at boot; add "
-                    f"`{self.lay.current}/bin/python -m edge_agent.service start` to the boot scripts"]
-        line = f"@reboot {self.lay.current}/bin/python -m edge_agent.service start {CRON_MARK}"
+                    f"`{' '.join(self._cmd('start'))}` to the boot scripts"]
+        line = f"@reboot {' '.join(self._cmd('start'))} {CRON_MARK}"
         current = subprocess.run(["crontab", "-l"], capture_output=True, text=True).stdout
         kept = [ln for ln in current.splitlines() if CRON_MARK not in ln]
         subprocess.run(["crontab", "-"], input="\n".join(kept + [line]) + "\n", text=True, check=False)
@@ -247,11 +257,11 @@ class Supervisor:
         self.stop()
         self.lay.state.mkdir(parents=True, exist_ok=True)
         with open(self.lay.log, "ab") as log:
-            subprocess.Popen([str(self.lay.current / "bin" / "python"), "-m", "edge_agent.service", "supervise"],
+            proc = subprocess.Popen(self._cmd("supervise"),
                              stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=self.lay.state,
                              start_new_session=True, close_fds=True)  # cwd: the installer's directory is deleted
-        deadline = time.monotonic() + 10
-        while self._pid() is None and time.monotonic() < deadline:
+        deadline = time.monotonic() + 30  # Python start-up on a slow or emulated device
+        while self._pid() is None and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.1)
 
     def stop(self) -> None:
@@ -261,9 +271,7 @@ class Supervisor:
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + STOP_TIMEOUT_S + 5
         while time.monotonic() < deadline:
-            try:
-                os.kill(pid, 0)
-            except OSError:
+            if not _alive(pid):
                 break
             time.sleep(0.1)
         else:
@@ -287,6 +295,21 @@ class Supervisor:
     def describe(self) -> str:
         return (f"no systemd: supervisor process (pid file {self.lay.pidfile}, restarts the agent on failure); "
                 f"logs: {self.lay.log}")
+
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie (a supervisor we started ourselves is our child until reaped)."""
+    try:
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
+    except ChildProcessError:
+        pass
+    try:
+        os.kill(pid, 0)
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def manager(lay: Layout):
@@ -376,6 +399,7 @@ def install(venv: Path, bundle_id: str, updates: dict, lay: Layout | None = None
     existing = read_config(lay.config)
     table = merged_config(existing, updates)
     table.setdefault("state_dir", str(lay.state / "agent"))
+    check_config(table)  # refuse before stopping anything
     first = not lay.current.exists()
     previous = lay.current.resolve() if not first else None
     old_config = lay.config.read_bytes() if lay.config.is_file() else None
@@ -493,10 +517,13 @@ def main(argv: list[str] | None = None) -> int:
     u.add_argument("--keep-state", action="store_true")
     for name in ("start", "stop", "status", "rollback", "supervise"):
         sub.add_parser(name)
+    for sp in sub.choices.values():
+        sp.add_argument("--layout", choices=["root", "user"],
+                        help="root (/opt, /etc, system unit) or user (~/.local, user unit); default: by who runs it")
     args = p.parse_args(argv)
     from . import settings
 
-    lay = layout()
+    lay = layout(None if args.layout is None else args.layout == "root")
     try:
         if args.cmd == "install":
             updates = {}

@@ -76,3 +76,20 @@ ensure_venv() {  # ensure_venv EXTRAS   e.g. ensure_venv dev
     echo "$want" > "$stamp"
   fi
 }
+
+ensure_pi_emulator() {  # for the flashing test: an arm64 Debian root filesystem + the aarch64 wheels, cached
+  if [ "${EDGEPRUNE_SKIP_PI:-}" = 1 ]; then log "EDGEPRUNE_SKIP_PI=1: the emulated-Pi flashing test will be skipped"; return 0; fi
+  if [ "$(id -u)" != 0 ]; then log "not root: the emulated-Pi flashing test will be skipped (it needs chroot and binfmt_misc)"; return 0; fi
+  log "preparing the emulated Raspberry Pi (first time: debootstrap, several minutes; cached in /var/cache/edgeprune)"
+  if ! bash "$ROOT/scripts/pi-emulator" prepare > "$VENV/pi-emulator.log" 2>&1; then
+    tail -5 "$VENV/pi-emulator.log" >&2
+    log "could not prepare the emulated Pi (log: $VENV/pi-emulator.log): the flashing test will be skipped"
+    return 0
+  fi
+  local out; out="$(mktemp -d)"
+  if ! "$VENV/bin/edgeprune" flash --bundle "$out/warm.tar.gz" --arch aarch64 --python 3.11 --json > "$out/log" 2>&1; then
+    tail -5 "$out/log" >&2
+    log "could not download the aarch64 wheels: the flashing test will be skipped"
+  fi
+  rm -rf "$out"
+}
