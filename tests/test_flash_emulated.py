@@ -117,7 +117,7 @@ def cli(pi, mosquitto, tmp_path):
 
 def _agents_running() -> list[str]:
     out = subprocess.run(["pgrep", "-af", "edge_agent"], capture_output=True, text=True).stdout
-    return [ln for ln in out.splitlines() if "qemu-aarch64" in ln or "/home/pi/" in ln or "/home/tiny/" in ln]
+    return [ln for ln in out.splitlines() if "qemu-aarch64" in ln or "/home/" in ln or "/opt/edgeprune" in ln]
 
 
 def _installed(user: str) -> bool:
@@ -210,3 +210,17 @@ def test_flash_bench_upgrade_unflash(cli, pi, mosquitto, tmp_path):
     assert not _agents_running()
     rc, devices = cli("devices")
     assert "emu-pi" not in {d["device_id"] for d in devices["devices"]}
+
+
+def test_flash_as_root_uses_system_paths(cli, pi):
+    """As root: /opt/edgeprune, /etc/edgeprune/agent.toml (0600), /var/lib/edgeprune; unflash removes them."""
+    rc, out = cli("flash", cli.target("root"), *cli.ssh, "--device-id", "emu-root", "--offline")
+    assert rc == 0, out
+    assert out["install"]["root"] and out["install"]["config"] == "/etc/edgeprune/agent.toml"
+    assert out["caps"]["arch"] == "aarch64"
+    assert (ROOTFS / "opt/edgeprune/current/bin/python").exists()
+    assert oct((ROOTFS / "etc/edgeprune/agent.toml").stat().st_mode & 0o777) == "0o600"
+    rc, out = cli("unflash", cli.target("root"), *cli.ssh, "--device-id", "emu-root")
+    assert rc == 0, out
+    for p in ("opt/edgeprune", "etc/edgeprune/agent.toml", "var/lib/edgeprune"):
+        assert not (ROOTFS / p).exists(), p
