@@ -50,16 +50,35 @@ def wait_for_port(host: str, port: int, timeout_s: float = 10.0) -> bool:
     return False
 
 
-def mosquitto_config(host: str, port: int, workdir: Path, persistence: bool = False) -> str:
-    """A Mosquitto 2.0 config for one plain listener.
+def mosquitto_config(host: str, port: int, workdir: Path, persistence: bool = False, pki_dir: Path | None = None) -> str:
+    """A Mosquitto 2.0 config for one listener: plain, or TLS with client certificates and the fleet ACL.
 
     Queues are raised from the defaults because a coordinator receiving replies
     from a large fleet at once must not have QoS-1 messages dropped silently
     (Mosquitto does not tell a 3.1.1 publisher when it drops).
     """
-    lines = [
-        f"listener {port} {host}",
-        "allow_anonymous true",
+    lines = [f"listener {port} {host}"]
+    if os.geteuid() == 0:
+        # started as root, Mosquitto switches to user "mosquitto", which cannot read the ACL, keys and
+        # persistence files edgeprune keeps in root's private directories: stay the user who started it
+        lines.append("user root")
+    if pki_dir is None:
+        lines.append("allow_anonymous true")
+    else:
+        from .pki import mosquitto_acl
+
+        acl = workdir / f"acl-{port}"
+        acl.write_text(mosquitto_acl())
+        lines += [
+            f"cafile {pki_dir / 'ca.crt'}",
+            f"certfile {pki_dir / 'broker.crt'}",
+            f"keyfile {pki_dir / 'broker.key'}",
+            "require_certificate true",       # no certificate from our CA, no connection
+            "use_identity_as_username true",  # the certificate's CN is the user the ACL names
+            "allow_anonymous false",
+            f"acl_file {acl}",
+        ]
+    lines += [
         f"persistence {'true' if persistence else 'false'}",
         "max_inflight_messages 100",
         "max_queued_messages 100000",
@@ -85,10 +104,11 @@ class BrokerProcess:
     port: int
     proc: subprocess.Popen
     workdir: Path
+    tls: bool = False
 
     @property
     def url(self) -> str:
-        return f"mqtt://{self.host}:{self.port}"
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -115,7 +135,8 @@ def warn_if_exposed(host: str) -> None:
 
 
 def start(kind: str = "auto", host: str = "127.0.0.1", port: int = 0, workdir: str | os.PathLike | None = None,
-          persistence: bool = False, log_file: str | os.PathLike | None = None) -> BrokerProcess:
+          persistence: bool = False, log_file: str | os.PathLike | None = None,
+          pki_dir: str | os.PathLike | None = None) -> BrokerProcess:
     """Start a broker child process and wait until it accepts connections.
 
     ``kind``: ``mosquitto``, ``embedded`` or ``auto`` (Mosquitto if installed).
@@ -131,8 +152,10 @@ def start(kind: str = "auto", host: str = "127.0.0.1", port: int = 0, workdir: s
         if exe is None:
             raise RuntimeError("mosquitto is not installed (apt-get install mosquitto), use --embedded")
         conf = work / f"mosquitto-{port}.conf"
-        conf.write_text(mosquitto_config(host, port, work, persistence))
+        conf.write_text(mosquitto_config(host, port, work, persistence, Path(pki_dir) if pki_dir else None))
         cmd = [exe, "-c", str(conf)]
+    elif pki_dir is not None:
+        raise RuntimeError("a secure broker (TLS, client certificates, ACL) needs Mosquitto (apt-get install mosquitto)")
     elif kind == "embedded":
         cmd = [sys.executable, "-m", "coordinator.broker", "--host", host, "--port", str(port)]
     else:
@@ -141,7 +164,7 @@ def start(kind: str = "auto", host: str = "127.0.0.1", port: int = 0, workdir: s
     if not wait_for_port(host, port, 20.0):
         proc.kill()
         raise RuntimeError(f"{kind} broker did not start listening on {host}:{port}: {' '.join(cmd)}")
-    return BrokerProcess(kind, host, port, proc, work)
+    return BrokerProcess(kind, host, port, proc, work, tls=pki_dir is not None)
 
 
 def run_embedded(host: str, port: int) -> None:

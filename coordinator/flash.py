@@ -277,8 +277,10 @@ def flash(target: Target, ssh: Ssh, *, device_id: str, broker_url: str, fleet: s
     remote_tar = f"{REMOTE_DIR}/{Path(manifest['path']).name}"
     ssh.copy(Path(manifest["path"]), remote_tar)
 
-    say(f"[4/5] installing on {target}")
     args = ["--device-id", device_id, "--broker", broker_url, "--fleet", fleet, "--python", python]
+    if b.tls:  # a secure fleet: the device gets its own certificate (CN = device id) and the CA
+        args += ["--tls", _send_identity(ssh, home, device_id, say)]
+    say(f"[4/5] installing on {target}")
     if data:
         args += ["--data", data]
     for kv in extra_settings:
@@ -302,6 +304,31 @@ def flash(target: Target, ssh: Ssh, *, device_id: str, broker_url: str, fleet: s
                          f"installing on {target} failed (exit {rc}): {result.get('error') or err.strip()}")
     return {"target": str(target), "device_id": device_id, "probe": info, "bundle": _bundle_summary(manifest),
             "install": result}
+
+
+def _send_identity(ssh: Ssh, home: Path, device_id: str, say) -> str:
+    import tempfile
+
+    from . import pki
+
+    ident = pki.identity(home, device_id)
+    if ident is None:
+        try:
+            ident = pki.issue(home, device_id)
+        except pki.PkiError as exc:
+            raise FlashError("pki", f"{exc} (a mqtts:// broker needs the fleet CA: edgeprune pki init)") from None
+        say(f"      issued a certificate for {device_id}")
+    remote = f"{REMOTE_DIR}/tls"
+    rc, _, err = ssh.run(f'umask 077; mkdir -p "$HOME/{remote}"', timeout=60)
+    if rc != 0:
+        raise FlashError("copy", f"cannot create ~/{remote} on {ssh.target}: {err.strip()}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for src, name in ((ident.ca, "ca.crt"), (ident.cert, "device.crt"), (ident.key, "device.key")):
+            local = Path(tmp) / name
+            local.write_bytes(Path(src).read_bytes())
+            local.chmod(0o600)
+            ssh.copy(local, f"{remote}/{name}")
+    return "tls"  # install.sh runs in ~/REMOTE_DIR
 
 
 _INSTALL_CODES = {10: "platform", 11: "no_python", 12: "old_python", 13: "disk", 14: "install", 15: "service"}

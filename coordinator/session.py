@@ -95,7 +95,8 @@ class Session:
 
     def __init__(self, broker_url: str, fleet: str, store: Store | None = None, *, long_running: bool = False,
                  stale_after_beats: int = DEFAULT_STALE_AFTER_BEATS, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                 max_concurrent_uploads: int = 8, keepalive_s: int = 15):
+                 max_concurrent_uploads: int = 8, keepalive_s: int = 15,
+                 tls_files: tuple[str, str, str] | None = None):
         self.fleet = topics.validate_id(fleet, "fleet")
         self.store = store
         self.long_running = long_running
@@ -116,8 +117,14 @@ class Session:
         self._changed = threading.Condition()
         self._t_status = topics.coordinator_status(fleet)
         will = Will(self._t_status, self._coordinator_msg("offline")) if long_running else None
+        if tls_files is None and store is not None and broker_url.startswith(("mqtts://", "ssl://")):
+            from . import pki
+
+            ident = pki.identity(store.home)  # the coordinator's certificate from `edgeprune pki init`
+            tls_files = (str(ident.ca), str(ident.cert), str(ident.key)) if ident else None
         self.link = Link(broker_url, client_id=f"ep-{self.fleet}-{self.coordinator_id}", on_message=self._on_message,
-                         on_connect=self._on_connect, will=will, keepalive_s=keepalive_s, name="coordinator")
+                         on_connect=self._on_connect, will=will, keepalive_s=keepalive_s, name="coordinator",
+                         tls_files=tls_files)
         for channel in ("status", "caps", "reply", "data"):
             self.link.subscribe(topics.device_filter(fleet, channel))
 

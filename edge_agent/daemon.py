@@ -109,6 +109,7 @@ class Agent:
             reconnect_min_s=settings["reconnect_min_s"],
             reconnect_max_s=settings["reconnect_max_s"],
             name=f"agent-{self.device_id}",
+            tls_files=(settings["tls_ca"], settings["tls_cert"], settings["tls_key"]),
         )
         self.link.subscribe(self.t["cmd"])
         self.link.subscribe(self.t["coordinator"])

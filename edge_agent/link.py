@@ -104,6 +104,7 @@ class Link:
         reconnect_max_s: float = 30.0,
         max_inflight: int = 100,
         name: str = "link",
+        tls_files: tuple[str, str, str] | None = None,
     ):
         self.address = parse_broker_url(broker_url)
         self._on_message_cb = on_message
@@ -127,7 +128,9 @@ class Link:
         self.client.max_inflight_messages_set(max_inflight)
         self.client.max_queued_messages_set(0)
         if self.address.tls:
-            self.client.tls_set()
+            # mutual TLS with the fleet's CA (edgeprune pki), else the system CAs and no client certificate
+            ca, cert, key = tls_files or (None, None, None)
+            self.client.tls_set(ca_certs=ca or None, certfile=cert or None, keyfile=key or None)
         if will is not None:
             self.client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
         self.client.on_connect = self._handle_connect

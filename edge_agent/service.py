@@ -391,9 +391,29 @@ def _log_tail(lay: Layout, mgr) -> str:
         return ""
 
 
-def install(venv: Path, bundle_id: str, updates: dict, lay: Layout | None = None) -> dict:
+def install_tls(lay: Layout, tls_dir: Path) -> dict:
+    """Copy the device's certificate, key and the fleet CA next to the config (0600); return the settings."""
+    dest = lay.config.parent / "tls"
+    dest.mkdir(parents=True, exist_ok=True)
+    os.chmod(dest, 0o700)
+    out = {}
+    for setting, name in (("tls_ca", "ca.crt"), ("tls_cert", "device.crt"), ("tls_key", "device.key")):
+        src = tls_dir / name
+        if not src.is_file():
+            raise InstallError(f"TLS file {name} missing from {tls_dir}")
+        fd, tmp = tempfile.mkstemp(dir=dest)
+        with os.fdopen(fd, "wb") as f:
+            f.write(src.read_bytes())
+        os.replace(tmp, dest / name)
+        out[setting] = str(dest / name)
+    return out
+
+
+def install(venv: Path, bundle_id: str, updates: dict, lay: Layout | None = None, tls_dir: Path | None = None) -> dict:
     """Point ``current`` at ``venv``, write the config, (re)start the service; undo on failure."""
     lay = lay or layout()
+    if tls_dir is not None:
+        updates = {**updates, **install_tls(lay, tls_dir)}
     venv = venv.resolve()
     record = _read_record(lay)
     existing = read_config(lay.config)
@@ -477,7 +497,7 @@ def uninstall(lay: Layout | None = None, keep_state: bool = False) -> dict:
     Supervisor(lay).remove()  # also covers an install made while systemd was absent
     if lay.unit.exists():
         lay.unit.unlink()
-    paths = [lay.prefix, lay.config] + ([] if keep_state else [lay.state])
+    paths = [lay.prefix, lay.config, lay.config.parent / "tls"] + ([] if keep_state else [lay.state])
     for p in paths:
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p, ignore_errors=True)
@@ -513,6 +533,7 @@ def main(argv: list[str] | None = None) -> int:
     i.add_argument("--venv", required=True)
     i.add_argument("--bundle-id", required=True)
     i.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="agent setting for the config")
+    i.add_argument("--tls-dir", help="directory with ca.crt, device.crt, device.key to install for mqtts://")
     u = sub.add_parser("uninstall", help="stop and remove the service, the venvs, the config and the state")
     u.add_argument("--keep-state", action="store_true")
     for name in ("start", "stop", "status", "rollback", "supervise"):
@@ -537,7 +558,8 @@ def main(argv: list[str] | None = None) -> int:
                     updates[key] = settings.convert(settings.BY_NAME[key], value, f"--set {key}")
                 except settings.SettingsError as exc:
                     raise InstallError(str(exc)) from None
-            _emit({"ok": True, **install(Path(args.venv), args.bundle_id, updates, lay)})
+            _emit({"ok": True, **install(Path(args.venv), args.bundle_id, updates, lay,
+                                         Path(args.tls_dir) if args.tls_dir else None)})
         elif args.cmd == "uninstall":
             _emit({"ok": True, **uninstall(lay, args.keep_state)})
         elif args.cmd == "start":

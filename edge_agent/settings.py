@@ -54,6 +54,9 @@ class Setting:
 SETTINGS: tuple[Setting, ...] = (
     Setting("broker", "mqtt://127.0.0.1:1883", str, "MQTT broker URL, mqtt://HOST:PORT (or mqtts:// for TLS)"),
     Setting("fleet", "default", str, "fleet name: one topic level, [A-Za-z0-9_-]"),
+    Setting("tls_ca", "", str, "mqtts:// only: the fleet CA certificate (PEM) the broker's certificate must chain to"),
+    Setting("tls_cert", "", str, "mqtts:// only: this device's client certificate (PEM; its CN is the device id)"),
+    Setting("tls_key", "", str, "mqtts:// only: this device's private key (PEM, keep it 0600)"),
     Setting("device_id", None, str, "this device's id, [A-Za-z0-9_-] (default: the host name)"),
     Setting("state_dir", None, str, "where the agent keeps its blob cache and outbox (default: ~/.local/state/edgeprune/agent-<device_id>)"),
     Setting("heartbeat_s", DEFAULT_HEARTBEAT_S, float, "seconds between heartbeats (retained status re-published)"),
@@ -158,9 +161,16 @@ def validate(values: dict[str, Any]) -> dict[str, Any]:
     from .link import parse_broker_url
 
     try:
-        parse_broker_url(values["broker"])
+        address = parse_broker_url(values["broker"])
     except ValueError as exc:
         raise SettingsError(f"setting broker: {exc}") from None
+    for key in ("tls_ca", "tls_cert", "tls_key"):
+        if values[key] and not os.path.isfile(values[key]):
+            raise SettingsError(f"setting {key}: no such file {values[key]!r}")
+    if bool(values["tls_cert"]) != bool(values["tls_key"]):
+        raise SettingsError("settings tls_cert and tls_key go together")
+    if values["tls_cert"] and not address.tls:
+        raise SettingsError("tls_cert is set but the broker URL is not mqtts://: the certificate would not be used")
     return values
 
 

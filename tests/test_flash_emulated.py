@@ -74,7 +74,7 @@ def pi(tmp_path_factory):
         home = ROOTFS / "home" / user
         for sub in (".local/share/edgeprune", ".config/edgeprune", ".local/state/edgeprune"):
             shutil.rmtree(home / sub, ignore_errors=True)
-    subprocess.run(["pkill", "-f", "qemu-aarch64.*edge_agent"], check=False)
+    subprocess.run(["pkill", "-f", "aarch64.*edge_agent"], check=False)
     if _chroot("id", "tiny").returncode != 0:
         _chroot("useradd", "-m", "-s", "/bin/bash", "tiny")
     _chroot("usermod", "-p", "*", "tiny")
@@ -110,6 +110,7 @@ def cli(pi, mosquitto, tmp_path):
             pytest.fail(f"not JSON: {proc.stdout}\n{proc.stderr}")
         return proc.returncode, out
 
+    run.home = home
     run.ssh = ["--identity", pi["key"], "--ssh-option", f"UserKnownHostsFile={pi['known_hosts']}"]
     run.target = lambda user="pi", port=pi["port"]: f"ssh://{user}@127.0.0.1:{port}"
     return run
@@ -212,15 +213,30 @@ def test_flash_bench_upgrade_unflash(cli, pi, mosquitto, tmp_path):
     assert "emu-pi" not in {d["device_id"] for d in devices["devices"]}
 
 
-def test_flash_as_root_uses_system_paths(cli, pi):
-    """As root: /opt/edgeprune, /etc/edgeprune/agent.toml (0600), /var/lib/edgeprune; unflash removes them."""
-    rc, out = cli("flash", cli.target("root"), *cli.ssh, "--device-id", "emu-root", "--offline")
-    assert rc == 0, out
-    assert out["install"]["root"] and out["install"]["config"] == "/etc/edgeprune/agent.toml"
-    assert out["caps"]["arch"] == "aarch64"
-    assert (ROOTFS / "opt/edgeprune/current/bin/python").exists()
-    assert oct((ROOTFS / "etc/edgeprune/agent.toml").stat().st_mode & 0o777) == "0o600"
-    rc, out = cli("unflash", cli.target("root"), *cli.ssh, "--device-id", "emu-root")
-    assert rc == 0, out
-    for p in ("opt/edgeprune", "etc/edgeprune/agent.toml", "var/lib/edgeprune"):
-        assert not (ROOTFS / p).exists(), p
+def test_flash_as_root_into_a_secure_fleet(cli, pi, tmp_path):
+    """As root, with a TLS broker: system paths, the device's own certificate installed 0600, online over
+    mutual TLS; unflash removes it all."""
+    from coordinator import broker as broker_mod
+    from coordinator import pki
+
+    pki.init(cli.home)
+    secure = broker_mod.start("mosquitto", "127.0.0.1", 0, tmp_path / "sb", log_file=tmp_path / "sb.log",
+                              pki_dir=pki.pki_dir(cli.home))
+    try:
+        rc, out = cli("flash", cli.target("root"), *cli.ssh, "--device-id", "emu-root", "--offline",
+                      "--broker", secure.url)
+        assert rc == 0, out
+        assert out["install"]["root"] and out["install"]["config"] == "/etc/edgeprune/agent.toml"
+        assert out["caps"]["arch"] == "aarch64"
+        assert (ROOTFS / "opt/edgeprune/current/bin/python").exists()
+        assert oct((ROOTFS / "etc/edgeprune/agent.toml").stat().st_mode & 0o777) == "0o600"
+        key = ROOTFS / "etc/edgeprune/tls/device.key"
+        assert oct(key.stat().st_mode & 0o777) == "0o600"
+        assert key.read_bytes() == (cli.home / "pki/devices/emu-root.key").read_bytes()
+        assert 'tls_cert = "/etc/edgeprune/tls/device.crt"' in (ROOTFS / "etc/edgeprune/agent.toml").read_text()
+        rc, out = cli("unflash", cli.target("root"), *cli.ssh, "--device-id", "emu-root", "--broker", secure.url)
+        assert rc == 0, out
+        for p in ("opt/edgeprune", "etc/edgeprune", "var/lib/edgeprune"):
+            assert not (ROOTFS / p).exists(), p
+    finally:
+        secure.stop()

@@ -2,7 +2,7 @@
 # edgeprune agent installer, inside an offline bundle. Needs no network.
 #
 #   sh install.sh --device-id ID --broker mqtt://HOST:1883 [--fleet F] [--data PATH] [--set KEY=VALUE]...
-#                 [--python python3] [--reinstall]
+#                 [--python python3] [--reinstall] [--tls DIR with ca.crt device.crt device.key]
 #
 # As root: /opt/edgeprune, /etc/edgeprune/agent.toml, a systemd system unit.
 # As a user: ~/.local/share/edgeprune, ~/.config/edgeprune/agent.toml, a systemd user unit
@@ -16,6 +16,7 @@ HERE="$(cd "$(dirname "$0")" && pwd)"
 PY=python3
 REINSTALL=0
 SETS=""
+TLS=""
 say() { echo "==> $*"; }
 die() { code="$1"; shift; echo "edgeprune install: $*" >&2; exit "$code"; }
 add_set() { SETS="$SETS
@@ -29,6 +30,7 @@ while [ $# -gt 0 ]; do
     --data) add_set "data=$2"; shift 2 ;;
     --set) add_set "$2"; shift 2 ;;
     --python) PY="$2"; shift 2 ;;
+    --tls) TLS="$(cd "$2" && pwd)"; shift 2 ;;
     --reinstall) REINSTALL=1; shift ;;
     -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
     *) die 2 "unknown option $1 (try --help)" ;;
@@ -86,6 +88,7 @@ fi
 # -- config, service, start: edge_agent.service does it and undoes it on failure --------------
 say "configuring and starting the agent service"
 set -- install --venv "$VENV" --bundle-id "$BUNDLE_ID"
+[ -n "$TLS" ] && set -- "$@" --tls-dir "$TLS"
 OLDIFS="$IFS"; IFS='
 '
 for kv in $SETS; do [ -n "$kv" ] && set -- "$@" --set "$kv"; done

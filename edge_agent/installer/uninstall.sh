@@ -26,6 +26,6 @@ if [ -f "$UNIT" ] && command -v systemctl >/dev/null 2>&1; then
 fi
 [ -f "$STATE/supervisor.pid" ] && kill "$(cat "$STATE/supervisor.pid")" 2>/dev/null || true
 rm -f "$UNIT"
-rm -rf "$PREFIX" "$CONFIG"
+rm -rf "$PREFIX" "$CONFIG" "$(dirname "$CONFIG")/tls"
 case " $* " in *" --keep-state "*) ;; *) rm -rf "$STATE" ;; esac
 echo "EDGEPRUNE_RESULT {\"ok\": true, \"removed\": [\"$PREFIX\", \"$CONFIG\"], \"by_hand\": true}"

@@ -1,0 +1,186 @@
+"""A small certificate authority for one fleet (the ``cryptography`` library does the crypto).
+
+``edgeprune pki init`` makes, in ``<home>/pki``: the CA, the broker's server
+certificate (names and addresses the devices use to reach it) and the
+coordinator's client certificate. ``edgeprune pki issue DEVICE_ID`` makes a
+device's client certificate. Mosquitto runs with ``use_identity_as_username``,
+so a certificate's common name *is* the MQTT user name the ACL is written for:
+a device certificate's CN is its device id; the coordinator's is
+:data:`COORDINATOR_CN`. Keys are ECDSA P-256 (every TLS stack has it), written 0600.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+from edge_agent.protocol.topics import ID_RE
+
+COORDINATOR_CN = "edgeprune-coordinator"
+BROKER_CN = "edgeprune-broker"
+CA_DAYS = 3650
+LEAF_DAYS = 825  # the longest leaf lifetime common TLS clients accept
+
+
+class PkiError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Identity:
+    cert: Path
+    key: Path
+    ca: Path
+
+    def as_settings(self) -> dict[str, str]:
+        return {"tls_ca": str(self.ca), "tls_cert": str(self.cert), "tls_key": str(self.key)}
+
+
+def pki_dir(home: Path) -> Path:
+    return Path(home) / "pki"
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
+def _key():
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _key_pem(key) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def _load(directory: Path):
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    try:
+        ca_cert = x509.load_pem_x509_certificate((directory / "ca.crt").read_bytes())
+        ca_key = serialization.load_pem_private_key((directory / "ca.key").read_bytes(), None)
+    except FileNotFoundError:
+        raise PkiError(f"no CA in {directory}: run `edgeprune pki init` first") from None
+    return ca_cert, ca_key
+
+
+def _sign(ca_cert, ca_key, cn: str, *, days: int, server_names: list[str] = (), client: bool = True):
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    key = _key()
+    now = dt.datetime.now(dt.timezone.utc)
+    builder = (x509.CertificateBuilder()
+               .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+               .issuer_name(ca_cert.subject)
+               .public_key(key.public_key())
+               .serial_number(x509.random_serial_number())
+               .not_valid_before(now - dt.timedelta(minutes=5))
+               .not_valid_after(now + dt.timedelta(days=days))
+               .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+               .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH] if client
+                                                    else [ExtendedKeyUsageOID.SERVER_AUTH]), critical=False))
+    if server_names:
+        sans = []
+        for name in server_names:
+            try:
+                sans.append(x509.IPAddress(ipaddress.ip_address(name)))
+            except ValueError:
+                sans.append(x509.DNSName(name))
+        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    cert = builder.sign(ca_key, hashes.SHA256())
+    return cert, key
+
+
+def _pem(cert) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def init(home: Path, broker_names: list[str] = (), force: bool = False) -> dict:
+    """Create the CA, the broker and the coordinator certificates."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import NameOID
+
+    d = pki_dir(home)
+    if (d / "ca.crt").exists() and not force:
+        raise PkiError(f"a CA already exists in {d}; --force replaces it (every issued certificate stops working)")
+    ca_key = _key()
+    now = dt.datetime.now(dt.timezone.utc)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"edgeprune fleet CA ({socket.gethostname()})")])
+    ca_cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(ca_key.public_key())
+               .serial_number(x509.random_serial_number())
+               .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=CA_DAYS))
+               .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+               .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
+                                            data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                                            crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
+               .sign(ca_key, hashes.SHA256()))
+    _write_private(d / "ca.key", _key_pem(ca_key))
+    (d / "ca.crt").write_bytes(_pem(ca_cert))
+    names = list(dict.fromkeys(["localhost", "127.0.0.1", "::1", socket.gethostname(), *broker_names]))
+    cert, key = _sign(ca_cert, ca_key, BROKER_CN, days=LEAF_DAYS, server_names=names, client=False)
+    (d / "broker.crt").write_bytes(_pem(cert))
+    _write_private(d / "broker.key", _key_pem(key))
+    issue(home, COORDINATOR_CN)
+    return {"dir": str(d), "ca": str(d / "ca.crt"), "broker_names": names}
+
+
+def issue(home: Path, name: str, days: int = LEAF_DAYS) -> Identity:
+    """A client certificate whose CN is ``name`` (a device id, or the coordinator)."""
+    if name != COORDINATOR_CN and not ID_RE.match(name):
+        raise PkiError(f"device id {name!r} must be 1-64 characters from [A-Za-z0-9_-]")
+    if name in (BROKER_CN,):
+        raise PkiError(f"{name!r} is reserved")
+    d = pki_dir(home)
+    ca_cert, ca_key = _load(d)
+    cert, key = _sign(ca_cert, ca_key, name, days=days)
+    sub = d if name == COORDINATOR_CN else d / "devices"
+    ident = Identity(sub / f"{name}.crt", sub / f"{name}.key", d / "ca.crt")
+    _write_private(ident.key, _key_pem(key))
+    ident.cert.write_bytes(_pem(cert))
+    return ident
+
+
+def identity(home: Path, name: str = COORDINATOR_CN) -> Identity | None:
+    d = pki_dir(home)
+    sub = d if name == COORDINATOR_CN else d / "devices"
+    ident = Identity(sub / f"{name}.crt", sub / f"{name}.key", d / "ca.crt")
+    return ident if ident.cert.exists() and ident.key.exists() and ident.ca.exists() else None
+
+
+def mosquitto_acl() -> str:
+    """Who may read and write what. %u is the certificate CN (use_identity_as_username).
+
+    A device writes only its own status/caps/reply/data, reads only its own
+    commands, the coordinator's status and broadcast blobs. Only the coordinator
+    identity writes commands, blobs and the coordinator status.
+    """
+    return "\n".join([
+        f"user {COORDINATOR_CN}",
+        "topic readwrite edgeprune/#",
+        "",
+        "pattern write edgeprune/v1/+/device/%u/status",
+        "pattern write edgeprune/v1/+/device/%u/caps",
+        "pattern write edgeprune/v1/+/device/%u/reply",
+        "pattern write edgeprune/v1/+/device/%u/data",
+        "pattern read edgeprune/v1/+/device/%u/cmd",
+        "pattern read edgeprune/v1/+/coordinator/status",
+        "pattern read edgeprune/v1/+/blob/#",
+        "",
+    ])
