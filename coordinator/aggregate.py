@@ -113,3 +113,88 @@ class MaskedFedAvg:
                 v = v * m
             weights.append(v.astype(np.float32))
         return weights, masks
+
+
+# -- robust aggregation ----------------------------------------------------------
+
+AGGREGATIONS = ("fedavg", "median", "trimmed-mean")
+
+
+def update_norm(tensors: list[np.ndarray], reference: list[np.ndarray]) -> float:
+    """L2 norm of the update (client weights minus the global weights it started from), all tensors."""
+    return float(np.sqrt(sum(float(np.sum((t.astype(np.float64) - r) ** 2)) for t, r in zip(tensors, reference))))
+
+
+def check_norm(tensors: list[np.ndarray], reference: list[np.ndarray], max_ratio: float) -> float:
+    """Refuse an update that moves the model more than ``max_ratio`` times the model's own norm:
+    no honest local training does that; a broken or hostile client does."""
+    norm = update_norm(tensors, reference)
+    scale = update_norm(reference, [np.zeros_like(r) for r in reference])
+    if max_ratio > 0 and norm > max_ratio * max(scale, 1e-12):
+        raise UpdateRejected(f"update norm {norm:.4g} is {norm / max(scale, 1e-12):.1f}x the model's norm "
+                             f"{scale:.4g} (limit {max_ratio:g}x)")
+    return norm
+
+
+def clip_update(tensors: list[np.ndarray], reference: list[np.ndarray], clip_norm: float) -> list[np.ndarray]:
+    """Scale the update down to L2 norm ``clip_norm`` if it is longer (masks are applied later, in add)."""
+    norm = update_norm(tensors, reference)
+    if clip_norm <= 0 or norm <= clip_norm:
+        return tensors
+    scale = clip_norm / norm
+    return [(r + (t.astype(np.float64) - r) * scale).astype(t.dtype) for t, r in zip(tensors, reference)]
+
+
+def _trimmed_mean(stack: np.ndarray, trim: float) -> np.ndarray:
+    """Per position: drop floor(trim * k) lowest and highest of the k values present (NaN = absent)."""
+    srt = np.sort(stack, axis=0)  # NaNs sort last
+    k = np.sum(~np.isnan(stack), axis=0)
+    cut = np.floor(trim * k)
+    idx = np.arange(stack.shape[0]).reshape((-1,) + (1,) * (stack.ndim - 1))
+    keep = (idx >= cut) & (idx < k - cut)
+    total = np.sum(np.where(keep, srt, 0.0), axis=0)
+    n = np.sum(keep, axis=0)
+    return np.divide(total, n, out=np.zeros_like(total), where=n > 0)
+
+
+class RobustFedAvg(MaskedFedAvg):
+    """Coordinate-wise median or trimmed mean among the clients that kept each position.
+
+    The mask policy still works from the streaming sums; only the values change.
+    Unlike FedAvg this keeps every update of the round: memory O(clients x model).
+    Client weights (sample counts) do not enter the robust statistics.
+    """
+
+    def __init__(self, infos: list[TensorInfo], shapes: list[tuple], method: str, trim: float = 0.1):
+        super().__init__(infos, shapes)
+        if method not in ("median", "trimmed-mean"):
+            raise ValueError(f"unknown robust aggregation {method!r}")
+        if not 0.0 <= trim < 0.5:
+            raise ValueError("trim must be in [0, 0.5)")
+        self.method, self.trim = method, trim
+        self.values: list[list[np.ndarray]] = [[] for _ in infos]
+
+    def add(self, tensors: list[np.ndarray], masks: list[np.ndarray | None], weight: float) -> None:
+        super().add(tensors, masks, weight)
+        for i, (t, m) in enumerate(zip(tensors, masks)):
+            v = t.astype(np.float64)
+            self.values[i].append(np.where(m, v, np.nan) if m is not None else v)
+
+    def result(self, policy: str, sparsity: float, within=None):
+        weights, masks = super().result(policy, sparsity, within)
+        for i, m in enumerate(masks):
+            stack = np.stack(self.values[i])
+            if self.method == "median":
+                present = ~np.all(np.isnan(stack), axis=0)
+                center = np.nanmedian(np.where(present, stack, 0.0), axis=0)
+            else:
+                center = _trimmed_mean(stack, self.trim)
+            center = np.nan_to_num(center)
+            weights[i] = (center * m if m is not None else center).astype(np.float32)
+        return weights, masks
+
+
+def make_aggregator(method: str, infos: list[TensorInfo], shapes: list[tuple], trim: float = 0.1) -> MaskedFedAvg:
+    if method == "fedavg":
+        return MaskedFedAvg(infos, shapes)
+    return RobustFedAvg(infos, shapes, method, trim)

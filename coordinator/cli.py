@@ -336,7 +336,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         update_format=args.update_format, regrow=args.regrow, round_timeout_s=args.round_timeout, seed=args.seed,
         eval_data=args.eval_data, input_shape=tuple(args.input_shape) if args.input_shape else None,
         num_classes=args.num_classes, devices=args.devices.split(",") if args.devices else None,
-        wait_for_devices=args.wait_for, wait_timeout_s=args.wait_timeout)
+        wait_for_devices=args.wait_for, wait_timeout_s=args.wait_timeout, aggregation=args.aggregation,
+        trim=args.trim, clip_norm=args.clip_norm, max_norm_ratio=args.max_norm_ratio)
     try:
         cfg.validate()
     except ValueError as exc:
@@ -667,6 +668,14 @@ For a device without network, write the bundle and install it by hand:
     p.add_argument("--update-format", choices=["auto", "fp32", "fp16", "int8", "int6", "int4"], default="auto",
                    help="upload value encoding; auto = int4 deltas with stochastic rounding when pruning, "
                         "plain fp32 for dense FedAvg")
+    p.add_argument("--aggregation", choices=["fedavg", "median", "trimmed-mean"], default="fedavg",
+                   help="how updates combine: sample-weighted FedAvg (default, streaming), or coordinate-wise "
+                        "median / trimmed mean among the clients that kept each weight (robust to a few bad "
+                        "clients; keeps all updates of a round in memory)")
+    p.add_argument("--trim", type=float, default=0.1, help="trimmed-mean: fraction cut at each end (default 0.1)")
+    p.add_argument("--clip-norm", type=float, default=0.0, help="clip each update (client minus global) to this L2 norm; 0 = off")
+    p.add_argument("--max-norm-ratio", type=float, default=10.0,
+                   help="reject an update whose norm exceeds this multiple of the model's norm (default 10; 0 = off)")
     p.add_argument("--round-timeout", type=float, default=600.0, help="seconds to wait for updates in a round (default 600)")
     p.add_argument("--seed", type=int, default=0, help="seed for model init, client sampling and local shuffling")
     p.add_argument("--eval-data", default="digits", help="held-out data on the coordinator: 'digits', .npz, .csv, "

@@ -24,7 +24,7 @@ from typing import Any
 from edge_agent.protocol import codec
 from edge_agent.protocol.errors import ProtocolError
 
-from .aggregate import MaskedFedAvg, UpdateRejected
+from .aggregate import AGGREGATIONS, MaskedFedAvg, UpdateRejected, check_norm, clip_update, make_aggregator
 from .masks import MASK_POLICIES, round_targets, sparsity_report
 from .progress import Reporter
 from .schedule import sparsity_at
@@ -61,6 +61,10 @@ class TrainConfig:
     devices: list[str] | None = None
     wait_for_devices: int = 0
     wait_timeout_s: float = 60.0
+    aggregation: str = "fedavg"
+    trim: float = 0.1
+    clip_norm: float = 0.0
+    max_norm_ratio: float = 10.0
 
     def validate(self) -> None:
         if self.rounds < 1:
@@ -81,6 +85,12 @@ class TrainConfig:
             raise ValueError("--min-clients, --local-epochs, --batch-size and --round-timeout must be positive")
         if self.fraction is not None and not 0.0 < self.fraction <= 1.0:
             raise ValueError("--fraction must be in (0, 1]")
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"--aggregation must be one of {', '.join(AGGREGATIONS)}")
+        if not 0.0 <= self.trim < 0.5:
+            raise ValueError("--trim must be in [0, 0.5)")
+        if self.clip_norm < 0 or self.max_norm_ratio < 0:
+            raise ValueError("--clip-norm and --max-norm-ratio must be >= 0 (0 = off)")
 
     @property
     def pruning_on(self) -> bool:
@@ -247,7 +257,7 @@ def _round(run: Run, rnd: int) -> dict[str, Any]:
     targets = round_targets(gm.weights, gm.masks, kinds, cfg.mask_policy, target)  # per tensor, from where we are
     clients = _select(run, rnd)
     failures: dict[str, str] = {}
-    agg = MaskedFedAvg(gm.infos, gm.shapes)
+    agg = make_aggregator(cfg.aggregation, gm.infos, gm.shapes, cfg.trim)
     bytes_up: dict[str, int] = {}
     if len(clients) >= cfg.min_clients:
         with t("serialize"):
@@ -335,8 +345,10 @@ def _collect(run: Run, rnd: int, dev: str, reply, targets: list[float], agg: Mas
             if upd.meta.get("round") != rnd or upd.meta.get("run_id") != run.run_id:
                 raise UpdateRejected(f"update is for run {upd.meta.get('run_id')} round {upd.meta.get('round')}")
             agg.validate(upd.tensors, upd.masks, targets)
+            check_norm(upd.tensors, gm.weights, run.cfg.max_norm_ratio)
         with t("aggregate"):
-            agg.add(upd.tensors, upd.masks, float(result["metrics"]["num_samples"]))
+            tensors = clip_update(upd.tensors, gm.weights, run.cfg.clip_norm) if run.cfg.clip_norm else upd.tensors
+            agg.add(tensors, upd.masks, float(result["metrics"]["num_samples"]))
     except (ProtocolError, UpdateRejected, KeyError, TypeError) as exc:
         msg = f"update rejected: {exc}"
         run.reporter.warn(f"{dev}, round {rnd}: {msg}")
