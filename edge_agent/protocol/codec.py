@@ -169,7 +169,38 @@ def read_header(data: bytes) -> tuple[dict[str, Any], int]:
         raise ProtocolError(ErrorCode.MALFORMED, "tensor bundle header is not valid JSON") from None
     if header.get("v") != 1:
         raise ProtocolError(ErrorCode.BAD_VERSION, f"tensor bundle version {header.get('v')!r} is not supported")
+    _check_header(header)
     return header, _HEAD.size + hlen
+
+
+_MASKS = ("dense", "bitmap", "xor", "relative")
+
+
+def _check_header(header: dict[str, Any]) -> None:
+    """Every field's type and range, before any byte of the body is interpreted (found by fuzzing)."""
+    def bad(why: str) -> ProtocolError:
+        return ProtocolError(ErrorCode.MALFORMED, f"tensor bundle header: {why}")
+
+    if not isinstance(header.get("kind"), str) or not isinstance(header.get("meta", {}), (dict, type(None))):
+        raise bad("kind must be a string and meta an object")
+    for i, e in enumerate(header["tensors"]):
+        if not isinstance(e, dict):
+            raise bad(f"tensor {i} is not an object")
+        if not isinstance(e.get("name"), str):
+            raise bad(f"tensor {i} has no name")
+        shape = e.get("shape")
+        if (not isinstance(shape, list) or len(shape) > 8
+                or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**31 for d in shape)):
+            raise bad(f"{e['name']}: shape {shape!r} is not a list of at most 8 non-negative integers")
+        if e.get("mask") not in _MASKS or e.get("values") not in VALUE_DTYPES:
+            raise bad(f"{e['name']}: unknown mask {e.get('mask')!r} or values {e.get('values')!r}")
+        if not isinstance(e.get("nnz"), int) or isinstance(e.get("nnz"), bool) or e["nnz"] < 0:
+            raise bad(f"{e['name']}: nnz must be a non-negative integer")
+        if not isinstance(e.get("delta"), bool):
+            raise bad(f"{e['name']}: delta must be true or false")
+        if e["values"] in INT_LEVELS and (not isinstance(e.get("scale"), (int, float)) or isinstance(e["scale"], bool)
+                                          or not np.isfinite(e["scale"])):
+            raise bad(f"{e['name']}: {e['values']} values need a finite scale")
 
 
 def decode(data: bytes, reference: Sequence[np.ndarray] | None = None,
@@ -191,6 +222,10 @@ def decode(data: bytes, reference: Sequence[np.ndarray] | None = None,
     if len(body) != body_len:
         raise ProtocolError(ErrorCode.MALFORMED, f"tensor bundle body is {len(body)} bytes, header says {body_len}")
     entries = header["tensors"]
+    for e in entries:  # a tiny header must not make us allocate a huge tensor: every kept value costs body bytes
+        n = int(np.prod(e["shape"], dtype=np.int64))
+        if n > 8 * max(body_len, 1) + 64 and (reference is None or e["mask"] != "relative"):
+            raise ProtocolError(ErrorCode.MALFORMED, f"{e['name']}: shape {e['shape']} cannot fit in {body_len} bytes")
     if reference is not None and len(reference) != len(entries):
         raise ProtocolError(ErrorCode.BAD_FIELD, f"bundle has {len(entries)} tensors, the model has {len(reference)}")
 
@@ -216,6 +251,8 @@ def decode(data: bytes, reference: Sequence[np.ndarray] | None = None,
                 ref_m = None if reference_masks is None else reference_masks[i]
                 if ref_m is None:
                     raise ProtocolError(ErrorCode.BAD_FIELD, f"{e['name']}: xor mask without a reference mask")
+                if np.shape(ref_m) != shape:
+                    raise ProtocolError(ErrorCode.BAD_FIELD, f"{e['name']}: reference mask shape {np.shape(ref_m)} != {shape}")
                 nbytes = -(-n // 8)
                 bits = np.unpackbits(np.frombuffer(body, np.uint8, nbytes, pos), count=n).astype(bool)
                 masks.append(bits.reshape(shape) ^ np.asarray(ref_m, dtype=bool))
@@ -224,6 +261,8 @@ def decode(data: bytes, reference: Sequence[np.ndarray] | None = None,
                 if ref_m is None:
                     raise ProtocolError(ErrorCode.BAD_FIELD, f"{e['name']}: relative mask without a reference mask")
                 ref_m = np.asarray(ref_m, dtype=bool)
+                if ref_m.shape != shape:
+                    raise ProtocolError(ErrorCode.BAD_FIELD, f"{e['name']}: reference mask shape {ref_m.shape} != {shape}")
                 k = int(ref_m.sum())
                 nbytes = -(-k // 8)
                 bits = np.unpackbits(np.frombuffer(body, np.uint8, nbytes, pos), count=k).astype(bool)
@@ -262,7 +301,7 @@ def decode(data: bytes, reference: Sequence[np.ndarray] | None = None,
             tensors.append(out)
     except ProtocolError:
         raise
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, IndexError, OverflowError) as exc:
         raise ProtocolError(ErrorCode.MALFORMED, f"tensor bundle body is inconsistent: {exc}") from None
     if pos != len(body):
         raise ProtocolError(ErrorCode.MALFORMED, f"tensor bundle body has {len(body) - pos} trailing bytes")
