@@ -323,7 +323,8 @@ def _send_identity(ssh: Ssh, home: Path, device_id: str, say) -> str:
     if rc != 0:
         raise FlashError("copy", f"cannot create ~/{remote} on {ssh.target}: {err.strip()}")
     with tempfile.TemporaryDirectory() as tmp:
-        for src, name in ((ident.ca, "ca.crt"), (ident.cert, "device.crt"), (ident.key, "device.key")):
+        for src, name in ((ident.ca, "ca.crt"), (ident.cert, "device.crt"), (ident.key, "device.key"),
+                          (ident.sign_key, "device.sign.key"), (ident.coordinator_pub, "coordinator.sign.pub")):
             local = Path(tmp) / name
             local.write_bytes(Path(src).read_bytes())
             local.chmod(0o600)

@@ -36,8 +36,17 @@ class Identity:
     key: Path
     ca: Path
 
+    @property
+    def sign_key(self) -> Path:
+        return self.cert.with_suffix(".sign.key")
+
+    @property
+    def coordinator_pub(self) -> Path:
+        return self.ca.parent / f"{COORDINATOR_CN}.sign.pub"
+
     def as_settings(self) -> dict[str, str]:
-        return {"tls_ca": str(self.ca), "tls_cert": str(self.cert), "tls_key": str(self.key)}
+        return {"tls_ca": str(self.ca), "tls_cert": str(self.cert), "tls_key": str(self.key),
+                "sign_key": str(self.sign_key), "coordinator_key": str(self.coordinator_pub)}
 
 
 def pki_dir(home: Path) -> Path:
@@ -141,6 +150,36 @@ def init(home: Path, broker_names: list[str] = (), force: bool = False) -> dict:
     return {"dir": str(d), "ca": str(d / "ca.crt"), "broker_names": names}
 
 
+def _signing_pair(directory: Path, name: str) -> tuple[Path, Path]:
+    """An Ed25519 key pair for signing messages (separate from the TLS key: different job, different lifetime)."""
+    from edge_agent.protocol import signing
+
+    key_path, pub_path = directory / f"{name}.sign.key", directory / f"{name}.sign.pub"
+    key = signing.new_key()
+    _write_private(key_path, signing.private_pem(key))
+    pub_path.write_bytes(signing.public_pem(key))
+    return key_path, pub_path
+
+
+def signing_keys(home: Path):
+    """(coordinator private key, device id -> public key or None) for a secure session."""
+    from edge_agent.protocol import signing
+
+    d = pki_dir(home)
+    path = d / f"{COORDINATOR_CN}.sign.key"
+    if not path.exists():
+        return None, None
+    cache: dict[str, object] = {}
+
+    def device_key(device_id: str):
+        if device_id not in cache:
+            pub = d / "devices" / f"{device_id}.sign.pub"
+            cache[device_id] = signing.load_public(pub) if ID_RE.match(device_id) and pub.exists() else None
+        return cache[device_id]
+
+    return signing.load_private(path), device_key
+
+
 def issue(home: Path, name: str, days: int = LEAF_DAYS) -> Identity:
     """A client certificate whose CN is ``name`` (a device id, or the coordinator)."""
     if name != COORDINATOR_CN and not ID_RE.match(name):
@@ -154,6 +193,7 @@ def issue(home: Path, name: str, days: int = LEAF_DAYS) -> Identity:
     ident = Identity(sub / f"{name}.crt", sub / f"{name}.key", d / "ca.crt")
     _write_private(ident.key, _key_pem(key))
     ident.cert.write_bytes(_pem(cert))
+    _signing_pair(sub, name)
     return ident
 
 

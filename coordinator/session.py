@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 from edge_agent.blobs import Assembler, sha256_hex, split
 from edge_agent.link import Link, Will
-from edge_agent.protocol import serde, topics
+from edge_agent.protocol import serde, signing, topics
 from edge_agent.protocol.constants import DEFAULT_CHUNK_BYTES, DEFAULT_STALE_AFTER_BEATS
 from edge_agent.protocol.errors import ErrorCode, ProtocolError
 from edge_agent.protocol.messages import Capabilities, Command, CoordinatorStatus, Reply, Status, error_dict
@@ -96,7 +96,8 @@ class Session:
     def __init__(self, broker_url: str, fleet: str, store: Store | None = None, *, long_running: bool = False,
                  stale_after_beats: int = DEFAULT_STALE_AFTER_BEATS, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                  max_concurrent_uploads: int = 8, keepalive_s: int = 15,
-                 tls_files: tuple[str, str, str] | None = None):
+                 tls_files: tuple[str, str, str] | None = None, sign_key=None,
+                 device_keys: Callable[[str], Any] | None = None):
         self.fleet = topics.validate_id(fleet, "fleet")
         self.store = store
         self.long_running = long_running
@@ -122,6 +123,10 @@ class Session:
 
             ident = pki.identity(store.home)  # the coordinator's certificate from `edgeprune pki init`
             tls_files = (str(ident.ca), str(ident.cert), str(ident.key)) if ident else None
+            if ident and sign_key is None:  # a secure fleet signs commands and verifies replies
+                sign_key, device_keys = pki.signing_keys(store.home)
+        self.sign_key = sign_key
+        self.device_keys = device_keys
         self.link = Link(broker_url, client_id=f"ep-{self.fleet}-{self.coordinator_id}", on_message=self._on_message,
                          on_connect=self._on_connect, will=will, keepalive_s=keepalive_s, name="coordinator",
                          tls_files=tls_files)
@@ -192,10 +197,27 @@ class Session:
             elif parsed.channel == "reply":
                 reply = serde.decode(Reply, payload)
                 self._check_sender(device_id, reply.device_id)
+                if self.device_keys is not None:
+                    self._verify_reply(reply)
                 self._heard(device_id, retained)
                 self._on_reply(reply)
         except ProtocolError as exc:
             self._reject(topic, exc)
+
+    def _verify_reply(self, reply: Reply) -> None:
+        """Unsigned or badly signed: logged, counted, and the request it answers fails with that reason."""
+        key = self.device_keys(reply.device_id)
+        try:
+            if key is None:
+                raise ProtocolError(ErrorCode.BAD_SIGNATURE, f"no signing key known for device {reply.device_id}")
+            signing.verify(reply, key, f"reply from {reply.device_id}")
+        except ProtocolError as exc:
+            with self._pending_lock:
+                pending = self._pending.pop(reply.id, None) if reply.id else None
+            if pending is not None and pending.device_id == reply.device_id and not pending.future.done():
+                pending.future.set_result(Reply(id=reply.id, device_id=reply.device_id, kind="error", ts=time.time(),
+                                                error=error_dict(exc.code, exc.message)))
+            raise
 
     @staticmethod
     def _check_sender(topic_id: str, claimed: str) -> None:
@@ -349,6 +371,8 @@ class Session:
         with self._pending_lock:
             self._pending[request_id] = _Pending(device_id, cmd, future, on_progress, time.monotonic())
         msg = Command(id=request_id, cmd=cmd, ts=time.time(), args=args or {}, timeout_s=timeout_s)
+        if self.sign_key is not None:
+            msg = signing.sign(msg, self.sign_key)
         self._publish(topics.device(self.fleet, device_id, "cmd"), serde.encode(msg))
         return request_id, future
 

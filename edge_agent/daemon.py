@@ -66,6 +66,7 @@ class _BlobWait:
 
 class Agent:
     REPLY_CACHE = 256  # replies kept to answer duplicate (QoS 1 re-delivered) commands
+    SEEN_KEEP = 100_000  # signed request ids remembered on disk against replays
 
     def __init__(self, settings: dict[str, Any]):
         self.settings = settings
@@ -89,6 +90,20 @@ class Agent:
         self._blob_lock = threading.Lock()
         self._stop = threading.Event()
         self.trainer = None  # edge_agent.trainer.Trainer, created on the first training command
+        # secure fleet: replies signed with the device key; commands must carry the coordinator's signature,
+        # be fresh, and use a request id never seen before (kept on disk, so a restart does not reopen replays)
+        self._sign_key = self._verify_key = None
+        self._seen_ids: set[str] = set()
+        self._seen_file = self.state_dir / "seen_requests"
+        if settings.get("sign_key") or settings.get("coordinator_key"):
+            from .protocol import signing
+
+            if settings.get("sign_key"):
+                self._sign_key = signing.load_private(settings["sign_key"])
+            if settings.get("coordinator_key"):
+                self._verify_key = signing.load_public(settings["coordinator_key"])
+                if self._seen_file.exists():
+                    self._seen_ids = set(self._seen_file.read_text().split()[-self.SEEN_KEEP:])
         self.t = {
             "status": topics.device(self.fleet, self.device_id, "status"),
             "caps": topics.device(self.fleet, self.device_id, "caps"),
@@ -199,6 +214,8 @@ class Agent:
             log.warning("refusing command: %s", exc)
             self.reply_error(serde.peek_request_id(payload), exc.code, exc.message)
             return
+        if self._verify_key is not None and not self._authentic(cmd):
+            return
         with self._replies_lock:
             if cmd.id in self._replies:
                 cached = self._replies[cmd.id]
@@ -227,6 +244,30 @@ class Agent:
                 return
             self.reply(cmd.id, "accepted", {"cmd": cmd.cmd})
             self._jobs.put(cmd)
+
+    def _authentic(self, cmd: Command) -> bool:
+        """Signed by the coordinator, fresh, and not a replay; else an error reply and a log line."""
+        from .protocol import signing
+
+        try:
+            signing.verify(cmd, self._verify_key, f"command {cmd.cmd}")
+            age = time.time() - cmd.ts
+            if abs(age) > self.settings["max_command_age_s"]:
+                raise ProtocolError(ErrorCode.REPLAYED, f"command {cmd.id} is {age:.0f} s old (limit "
+                                                        f"{self.settings['max_command_age_s']:.0f} s; check the clocks)")
+            with self._replies_lock:
+                if cmd.id in self._seen_ids:
+                    if cmd.id in self._replies and self._replies[cmd.id] is None:
+                        return False  # a QoS-1 re-delivery of a command still running: drop it quietly
+                    raise ProtocolError(ErrorCode.REPLAYED, f"request id {cmd.id} was already used")
+                self._seen_ids.add(cmd.id)
+                with open(self._seen_file, "a") as f:
+                    f.write(cmd.id + "\n")
+        except ProtocolError as exc:
+            log.warning("refusing command %s (%s): %s", cmd.id, cmd.cmd, exc)
+            self.reply_error(cmd.id, exc.code, exc.message)
+            return False
+        return True
 
     def _job_loop(self) -> None:
         while True:
@@ -267,6 +308,10 @@ class Agent:
             with self._replies_lock:
                 if reply.id in self._replies:
                     self._replies[reply.id] = reply
+        if self._sign_key is not None:
+            from .protocol import signing
+
+            reply = signing.sign(reply, self._sign_key)
         self.link.publish(self.t["reply"], serde.encode(reply))
 
     def progress(self, request_id: str, **info: Any) -> None:

@@ -392,15 +392,17 @@ def _log_tail(lay: Layout, mgr) -> str:
 
 
 def install_tls(lay: Layout, tls_dir: Path) -> dict:
-    """Copy the device's certificate, key and the fleet CA next to the config (0600); return the settings."""
+    """Copy the device's certificate and keys, the fleet CA and the coordinator's public signing key next to
+    the config (0600); return the settings that point at them."""
     dest = lay.config.parent / "tls"
     dest.mkdir(parents=True, exist_ok=True)
     os.chmod(dest, 0o700)
     out = {}
-    for setting, name in (("tls_ca", "ca.crt"), ("tls_cert", "device.crt"), ("tls_key", "device.key")):
+    for setting, name in (("tls_ca", "ca.crt"), ("tls_cert", "device.crt"), ("tls_key", "device.key"),
+                          ("sign_key", "device.sign.key"), ("coordinator_key", "coordinator.sign.pub")):
         src = tls_dir / name
         if not src.is_file():
-            raise InstallError(f"TLS file {name} missing from {tls_dir}")
+            raise InstallError(f"security file {name} missing from {tls_dir}")
         fd, tmp = tempfile.mkstemp(dir=dest)
         with os.fdopen(fd, "wb") as f:
             f.write(src.read_bytes())

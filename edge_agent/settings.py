@@ -57,6 +57,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("tls_ca", "", str, "mqtts:// only: the fleet CA certificate (PEM) the broker's certificate must chain to"),
     Setting("tls_cert", "", str, "mqtts:// only: this device's client certificate (PEM; its CN is the device id)"),
     Setting("tls_key", "", str, "mqtts:// only: this device's private key (PEM, keep it 0600)"),
+    Setting("sign_key", "", str, "this device's Ed25519 private key (PEM): every reply is signed with it"),
+    Setting("coordinator_key", "", str, "the coordinator's Ed25519 public key (PEM): when set, only signed, fresh, "
+                                        "never-seen commands are run"),
+    Setting("max_command_age_s", 300.0, float, "with coordinator_key: commands older (or newer) than this are refused as replays"),
     Setting("device_id", None, str, "this device's id, [A-Za-z0-9_-] (default: the host name)"),
     Setting("state_dir", None, str, "where the agent keeps its blob cache and outbox (default: ~/.local/state/edgeprune/agent-<device_id>)"),
     Setting("heartbeat_s", DEFAULT_HEARTBEAT_S, float, "seconds between heartbeats (retained status re-published)"),
@@ -164,7 +168,7 @@ def validate(values: dict[str, Any]) -> dict[str, Any]:
         address = parse_broker_url(values["broker"])
     except ValueError as exc:
         raise SettingsError(f"setting broker: {exc}") from None
-    for key in ("tls_ca", "tls_cert", "tls_key"):
+    for key in ("tls_ca", "tls_cert", "tls_key", "sign_key", "coordinator_key"):
         if values[key] and not os.path.isfile(values[key]):
             raise SettingsError(f"setting {key}: no such file {values[key]!r}")
     if bool(values["tls_cert"]) != bool(values["tls_key"]):

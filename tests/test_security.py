@@ -179,3 +179,96 @@ def test_agent_and_coordinator_work_over_tls(fleet, agents, tmp_path):
     with Session(b.url, FLEET, tls_files=(str(coord.ca), str(coord.cert), str(coord.key))).start(10) as s:
         assert s.wait_online(1, 20) == ["dev-A"], a.log_text()[-2000:]
         assert s.call("dev-A", "ping", timeout_s=10).ok
+
+
+# -- signatures and replays (independent of TLS: a plain Mosquitto here) ----------------------------
+
+def _raw(url_port: int):
+    got: queue.Queue = queue.Queue()
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
+    c.on_message = lambda cl, u, m: got.put(m.payload)
+    c.connect("127.0.0.1", url_port)
+    c.loop_start()
+    return c, got
+
+
+def _error_for(got: queue.Queue, request_id: str, timeout: float = 10.0):
+    import time as _t
+
+    from edge_agent.protocol import serde
+    from edge_agent.protocol.messages import Reply
+
+    end = _t.monotonic() + timeout
+    while _t.monotonic() < end:
+        try:
+            r = serde.decode(Reply, got.get(timeout=0.5))
+        except queue.Empty:
+            continue
+        if r.id == request_id and r.kind in ("error", "result"):
+            return r
+    raise AssertionError(f"no reply to {request_id}")
+
+
+def test_signed_commands_replies_and_replays(mosquitto, agents, tmp_path):
+    import time as _t
+
+    from coordinator.session import Session
+    from edge_agent.protocol import serde, signing
+    from edge_agent.protocol.messages import Command
+
+    home = tmp_path / "home"
+    pki.init(home)
+    dev = pki.issue(home, "dev-S")
+    pki.issue(home, "dev-W")
+    sign_key, device_keys = pki.signing_keys(home)
+    keys = ["--sign-key", str(dev.sign_key), "--coordinator-key", str(dev.coordinator_pub)]
+    state = tmp_path / "agent-dev-S"
+    a = agents(mosquitto.url, "dev-S", FLEET, *keys)
+    wrong = agents(mosquitto.url, "dev-W", FLEET, "--sign-key", str(dev.sign_key))  # signs with dev-S's key
+    unsigned = agents(mosquitto.url, "dev-U", FLEET)
+    with Session(mosquitto.url, FLEET, sign_key=sign_key, device_keys=device_keys).start(10) as s:
+        assert set(s.wait_online(3, 20)) == {"dev-S", "dev-W", "dev-U"}
+        assert s.call("dev-S", "ping", timeout_s=10).ok                       # signed both ways: works
+        for bad in ("dev-W", "dev-U"):                                         # replies that do not verify
+            r = s.call(bad, "ping", timeout_s=10)
+            assert r.error_code == "bad_signature", r
+        assert s.stats.rejected_reasons.get("bad_signature", 0) >= 2
+
+    raw, got = _raw(mosquitto.port)
+    raw.subscribe(topics.device(FLEET, "dev-S", "reply"), qos=1)
+    _t.sleep(0.3)
+    cmd_topic = topics.device(FLEET, "dev-S", "cmd")
+    good = signing.sign(Command(id="r-good", cmd="ping", ts=_t.time()), sign_key)
+    cases = {
+        "r-unsigned": (serde.encode(Command(id="r-unsigned", cmd="ping", ts=_t.time())), "bad_signature"),
+        "r-tampered": (serde.encode(signing.sign(Command(id="r-tampered", cmd="ping", ts=_t.time()), sign_key)
+                                    ).replace(b'"ping"', b'"bench"'), "bad_signature"),
+        "r-foreign": (serde.encode(signing.sign(Command(id="r-foreign", cmd="ping", ts=_t.time()),
+                                                signing.new_key())), "bad_signature"),
+        "r-old": (serde.encode(signing.sign(Command(id="r-old", cmd="ping", ts=_t.time() - 3600), sign_key)),
+                  "replayed"),
+    }
+    raw.publish(cmd_topic, serde.encode(good), qos=1)
+    assert _error_for(got, "r-good").kind == "result"
+    raw.publish(cmd_topic, serde.encode(good), qos=1)                     # the same signed bytes again
+    assert _error_for(got, "r-good").error_code == "replayed"
+    for rid, (payload, code) in cases.items():
+        raw.publish(cmd_topic, payload, qos=1)
+        assert _error_for(got, rid).error_code == code, rid
+
+    # a restart does not reopen the door: used request ids are kept on disk
+    a.terminate()
+    a2 = agents(mosquitto.url, "dev-S", FLEET, *keys)
+    assert (state / "seen_requests").read_text().split().count("r-good") == 1
+    deadline = _t.monotonic() + 20
+    while _t.monotonic() < deadline:  # wait until the restarted agent is subscribed
+        raw.publish(cmd_topic, serde.encode(good), qos=1)
+        try:
+            r = _error_for(got, "r-good", timeout=1.0)
+            break
+        except AssertionError:
+            continue
+    assert r.error_code == "replayed"
+    assert a2.alive() and wrong.alive() and unsigned.alive()
+    raw.loop_stop()
+    raw.disconnect()

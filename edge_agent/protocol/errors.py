@@ -17,6 +17,8 @@ class ErrorCode(str, enum.Enum):
     UNSUPPORTED = "unsupported"            # agent cannot do it (e.g. no TensorFlow)
     NOT_FOUND = "not_found"                # referenced blob/run unknown
     INTEGRITY = "integrity"                # hash mismatch, corrupted data
+    BAD_SIGNATURE = "bad_signature"        # unsigned, or the signature does not verify
+    REPLAYED = "replayed"                  # a request id already used, or too old / an earlier round
     REJECTED = "rejected"                  # valid message refused by policy (NaN update...)
     RESOURCES = "resources"                # not enough disk/RAM
     TIMEOUT = "timeout"

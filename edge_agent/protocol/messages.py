@@ -66,6 +66,7 @@ class Command:
     ts: float
     args: dict = field(default_factory=dict)
     timeout_s: float | None = None
+    sig: str | None = None  # Ed25519 by the coordinator, over signing.canonical(); required in a secure fleet
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,7 @@ class Reply:
     ts: float
     result: dict | None = None
     error: dict | None = None
+    sig: str | None = None  # Ed25519 by the device, over signing.canonical()
 
     @property
     def ok(self) -> bool:
