@@ -338,7 +338,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         num_classes=args.num_classes, devices=args.devices.split(",") if args.devices else None,
         wait_for_devices=args.wait_for, wait_timeout_s=args.wait_timeout, aggregation=args.aggregation,
         trim=args.trim, clip_norm=args.clip_norm, max_norm_ratio=args.max_norm_ratio)
+    resume = None
     try:
+        if args.resume:  # the run's own config; flags other than broker/fleet/home are ignored
+            from .rounds import resume_config
+
+            cfg, rec = resume_config(_store(args), args.resume)
+            resume = rec["run_id"]
+            cfg.round_timeout_s = args.round_timeout if args.round_timeout != 600.0 else cfg.round_timeout_s
         cfg.validate()
     except ValueError as exc:
         return output.fail(str(exc), code="bad_args", as_json=args.json, status=2)
@@ -349,7 +356,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     reporter = Reporter(quiet=args.json)
     try:
         session.discover(1.0)
-        summary = train(cfg, session, session.store, reporter)
+        summary = train(cfg, session, session.store, reporter, resume=resume)
     except ValueError as exc:
         return output.fail(str(exc), code="bad_args", as_json=args.json, status=2)
     except KeyboardInterrupt:
@@ -685,6 +692,9 @@ For a device without network, write the bundle and install it by hand:
     p.add_argument("--devices", help="comma-separated device ids to use (default: all online that can train)")
     p.add_argument("--wait-for", type=int, default=0, help="wait until this many trainable devices are online")
     p.add_argument("--wait-timeout", type=float, default=60.0, help="seconds --wait-for waits (default 60)")
+    p.add_argument("--resume", metavar="RUN",
+                   help="continue an interrupted run (coordinator killed, machine rebooted) after its last recorded "
+                        "round, with the run's own settings: no completed round is repeated or lost")
     p.add_argument("--chunk-bytes", type=int, default=DEFAULT_CHUNK_BYTES,
                    help=f"bytes per MQTT message when sending models (default {DEFAULT_CHUNK_BYTES}; keep under "
                         "the broker's limit: EMQX 1 MB, AWS IoT 128 KB)")

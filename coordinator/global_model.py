@@ -90,6 +90,15 @@ class GlobalModel:
                                 compression="zstd", meta=meta)
         return codec.encode(self.weights, names=self.names, kind="model", values="fp32", compression="none", meta=meta)
 
+    def load(self, path: Path) -> None:
+        """Weights and masks from a saved round (resume)."""
+        bundle = codec.decode(path.read_bytes(), reference=self.weights)
+        if bundle.names != self.names:
+            raise ValueError(f"{path} does not hold this run's model")
+        self.weights = bundle.tensors
+        if self.pruning_on:
+            self.masks = [m if i.kind else None for m, i in zip(bundle.masks, self.infos)]
+
     def evaluate(self, dataset) -> dict[str, float]:
         if dataset is None:
             return {}

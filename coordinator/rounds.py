@@ -17,7 +17,7 @@ import secrets
 import time
 import zlib
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -145,16 +145,36 @@ def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
 
 
-def train(cfg: TrainConfig, session: Session, store: Store, reporter: Reporter) -> dict[str, Any]:
-    """Run a whole federated training job; return its summary (also stored)."""
+def resume_config(store: Store, run_id: str) -> tuple[TrainConfig, dict]:
+    """The stored config of an unfinished run, and the run record (ValueError if it cannot resume)."""
+    rec = store.run(run_id)
+    if rec is None or rec["kind"] != "train":
+        raise ValueError(f"no training run {run_id!r} (edgeprune runs lists them)")
+    if rec["state"] == "done":
+        raise ValueError(f"run {rec['run_id']} is already complete")
+    known = {f.name for f in fields(TrainConfig)}
+    cfg = TrainConfig(**{k: v for k, v in rec["config"].items() if k in known})
+    if cfg.input_shape is not None:
+        cfg.input_shape = tuple(cfg.input_shape)
+    return cfg, rec
+
+
+def train(cfg: TrainConfig, session: Session, store: Store, reporter: Reporter,
+          resume: str | None = None) -> dict[str, Any]:
+    """Run a whole federated training job; return its summary (also stored).
+
+    ``resume``: continue an interrupted run after its last *recorded* round. Each round's global model is
+    written (atomically) before the round is recorded, so a crash repeats no completed round and loses none.
+    """
     cfg.validate()
     from edge_agent import tfenv
 
     from .global_model import GlobalModel, load_eval_data
 
-    run_id = new_run_id()
+    run_id = resume or new_run_id()
     run = Run(cfg, session, store, reporter, run_id, store.home / "runs" / run_id)
     t0, phases = time.perf_counter(), Timer()
+    first_round = 1
     with phases("setup"):
         for dev in _eligible(run):  # workers import TensorFlow while we do the same
             session.submit(dev, "train_prepare", {"run_id": run_id})
@@ -165,12 +185,22 @@ def train(cfg: TrainConfig, session: Session, store: Store, reporter: Reporter) 
         run.gm = GlobalModel.create(cfg.model, shape, classes, cfg.granularity, cfg.pruning_on, cfg.seed)
         for layer, why in run.gm.layer_report["dense"].items():
             reporter.warn(f"layer {layer} stays dense: {why}")
-        store.create_run(run.run_id, session.fleet, "train", {
-            **asdict(cfg), "num_params": run.gm.num_params, "dense_fp32_bytes": run.gm.dense_fp32_bytes,
-            "layers": run.gm.layer_report, "tensors": [{"name": n, "shape": list(s), "pruned": i.kind}
-                                                       for n, s, i in zip(run.gm.names, run.gm.shapes, run.gm.infos)]})
+        if resume:
+            run.rows = store.rounds(run_id)
+            if run.rows:
+                last = run.rows[-1]["round"]
+                run.gm.load(run.run_dir / f"round-{last:04d}.ept")
+                first_round = last + 1
+            store.set_run_state(run_id, "running")
+        else:
+            store.create_run(run.run_id, session.fleet, "train", {
+                **asdict(cfg), "num_params": run.gm.num_params, "dense_fp32_bytes": run.gm.dense_fp32_bytes,
+                "layers": run.gm.layer_report, "tensors": [{"name": n, "shape": list(s), "pruned": i.kind}
+                                                           for n, s, i in zip(run.gm.names, run.gm.shapes, run.gm.infos)]})
         run.run_dir.mkdir(parents=True, exist_ok=True)
         run.tb = tf.summary.create_file_writer(str(run.run_dir / "tensorboard"))
+    if resume:
+        reporter.say(f"run {run.run_id}: resuming after round {first_round - 1} of {cfg.rounds}")
     reporter.say(f"run {run.run_id}: {cfg.model} ({run.gm.num_params:,} parameters), {cfg.rounds} rounds, "
                  f"target sparsity {cfg.sparsity:.0%} ({cfg.schedule}, {cfg.granularity}), fleet {session.fleet}")
     state, baseline = "failed", {}
@@ -180,7 +210,7 @@ def train(cfg: TrainConfig, session: Session, store: Store, reporter: Reporter) 
         with phases("rounds"):
             baseline = run.gm.evaluate(run.eval_set)
             reporter.round_header()
-            for rnd in range(1, cfg.rounds + 1):
+            for rnd in range(first_round, cfg.rounds + 1):
                 row = _round(run, rnd)
                 run.rows.append(row)
                 reporter.round_done(row)
@@ -312,7 +342,8 @@ def _round(run: Run, rnd: int) -> dict[str, Any]:
         "dense_fp32_bytes": gm.dense_fp32_bytes,
     }
     with t("persist"):
-        gm.save(run.run_dir, "latest")
+        gm.save(run.run_dir, f"round-{rnd:04d}")  # the resume point, written before the round is recorded
+        (run.run_dir / f"round-{rnd - 2:04d}.ept").unlink(missing_ok=True)
         with run.tb.as_default():
             import tensorflow as tf  # already loaded by tfenv
 

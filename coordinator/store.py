@@ -153,6 +153,9 @@ class Store:
         self._exec("INSERT INTO runs(run_id, fleet, kind, state, created, config_json) VALUES (?,?,?,?,?,?)",
                    (run_id, fleet, kind, "running", time.time(), json.dumps(config)))
 
+    def set_run_state(self, run_id: str, state: str) -> None:
+        self._exec("UPDATE runs SET state=? WHERE run_id=?", (state, run_id))
+
     def finish_run(self, run_id: str, state: str, summary: dict) -> None:
         self._exec("UPDATE runs SET state=?, finished=?, summary_json=? WHERE run_id=?",
                    (state, time.time(), json.dumps(summary), run_id))

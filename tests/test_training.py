@@ -103,3 +103,43 @@ def test_round_survives_bad_and_vanishing_clients(mosquitto, agents, session_fac
     assert "offline" in rounds[1]["failure_reasons"]["pi1"]
     assert rounds[1]["sparsity"] == pytest.approx(0.5, abs=0.002)
     assert good[0].alive()
+
+
+def test_resume_after_coordinator_kill9(mosquitto, agents, tmp_path):
+    """kill -9 the coordinator during round 3 of 4; `train --resume` finishes with rounds 1-4 each recorded
+    once, continuing from the saved round-2 model (same weights, not a restart)."""
+    import signal
+
+    from coordinator.store import Store
+
+    start_fleet(agents, mosquitto.url, 2, fleet="rs")
+    home = tmp_path / "home"
+    base = [sys.executable, "-m", "coordinator", "train", "--broker", mosquitto.url, "--fleet", "rs",
+            "--home", str(home), "--json"]
+    coord = subprocess.Popen(base + ["--rounds", "4", "--sparsity", "0.5", "--local-epochs", "1", "--wait-for", "2",
+                                     "--seed", "3"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    store = Store(home)
+    run = wait_until(lambda: (store.runs("train") or [None])[0], 120)
+    assert run, coord.stderr.read().decode()[-2000:] if coord.poll() is not None else "no run"
+    run_id = run["run_id"]
+    assert wait_until(lambda: len(store.rounds(run_id)) >= 2, 240), "rounds 1-2 did not finish"
+    coord.send_signal(signal.SIGKILL)
+    coord.wait(10)
+    before = store.rounds(run_id)
+    done = [r["round"] for r in before]
+    assert done[:2] == [1, 2] and len(done) < 4
+    saved = codec.decode((home / "runs" / run_id / f"round-{done[-1]:04d}.ept").read_bytes())
+
+    out = subprocess.run(base + ["--resume", run_id[:15]], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads(out.stdout)
+    assert summary["run_id"] == run_id and summary["state"] == "done"
+    rounds = store.rounds(run_id)
+    assert [r["round"] for r in rounds] == [1, 2, 3, 4]  # none lost
+    assert [r["started"] for r in rounds[:len(before)]] == [r["started"] for r in before]  # none repeated
+    assert all(r["clients_ok"] == 2 for r in rounds)
+    assert rounds[-1]["sparsity"] == pytest.approx(0.5, abs=0.002)
+    first_resumed = done[-1] + 1
+    clients = [c for c in store.client_rounds(run_id) if c["round"] == first_resumed]
+    assert len(clients) == 2 and all(c["ok"] for c in clients)
+    assert saved.meta.get("tag") == f"round-{done[-1]:04d}"
