@@ -93,6 +93,7 @@ def bench(session: Session, store: Store, artifacts: list[dict], devices: list[s
             store.save_bench_result(bench_id, run_id, dev, {**r, "device": {
                 k: reply.result.get(k) for k in ("board", "threads_requested", "order", "wall_s")},
                 "thermal": reply.result.get("thermal")})
+        session.submit(dev, "ack", {"ids": [reply.id]})  # stored: the device may drop it from its outbox
     for ref in refs:
         session.clear_blob(ref["sha256"])
     summary = {"bench_id": bench_id, "run_id": run_id, "devices": results, "wall_s": round(time.perf_counter() - t0, 3)}

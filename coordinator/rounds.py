@@ -381,11 +381,14 @@ def _collect(run: Run, rnd: int, dev: str, reply, targets: list[float], agg: Mas
             tensors = clip_update(upd.tensors, gm.weights, run.cfg.clip_norm) if run.cfg.clip_norm else upd.tensors
             agg.add(tensors, upd.masks, float(result["metrics"]["num_samples"]))
     except (ProtocolError, UpdateRejected, KeyError, TypeError) as exc:
+        if isinstance(exc, UpdateRejected):
+            s.submit(dev, "ack", {"ids": [reply.id]})  # a definitive no: sending it again will not help
         msg = f"update rejected: {exc}"
         run.reporter.warn(f"{dev}, round {rnd}: {msg}")
         run.store.save_client_round(run.run_id, rnd, dev, False, None, None, result.get("metrics"), msg)
         return msg
     run.counted.add((dev, rnd))
+    s.submit(dev, "ack", {"ids": [reply.id]})  # the device may drop it from its outbox now
     bytes_up[dev] = len(data)
     run.store.save_client_round(run.run_id, rnd, dev, True, result["metrics"].get("model_bytes"), len(data),
                                 result["metrics"], None)

@@ -29,6 +29,9 @@ from .store import Store
 
 log = logging.getLogger("coordinator.session")
 
+OFFLINE_GRACE_S = 15.0  # a device that went offline may come back and re-send finished results
+RESETTLE_S = 3.0        # after it comes back: time for its outbox to arrive before older requests fail
+
 
 def new_id(prefix: str = "") -> str:
     return prefix + secrets.token_hex(8)
@@ -97,7 +100,7 @@ class Session:
                  stale_after_beats: int = DEFAULT_STALE_AFTER_BEATS, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                  max_concurrent_uploads: int = 8, keepalive_s: int = 15,
                  tls_files: tuple[str, str, str] | None = None, sign_key=None,
-                 device_keys: Callable[[str], Any] | None = None):
+                 device_keys: Callable[[str], Any] | None = None, offline_grace_s: float = OFFLINE_GRACE_S):
         self.fleet = topics.validate_id(fleet, "fleet")
         self.store = store
         self.long_running = long_running
@@ -127,6 +130,9 @@ class Session:
                 sign_key, device_keys = pki.signing_keys(store.home)
         self.sign_key = sign_key
         self.device_keys = device_keys
+        self.offline_grace_s = offline_grace_s
+        self._offline_since: dict[str, float] = {}
+        self._grace_timers: dict[str, threading.Timer] = {}
         self.link = Link(broker_url, client_id=f"ep-{self.fleet}-{self.coordinator_id}", on_message=self._on_message,
                          on_connect=self._on_connect, will=will, keepalive_s=keepalive_s, name="coordinator",
                          tls_files=tls_files)
@@ -142,6 +148,8 @@ class Session:
         return self
 
     def close(self) -> None:
+        for timer in list(self._grace_timers.values()):
+            timer.cancel()
         for sha in list(self._published):
             self.clear_blob(sha)
         final = [(self._t_status, self._coordinator_msg("offline"), True)] if self.long_running else []
@@ -248,8 +256,13 @@ class Session:
         view = self._view(device_id)
         view.status = status
         self._heard(device_id, retained)
-        if status.state == "offline":
-            self._fail_pending(device_id, ErrorCode.TIMEOUT, "device went offline")
+        if not retained:
+            if status.state == "offline":
+                # not failed at once: a restarted agent re-sends finished results from its outbox
+                self._offline_since.setdefault(device_id, time.monotonic())
+                self._arm(device_id, self.offline_grace_s)
+            elif device_id in self._offline_since:
+                self._arm(device_id, RESETTLE_S)
         if self.store is not None:
             self.store.upsert_device(self.fleet, device_id, self.state_of(view), status=asdict(status),
                                      seen=view.last_seen_wall if not retained else None)
@@ -391,9 +404,30 @@ class Session:
             return Reply(id=request_id, device_id=device_id, kind="error", ts=time.time(),
                          error=error_dict(ErrorCode.TIMEOUT, f"no reply to {cmd} within {timeout_s:.1f} s"))
 
-    def _fail_pending(self, device_id: str, code: ErrorCode, message: str) -> None:
+    def _arm(self, device_id: str, delay_s: float) -> None:
+        old = self._grace_timers.pop(device_id, None)
+        if old is not None:
+            old.cancel()
+        timer = threading.Timer(delay_s, self._expire_offline, [device_id])
+        timer.daemon = True
+        self._grace_timers[device_id] = timer
+        timer.start()
+
+    def _expire_offline(self, device_id: str) -> None:
+        """Requests sent before the device went away and still unanswered are lost: fail them now."""
+        since = self._offline_since.pop(device_id, None)
+        self._grace_timers.pop(device_id, None)
+        if since is None:
+            return
+        view = self.views.get(device_id)
+        gone = view is None or view.status is None or view.status.state == "offline"
+        self._fail_pending(device_id, ErrorCode.TIMEOUT, "device went offline" if gone else
+                           "device restarted and the request was lost with it", before=since)
+
+    def _fail_pending(self, device_id: str, code: ErrorCode, message: str, before: float | None = None) -> None:
         with self._pending_lock:
-            failed = [(rid, p) for rid, p in self._pending.items() if p.device_id == device_id]
+            failed = [(rid, p) for rid, p in self._pending.items()
+                      if p.device_id == device_id and (before is None or p.sent < before)]
             for rid, _ in failed:
                 del self._pending[rid]
         for rid, p in failed:

@@ -58,7 +58,7 @@ def _train_begin(agent: Agent, cmd: Command) -> dict[str, Any]:
     return trainer.begin(run_id, {**msg, "arch": arch_json})
 
 
-@command("train_round", mode="job", help="Train one round on local data; keep the sparse update for the coordinator.")
+@command("train_round", mode="job", durable=True, help="Train one round on local data; keep the sparse update for the coordinator.")
 def _train_round(agent: Agent, cmd: Command) -> dict[str, Any]:
     run_id = topics.validate_id(_arg(cmd, "run_id", str, required=True), "run id")
     rnd = _arg(cmd, "round", int, required=True)
@@ -92,7 +92,7 @@ def _train_status(agent: Agent, cmd: Command) -> dict[str, Any]:
     return {"run_id": t.run_id if t else None, "worker_alive": bool(t and t.alive), "worker_pid": t.pid if t else None}
 
 
-@command("bench", mode="job", help="Benchmark TFLite artifacts on this device (fetched by hash, cached).")
+@command("bench", mode="job", durable=True, help="Benchmark TFLite artifacts on this device (fetched by hash, cached).")
 def _bench(agent: Agent, cmd: Command) -> dict[str, Any]:
     from . import bench, sensors
 

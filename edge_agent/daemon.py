@@ -16,6 +16,7 @@ silent and never dies of bad input.
 
 from __future__ import annotations
 
+import os
 import logging
 import queue
 import threading
@@ -44,17 +45,22 @@ class CommandSpec:
     fn: Handler
     mode: str  # "inline" (network thread), "io" (io pool) or "job" (the one job thread; device busy)
     help: str
+    durable: bool = False  # the result goes to the on-disk outbox until the coordinator acknowledges it
 
 
 COMMANDS: dict[str, CommandSpec] = {}
 
 
-def command(name: str, mode: str = "inline", help: str = ""):
+def command(name: str, mode: str = "inline", help: str = "", durable: bool = False):
     """Register a command handler. Handlers return a result dict or raise ProtocolError."""
     def deco(fn: Handler) -> Handler:
-        COMMANDS[name] = CommandSpec(fn, mode, help or next(iter((fn.__doc__ or "").strip().splitlines()), ""))
+        COMMANDS[name] = CommandSpec(fn, mode, help or next(iter((fn.__doc__ or "").strip().splitlines()), ""),
+                                     durable)
         return fn
     return deco
+
+
+OUTBOX_MAX_AGE_S = 7 * 86400  # unacknowledged results older than this are dropped
 
 
 class _BlobWait:
@@ -75,6 +81,8 @@ class Agent:
         self.state_dir = Path(settings["state_dir"])
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.blobs = BlobStore(self.state_dir / "blobs")
+        self.outbox = self.state_dir / "outbox"  # finished results not yet acknowledged (survive restarts)
+        self.outbox.mkdir(exist_ok=True)
         self.started = time.time()
         self._seq = 0
         self._task: str | None = None
@@ -118,7 +126,7 @@ class Agent:
             settings["broker"],
             client_id=f"ep-{self.fleet}-{self.device_id}",
             on_message=self._on_message,
-            on_connect=self._announce,
+            on_connect=self._on_connect,
             will=will,
             keepalive_s=settings["keepalive_s"],
             reconnect_min_s=settings["reconnect_min_s"],
@@ -171,6 +179,36 @@ class Agent:
         if self.link.connected.is_set() and not self._stop.is_set():
             self.link.publish(self.t["status"], serde.encode(self._status_msg()), retain=True)
 
+    def _on_connect(self) -> None:
+        self._announce()
+        self._outbox_replay()
+
+    def _outbox_replay(self) -> None:
+        """Send again every finished result the coordinator has not acknowledged (lost on a restart or
+        while the broker was away). The coordinator counts each (device, round) once."""
+        now = time.time()
+        for path in sorted(self.outbox.glob("*.json")):
+            try:
+                if now - path.stat().st_mtime > OUTBOX_MAX_AGE_S:
+                    path.unlink()
+                    continue
+                reply = serde.decode(Reply, path.read_bytes())
+            except (OSError, ProtocolError) as exc:
+                log.warning("dropping unreadable outbox entry %s: %s", path.name, exc)
+                path.unlink(missing_ok=True)
+                continue
+            log.info("re-sending unacknowledged result %s", reply.id)
+            self._publish_reply(reply, remember=False)
+
+    def acknowledge(self, request_ids: list[str]) -> int:
+        removed = 0
+        for rid in request_ids:
+            path = self.outbox / f"{topics.validate_id(rid, 'request id')}.json"
+            if path.exists():
+                path.unlink()
+                removed += 1
+        return removed
+
     def _announce(self) -> None:
         """After every (re)connect and when the coordinator comes online: capabilities, then status."""
         self.link.publish(self.t["caps"], serde.encode(self.capabilities()), retain=True)
@@ -199,6 +237,7 @@ class Agent:
                 return
             if msg.state == "online" and not retained:  # a replayed retained one: we announced on connect
                 self._announce()
+                self._outbox_replay()  # a coordinator that was away missed what we sent meanwhile
         elif topic.startswith(self._blob_prefix):
             self._on_blob_chunk(topic, payload)
         else:
@@ -292,12 +331,18 @@ class Agent:
             log.exception("command %s (%s) crashed", cmd.id, cmd.cmd)
             self.reply_error(cmd.id, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
         else:
-            self.reply(cmd.id, "result", result)
+            self.reply(cmd.id, "result", result, durable=spec.durable)
 
     # -- outgoing --------------------------------------------------------
-    def reply(self, request_id: str | None, kind: str, result: dict[str, Any] | None = None) -> None:
-        self._publish_reply(Reply(id=request_id, device_id=self.device_id, kind=kind, ts=time.time(), result=result),
-                            remember=kind == "result")
+    def reply(self, request_id: str | None, kind: str, result: dict[str, Any] | None = None,
+              durable: bool = False) -> None:
+        reply = Reply(id=request_id, device_id=self.device_id, kind=kind, ts=time.time(), result=result)
+        if durable and request_id is not None:  # on disk before it goes out: a crash after this loses nothing
+            path = self.outbox / f"{request_id}.json"
+            tmp = path.with_suffix(".tmp")
+            tmp.write_bytes(serde.encode(reply))
+            os.replace(tmp, path)
+        self._publish_reply(reply, remember=kind == "result")
 
     def reply_error(self, request_id: str | None, code: ErrorCode, message: str) -> None:
         self._publish_reply(Reply(id=request_id, device_id=self.device_id, kind="error", ts=time.time(),
@@ -400,6 +445,14 @@ def _caps(agent: Agent, cmd: Command) -> dict[str, Any]:
 @command("commands", help="List the commands this agent understands.")
 def _commands(agent: Agent, cmd: Command) -> dict[str, Any]:
     return {"commands": {name: {"mode": spec.mode, "help": spec.help} for name, spec in sorted(COMMANDS.items())}}
+
+
+@command("ack", mode="inline", help="The coordinator has processed these results: drop them from the outbox.")
+def _ack(agent: Agent, cmd: Command) -> dict[str, Any]:
+    ids = cmd.args.get("ids")
+    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids) or len(ids) > 1000:
+        raise ProtocolError(ErrorCode.BAD_ARGS, "ack: ids must be a list of request ids")
+    return {"removed": agent.acknowledge(ids)}
 
 
 @command("blob_get", mode="io", help="Upload a stored blob (an update or result) as chunks on the data topic.")

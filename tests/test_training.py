@@ -143,3 +143,41 @@ def test_resume_after_coordinator_kill9(mosquitto, agents, tmp_path):
     clients = [c for c in store.client_rounds(run_id) if c["round"] == first_resumed]
     assert len(clients) == 2 and all(c["ok"] for c in clients)
     assert saved.meta.get("tag") == f"round-{done[-1]:04d}"
+
+
+def test_finished_update_survives_broker_outage_and_agent_restart(mosquitto, agents, tmp_path):
+    """pi1 finishes its round while the broker is down, then is killed (its reply never left). After the
+    broker and pi1 restart, pi1 re-sends the result from its outbox, the round counts it once, and the
+    acknowledgement empties the outbox."""
+    from coordinator import broker as broker_mod
+    from coordinator.session import Session
+    from coordinator.store import Store
+
+    procs = start_fleet(agents, mosquitto.url, 2, fleet="ob")
+    outbox = tmp_path / "agent-pi1" / "outbox"
+    s = Session(mosquitto.url, "ob", Store(tmp_path / "home"), long_running=True, offline_grace_s=60).start(10)
+    assert s.wait_for(lambda rows: sum(r["state"] == "online" and r["caps"] is not None for r in rows) == 2, 30)
+    result: dict = {}
+    worker = threading.Thread(target=lambda: result.update(train(
+        TrainConfig(rounds=1, sparsity=0.5, local_epochs=6, seed=2, round_timeout_s=240), s, s.store,
+        Reporter(quiet=True))), daemon=True)
+    worker.start()
+    assert wait_until(lambda: (s.views.get("pi1") and s.views["pi1"].status.task == "train_round"), 120)
+    mosquitto.stop()  # the broker goes away while pi1 trains
+    assert wait_until(lambda: list(outbox.glob("*.json")), 120), "pi1 did not finish its round"
+    procs[1].kill9()  # ... and pi1 dies before anyone heard its result
+    restarted = broker_mod.start("mosquitto", "127.0.0.1", mosquitto.port, tmp_path / "broker2",
+                                 log_file=tmp_path / "broker2.log")
+    try:
+        agents(mosquitto.url, "pi1", "ob", "--data", "digits", "--data-shard", "1/2", "--train-threads", "1",
+               "--heartbeat-s", "1", "--keepalive-s", "5")
+        worker.join(300)
+        assert result.get("state") == "done", result
+        row = s.store.rounds(result["run_id"])[0]
+        assert row["clients_ok"] == 2 and row["failures"] == 0, row["failure_reasons"]
+        ok = [c["device_id"] for c in s.store.client_rounds(result["run_id"]) if c["ok"]]
+        assert sorted(ok) == ["pi0", "pi1"]  # each (device, round) once
+        assert wait_until(lambda: not list(outbox.glob("*.json")), 20)  # acknowledged, dropped
+    finally:
+        s.close()
+        restarted.stop()
