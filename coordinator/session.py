@@ -262,7 +262,14 @@ class Session:
                 self._offline_since.setdefault(device_id, time.monotonic())
                 self._arm(device_id, self.offline_grace_s)
             elif device_id in self._offline_since:
-                self._arm(device_id, RESETTLE_S)
+                away = time.monotonic() - self._offline_since[device_id]
+                if status.uptime_s > away + 1.0:  # the same agent process: the network broke, not the device
+                    timer = self._grace_timers.pop(device_id, None)
+                    if timer is not None:
+                        timer.cancel()
+                    self._offline_since.pop(device_id, None)
+                else:  # a new process: give its outbox a moment, then fail what it cannot answer any more
+                    self._arm(device_id, RESETTLE_S)
         if self.store is not None:
             self.store.upsert_device(self.fleet, device_id, self.state_of(view), status=asdict(status),
                                      seen=view.last_seen_wall if not retained else None)
