@@ -32,7 +32,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from . import commands  # noqa: F401  (registers training and benchmark commands; imports nothing heavy)
     from .daemon import Agent
 
-    agent = Agent(values)
+    try:
+        agent = Agent(values)
+    except (ImportError, ValueError, OSError) as exc:  # keys, state dir: a restart will not fix it
+        print(f"edgeprune-agent: cannot start: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
 
     def _graceful(signum, frame):
         agent.stop()

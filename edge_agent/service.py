@@ -164,6 +164,7 @@ def unit_text(lay: Layout) -> str:
         f"ExecStart={lay.current}/bin/python -m edge_agent.cli run --config {lay.config}",
         "Restart=on-failure",
         "RestartSec=5",
+        "RestartPreventExitStatus=2",  # bad settings or keys: restarting cannot help
         "Environment=PYTHONUNBUFFERED=1",
         "",
         "[Install]",
@@ -345,6 +346,9 @@ def supervise(lay: Layout) -> int:
                     child.kill()
             if stopping or rc == 0:
                 return 0
+            if rc == 2:  # bad settings or keys (the agent said why above): restarting cannot help
+                print("edgeprune supervisor: the agent cannot start with this configuration; not restarting", flush=True)
+                return 2
             delay = RESTART_DELAY_S[0] if time.monotonic() - started > 60 else min(delay * 2, RESTART_DELAY_S[1])
             print(f"edgeprune supervisor: agent exited with {rc}; restarting in {delay:.0f} s", flush=True)
             end = time.monotonic() + delay
