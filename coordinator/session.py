@@ -256,6 +256,9 @@ class Session:
         view = self._view(device_id)
         view.status = status
         self._heard(device_id, retained)
+        if self.store is not None:
+            self.store.upsert_device(self.fleet, device_id, self.state_of(view), status=asdict(status),
+                                     seen=view.last_seen_wall if not retained else None)
         if not retained:
             if status.state == "offline":
                 # not failed at once: a restarted agent re-sends finished results from its outbox
@@ -270,9 +273,6 @@ class Session:
                     self._offline_since.pop(device_id, None)
                 else:  # a new process: give its outbox a moment, then fail what it cannot answer any more
                     self._arm(device_id, RESETTLE_S)
-        if self.store is not None:
-            self.store.upsert_device(self.fleet, device_id, self.state_of(view), status=asdict(status),
-                                     seen=view.last_seen_wall if not retained else None)
         self._notify()
 
     def _on_caps(self, device_id: str, caps: dict, retained: bool) -> None:

@@ -42,6 +42,7 @@ is the receiver's policy (the aggregator rejects NaN/Inf updates).
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import struct
@@ -214,7 +215,10 @@ def decode(data: bytes, reference: Sequence[np.ndarray] | None = None,
     body = data[offset:]
     if header.get("compression") == "zstd":
         try:
-            body = _zstd().ZstdDecompressor().decompress(body, max_output_size=body_len)
+            # stream with a cap: memory follows the bytes really there, never what a header claims
+            # (decompress(max_output_size=...) allocates the claimed size up front: fuzzing hit MemoryError)
+            with _zstd().ZstdDecompressor().stream_reader(io.BytesIO(body)) as reader:
+                body = reader.read(body_len + 1)
         except _zstd().ZstdError as exc:
             raise ProtocolError(ErrorCode.MALFORMED, f"tensor bundle body does not decompress: {exc}") from None
     elif header.get("compression") != "none":
