@@ -146,10 +146,13 @@ def clip_update(tensors: list[np.ndarray], reference: list[np.ndarray], clip_nor
 
 
 def _trimmed_mean(stack: np.ndarray, trim: float) -> np.ndarray:
-    """Per position: drop floor(trim * k) lowest and highest of the k values present (NaN = absent)."""
+    """Per position: drop floor(trim * k) lowest and highest of the k values present (NaN = absent),
+    at least one at each end once k >= 3 (else a small fleet would trim nothing)."""
     srt = np.sort(stack, axis=0)  # NaNs sort last
     k = np.sum(~np.isnan(stack), axis=0)
     cut = np.floor(trim * k)
+    if trim > 0:
+        cut = np.where(k >= 3, np.maximum(cut, 1), cut)
     idx = np.arange(stack.shape[0]).reshape((-1,) + (1,) * (stack.ndim - 1))
     keep = (idx >= cut) & (idx < k - cut)
     total = np.sum(np.where(keep, srt, 0.0), axis=0)
@@ -160,7 +163,8 @@ def _trimmed_mean(stack: np.ndarray, trim: float) -> np.ndarray:
 class RobustFedAvg(MaskedFedAvg):
     """Coordinate-wise median or trimmed mean among the clients that kept each position.
 
-    The mask policy still works from the streaming sums; only the values change.
+    The mask policy still works from the streaming (FedAvg) sums, so which weights survive is
+    decided by the sample-weighted consensus; only the surviving values are robust statistics.
     Unlike FedAvg this keeps every update of the round: memory O(clients x model).
     Client weights (sample counts) do not enter the robust statistics.
     """

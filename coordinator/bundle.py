@@ -253,7 +253,7 @@ def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes, mode: int) -> None:
 def cached_build(platform: Platform, home: Path, *, train: bool = False, offline: bool = False,
                  say=lambda msg: None) -> dict:
     """Reuse the bundle for this platform + source if it exists, else build it."""
-    key = f"{bundle_name(platform, train)}-{source_digest()}"
+    key = f"{bundle_name(platform, train)}-glibc{platform.glibc[0]}.{platform.glibc[1]}-{source_digest()}"
     path = home / "bundles" / f"{key}.tar.gz"
     meta = path.with_suffix(".json")
     if path.is_file() and meta.is_file():
@@ -261,7 +261,7 @@ def cached_build(platform: Platform, home: Path, *, train: bool = False, offline
         manifest["reused"] = True
         say(f"reusing bundle {path.name}")
         return manifest
-    for old in (home / "bundles").glob(f"{bundle_name(platform, train)}-*"):  # older source versions
+    for old in (home / "bundles").glob(f"{bundle_name(platform, train)}-glibc*"):  # older source versions
         old.unlink(missing_ok=True)
     manifest = build(platform, path, train=train, offline=offline, say=say)
     meta.write_text(json.dumps(manifest, indent=2))

@@ -68,6 +68,9 @@ def cmd_broker(args: argparse.Namespace) -> int:
 
     home = Path(args.home) if args.home else default_home()
     if args.secure:
+        if args.embedded:
+            return output.fail("--secure needs Mosquitto; the embedded broker has no TLS, certificates or ACL",
+                               code="usage", as_json=args.json, status=2)
         if broker.mosquitto_path() is None:
             return output.fail("--secure needs Mosquitto (apt-get install mosquitto)", code="no_mosquitto", as_json=args.json)
         if pki.identity(home) is None:
@@ -278,7 +281,10 @@ def cmd_flash(args: argparse.Namespace) -> int:
     finally:
         session.close()
     if caps is None:
-        undone = undo_after_timeout(ssh, install.get("first_install", True))
+        try:
+            undone = undo_after_timeout(ssh, install.get("first_install", True))
+        except FlashError as exc:
+            undone = f"then failed to undo it: {exc}"
         return output.fail(f"{args.device_id} was installed but did not come online within {args.online_timeout:.0f} s, "
                            f"so flash {undone}. Check that the device reaches {args.broker} with the fleet's "
                            f"credentials; the agent's log: {install.get('service_detail')}",

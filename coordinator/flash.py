@@ -19,7 +19,7 @@ import json
 import re
 import shlex
 import subprocess
-import time
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -88,24 +88,34 @@ class Ssh:
         proc = subprocess.Popen([*self._ssh(), remote], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
         assert proc.stdin and proc.stdout and proc.stderr
-        proc.stdin.write(script)
-        proc.stdin.close()
         out_lines: list[str] = []
-        deadline = time.monotonic() + timeout
-        for line in proc.stdout:
-            out_lines.append(line)
-            if on_line:
-                on_line(line.rstrip("\n"))
-            if time.monotonic() > deadline:
-                proc.kill()
-                break
+        err_parts: list[str] = []
+
+        def pump_out() -> None:  # streamed for progress; a reader per pipe so neither can fill and block ssh
+            for line in proc.stdout:
+                out_lines.append(line)
+                if on_line:
+                    on_line(line.rstrip("\n"))
+
+        readers = [threading.Thread(target=pump_out, daemon=True),
+                   threading.Thread(target=lambda: err_parts.append(proc.stderr.read()), daemon=True)]
+        for r in readers:
+            r.start()
         try:
-            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+            proc.stdin.write(script)
+            proc.stdin.close()
+        except BrokenPipeError:
+            pass
+        try:
+            proc.wait(timeout=timeout)  # also fires when the remote side hangs silently
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
             raise FlashError("timeout", f"{self.target}: the remote step took longer than {timeout:.0f} s") from None
-        err = proc.stderr.read()
+        finally:
+            for r in readers:
+                r.join(5)
+        err = "".join(err_parts)
         if proc.returncode == 255:
             raise ssh_error(self.target, err)
         return proc.returncode, "".join(out_lines), err
@@ -240,6 +250,12 @@ def flash(target: Target, ssh: Ssh, *, device_id: str, broker_url: str, fleet: s
         b = parse_broker_url(broker_url)
     except ValueError as exc:
         raise FlashError("usage", f"--broker: {exc}") from None
+    from . import pki
+
+    try:
+        pki.check_device_name(device_id)
+    except pki.PkiError as exc:
+        raise FlashError("usage", f"--device-id: {exc}") from None
     say(f"[1/5] probing {target}")
     info = probe(ssh, python, b.host, b.port)
     say(f"      {info.get('arch')}, {info.get('os', 'unknown OS')}, Python {info.get('python') or 'none'}, "
@@ -289,7 +305,8 @@ def flash(target: Target, ssh: Ssh, *, device_id: str, broker_url: str, fleet: s
         args.append("--reinstall")
     script = (f'set -e; cd "$HOME/{REMOTE_DIR}"; rm -rf "{manifest["dir"]}"; '
               f'tar xzf "{Path(remote_tar).name}"; rc=0; sh "{manifest["dir"]}/install.sh" "$@" || rc=$?; '
-              f'rm -rf "$HOME/{REMOTE_DIR}"; exit $rc')
+              f'rm -rf "$HOME/{REMOTE_DIR}/tls" "$HOME/{REMOTE_DIR}"/*.tar.gz; '  # never leave keys behind
+              f'[ $rc = 0 ] && rm -rf "$HOME/{REMOTE_DIR}"; exit $rc')  # on failure the unpacked bundle and pip.log stay
     result: dict = {}
 
     def on_line(line: str) -> None:
@@ -311,7 +328,10 @@ def _send_identity(ssh: Ssh, home: Path, device_id: str, say) -> str:
 
     from . import pki
 
-    ident = pki.identity(home, device_id)
+    ident = pki.identity(home, device_id, device=True)
+    if ident is not None and not (ident.sign_key.exists() and ident.coordinator_pub.exists()):
+        raise FlashError("pki", f"{device_id}'s certificate has no signing key (issued by an older version): "
+                                f"re-issue it with `edgeprune pki issue {device_id}`")
     if ident is None:
         try:
             ident = pki.issue(home, device_id)
@@ -360,8 +380,13 @@ def undo_after_timeout(ssh: Ssh, first_install: bool) -> str:
     lay = '"$HOME/.local/share/edgeprune"'
     script = (f'P={lay}; [ "$(id -u)" = 0 ] && P=/opt/edgeprune; '
               f'"$P/current/bin/python" -m edge_agent.service {cmd}')
-    ssh.run(script, timeout=120)
-    return "removed the new installation" if first_install else "rolled back to the previous installation"
+    rc, out, err = ssh.run(script, timeout=300)
+    ok = any(line.startswith(RESULT_PREFIX) and json.loads(line[len(RESULT_PREFIX):]).get("ok")
+             for line in out.splitlines())
+    if rc != 0 or not ok:
+        raise FlashError("undo", f"could not {cmd} on {ssh.target} (exit {rc}): {err.strip()[-500:]}; "
+                                 f"run `edgeprune unflash {ssh.target}` to remove it")
+    return "removed the new installation" if first_install else "rolled back to the previous version and config"
 
 
 def unflash(ssh: Ssh, keep_state: bool = False) -> dict:

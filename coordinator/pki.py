@@ -182,10 +182,8 @@ def signing_keys(home: Path):
 
 def issue(home: Path, name: str, days: int = LEAF_DAYS) -> Identity:
     """A client certificate whose CN is ``name`` (a device id, or the coordinator)."""
-    if name != COORDINATOR_CN and not ID_RE.match(name):
-        raise PkiError(f"device id {name!r} must be 1-64 characters from [A-Za-z0-9_-]")
-    if name in (BROKER_CN,):
-        raise PkiError(f"{name!r} is reserved")
+    if name != COORDINATOR_CN:
+        check_device_name(name)
     d = pki_dir(home)
     ca_cert, ca_key = _load(d)
     cert, key = _sign(ca_cert, ca_key, name, days=days)
@@ -197,9 +195,20 @@ def issue(home: Path, name: str, days: int = LEAF_DAYS) -> Identity:
     return ident
 
 
-def identity(home: Path, name: str = COORDINATOR_CN) -> Identity | None:
+def check_device_name(name: str) -> None:
+    """A device id is a topic level and a file name: never a path, never a reserved identity."""
+    if not isinstance(name, str) or not ID_RE.match(name):
+        raise PkiError(f"device id {name!r} must be 1-64 characters from [A-Za-z0-9_-]")
+    if name in (COORDINATOR_CN, BROKER_CN):
+        raise PkiError(f"{name!r} is reserved for the {'coordinator' if name == COORDINATOR_CN else 'broker'}")
+
+
+def identity(home: Path, name: str = COORDINATOR_CN, *, device: bool = False) -> Identity | None:
+    """The coordinator's identity, or with ``device=True`` a device's (the name is checked first)."""
     d = pki_dir(home)
-    sub = d if name == COORDINATOR_CN else d / "devices"
+    if device:
+        check_device_name(name)
+    sub = d / "devices" if device else d
     ident = Identity(sub / f"{name}.crt", sub / f"{name}.key", d / "ca.crt")
     return ident if ident.cert.exists() and ident.key.exists() and ident.ca.exists() else None
 

@@ -366,6 +366,7 @@ def _collect(run: Run, rnd: int, dev: str, reply, targets: list[float], agg: Mas
                                     f"{reply.error_code}: {reply.error_message}")
         return f"{reply.error_code}: {reply.error_message}"
     if (dev, rnd) in run.counted:
+        s.submit(dev, "ack", {"ids": [reply.id]})
         return None  # counted once per (device, round)
     result = reply.result or {}
     try:

@@ -44,6 +44,7 @@ class DeviceView:
     caps: dict | None = None
     last_heard: float | None = None  # monotonic time of the last live message from the device
     last_seen_wall: float | None = None
+    process_start: float | None = None  # device clock: status.ts - uptime_s; changes when the agent restarts
 
     def state(self, now: float, stale_after_beats: int, probe_deadline: float | None) -> str:
         if self.status is None:
@@ -255,6 +256,9 @@ class Session:
             raise ProtocolError(ErrorCode.BAD_FIELD, f"unknown device state {status.state!r}")
         view = self._view(device_id)
         view.status = status
+        previous_start = view.process_start
+        if status.state != "offline" and status.uptime_s > 0:  # a Will carries no useful uptime
+            view.process_start = status.ts - status.uptime_s
         self._heard(device_id, retained)
         if self.store is not None:
             self.store.upsert_device(self.fleet, device_id, self.state_of(view), status=asdict(status),
@@ -265,8 +269,9 @@ class Session:
                 self._offline_since.setdefault(device_id, time.monotonic())
                 self._arm(device_id, self.offline_grace_s)
             elif device_id in self._offline_since:
-                away = time.monotonic() - self._offline_since[device_id]
-                if status.uptime_s > away + 1.0:  # the same agent process: the network broke, not the device
+                same = (previous_start is not None and view.process_start is not None
+                        and abs(view.process_start - previous_start) < 2.0)
+                if same:  # the same agent process (same start time): the network broke, not the device
                     timer = self._grace_timers.pop(device_id, None)
                     if timer is not None:
                         timer.cancel()
@@ -295,6 +300,8 @@ class Session:
                 self.stats.late_replies += 1
                 log.info("late result from %s for request %s (its round or call is over): ignored",
                          reply.device_id, reply.id)
+                if reply.id:  # nobody will use it: let the device drop it from its outbox
+                    self.submit(reply.device_id, "ack", {"ids": [reply.id]})
             return
         if reply.device_id != pending.device_id:
             log.warning("reply %s came from %s, expected %s; ignored", reply.id, reply.device_id, pending.device_id)
@@ -390,7 +397,7 @@ class Session:
         future: Future = Future()
         with self._pending_lock:
             self._pending[request_id] = _Pending(device_id, cmd, future, on_progress, time.monotonic())
-        msg = Command(id=request_id, cmd=cmd, ts=time.time(), args=args or {}, timeout_s=timeout_s)
+        msg = Command(id=request_id, cmd=cmd, ts=time.time(), args=args or {}, timeout_s=timeout_s, to=device_id)
         if self.sign_key is not None:
             msg = signing.sign(msg, self.sign_key)
         self._publish(topics.device(self.fleet, device_id, "cmd"), serde.encode(msg))

@@ -290,6 +290,8 @@ class Agent:
 
         try:
             signing.verify(cmd, self._verify_key, f"command {cmd.cmd}")
+            if cmd.to != self.device_id:
+                raise ProtocolError(ErrorCode.REJECTED, f"command {cmd.id} is addressed to {cmd.to!r}, not to this device")
             age = time.time() - cmd.ts
             if abs(age) > self.settings["max_command_age_s"]:
                 raise ProtocolError(ErrorCode.REPLAYED, f"command {cmd.id} is {age:.0f} s old (limit "

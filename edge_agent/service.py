@@ -236,6 +236,10 @@ class Supervisor:
     def _pid(self) -> int | None:
         try:
             pid = int(self.lay.pidfile.read_text().strip())
+            # after a power cut the pid may belong to something else now: never signal that
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"edge_agent.service" not in f.read():
+                    return None
         except (OSError, ValueError):
             return None
         return pid if _alive(pid) else None
@@ -395,45 +399,83 @@ def _log_tail(lay: Layout, mgr) -> str:
         return ""
 
 
-def install_tls(lay: Layout, tls_dir: Path) -> dict:
+SECURITY_FILES = (("tls_ca", "ca.crt"), ("tls_cert", "device.crt"), ("tls_key", "device.key"),
+                  ("sign_key", "device.sign.key"), ("coordinator_key", "coordinator.sign.pub"))
+
+
+def _tls_dir(lay: Layout) -> Path:
+    return lay.config.parent / "tls"
+
+
+def _snapshot(lay: Layout) -> dict[str, bytes]:
+    """The config and security files as they are now: what an undo or a rollback puts back."""
+    files = {"agent.toml": lay.config.read_bytes()} if lay.config.is_file() else {}
+    for _, name in SECURITY_FILES:
+        path = _tls_dir(lay) / name
+        if path.is_file():
+            files[f"tls/{name}"] = path.read_bytes()
+    return files
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent)  # 0600 from the start
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def _restore(lay: Layout, files: dict[str, bytes]) -> None:
+    for rel in ["agent.toml"] + [f"tls/{name}" for _, name in SECURITY_FILES]:
+        path = lay.config.parent / rel
+        if rel in files:
+            _write_private(path, files[rel])
+        else:
+            path.unlink(missing_ok=True)
+    try:
+        _tls_dir(lay).rmdir()  # only if empty
+    except OSError:
+        pass
+
+
+def install_tls(lay: Layout, tls_dir: Path) -> None:
     """Copy the device's certificate and keys, the fleet CA and the coordinator's public signing key next to
-    the config (0600); return the settings that point at them."""
-    dest = lay.config.parent / "tls"
+    the config (files 0600, directory 0700)."""
+    dest = _tls_dir(lay)
     dest.mkdir(parents=True, exist_ok=True)
     os.chmod(dest, 0o700)
-    out = {}
-    for setting, name in (("tls_ca", "ca.crt"), ("tls_cert", "device.crt"), ("tls_key", "device.key"),
-                          ("sign_key", "device.sign.key"), ("coordinator_key", "coordinator.sign.pub")):
-        src = tls_dir / name
-        if not src.is_file():
-            raise InstallError(f"security file {name} missing from {tls_dir}")
-        fd, tmp = tempfile.mkstemp(dir=dest)
-        with os.fdopen(fd, "wb") as f:
-            f.write(src.read_bytes())
-        os.replace(tmp, dest / name)
-        out[setting] = str(dest / name)
-    return out
+    for _, name in SECURITY_FILES:
+        _write_private(dest / name, (tls_dir / name).read_bytes())
 
 
 def install(venv: Path, bundle_id: str, updates: dict, lay: Layout | None = None, tls_dir: Path | None = None) -> dict:
-    """Point ``current`` at ``venv``, write the config, (re)start the service; undo on failure."""
+    """Point ``current`` at ``venv``, write the config (and keys), (re)start the service; undo on failure.
+
+    Everything is checked before anything is touched; what was there before is kept in
+    ``<prefix>/rollback`` so a re-flash that fails later (device never online) can be undone too."""
     lay = lay or layout()
-    if tls_dir is not None:
-        updates = {**updates, **install_tls(lay, tls_dir)}
     venv = venv.resolve()
     record = _read_record(lay)
-    existing = read_config(lay.config)
-    table = merged_config(existing, updates)
+    table = merged_config(read_config(lay.config), updates)
     table.setdefault("state_dir", str(lay.state / "agent"))
-    check_config(table)  # refuse before stopping anything
+    staged = dict(table)
+    if tls_dir is not None:
+        missing = [name for _, name in SECURITY_FILES if not (tls_dir / name).is_file()]
+        if missing:
+            raise InstallError(f"security files missing from {tls_dir}: {', '.join(missing)}")
+        table.update({setting: str(_tls_dir(lay) / name) for setting, name in SECURITY_FILES})
+        staged.update({setting: str(tls_dir / name) for setting, name in SECURITY_FILES})
+    check_config(staged)  # refuse before stopping or overwriting anything
     first = not lay.current.exists()
-    previous = lay.current.resolve() if not first else None
-    old_config = lay.config.read_bytes() if lay.config.is_file() else None
+    previous = lay.current.resolve() if not first else None  # the venv running now (may be this one)
+    before = _snapshot(lay)
 
     mgr = manager(lay)
     notes: list[str] = []
     mgr.stop()
     try:
+        if tls_dir is not None:
+            install_tls(lay, tls_dir)
         write_config(lay.config, table)
         Path(table["state_dir"]).mkdir(parents=True, exist_ok=True)
         _switch(lay, venv)
@@ -442,10 +484,12 @@ def install(venv: Path, bundle_id: str, updates: dict, lay: Layout | None = None
         if not _stays_up(mgr, STAY_UP_S):
             raise InstallError(f"the agent did not stay up after starting:\n{_log_tail(lay, mgr)}")
     except BaseException:
-        _undo(lay, mgr, first, previous, old_config)
+        _undo(lay, mgr, first, previous, before)
         raise
-    if previous == venv:  # same bundle again: keep what we could roll back to before
-        previous = Path(record["previous"]) if record.get("previous") else None
+    rb = lay.prefix / "rollback"
+    shutil.rmtree(rb, ignore_errors=True)
+    for rel, data in before.items():
+        _write_private(rb / rel, data)
     kept = {venv.name} | ({previous.name} if previous else set())
     for old in (lay.prefix / "venvs").iterdir():
         if old.name not in kept:
@@ -458,20 +502,18 @@ def install(venv: Path, bundle_id: str, updates: dict, lay: Layout | None = None
         "service_detail": mgr.describe(), "notes": notes, "root": lay.root,
         "installed_at": time.time(),
     }
-    lay.record.write_text(json.dumps({**result, "previous": str(previous) if previous else None}, indent=2))
+    lay.record.write_text(json.dumps({**result, "previous": str(previous) if previous else None,
+                                      "previous_bundle": record.get("bundle_id")}, indent=2))
     return result
 
 
-def _undo(lay: Layout, mgr, first: bool, previous: Path | None, old_config: bytes | None) -> None:
+def _undo(lay: Layout, mgr, first: bool, previous: Path | None, before: dict[str, bytes]) -> None:
     mgr.stop()
+    _restore(lay, before)
     if first:
         mgr.remove()
         lay.current.unlink(missing_ok=True)
-        if old_config is None:
-            lay.config.unlink(missing_ok=True)
         return
-    if old_config is not None:
-        lay.config.write_bytes(old_config)
     if previous is not None and previous.exists():
         _switch(lay, previous)
         try:
@@ -481,7 +523,7 @@ def _undo(lay: Layout, mgr, first: bool, previous: Path | None, old_config: byte
 
 
 def rollback(lay: Layout | None = None) -> dict:
-    """Go back to the venv that was current before the last install (used when a re-flash fails)."""
+    """Undo the last install: the venv, config and keys from before it (a re-flash that never came online)."""
     lay = lay or layout()
     record = _read_record(lay)
     prev = record.get("previous")
@@ -489,8 +531,13 @@ def rollback(lay: Layout | None = None) -> dict:
         raise InstallError("nothing to roll back to: no previous installation is kept")
     mgr = manager(lay)
     mgr.stop()
+    rb = lay.prefix / "rollback"
+    if rb.is_dir():
+        _restore(lay, {str(p.relative_to(rb)): p.read_bytes() for p in rb.rglob("*") if p.is_file()})
     _switch(lay, Path(prev))
     mgr.start()
+    lay.record.write_text(json.dumps({**record, "bundle_id": record.get("previous_bundle"), "previous": None,
+                                      "rolled_back_at": time.time()}, indent=2))
     return {"rolled_back_to": prev, "service": mgr.name}
 
 

@@ -238,15 +238,18 @@ def test_signed_commands_replies_and_replays(mosquitto, agents, tmp_path):
     raw.subscribe(topics.device(FLEET, "dev-S", "reply"), qos=1)
     _t.sleep(0.3)
     cmd_topic = topics.device(FLEET, "dev-S", "cmd")
-    good = signing.sign(Command(id="r-good", cmd="ping", ts=_t.time()), sign_key)
+    good = signing.sign(Command(id="r-good", cmd="ping", ts=_t.time(), to="dev-S"), sign_key)
     cases = {
-        "r-unsigned": (serde.encode(Command(id="r-unsigned", cmd="ping", ts=_t.time())), "bad_signature"),
-        "r-tampered": (serde.encode(signing.sign(Command(id="r-tampered", cmd="ping", ts=_t.time()), sign_key)
-                                    ).replace(b'"ping"', b'"bench"'), "bad_signature"),
-        "r-foreign": (serde.encode(signing.sign(Command(id="r-foreign", cmd="ping", ts=_t.time()),
+        "r-unsigned": (serde.encode(Command(id="r-unsigned", cmd="ping", ts=_t.time(), to="dev-S")), "bad_signature"),
+        "r-tampered": (serde.encode(signing.sign(Command(id="r-tampered", cmd="ping", ts=_t.time(), to="dev-S"),
+                                                 sign_key)).replace(b'"ping"', b'"bench"'), "bad_signature"),
+        "r-foreign": (serde.encode(signing.sign(Command(id="r-foreign", cmd="ping", ts=_t.time(), to="dev-S"),
                                                 signing.new_key())), "bad_signature"),
-        "r-old": (serde.encode(signing.sign(Command(id="r-old", cmd="ping", ts=_t.time() - 3600), sign_key)),
-                  "replayed"),
+        "r-old": (serde.encode(signing.sign(Command(id="r-old", cmd="ping", ts=_t.time() - 3600, to="dev-S"),
+                                            sign_key)), "replayed"),
+        # a genuine command for another device, re-aimed at this one
+        "r-aimed": (serde.encode(signing.sign(Command(id="r-aimed", cmd="ping", ts=_t.time(), to="dev-W"),
+                                              sign_key)), "rejected"),
     }
     raw.publish(cmd_topic, serde.encode(good), qos=1)
     assert _error_for(got, "r-good").kind == "result"

@@ -2,7 +2,8 @@
 # edgeprune agent installer, inside an offline bundle. Needs no network.
 #
 #   sh install.sh --device-id ID --broker mqtt://HOST:1883 [--fleet F] [--data PATH] [--set KEY=VALUE]...
-#                 [--python python3] [--reinstall] [--tls DIR with ca.crt device.crt device.key]
+#                 [--python python3] [--reinstall]
+#                 [--tls DIR with ca.crt device.crt device.key device.sign.key coordinator.sign.pub]
 #
 # As root: /opt/edgeprune, /etc/edgeprune/agent.toml, a systemd system unit.
 # As a user: ~/.local/share/edgeprune, ~/.config/edgeprune/agent.toml, a systemd user unit
@@ -32,7 +33,7 @@ while [ $# -gt 0 ]; do
     --python) PY="$2"; shift 2 ;;
     --tls) TLS="$(cd "$2" && pwd)"; shift 2 ;;
     --reinstall) REINSTALL=1; shift ;;
-    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
     *) die 2 "unknown option $1 (try --help)" ;;
   esac
 done
