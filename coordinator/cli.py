@@ -313,6 +313,11 @@ def cmd_unflash(args: argparse.Namespace) -> int:
 
         try:
             with Session(args.broker, args.fleet, _store(args)).start(args.connect_timeout) as session:
+                # clear only once the agent's last word (its own "offline" or its Will) is in, or it would
+                # land after the clear and bring the device back as a retained ghost
+                session.discover(1.0)
+                session.wait_for(lambda rows: all(r["device_id"] != args.device_id or r["state"] == "offline"
+                                                  for r in rows), 30)
                 session.clear_device(args.device_id)
             result["forgotten"] = args.device_id
         except (ConnectionError, RuntimeError, OSError) as exc:  # the device is gone either way

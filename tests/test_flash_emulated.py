@@ -210,7 +210,7 @@ def test_flash_bench_upgrade_unflash(cli, pi, mosquitto, tmp_path):
         time.sleep(0.5)
     assert not _agents_running()
     rc, devices = cli("devices")
-    assert "emu-pi" not in {d["device_id"] for d in devices["devices"]}
+    assert "emu-pi" not in {d["device_id"] for d in devices["devices"]}, devices
 
 
 def test_flash_as_root_into_a_secure_fleet(cli, pi, tmp_path):
