@@ -221,6 +221,14 @@ def cmd_ping(args: argparse.Namespace) -> int:
 
 # -- flash / unflash -----------------------------------------------------------
 
+def _ssh_arguments(p: argparse.ArgumentParser) -> None:
+    """The SSH flags flash and unflash share (read back by _ssh)."""
+    p.add_argument("--identity", help="SSH private key file (default: your SSH config and agent)")
+    p.add_argument("--ssh-option", action="append", default=[], metavar="OPT",
+                   help="extra ssh -o option, repeatable (e.g. UserKnownHostsFile=/tmp/kh)")
+    p.add_argument("--ssh-timeout", type=float, default=10.0, help="SSH connect timeout in seconds (default 10)")
+
+
 def _ssh(args: argparse.Namespace):
     from .flash import Ssh, Target
 
@@ -618,10 +626,7 @@ For a device without network, write the bundle and install it by hand:
     p.add_argument("--device-id", help="the device's id in the fleet, [A-Za-z0-9_-]")
     p.add_argument("--data", help="training data on the device: a path there (.npz, .csv, image folder) or 'digits'")
     p.add_argument("--train", action="store_true", help="also install TensorFlow + TF-MOT so the device can train (~600 MB)")
-    p.add_argument("--identity", help="SSH private key file (default: your SSH config and agent)")
-    p.add_argument("--ssh-option", action="append", default=[], metavar="OPT",
-                   help="extra ssh -o option, repeatable (e.g. UserKnownHostsFile=/tmp/kh)")
-    p.add_argument("--ssh-timeout", type=float, default=10.0, help="SSH connect timeout in seconds (default 10)")
+    _ssh_arguments(p)
     p.add_argument("--remote-python", default="python3", help="the Python interpreter on the device (default python3)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any other agent setting for the device's config, repeatable (edgeprune-agent settings)")
@@ -647,9 +652,7 @@ For a device without network, write the bundle and install it by hand:
     _common(p)
     p.add_argument("--device-id", help="also forget this device in the fleet")
     p.add_argument("--keep-state", action="store_true", help="keep the agent's state directory (blob cache)")
-    p.add_argument("--identity", help="SSH private key file")
-    p.add_argument("--ssh-option", action="append", default=[], metavar="OPT", help="extra ssh -o option, repeatable")
-    p.add_argument("--ssh-timeout", type=float, default=10.0, help="SSH connect timeout in seconds (default 10)")
+    _ssh_arguments(p)
     p.add_argument("--connect-timeout", type=float, default=10.0, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_unflash)
 

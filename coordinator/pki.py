@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
 
 from edge_agent.protocol.topics import ID_RE
+from edge_agent.service import write_private
 
 COORDINATOR_CN = "edgeprune-coordinator"
 BROKER_CN = "edgeprune-broker"
@@ -51,13 +51,6 @@ class Identity:
 
 def pki_dir(home: Path) -> Path:
     return Path(home) / "pki"
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
 
 
 def _key():
@@ -140,12 +133,12 @@ def init(home: Path, broker_names: list[str] = (), force: bool = False) -> dict:
                                             data_encipherment=False, key_agreement=False, key_cert_sign=True,
                                             crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
                .sign(ca_key, hashes.SHA256()))
-    _write_private(d / "ca.key", _key_pem(ca_key))
+    write_private(d / "ca.key", _key_pem(ca_key))
     (d / "ca.crt").write_bytes(_pem(ca_cert))
     names = list(dict.fromkeys(["localhost", "127.0.0.1", "::1", socket.gethostname(), *broker_names]))
     cert, key = _sign(ca_cert, ca_key, BROKER_CN, days=LEAF_DAYS, server_names=names, client=False)
     (d / "broker.crt").write_bytes(_pem(cert))
-    _write_private(d / "broker.key", _key_pem(key))
+    write_private(d / "broker.key", _key_pem(key))
     issue(home, COORDINATOR_CN)
     return {"dir": str(d), "ca": str(d / "ca.crt"), "broker_names": names}
 
@@ -156,7 +149,7 @@ def _signing_pair(directory: Path, name: str) -> tuple[Path, Path]:
 
     key_path, pub_path = directory / f"{name}.sign.key", directory / f"{name}.sign.pub"
     key = signing.new_key()
-    _write_private(key_path, signing.private_pem(key))
+    write_private(key_path, signing.private_pem(key))
     pub_path.write_bytes(signing.public_pem(key))
     return key_path, pub_path
 
@@ -189,7 +182,7 @@ def issue(home: Path, name: str, days: int = LEAF_DAYS) -> Identity:
     cert, key = _sign(ca_cert, ca_key, name, days=days)
     sub = d if name == COORDINATOR_CN else d / "devices"
     ident = Identity(sub / f"{name}.crt", sub / f"{name}.key", d / "ca.crt")
-    _write_private(ident.key, _key_pem(key))
+    write_private(ident.key, _key_pem(key))
     ident.cert.write_bytes(_pem(cert))
     _signing_pair(sub, name)
     return ident

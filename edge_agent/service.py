@@ -131,18 +131,23 @@ def check_config(table: dict) -> None:
             raise InstallError(f"bad agent setting: {str(exc).replace(str(path), 'config')}") from None
 
 
-def write_config(path: Path, table: dict) -> None:
-    """Check, then replace atomically; mode 0600 from the start (it may hold credentials)."""
-    check_config(table)
+def write_private(path: Path, data: bytes) -> None:
+    """Replace ``path`` atomically with a file that is mode 0600 from the start (keys, credentials)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".agent.", suffix=".toml")  # mkstemp: mode 0600
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # mkstemp: mode 0600
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(toml_dumps(table))
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def write_config(path: Path, table: dict) -> None:
+    """Check, then replace atomically; mode 0600 (it may hold credentials)."""
+    check_config(table)
+    write_private(path, toml_dumps(table).encode("utf-8"))
 
 
 # -- service managers ----------------------------------------------------------------------------
@@ -417,19 +422,11 @@ def _snapshot(lay: Layout) -> dict[str, bytes]:
     return files
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent)  # 0600 from the start
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def _restore(lay: Layout, files: dict[str, bytes]) -> None:
     for rel in ["agent.toml"] + [f"tls/{name}" for _, name in SECURITY_FILES]:
         path = lay.config.parent / rel
         if rel in files:
-            _write_private(path, files[rel])
+            write_private(path, files[rel])
         else:
             path.unlink(missing_ok=True)
     try:
@@ -445,7 +442,7 @@ def install_tls(lay: Layout, tls_dir: Path) -> None:
     dest.mkdir(parents=True, exist_ok=True)
     os.chmod(dest, 0o700)
     for _, name in SECURITY_FILES:
-        _write_private(dest / name, (tls_dir / name).read_bytes())
+        write_private(dest / name, (tls_dir / name).read_bytes())
 
 
 def install(venv: Path, bundle_id: str, updates: dict, lay: Layout | None = None, tls_dir: Path | None = None) -> dict:
@@ -489,7 +486,7 @@ def install(venv: Path, bundle_id: str, updates: dict, lay: Layout | None = None
     rb = lay.prefix / "rollback"
     shutil.rmtree(rb, ignore_errors=True)
     for rel, data in before.items():
-        _write_private(rb / rel, data)
+        write_private(rb / rel, data)
     kept = {venv.name} | ({previous.name} if previous else set())
     for old in (lay.prefix / "venvs").iterdir():
         if old.name not in kept:
