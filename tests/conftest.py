@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+import paho.mqtt.client as mqtt
+
 from coordinator import broker as broker_mod
 from coordinator.session import Session
 
@@ -115,3 +117,13 @@ def wait_until(predicate, timeout_s: float = 10.0, interval_s: float = 0.05):
             return value
         time.sleep(interval_s)
     return predicate()
+
+
+def raw_client(url: str, on_message=None) -> mqtt.Client:
+    host, port = url.split("//")[1].split(":")
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
+    if on_message:
+        c.on_message = on_message
+    c.connect(host, int(port))
+    c.loop_start()
+    return c

@@ -14,8 +14,9 @@ import pytest
 
 from coordinator.progress import Reporter
 from coordinator.rounds import TrainConfig, train
-from edge_agent.protocol import codec
-from tests.conftest import wait_until
+from edge_agent.protocol import codec, serde, topics
+from edge_agent.protocol.messages import Reply
+from tests.conftest import raw_client, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.tf]
 ROOT = Path(__file__).resolve().parent.parent
@@ -161,8 +162,13 @@ def test_finished_update_survives_broker_outage_and_agent_restart(mosquitto, age
     worker = threading.Thread(target=lambda: result.update(train(
         TrainConfig(rounds=1, sparsity=0.5, local_epochs=6, seed=2, round_timeout_s=240), s, s.store,
         Reporter(quiet=True))), daemon=True)
+    phases: list = []  # pi1's progress; "training" comes once it has fetched everything it needs
+    watcher = raw_client(mosquitto.url, lambda c, u, m: phases.append(
+        (serde.decode(Reply, m.payload).result or {}).get("phase")))
+    watcher.subscribe(topics.device("ob", "pi1", "reply"), 1)
     worker.start()
-    assert wait_until(lambda: (s.views.get("pi1") and s.views["pi1"].status.task == "train_round"), 120)
+    assert wait_until(lambda: "training" in phases, 120), phases
+    watcher.loop_stop()
     mosquitto.stop()  # the broker goes away while pi1 trains
     assert wait_until(lambda: list(outbox.glob("*.json")), 120), "pi1 did not finish its round"
     procs[1].kill9()  # ... and pi1 dies before anyone heard its result
