@@ -1,13 +1,16 @@
 """The global model on the coordinator: architecture, weights, masks, evaluation.
 
-Holds weights in edgeprune's tensor order (see :mod:`edge_agent.pruning`), the
-mask of every pruned tensor, and a compiled tf-keras copy for evaluation on the
-held-out set that never leaves the coordinator.
+Holds weights in edgeprune's tensor order (see :mod:`edge_agent.pruning`) and
+the mask of every pruned tensor as numpy arrays. The compiled tf-keras copy
+(evaluation on the held-out set that never leaves the coordinator, the final
+``model.keras``) lives in a :class:`~coordinator.model_worker.ModelWorker`
+child, so the coordinator itself never imports TensorFlow.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -15,11 +18,13 @@ from typing import Any
 import numpy as np
 
 from edge_agent import data as data_mod
-from edge_agent import models, pruning
 from edge_agent.protocol import codec
 
 from .aggregate import TensorInfo
 from .masks import mbyn_mask
+from .model_worker import ModelWorker, ModelWorkerError
+
+log = logging.getLogger("coordinator.global_model")
 
 
 def load_eval_data(spec: str | None):
@@ -39,41 +44,46 @@ def load_eval_data(spec: str | None):
 
 
 class GlobalModel:
-    def __init__(self, model, granularity: str, pruning_on: bool):
-        self.plain = model
+    """Numpy weights and masks in edgeprune's tensor order; Keras work goes to a :class:`ModelWorker`."""
+
+    def __init__(self, worker: ModelWorker, granularity: str, pruning_on: bool):
+        info = worker.start()
+        self.worker = worker
         self.granularity = granularity
         self.pruning_on = pruning_on
-        self.layer_report: dict = {"pruned": {}, "dense": {}}
-        if pruning_on:
-            wrapped, self.layer_report, _ = pruning.wrap(model, granularity)
-            self.spec = pruning.weight_spec(wrapped)
-        else:  # dense FedAvg: TF-MOT is not even imported
-            self.spec = pruning.weight_spec(model)
+        self.layer_report: dict = info["layer_report"]
+        self.spec = info["spec"]
         kinds = self.layer_report["pruned"]
         self.infos = [TensorInfo(s["name"], kinds.get(s["layer"]) if (s["prunable"] and pruning_on) else None)
                       for s in self.spec]
         self.names = [s["name"] for s in self.spec]
         self.shapes = [tuple(s["shape"]) for s in self.spec]
-        self.weights = pruning.get_weights(model)
+        self.weights: list[np.ndarray] = info["weights"]
         self.masks: list[np.ndarray | None] = [np.ones(sh, bool) if i.kind else None
                                                for i, sh in zip(self.infos, self.shapes)]
         if pruning_on and granularity == "2:4":  # the 2:4 pattern is fixed from the start (TF-MOT sets it at step 1)
             self.masks = [mbyn_mask(np.abs(w)) if m is not None else None for w, m in zip(self.weights, self.masks)]
             self.weights = [w * m if m is not None else w for w, m in zip(self.weights, self.masks)]
-        self.arch_json = model.to_json()
-        models.compile_model(self.plain)
+        self.arch_json: str = info["arch_json"]
+        self.has_eval = False
 
     @classmethod
     def create(cls, model_ref: str, input_shape: tuple | None, num_classes: int | None, granularity: str,
-               pruning_on: bool, seed: int) -> "GlobalModel":
-        if os.path.exists(model_ref):
-            model = models.load_file(model_ref)
-        else:
-            if input_shape is None or num_classes is None:
-                raise ValueError(f"built-in model {model_ref!r} needs an input shape and class count "
-                                 "(from --eval-data, or --input-shape/--num-classes)")
-            model = models.build(model_ref, input_shape, num_classes, seed)
-        return cls(model, granularity, pruning_on)
+               pruning_on: bool, seed: int, eval_set=None) -> "GlobalModel":
+        """Build the model in a fresh model worker (ValueError when it cannot be built)."""
+        worker = ModelWorker({"model_ref": model_ref, "input_shape": input_shape, "num_classes": num_classes,
+                              "granularity": granularity, "pruning_on": pruning_on, "seed": seed,
+                              "eval_x": None if eval_set is None else eval_set.x,
+                              "eval_y": None if eval_set is None else eval_set.y})
+        try:
+            gm = cls(worker, granularity, pruning_on)
+        except ModelWorkerError as exc:
+            worker.close(kill=True)
+            raise ValueError(str(exc)) from None
+        gm.has_eval = eval_set is not None
+        if not gm.has_eval:  # nothing for it to do until the end of the run: give its memory back
+            worker.close()
+        return gm
 
     @property
     def num_params(self) -> int:
@@ -99,13 +109,19 @@ class GlobalModel:
         if self.pruning_on:
             self.masks = [m if i.kind else None for m, i in zip(bundle.masks, self.infos)]
 
-    def evaluate(self, dataset) -> dict[str, float]:
-        if dataset is None:
+    def evaluate(self) -> dict[str, float]:
+        if not self.has_eval:
             return {}
-        pruning.set_state(self.plain, self.weights)
-        x = dataset.x.reshape((-1, *self.plain.input_shape[1:]))
-        loss, acc = self.plain.evaluate(x, dataset.y, batch_size=256, verbose=0)
-        return {"accuracy": float(acc), "loss": float(loss)}
+        try:
+            return self.worker.call("evaluate", weights=self.weights)
+        except ModelWorkerError as exc:  # a round is not lost for want of its accuracy figure
+            log.warning("evaluation failed: %s", exc)
+            return {}
+
+    def scalars(self, logdir: Path, rows: list[tuple[int, dict[str, float]]]) -> None:
+        """TensorBoard scalars (written by the worker; buffered by the caller while it sleeps)."""
+        if rows:
+            self.worker.call("scalars", logdir=str(logdir), rows=rows)
 
     def save(self, run_dir: Path, tag: str) -> None:
         """Atomically write the global model as a bundle (resume point) and, when final, as .keras."""
@@ -114,6 +130,8 @@ class GlobalModel:
         tmp.write_bytes(self.encode({"tag": tag}))
         os.replace(tmp, run_dir / f"{tag}.ept")
         if tag == "final":
-            pruning.set_state(self.plain, self.weights)
-            self.plain.save(run_dir / "model.keras")
+            self.worker.call("save_keras", weights=self.weights, path=str(run_dir / "model.keras"))
             (run_dir / "model.json").write_text(json.dumps(json.loads(self.arch_json), indent=1))
+
+    def close(self) -> None:
+        self.worker.close()

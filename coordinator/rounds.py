@@ -26,6 +26,7 @@ from edge_agent.protocol.errors import ProtocolError
 
 from .aggregate import AGGREGATIONS, MaskedFedAvg, UpdateRejected, check_norm, clip_update, make_aggregator
 from .masks import MASK_POLICIES, round_targets, sparsity_report
+from .model_worker import ModelWorkerError
 from .progress import Reporter
 from .schedule import sparsity_at
 from .session import Session
@@ -138,7 +139,7 @@ class Run:
     begun: dict[str, dict] = field(default_factory=dict)
     counted: set = field(default_factory=set)
     rows: list[dict] = field(default_factory=list)
-    tb: Any = None
+    tb_rows: list = field(default_factory=list)  # TensorBoard scalars not yet written by the model worker
 
 
 def new_run_id() -> str:
@@ -167,8 +168,6 @@ def train(cfg: TrainConfig, session: Session, store: Store, reporter: Reporter,
     written (atomically) before the round is recorded, so a crash repeats no completed round and loses none.
     """
     cfg.validate()
-    from edge_agent import tfenv
-
     from .global_model import GlobalModel, load_eval_data
 
     run_id = resume or new_run_id()
@@ -176,13 +175,13 @@ def train(cfg: TrainConfig, session: Session, store: Store, reporter: Reporter,
     t0, phases = time.perf_counter(), Timer()
     first_round = 1
     with phases("setup"):
-        for dev in _eligible(run):  # workers import TensorFlow while we do the same
+        for dev in _eligible(run):  # workers import TensorFlow while our model worker does the same
             session.submit(dev, "train_prepare", {"run_id": run_id})
-        tf = tfenv.load().tf
         run.eval_set = load_eval_data(cfg.eval_data)
         shape = cfg.input_shape or (tuple(run.eval_set.x.shape[1:]) if run.eval_set is not None else None)
         classes = cfg.num_classes or (run.eval_set.num_classes if run.eval_set is not None else None)
-        run.gm = GlobalModel.create(cfg.model, shape, classes, cfg.granularity, cfg.pruning_on, cfg.seed)
+        run.gm = GlobalModel.create(cfg.model, shape, classes, cfg.granularity, cfg.pruning_on, cfg.seed,
+                                    run.eval_set)
         for layer, why in run.gm.layer_report["dense"].items():
             reporter.warn(f"layer {layer} stays dense: {why}")
         if resume:
@@ -198,7 +197,6 @@ def train(cfg: TrainConfig, session: Session, store: Store, reporter: Reporter,
                 "layers": run.gm.layer_report, "tensors": [{"name": n, "shape": list(s), "pruned": i.kind}
                                                            for n, s, i in zip(run.gm.names, run.gm.shapes, run.gm.infos)]})
         run.run_dir.mkdir(parents=True, exist_ok=True)
-        run.tb = tf.summary.create_file_writer(str(run.run_dir / "tensorboard"))
     if resume:
         reporter.say(f"run {run.run_id}: resuming after round {first_round - 1} of {cfg.rounds}")
     reporter.say(f"run {run.run_id}: {cfg.model} ({run.gm.num_params:,} parameters), {cfg.rounds} rounds, "
@@ -208,7 +206,7 @@ def train(cfg: TrainConfig, session: Session, store: Store, reporter: Reporter,
         with phases("begin_clients"):
             _begin_clients(run, _eligible(run))
         with phases("rounds"):
-            baseline = run.gm.evaluate(run.eval_set)
+            baseline = run.gm.evaluate()
             reporter.round_header()
             for rnd in range(first_round, cfg.rounds + 1):
                 row = _round(run, rnd)
@@ -220,10 +218,15 @@ def train(cfg: TrainConfig, session: Session, store: Store, reporter: Reporter,
         raise
     finally:
         with phases("finish"):
-            run.gm.save(run.run_dir, "final")
-            run.tb.close()
             for dev in list(run.begun):
                 session.submit(dev, "train_end")
+            try:
+                run.gm.save(run.run_dir, "final")
+                run.gm.scalars(run.run_dir / "tensorboard", run.tb_rows)
+            except ModelWorkerError as exc:  # final.ept is written before; only the Keras copies are missing
+                reporter.warn(f"model.keras / TensorBoard not written: {exc}")
+            finally:
+                run.gm.close()
         summary = _summary(run, state, time.perf_counter() - t0, baseline)
         summary["phases_s"] = {k: round(v, 3) for k, v in phases.phases.items()}
         store.finish_run(run.run_id, state, summary)
@@ -327,7 +330,7 @@ def _round(run: Run, rnd: int) -> dict[str, Any]:
         with t("aggregate"):
             gm.weights, gm.masks = agg.result(cfg.mask_policy, target, None if cfg.regrow_fraction else gm.masks)
     with t("evaluate"):
-        metrics = gm.evaluate(run.eval_set)
+        metrics = gm.evaluate()
     sparsity = sparsity_report(gm.masks, gm.names, gm.shapes)
     ups = list(bytes_up.values())
     row = {
@@ -344,13 +347,11 @@ def _round(run: Run, rnd: int) -> dict[str, Any]:
     with t("persist"):
         gm.save(run.run_dir, f"round-{rnd:04d}")  # the resume point, written before the round is recorded
         (run.run_dir / f"round-{rnd - 2:04d}.ept").unlink(missing_ok=True)
-        with run.tb.as_default():
-            import tensorflow as tf  # already loaded by tfenv
-
-            for key in ("accuracy", "loss", "sparsity", "bytes_up_per_client", "bytes_down_per_client"):
-                if row.get(key) is not None:
-                    tf.summary.scalar(key, row[key], step=rnd)
-        run.tb.flush()
+        run.tb_rows.append((rnd, {k: row[k] for k in ("accuracy", "loss", "sparsity", "bytes_up_per_client",
+                                                     "bytes_down_per_client") if row.get(k) is not None}))
+        if gm.has_eval:  # its worker is up anyway; otherwise the scalars wait for the end of the run
+            gm.scalars(run.run_dir / "tensorboard", run.tb_rows)
+            run.tb_rows.clear()
     row["wall_s"] = round(time.perf_counter() - wall0, 4)
     row["timing_s"] = {k: round(v, 4) for k, v in t.phases.items()}
     run.store.save_round(run.run_id, rnd, started, row)

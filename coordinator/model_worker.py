@@ -1,0 +1,166 @@
+"""The coordinator's TensorFlow, in a child process.
+
+The round loop needs Keras only to build the initial model, to evaluate the
+global model on the held-out set, to write TensorBoard scalars and to save the
+final ``model.keras``. Importing TensorFlow costs ~560 MB of RSS, more than the
+whole of what a 1,000-device round needs, so the coordinator process itself
+stays TensorFlow-free (numpy weights, streaming aggregation) and sends those
+few jobs here, exactly as an agent sends its training to a worker process.
+
+Messages are dicts ``{"op": ..., ...}``; replies are ``{"ok": True, ...}`` or
+``{"ok": False, "message": str}``. Ops: ``create``, ``evaluate``, ``scalars``,
+``save_keras``, ``end``.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from typing import Any
+
+START_TIMEOUT_S = 300.0  # TensorFlow import + model build
+CALL_TIMEOUT_S = 600.0
+
+
+class ModelWorkerError(RuntimeError):
+    pass
+
+
+class ModelWorker:
+    """A spawned process holding the Keras copy of the global model."""
+
+    def __init__(self, create: dict[str, Any]):
+        self.create_args = create
+        self._proc = None
+        self._conn = None
+        self.info: dict[str, Any] | None = None
+
+    @property
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.is_alive()
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self.alive else None
+
+    def start(self) -> dict[str, Any]:
+        """Spawn (if needed) and build the model; returns what ``create`` reported."""
+        if self.alive:
+            return self.info
+        ctx = multiprocessing.get_context("spawn")
+        parent, child = ctx.Pipe()
+        self._proc = ctx.Process(target=main, args=(child,), name="edgeprune-model-worker", daemon=True)
+        self._proc.start()
+        child.close()
+        self._conn = parent
+        self.info = self._call({"op": "create", **self.create_args}, START_TIMEOUT_S)
+        return self.info
+
+    def call(self, op: str, **args: Any) -> dict[str, Any]:
+        self.start()
+        return self._call({"op": op, **args}, CALL_TIMEOUT_S)
+
+    def _call(self, msg: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+        try:
+            self._conn.send(msg)
+        except (BrokenPipeError, OSError):
+            self.close()
+            raise ModelWorkerError("the model worker is gone") from None
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self._conn.poll(0.2):
+                try:
+                    reply = self._conn.recv()
+                except (EOFError, OSError):
+                    break
+                if not reply.pop("ok", False):
+                    raise ModelWorkerError(reply.get("message", "model worker error"))
+                return reply
+            if not self._proc.is_alive():
+                break
+        code = self._proc.exitcode if self._proc else None
+        self.close(kill=True)
+        raise ModelWorkerError(f"the model worker died or hung during {msg['op']} (exit code {code})")
+
+    def close(self, kill: bool = False) -> None:
+        proc, conn = self._proc, self._conn
+        self._proc = self._conn = None
+        if proc is None:
+            return
+        if not kill and proc.is_alive():
+            try:
+                conn.send({"op": "end"})
+                proc.join(10)
+            except (BrokenPipeError, OSError):
+                pass
+        if proc.is_alive():
+            proc.kill()
+            proc.join(5)
+
+
+def main(conn) -> None:
+    """Worker entry point (runs in the spawned child)."""
+    from edge_agent import models, pruning
+    from edge_agent.tfenv import load
+
+    t = load()
+    model, eval_xy, writers = None, None, {}
+    while True:
+        try:
+            msg = conn.recv()
+        except EOFError:
+            return
+        op = msg.get("op")
+        try:
+            if op == "create":
+                model = _build(msg, models)
+                wrapped, report = None, {"pruned": {}, "dense": {}}
+                if msg["pruning_on"]:
+                    wrapped, report, _ = pruning.wrap(model, msg["granularity"])
+                spec = pruning.weight_spec(wrapped if wrapped is not None else model)
+                models.compile_model(model)
+                if msg.get("eval_x") is not None:
+                    eval_xy = (msg["eval_x"].reshape((-1, *model.input_shape[1:])), msg["eval_y"])
+                conn.send({"ok": True, "arch_json": model.to_json(), "spec": spec, "layer_report": report,
+                           "weights": pruning.get_weights(model)})
+            elif op == "evaluate":
+                if eval_xy is None:
+                    conn.send({"ok": True})
+                    continue
+                pruning.set_state(model, msg["weights"])
+                loss, acc = model.evaluate(*eval_xy, batch_size=256, verbose=0)
+                conn.send({"ok": True, "accuracy": float(acc), "loss": float(loss)})
+            elif op == "scalars":
+                writer = writers.get(msg["logdir"]) or t.tf.summary.create_file_writer(msg["logdir"])
+                writers[msg["logdir"]] = writer
+                with writer.as_default():
+                    for step, values in msg["rows"]:
+                        for key, value in values.items():
+                            t.tf.summary.scalar(key, value, step=step)
+                writer.flush()
+                conn.send({"ok": True})
+            elif op == "save_keras":
+                pruning.set_state(model, msg["weights"])
+                model.save(msg["path"])
+                conn.send({"ok": True})
+            elif op == "end":
+                for w in writers.values():
+                    w.close()
+                conn.send({"ok": True})
+                return
+            else:
+                conn.send({"ok": False, "message": f"unknown op {op!r}"})
+        except Exception as exc:  # report, keep serving
+            why = str(exc) if isinstance(exc, (ValueError, OSError)) else f"{type(exc).__name__}: {exc}"
+            conn.send({"ok": False, "message": why})
+
+
+def _build(msg: dict[str, Any], models):
+    import os
+
+    if os.path.exists(msg["model_ref"]):
+        return models.load_file(msg["model_ref"])
+    if msg["input_shape"] is None or msg["num_classes"] is None:
+        raise ValueError(f"built-in model {msg['model_ref']!r} needs an input shape and class count "
+                         "(from --eval-data, or --input-shape/--num-classes)")
+    return models.build(msg["model_ref"], tuple(msg["input_shape"]), msg["num_classes"], msg["seed"])
