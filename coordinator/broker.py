@@ -50,7 +50,8 @@ def wait_for_port(host: str, port: int, timeout_s: float = 10.0) -> bool:
     return False
 
 
-def mosquitto_config(host: str, port: int, workdir: Path, persistence: bool = False, pki_dir: Path | None = None) -> str:
+def mosquitto_config(host: str, port: int, workdir: Path, persistence: bool = False, pki_dir: Path | None = None,
+                     sys_interval_s: int | None = None) -> str:
     """A Mosquitto 2.0 config for one listener: plain, or TLS with client certificates and the fleet ACL.
 
     Queues are raised from the defaults because a coordinator receiving replies
@@ -92,6 +93,8 @@ def mosquitto_config(host: str, port: int, workdir: Path, persistence: bool = Fa
     ]
     if persistence:
         lines += [f"persistence_location {workdir}/", "autosave_interval 5"]
+    if sys_interval_s is not None:  # $SYS/broker/... counters (messages, bytes), for benchmarks
+        lines.append(f"sys_interval {sys_interval_s}")
     return "\n".join(lines) + "\n"
 
 
@@ -136,7 +139,7 @@ def warn_if_exposed(host: str) -> None:
 
 def start(kind: str = "auto", host: str = "127.0.0.1", port: int = 0, workdir: str | os.PathLike | None = None,
           persistence: bool = False, log_file: str | os.PathLike | None = None,
-          pki_dir: str | os.PathLike | None = None) -> BrokerProcess:
+          pki_dir: str | os.PathLike | None = None, sys_interval_s: int | None = None) -> BrokerProcess:
     """Start a broker child process and wait until it accepts connections.
 
     ``kind``: ``mosquitto``, ``embedded`` or ``auto`` (Mosquitto if installed).
@@ -152,7 +155,8 @@ def start(kind: str = "auto", host: str = "127.0.0.1", port: int = 0, workdir: s
         if exe is None:
             raise RuntimeError("mosquitto is not installed (apt-get install mosquitto), use --embedded")
         conf = work / f"mosquitto-{port}.conf"
-        conf.write_text(mosquitto_config(host, port, work, persistence, Path(pki_dir) if pki_dir else None))
+        conf.write_text(mosquitto_config(host, port, work, persistence, Path(pki_dir) if pki_dir else None,
+                                         sys_interval_s))
         cmd = [exe, "-c", str(conf)]
     elif pki_dir is not None:
         raise RuntimeError("a secure broker (TLS, client certificates, ACL) needs Mosquitto (apt-get install mosquitto)")

@@ -32,6 +32,7 @@ fleets of Raspberry-Pi-class devices, over MQTT.
   edgeprune export RUN          TFLite artifacts: dense, sparse, sparse-int8, fp16 (+ --qat)
   edgeprune bench --model RUN   benchmark the artifacts on the devices
   edgeprune report RUN          terminal summary and a self-contained HTML report
+  edgeprune simulate --devices N   N simulated agents (real agent code, synthetic trainer) for scale tests
 
 Common settings come from flags or EDGEPRUNE_BROKER, EDGEPRUNE_FLEET,
 EDGEPRUNE_HOME. Every command takes --json for scripts.
@@ -545,6 +546,97 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+
+# -- simulate -------------------------------------------------------------------
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    import json
+    import math
+    import shutil
+    import signal
+    import subprocess
+    import tempfile
+
+    from edge_agent.link import parse_broker_url
+
+    from .broker import wait_for_port
+
+    if args.devices < 1 or (args.processes is not None and args.processes < 1) or args.delay < 0:
+        return output.fail("--devices and --processes must be >= 1, --delay >= 0", code="usage", as_json=args.json,
+                           status=2)
+    try:
+        addr = parse_broker_url(args.broker)
+    except ValueError as exc:
+        return output.fail(str(exc), code="usage", as_json=args.json, status=2)
+    if addr.tls:
+        return output.fail("simulate runs plain MQTT agents (no device certificates): use an mqtt:// broker",
+                           code="usage", as_json=args.json, status=2)
+    if not wait_for_port(addr.host, addr.port, 5.0):
+        return output.fail(f"cannot reach the broker at {addr.host}:{addr.port} (start one: edgeprune broker)",
+                           code="connect", as_json=args.json)
+    procs_n = min(args.devices, args.processes or (os.cpu_count() or 1))
+    per = math.ceil(args.devices / procs_n)
+    root = Path(args.state_dir) if args.state_dir else Path(tempfile.mkdtemp(prefix="edgeprune-sim-"))
+    t0 = time.perf_counter()
+    procs = []
+    for i in range(procs_n):
+        first, count = i * per, min(per, args.devices - i * per)
+        if count <= 0:
+            break
+        cmd = [sys.executable, "-m", "edge_agent.simulate", "--broker", args.broker, "--fleet", args.fleet,
+               "--prefix", args.prefix, "--first", str(first), "--count", str(count), "--delay", str(args.delay),
+               "--samples", str(args.samples), "--state-root", str(root)]
+        if args.heartbeat_s:
+            cmd += ["--heartbeat-s", str(args.heartbeat_s)]
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True))
+    stopping = {"flag": False}
+
+    def _stop(*_):
+        stopping["flag"] = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    hosts = []
+    for p in procs:
+        line = p.stdout.readline()
+        try:
+            hosts.append(json.loads(line))
+        except ValueError:
+            hosts.append({"pid": p.pid, "agents": 0, "connected": 0, "error": f"exit code {p.poll()}"})
+    ready = {"event": "ready", "devices": args.devices, "processes": len(procs), "fleet": args.fleet,
+             "broker": args.broker, "connected": sum(h["connected"] for h in hosts),
+             "ready_s": round(time.perf_counter() - t0, 3), "pids": [p.pid for p in procs], "state_dir": str(root)}
+    if args.json:
+        print(json.dumps(ready), flush=True)
+    else:
+        print(f"{ready['connected']}/{args.devices} simulated agents connected in {ready['ready_s']:.1f} s "
+              f"({len(procs)} processes, fleet {args.fleet!r}, ids {args.prefix}-00000...); Ctrl-C stops them",
+              flush=True)
+    deadline = time.monotonic() + args.duration if args.duration else None
+    died = None
+    while not stopping["flag"] and (deadline is None or time.monotonic() < deadline):
+        died = next((p for p in procs if p.poll() is not None), None)
+        if died is not None:
+            break
+        time.sleep(0.2)
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    for p in procs:
+        try:
+            p.wait(60)
+        except subprocess.TimeoutExpired:
+            p.kill()
+    if not args.state_dir:
+        shutil.rmtree(root, ignore_errors=True)
+    if died is not None:
+        return output.fail(f"a simulator process ({died.pid}) exited with code {died.returncode}", code="died",
+                           as_json=args.json)
+    if args.json:
+        print(json.dumps({"event": "stopped", "devices": args.devices}), flush=True)
+    return 0 if ready["connected"] == args.devices else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgeprune", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -655,6 +747,25 @@ For a device without network, write the bundle and install it by hand:
     _ssh_arguments(p)
     p.add_argument("--connect-timeout", type=float, default=10.0, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_unflash)
+
+    p = sub.add_parser("simulate", help="run N simulated agents (real agent code, synthetic trainer) for scale tests",
+                       description="Start N lightweight agents packed into a few processes: each is the real agent "
+                                   "(its own MQTT connection, presence, commands, blob transfer, outbox), with a "
+                                   "synthetic trainer that answers a round after --delay seconds with a correctly "
+                                   "shaped sparse update of the model it was sent; no TensorFlow. Runs until Ctrl-C "
+                                   "(or --duration). Then `edgeprune train --fleet FLEET --eval-data none "
+                                   "--input-shape 8 8 1 --num-classes 10` trains over them.")
+    _common(p, broker=True)
+    p.set_defaults(fleet=os.environ.get("EDGEPRUNE_FLEET", "sim"))
+    p.add_argument("--devices", type=int, required=True, help="number of simulated devices")
+    p.add_argument("--processes", type=int, default=None, help="processes to pack them into (default: CPU count)")
+    p.add_argument("--delay", type=float, default=1.0, help="seconds a synthetic training round takes (default 1)")
+    p.add_argument("--samples", type=int, default=100, help="samples each device claims (its FedAvg weight; default 100)")
+    p.add_argument("--prefix", default="sim", help="device ids are PREFIX-00000, PREFIX-00001, ... (default sim)")
+    p.add_argument("--heartbeat-s", type=float, default=None, help="heartbeat interval (default: the agent's, 10 s)")
+    p.add_argument("--duration", type=float, default=None, help="stop after this many seconds (default: run until Ctrl-C)")
+    p.add_argument("--state-dir", default=None, help="keep the agents' state here (default: a temporary directory, removed)")
+    p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("train", help="federated pruning-aware training over the live fleet",
                        description="Train one model across the fleet's devices. Each device trains on its own data "

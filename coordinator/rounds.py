@@ -229,8 +229,20 @@ def train(cfg: TrainConfig, session: Session, store: Store, reporter: Reporter,
                 run.gm.close()
         summary = _summary(run, state, time.perf_counter() - t0, baseline)
         summary["phases_s"] = {k: round(v, 3) for k, v in phases.phases.items()}
+        summary["peak_rss_bytes"] = _peak_rss()
         store.finish_run(run.run_id, state, summary)
     return summary
+
+
+def _peak_rss() -> dict[str, int]:
+    """Peak resident memory of this process (VmHWM), and of the largest child it has reaped:
+    the model worker, which holds TensorFlow apart from the round loop."""
+    import resource
+
+    from edge_agent.worker import peak_rss_bytes
+
+    return {"coordinator": peak_rss_bytes(),
+            "model_worker": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024}
 
 
 def _eligible(run: Run) -> list[str]:

@@ -26,6 +26,8 @@ def _arg(cmd: Command, name: str, kind, default=None, required: bool = False):
 
 
 def _trainer(agent: Agent):
+    if agent.trainer is not None:  # the TensorFlow worker's owner, or a simulated device's stand-in
+        return agent.trainer
     from . import tfenv
     from .trainer import Trainer
 
@@ -34,8 +36,7 @@ def _trainer(agent: Agent):
                                                    "tensorflow-model-optimization are not installed (edgeprune[train])")
     if not agent.settings.get("data"):
         raise ProtocolError(ErrorCode.UNSUPPORTED, "this device has no training data configured (--data)")
-    if agent.trainer is None:
-        agent.trainer = Trainer(agent.settings)
+    agent.trainer = Trainer(agent.settings)
     return agent.trainer
 
 
