@@ -67,6 +67,12 @@ class MaskedFedAvg:
             if why:
                 raise UpdateRejected(f"{info.name}: {why}")
 
+    @property
+    def nbytes(self) -> int:
+        """Memory held by the running sums: O(model), whatever the number of clients."""
+        arrays = [*self.sum, *self.kept, *self.votes]
+        return int(sum(a.nbytes for a in arrays if isinstance(a, np.ndarray)))
+
     def add(self, tensors: list[np.ndarray], masks: list[np.ndarray | None], weight: float) -> None:
         for i, (t, m) in enumerate(zip(tensors, masks)):
             if self.infos[i].kind is None:
@@ -183,6 +189,10 @@ class RobustFedAvg(MaskedFedAvg):
         for i, (t, m) in enumerate(zip(tensors, masks)):
             v = t.astype(np.float64)
             self.values[i].append(np.where(m, v, np.nan) if m is not None else v)
+
+    @property
+    def nbytes(self) -> int:
+        return super().nbytes + int(sum(v.nbytes for vs in self.values for v in vs))
 
     def result(self, policy: str, sparsity: float, within=None):
         weights, masks = super().result(policy, sparsity, within)

@@ -588,6 +588,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                "--samples", str(args.samples), "--state-root", str(root)]
         if args.heartbeat_s:
             cmd += ["--heartbeat-s", str(args.heartbeat_s)]
+        if args.keepalive_s:
+            cmd += ["--keepalive-s", str(args.keepalive_s)]
         procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True))
     stopping = {"flag": False}
 
@@ -763,6 +765,9 @@ For a device without network, write the bundle and install it by hand:
     p.add_argument("--samples", type=int, default=100, help="samples each device claims (its FedAvg weight; default 100)")
     p.add_argument("--prefix", default="sim", help="device ids are PREFIX-00000, PREFIX-00001, ... (default sim)")
     p.add_argument("--heartbeat-s", type=float, default=None, help="heartbeat interval (default: the agent's, 10 s)")
+    p.add_argument("--keepalive-s", type=int, default=None,
+                   help="MQTT keepalive (default 60: hundreds of agents share a process, and a busy one must not "
+                        "be taken for a dead device)")
     p.add_argument("--duration", type=float, default=None, help="stop after this many seconds (default: run until Ctrl-C)")
     p.add_argument("--state-dir", default=None, help="keep the agents' state here (default: a temporary directory, removed)")
     p.set_defaults(func=cmd_simulate)

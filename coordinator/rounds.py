@@ -230,6 +230,7 @@ def train(cfg: TrainConfig, session: Session, store: Store, reporter: Reporter,
         summary = _summary(run, state, time.perf_counter() - t0, baseline)
         summary["phases_s"] = {k: round(v, 3) for k, v in phases.phases.items()}
         summary["peak_rss_bytes"] = _peak_rss()
+        summary["cpu_s"] = _cpu_s()
         store.finish_run(run.run_id, state, summary)
     return summary
 
@@ -243,6 +244,14 @@ def _peak_rss() -> dict[str, int]:
 
     return {"coordinator": peak_rss_bytes(),
             "model_worker": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024}
+
+
+def _cpu_s() -> dict[str, float]:
+    """CPU seconds (user + system) of this process and of its reaped children (the model worker)."""
+    import resource
+
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return {"coordinator": round(own.ru_utime + own.ru_stime, 3), "model_worker": round(kids.ru_utime + kids.ru_stime, 3)}
 
 
 def _eligible(run: Run) -> list[str]:
@@ -354,7 +363,7 @@ def _round(run: Run, rnd: int) -> dict[str, Any]:
         "bytes_down_per_client": bytes_down, "bytes_down_total": bytes_down * len(clients),
         "bytes_up_per_client": (sum(ups) / len(ups)) if ups else None, "bytes_up_total": sum(ups),
         "up_ratio_vs_dense_fp32": (gm.dense_fp32_bytes / (sum(ups) / len(ups))) if ups else None,
-        "dense_fp32_bytes": gm.dense_fp32_bytes,
+        "dense_fp32_bytes": gm.dense_fp32_bytes, "aggregator_bytes": agg.nbytes,
     }
     with t("persist"):
         gm.save(run.run_dir, f"round-{rnd:04d}")  # the resume point, written before the round is recorded

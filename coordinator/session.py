@@ -341,7 +341,7 @@ class Session:
         deadline = self._probe_deadline
         with self._changed:
             while time.monotonic() < deadline:
-                pending = [v for v in self.views.values()
+                pending = [v for v in list(self.views.values())
                            if v.status is not None and v.status.state != "offline" and v.last_heard is None]
                 if self.views and not pending and time.monotonic() > deadline - wait_s + 0.3:
                     break
@@ -354,7 +354,7 @@ class Session:
     def device_table(self) -> list[dict[str, Any]]:
         rows = []
         with self._views_lock:
-            views = sorted(self.views.values(), key=lambda v: v.device_id)
+            views = sorted(list(self.views.values()), key=lambda v: v.device_id)
         for v in views:
             caps = v.caps or {}
             rows.append({

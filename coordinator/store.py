@@ -99,6 +99,9 @@ class Store:
         self._db.row_factory = sqlite3.Row
         with self._lock, self._db:
             self._db.execute("PRAGMA journal_mode=WAL")
+            # WAL + NORMAL: no fsync per commit (a heartbeat from each of 1,000 devices is ~100 commits/s);
+            # still never corrupt, and an application crash loses nothing; a power cut may lose the last commits
+            self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(SCHEMA)
 
     def close(self) -> None:

@@ -42,6 +42,7 @@ from .protocol.errors import ErrorCode, ProtocolError
 
 log = logging.getLogger("edge_agent.simulate")
 UPDATE_NOISE = 0.01  # std of the synthetic weight change
+SIM_KEEPALIVE_S = 60  # hundreds of agents share an interpreter: a busy one is slow to ping, not dead
 
 
 class UpdateCache:
@@ -169,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples", type=int, default=100, help="samples each device claims (aggregation weight)")
     p.add_argument("--state-root", required=True)
     p.add_argument("--heartbeat-s", type=float, default=None)
-    p.add_argument("--keepalive-s", type=int, default=None)
+    p.add_argument("--keepalive-s", type=int, default=SIM_KEEPALIVE_S)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     fds = raise_fd_limit()
