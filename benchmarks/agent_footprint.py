@@ -77,7 +77,7 @@ class StatusWatch:
         self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
         self.c.on_message = on_message
         self.c.connect(host, int(port))
-        self.c.subscribe(topics.device(fleet, "+", "status"), 1)
+        self.c.subscribe(topics.device_filter(fleet, "status"), 1)
         self.c.loop_start()
 
     def wait(self, device: str, timeout_s: float) -> float | None:

@@ -21,6 +21,14 @@ BEGIN_TIMEOUT_S = 600.0  # TensorFlow import + model build on a slow Pi
 ROUND_TIMEOUT_S = 24 * 3600.0
 
 
+def _worker_main(*args: Any) -> None:
+    """The worker's entry point, by way of this module: importing :mod:`.worker` here, in the
+    agent, would load numpy into the idle agent for good (~11 MB)."""
+    from .worker import main
+
+    main(*args)
+
+
 class Trainer:
     def __init__(self, settings: dict[str, Any]):
         self.settings = settings
@@ -41,13 +49,11 @@ class Trainer:
         return self._proc.pid if self.alive else None
 
     def _spawn(self) -> None:
-        from . import worker
-
         parent, child = self._ctx.Pipe()
         worker_settings = {k: self.settings.get(k) for k in
                            ("data", "data_shard", "data_partition", "data_alpha", "data_seed", "data_label_column")}
         self._proc = self._ctx.Process(
-            target=worker.main, name="edgeprune-train-worker", daemon=True,
+            target=_worker_main, name="edgeprune-train-worker", daemon=True,
             args=(child, worker_settings, float(self.settings["worker_idle_s"]), int(self.settings["train_threads"])))
         self._proc.start()
         child.close()
