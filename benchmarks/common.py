@@ -37,14 +37,17 @@ def _cpu_model() -> str:
 
 
 @contextlib.contextmanager
-def local_fleet(n: int, fleet: str, agent_args: list[str] | None = None, per_agent=None, broker_kind: str = "auto"):
-    """A broker plus ``n`` agent processes; yields (broker, workdir). Everything is stopped afterwards."""
+def local_fleet(n: int, fleet: str, agent_args: list[str] | None = None, per_agent=None, broker_kind: str = "auto",
+                nice: int = 0):
+    """A broker plus ``n`` agent processes; yields (broker, workdir). Everything is stopped afterwards.
+    ``nice``: run the agents (and their training workers) at this niceness."""
     work = Path(tempfile.mkdtemp(prefix="edgeprune-bench-"))
     b = broker_mod.start(broker_kind, "127.0.0.1", 0, work / "broker", log_file=work / "broker.log")
     procs = []
     try:
         for i in range(n):
-            args = [str(BIN / "edgeprune-agent"), "run", "--broker", b.url, "--fleet", fleet, "--device-id", f"dev{i:03d}",
+            args = (["nice", "-n", str(nice)] if nice else []) + [
+                str(BIN / "edgeprune-agent"), "run", "--broker", b.url, "--fleet", fleet, "--device-id", f"dev{i:03d}",
                     "--state-dir", str(work / f"agent{i}"), *(agent_args or []), *(per_agent(i) if per_agent else [])]
             procs.append(subprocess.Popen(args, stdout=open(work / f"agent{i}.log", "ab"), stderr=subprocess.STDOUT))
         yield b, work

@@ -126,16 +126,27 @@ class MaskedFedAvg:
 AGGREGATIONS = ("fedavg", "median", "trimmed-mean")
 
 
+def _sq(x: np.ndarray) -> float:
+    v = x.ravel().astype(np.float64)
+    return float(v @ v)
+
+
+def model_norm(tensors: list[np.ndarray]) -> float:
+    return float(np.sqrt(sum(_sq(t) for t in tensors)))
+
+
 def update_norm(tensors: list[np.ndarray], reference: list[np.ndarray]) -> float:
     """L2 norm of the update (client weights minus the global weights it started from), all tensors."""
-    return float(np.sqrt(sum(float(np.sum((t.astype(np.float64) - r) ** 2)) for t, r in zip(tensors, reference))))
+    return float(np.sqrt(sum(_sq(np.subtract(t, r, dtype=np.float64)) for t, r in zip(tensors, reference))))
 
 
-def check_norm(tensors: list[np.ndarray], reference: list[np.ndarray], max_ratio: float) -> float:
+def check_norm(tensors: list[np.ndarray], reference: list[np.ndarray], max_ratio: float,
+               reference_norm: float | None = None) -> float:
     """Refuse an update that moves the model more than ``max_ratio`` times the model's own norm:
-    no honest local training does that; a broken or hostile client does."""
+    no honest local training does that; a broken or hostile client does. (``reference_norm``:
+    the model's norm, computed once per round by the caller.)"""
     norm = update_norm(tensors, reference)
-    scale = update_norm(reference, [np.zeros_like(r) for r in reference])
+    scale = model_norm(reference) if reference_norm is None else reference_norm
     if max_ratio > 0 and norm > max_ratio * max(scale, 1e-12):
         raise UpdateRejected(f"update norm {norm:.4g} is {norm / max(scale, 1e-12):.1f}x the model's norm "
                              f"{scale:.4g} (limit {max_ratio:g}x)")

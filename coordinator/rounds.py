@@ -24,7 +24,8 @@ from typing import Any
 from edge_agent.protocol import codec
 from edge_agent.protocol.errors import ProtocolError
 
-from .aggregate import AGGREGATIONS, MaskedFedAvg, UpdateRejected, check_norm, clip_update, make_aggregator
+from .aggregate import (AGGREGATIONS, MaskedFedAvg, UpdateRejected, check_norm, clip_update, make_aggregator,
+                        model_norm)
 from .masks import MASK_POLICIES, round_targets, sparsity_report
 from .model_worker import ModelWorkerError
 from .progress import Reporter
@@ -112,18 +113,21 @@ class TrainConfig:
 
 
 class Timer:
-    """Accumulates wall time per phase of a round (for the overhead breakdown)."""
+    """Accumulates wall time, and this thread's CPU time, per phase of a round (for the overhead
+    breakdown: on a machine shared with clients, wall time includes waiting for the CPU)."""
 
     def __init__(self) -> None:
         self.phases: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
 
     @contextmanager
     def __call__(self, phase: str):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         try:
             yield
         finally:
             self.phases[phase] = self.phases.get(phase, 0.0) + time.perf_counter() - t0
+            self.cpu[phase] = self.cpu.get(phase, 0.0) + time.thread_time() - c0
 
 
 @dataclass
@@ -139,7 +143,8 @@ class Run:
     begun: dict[str, dict] = field(default_factory=dict)
     counted: set = field(default_factory=set)
     rows: list[dict] = field(default_factory=list)
-    tb_rows: list = field(default_factory=list)  # TensorBoard scalars not yet written by the model worker
+    tb_rows: list = field(default_factory=list)
+    norm: float | None = None  # the global model's L2 norm this round (for the update-norm check)  # TensorBoard scalars not yet written by the model worker
 
 
 def new_run_id() -> str:
@@ -308,10 +313,12 @@ def _round(run: Run, rnd: int) -> dict[str, Any]:
     if cfg.granularity == "2:4" and cfg.pruning_on:
         target = 0.5
     kinds = [i.kind for i in gm.infos]
-    targets = round_targets(gm.weights, gm.masks, kinds, cfg.mask_policy, target)  # per tensor, from where we are
-    clients = _select(run, rnd)
+    with t("plan"):
+        targets = round_targets(gm.weights, gm.masks, kinds, cfg.mask_policy, target)  # per tensor, from where we are
+        clients = _select(run, rnd)
     failures: dict[str, str] = {}
     agg = make_aggregator(cfg.aggregation, gm.infos, gm.shapes, cfg.trim)
+    run.norm = model_norm(gm.weights)
     bytes_up: dict[str, int] = {}
     if len(clients) >= cfg.min_clients:
         with t("serialize"):
@@ -375,6 +382,7 @@ def _round(run: Run, rnd: int) -> dict[str, Any]:
             run.tb_rows.clear()
     row["wall_s"] = round(time.perf_counter() - wall0, 4)
     row["timing_s"] = {k: round(v, 4) for k, v in t.phases.items()}
+    row["cpu_s"] = {k: round(v, 4) for k, v in t.cpu.items()}
     run.store.save_round(run.run_id, rnd, started, row)
     return row
 
@@ -399,7 +407,7 @@ def _collect(run: Run, rnd: int, dev: str, reply, targets: list[float], agg: Mas
             if upd.meta.get("round") != rnd or upd.meta.get("run_id") != run.run_id:
                 raise UpdateRejected(f"update is for run {upd.meta.get('run_id')} round {upd.meta.get('round')}")
             agg.validate(upd.tensors, upd.masks, targets)
-            check_norm(upd.tensors, gm.weights, run.cfg.max_norm_ratio)
+            check_norm(upd.tensors, gm.weights, run.cfg.max_norm_ratio, run.norm)
         with t("aggregate"):
             tensors = clip_update(upd.tensors, gm.weights, run.cfg.clip_norm) if run.cfg.clip_norm else upd.tensors
             agg.add(tensors, upd.masks, float(result["metrics"]["num_samples"]))
