@@ -139,9 +139,12 @@ class Link:
 
     # -- lifecycle -----------------------------------------------------
     def start(self, wait_s: float | None = None) -> bool:
-        """Start the network thread; optionally wait until connected. Returns connected state."""
-        self._thread = threading.Thread(target=self._run, name=f"mqtt-{self._name}", daemon=True)
-        self._thread.start()
+        """Start the network thread (once: a second thread on the same client would connect twice
+        under one client id, and the broker would keep kicking one for the other); optionally wait
+        until connected. Returns connected state."""
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._run, name=f"mqtt-{self._name}", daemon=True)
+            self._thread.start()
         if wait_s is not None:
             return self.connected.wait(wait_s)
         return self.connected.is_set()

@@ -203,3 +203,15 @@ def test_blob_broadcast_down_and_pull_up(broker, agents, session_factory):
     s.clear_blob(ref.sha256)
     missing = s.call("pi2", "blob_fetch", {"sha256": "ab" * 32, "timeout_s": 0.5}, timeout_s=5)
     assert missing.error_code == "timeout"
+
+
+def test_starting_a_session_twice_keeps_one_connection(mosquitto, session_factory, tmp_path):
+    """`Session(...).start()` then `with session:` starts it again; a second network thread on the same
+    client id made the broker kick one connection for the other every few seconds (replies were lost)."""
+    import threading
+
+    s = session_factory(mosquitto.url)
+    with s:
+        time.sleep(1.5)
+        assert [t.name for t in threading.enumerate()].count("mqtt-coordinator") == 1
+        assert "already connected" not in (tmp_path / "broker.log").read_text()
