@@ -357,7 +357,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         eval_data=args.eval_data, input_shape=tuple(args.input_shape) if args.input_shape else None,
         num_classes=args.num_classes, devices=args.devices.split(",") if args.devices else None,
         wait_for_devices=args.wait_for, wait_timeout_s=args.wait_timeout, aggregation=args.aggregation,
-        trim=args.trim, clip_norm=args.clip_norm, max_norm_ratio=args.max_norm_ratio)
+        trim=args.trim, clip_norm=args.clip_norm, max_norm_ratio=args.max_norm_ratio, structured=args.structured,
+        structured_every=args.structured_every, importance=args.importance)
     resume = None
     try:
         if args.resume:  # the run's own config; flags other than broker/fleet/home are ignored
@@ -813,6 +814,16 @@ For a device without network, write the bundle and install it by hand:
     p.add_argument("--clip-norm", type=float, default=0.0, help="clip each update (client minus global) to this L2 norm; 0 = off")
     p.add_argument("--max-norm-ratio", type=float, default=10.0,
                    help="reject an update whose norm exceeds this multiple of the model's norm (default 10; 0 = off)")
+    p.add_argument("--structured", type=float, default=0.0, metavar="FRACTION",
+                   help="structured pruning: remove this fraction of the units/filters of every Dense and Conv2D "
+                        "layer that can shrink safely (ranked by the fleet's importance statistics), gradually, "
+                        "with recovery training between steps; weight pruning then sparsifies what remains "
+                        "(default 0 = off)")
+    p.add_argument("--structured-every", type=int, default=2, metavar="K",
+                   help="one structured step every K rounds, the last at least one round before the end (default 2)")
+    p.add_argument("--importance", choices=["activation", "l1", "l2", "taylor"], default="activation",
+                   help="how devices rank units: mean |activation| on local data (default), weight L1/L2 norm, or "
+                        "a first-order Taylor score")
     p.add_argument("--round-timeout", type=float, default=600.0, help="seconds to wait for updates in a round (default 600)")
     p.add_argument("--seed", type=int, default=0, help="seed for model init, client sampling and local shuffling")
     p.add_argument("--eval-data", default="digits", help="held-out data on the coordinator: 'digits', .npz, .csv, "

@@ -20,6 +20,7 @@ import numpy as np
 from edge_agent import data as data_mod
 from edge_agent.protocol import codec
 
+from . import surgery
 from .aggregate import TensorInfo
 from .masks import mbyn_mask
 from .model_worker import ModelWorker, ModelWorkerError
@@ -65,13 +66,16 @@ class GlobalModel:
             self.masks = [mbyn_mask(np.abs(w)) if m is not None else None for w, m in zip(self.weights, self.masks)]
             self.weights = [w * m if m is not None else w for w, m in zip(self.weights, self.masks)]
         self.arch_json: str = info["arch_json"]
+        self.flops: int = info["flops"]
         self.has_eval = False
 
     @classmethod
     def create(cls, model_ref: str, input_shape: tuple | None, num_classes: int | None, granularity: str,
-               pruning_on: bool, seed: int, eval_set=None) -> "GlobalModel":
-        """Build the model in a fresh model worker (ValueError when it cannot be built)."""
-        worker = ModelWorker({"model_ref": model_ref, "input_shape": input_shape, "num_classes": num_classes,
+               pruning_on: bool, seed: int, eval_set=None, arch_json: str | None = None) -> "GlobalModel":
+        """Build the model in a fresh model worker (ValueError when it cannot be built); ``arch_json``
+        (a structured run's shrunk architecture) replaces ``model_ref``."""
+        worker = ModelWorker({"model_ref": model_ref, "arch_json": arch_json, "input_shape": input_shape,
+                              "num_classes": num_classes,
                               "granularity": granularity, "pruning_on": pruning_on, "seed": seed,
                               "eval_x": None if eval_set is None else eval_set.x,
                               "eval_y": None if eval_set is None else eval_set.y})
@@ -132,6 +136,38 @@ class GlobalModel:
         if tag == "final":
             self.worker.call("save_keras", weights=self.weights, path=str(run_dir / "model.keras"))
             (run_dir / "model.json").write_text(json.dumps(json.loads(self.arch_json), indent=1))
+
+    @property
+    def units(self) -> dict[str, int]:
+        """Output units/filters of every Dense and Conv2D layer (the architecture, per layer)."""
+        return surgery.units(surgery.parse(self.arch_json))
+
+    def shrink(self, keep: dict[str, np.ndarray]) -> None:
+        """Remove every unit not in ``keep`` (per layer) and rebuild: the surviving weights and masks
+        are copied exactly. SurgeryError (naming the layer) leaves this model as it was."""
+        if self.pruning_on and self.granularity == "2:4":
+            raise surgery.SurgeryError("model", "2:4 sparsity groups input channels; it cannot be combined with "
+                                                "structured pruning")
+        arch, slices = surgery.shrink(self.arch_json, self.names, keep)
+        weights = surgery.apply(slices, self.names, self.weights)
+        masks = surgery.apply(slices, self.names, self.masks)
+        worker = ModelWorker({**self.worker.create_args, "arch_json": arch})
+        try:
+            new = GlobalModel(worker, self.granularity, self.pruning_on)
+        except ModelWorkerError as exc:
+            worker.close(kill=True)
+            raise surgery.SurgeryError("model", f"the smaller model does not build: {exc}") from None
+        if new.names != self.names or new.shapes != [w.shape for w in weights]:
+            worker.close(kill=True)
+            raise surgery.SurgeryError("model", "the rebuilt model's tensors do not match the cut weights")
+        self.worker.close()
+        if not self.has_eval:
+            worker.close()
+        has_eval = self.has_eval
+        self.__dict__.update(new.__dict__)
+        self.has_eval = has_eval
+        self.weights = weights
+        self.masks = [m if i.kind else None for m, i in zip(masks, self.infos)]
 
     def close(self) -> None:
         self.worker.close()

@@ -18,6 +18,8 @@ import multiprocessing
 import time
 from typing import Any
 
+import numpy as np
+
 START_TIMEOUT_S = 300.0  # TensorFlow import + model build
 CALL_TIMEOUT_S = 600.0
 
@@ -113,7 +115,7 @@ def main(conn) -> None:
         op = msg.get("op")
         try:
             if op == "create":
-                model = _build(msg, models)
+                model = models.from_json(msg["arch_json"]) if msg.get("arch_json") else _build(msg, models)
                 wrapped, report = None, {"pruned": {}, "dense": {}}
                 if msg["pruning_on"]:
                     wrapped, report, _ = pruning.wrap(model, msg["granularity"])
@@ -122,7 +124,7 @@ def main(conn) -> None:
                 if msg.get("eval_x") is not None:
                     eval_xy = (msg["eval_x"].reshape((-1, *model.input_shape[1:])), msg["eval_y"])
                 conn.send({"ok": True, "arch_json": model.to_json(), "spec": spec, "layer_report": report,
-                           "weights": pruning.get_weights(model)})
+                           "weights": pruning.get_weights(model), "flops": flops(model)})
             elif op == "evaluate":
                 if eval_xy is None:
                     conn.send({"ok": True})
@@ -154,11 +156,28 @@ def main(conn) -> None:
             conn.send({"ok": False, "message": why})
 
 
+def flops(model) -> int:
+    """Multiply-adds x 2 of one inference: Dense, Conv2D and DepthwiseConv2D (the rest is noise)."""
+    total = 0
+    for layer in model.layers:
+        kind = type(layer).__name__
+        if not hasattr(layer, "kernel") and kind != "DepthwiseConv2D":
+            continue
+        out = layer.output_shape
+        if kind == "Dense":
+            total += 2 * int(layer.kernel.shape[0]) * int(layer.kernel.shape[1]) * int(np.prod(out[1:-1]) or 1)
+        elif kind == "Conv2D":
+            kh, kw, cin, cout = (int(d) for d in layer.kernel.shape)
+            total += 2 * int(out[1]) * int(out[2]) * kh * kw * cin * cout
+        elif kind == "DepthwiseConv2D":
+            kh, kw, cin, mult = (int(d) for d in layer.depthwise_kernel.shape)
+            total += 2 * int(out[1]) * int(out[2]) * kh * kw * cin * mult
+    return total
+
+
 def _evaluate(model, x, y, batch: int = 1024) -> dict[str, float]:
     """Accuracy and mean loss by direct forward passes: ``model.evaluate`` costs ~0.1 s of
     set-up per call, more than the whole pass over a small held-out set, every round."""
-    import numpy as np
-
     fwd = getattr(model, "_edgeprune_forward", None)
     if fwd is None:  # traced once per model: eager execution costs more than the arithmetic here
         import tensorflow as tf

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import math
+import os
 import random
 import secrets
 import time
@@ -21,11 +22,14 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from edge_agent.protocol import codec
 from edge_agent.protocol.errors import ProtocolError
 
 from .aggregate import (AGGREGATIONS, MaskedFedAvg, UpdateRejected, check_norm, clip_update, make_aggregator,
                         model_norm)
+from . import surgery
 from .masks import MASK_POLICIES, round_targets, sparsity_report
 from .model_worker import ModelWorkerError
 from .progress import Reporter
@@ -34,6 +38,7 @@ from .session import Session
 from .store import Store
 
 BEGIN_TIMEOUT_S = 600.0
+IMPORTANCE_METHODS = ("activation", "l1", "l2", "taylor")
 UPDATE_FORMATS = ("auto", "fp32", "fp16", "int8", "int6", "int4")
 
 
@@ -67,6 +72,9 @@ class TrainConfig:
     trim: float = 0.1
     clip_norm: float = 0.0
     max_norm_ratio: float = 10.0
+    structured: float = 0.0
+    structured_every: int = 2
+    importance: str = "activation"
 
     def validate(self) -> None:
         if self.rounds < 1:
@@ -93,6 +101,15 @@ class TrainConfig:
             raise ValueError("--trim must be in [0, 0.5)")
         if self.clip_norm < 0 or self.max_norm_ratio < 0:
             raise ValueError("--clip-norm and --max-norm-ratio must be >= 0 (0 = off)")
+        if not 0.0 <= self.structured <= 1.0 or self.structured_every < 1:
+            raise ValueError("--structured is a fraction of each layer's units in [0, 1]; --structured-every >= 1")
+        if self.structured and self.rounds <= self.structured_every:
+            raise ValueError(f"--structured needs more --rounds than --structured-every ({self.structured_every}): "
+                             "at least one shrinking step and a round of recovery training after it")
+        if self.structured and self.granularity == "2:4":
+            raise ValueError("--structured cannot be combined with --granularity 2:4 (its groups span input channels)")
+        if self.importance not in IMPORTANCE_METHODS:
+            raise ValueError(f"--importance must be one of {', '.join(IMPORTANCE_METHODS)}")
 
     @property
     def pruning_on(self) -> bool:
@@ -105,6 +122,16 @@ class TrainConfig:
         if self.update_format != "auto":
             return self.update_format
         return "int4" if self.pruning_on else "fp32"
+
+    def structured_step(self, rnd: int) -> float | None:
+        """The fraction of each layer's original units gone after this round, if the round shrinks the
+        model: steps every ``structured_every`` rounds, reaching the target with at least one round of
+        recovery training after the last step."""
+        if not self.structured or rnd % self.structured_every:
+            return None
+        steps = max(1, (self.rounds - 1) // self.structured_every)
+        i = rnd // self.structured_every
+        return self.structured * i / steps if 1 <= i <= steps else None
 
     @property
     def regrow_fraction(self) -> float:
@@ -143,8 +170,10 @@ class Run:
     begun: dict[str, dict] = field(default_factory=dict)
     counted: set = field(default_factory=set)
     rows: list[dict] = field(default_factory=list)
-    tb_rows: list = field(default_factory=list)
-    norm: float | None = None  # the global model's L2 norm this round (for the update-norm check)  # TensorBoard scalars not yet written by the model worker
+    tb_rows: list = field(default_factory=list)  # TensorBoard scalars not yet written by the model worker
+    norm: float | None = None  # the global model's L2 norm this round (for the update-norm check)
+    original_units: dict[str, int] = field(default_factory=dict)  # before any structured step
+    importance: dict[str, Any] = field(default_factory=dict)  # this round's sample-weighted sums, and the weight
 
 
 def new_run_id() -> str:
@@ -185,10 +214,16 @@ def train(cfg: TrainConfig, session: Session, store: Store, reporter: Reporter,
         run.eval_set = load_eval_data(cfg.eval_data)
         shape = cfg.input_shape or (tuple(run.eval_set.x.shape[1:]) if run.eval_set is not None else None)
         classes = cfg.num_classes or (run.eval_set.num_classes if run.eval_set is not None else None)
+        arch_file = run.run_dir / "arch.json"  # the current architecture once a structured step shrank it
         run.gm = GlobalModel.create(cfg.model, shape, classes, cfg.granularity, cfg.pruning_on, cfg.seed,
-                                    run.eval_set)
+                                    run.eval_set, arch_file.read_text() if resume and arch_file.exists() else None)
+        run.original_units = (store.run(run_id) or {}).get("config", {}).get("units") if resume else None
+        run.original_units = run.original_units or run.gm.units
         for layer, why in run.gm.layer_report["dense"].items():
             reporter.warn(f"layer {layer} stays dense: {why}")
+        if cfg.structured:
+            for layer, why in surgery.report(run.gm.arch_json)["whole"].items():
+                reporter.warn(f"layer {layer} keeps all its units: {why}")
         if resume:
             run.rows = store.rounds(run_id)
             if run.rows:
@@ -199,7 +234,9 @@ def train(cfg: TrainConfig, session: Session, store: Store, reporter: Reporter,
         else:
             store.create_run(run.run_id, session.fleet, "train", {
                 **asdict(cfg), "num_params": run.gm.num_params, "dense_fp32_bytes": run.gm.dense_fp32_bytes,
-                "layers": run.gm.layer_report, "tensors": [{"name": n, "shape": list(s), "pruned": i.kind}
+                "layers": run.gm.layer_report, "units": run.gm.units,
+                "structure": surgery.report(run.gm.arch_json) if cfg.structured else None,
+                "tensors": [{"name": n, "shape": list(s), "pruned": i.kind}
                                                            for n, s, i in zip(run.gm.names, run.gm.shapes, run.gm.infos)]})
         run.run_dir.mkdir(parents=True, exist_ok=True)
     if resume:
@@ -329,6 +366,9 @@ def _round(run: Run, rnd: int) -> dict[str, Any]:
                 "batch_size": cfg.batch_size, "lr": cfg.lr, "sparsity_to": target,
                 "targets": {n: round(t, 6) for n, t, k in zip(gm.names, targets, kinds) if k},
                 "update_format": cfg.values_format, "regrow": cfg.regrow_fraction}
+        run.importance = {}
+        if cfg.structured_step(rnd) is not None:  # the statistics the shrinking step after this round ranks by
+            args["importance"] = {"method": cfg.importance, "layers": sorted(surgery.report(gm.arch_json)["shrinkable"])}
         submitted = {d: s.submit(d, "train_round", {**args, "seed": cfg.seed * 1_000_003 + rnd * 1009
                                                      + zlib.crc32(d.encode())}) for d in clients}
         pending = {fut: d for d, (_, fut) in submitted.items()}
@@ -357,6 +397,10 @@ def _round(run: Run, rnd: int) -> dict[str, Any]:
     if applied:
         with t("aggregate"):
             gm.weights, gm.masks = agg.result(cfg.mask_policy, target, None if cfg.regrow_fraction else gm.masks)
+        step = cfg.structured_step(rnd)
+        if step is not None:
+            with t("shrink"):
+                _shrink(run, rnd, step)
     with t("evaluate"):
         metrics = gm.evaluate()
     sparsity = sparsity_report(gm.masks, gm.names, gm.shapes)
@@ -371,8 +415,14 @@ def _round(run: Run, rnd: int) -> dict[str, Any]:
         "bytes_up_per_client": (sum(ups) / len(ups)) if ups else None, "bytes_up_total": sum(ups),
         "up_ratio_vs_dense_fp32": (gm.dense_fp32_bytes / (sum(ups) / len(ups))) if ups else None,
         "dense_fp32_bytes": gm.dense_fp32_bytes, "aggregator_bytes": agg.nbytes,
+        "params": gm.num_params, "flops": gm.flops, "architecture": gm.units,
+        "units_removed": round(1.0 - sum(gm.units.values()) / max(1, sum(run.original_units.values())), 4),
     }
     with t("persist"):
+        if cfg.structured:  # the architecture the resume point's weights belong to
+            tmp = run.run_dir / ".arch.json.tmp"
+            tmp.write_text(gm.arch_json)
+            os.replace(tmp, run.run_dir / "arch.json")
         gm.save(run.run_dir, f"round-{rnd:04d}")  # the resume point, written before the round is recorded
         (run.run_dir / f"round-{rnd - 2:04d}.ept").unlink(missing_ok=True)
         run.tb_rows.append((rnd, {k: row[k] for k in ("accuracy", "loss", "sparsity", "bytes_up_per_client",
@@ -419,11 +469,58 @@ def _collect(run: Run, rnd: int, dev: str, reply, targets: list[float], agg: Mas
         run.store.save_client_round(run.run_id, rnd, dev, False, None, None, result.get("metrics"), msg)
         return msg
     run.counted.add((dev, rnd))
+    if "importance" in result["metrics"]:
+        _fold_importance(run, dev, result["metrics"]["importance"], float(result["metrics"]["num_samples"]))
     s.submit(dev, "ack", {"ids": [reply.id]})  # the device may drop it from its outbox now
     bytes_up[dev] = len(data)
     run.store.save_client_round(run.run_id, rnd, dev, True, result["metrics"].get("model_bytes"), len(data),
                                 result["metrics"], None)
     return None
+
+
+def _fold_importance(run: Run, dev: str, stats: Any, weight: float) -> None:
+    """Add one device's per-unit statistics, weighted by its samples; statistics that do not match
+    the model (a layer missing, a wrong length, not finite) are dropped with a warning naming the layer."""
+    units = run.gm.units
+    try:
+        layers = stats["layers"]
+        vectors = {}
+        for layer in sorted(surgery.report(run.gm.arch_json)["shrinkable"]):
+            if layer not in layers:
+                raise ValueError(f"layer {layer}: no statistics")
+            v = np.asarray(layers[layer], np.float64)
+            if v.shape != (units[layer],):
+                raise ValueError(f"layer {layer} has {units[layer]} units, the statistics {v.size}")
+            if not np.all(np.isfinite(v)):
+                raise ValueError(f"layer {layer}: statistics contain NaN or Inf")
+            vectors[layer] = v
+    except (TypeError, KeyError, ValueError) as exc:
+        run.reporter.warn(f"{dev}: importance statistics ignored: {exc}")
+        return
+    sums = run.importance.setdefault("sums", {})
+    for layer, v in vectors.items():
+        sums[layer] = sums.get(layer, 0.0) + weight * v
+    run.importance["weight"] = run.importance.get("weight", 0.0) + weight
+
+
+def _shrink(run: Run, rnd: int, removed: float) -> None:
+    """One structured step: rank units by the fleet's importance, cut, rebuild; on any error keep
+    the last good architecture and say why."""
+    gm = run.gm
+    if not run.importance.get("weight"):
+        run.reporter.warn(f"round {rnd}: no usable importance statistics; the architecture stays as it is")
+        return
+    mean = {k: v / run.importance["weight"] for k, v in run.importance["sums"].items()}
+    before = gm.num_params
+    try:
+        keep = surgery.keep_top(mean, gm.units, run.original_units, removed)
+        gm.shrink(keep)
+    except surgery.SurgeryError as exc:
+        run.reporter.warn(f"round {rnd}: structured step skipped ({exc}); keeping the last good architecture")
+        return
+    run.begun.clear()  # every client gets the new architecture before its next round
+    run.reporter.say(f"round {rnd}: {removed:.0%} of units removed: {before:,} -> {gm.num_params:,} parameters, "
+                     + ", ".join(f"{k} {v}" for k, v in gm.units.items()))
 
 
 def _summary(run: Run, state: str, wall_s: float, baseline: dict) -> dict[str, Any]:
@@ -442,5 +539,6 @@ def _summary(run: Run, state: str, wall_s: float, baseline: dict) -> dict[str, A
         "bytes_down_total": sum(r["bytes_down_total"] for r in run.rows),
         "round_wall_s": (sum(r["wall_s"] for r in run.rows) / len(run.rows)) if run.rows else None,
         "total_wall_s": round(wall_s, 3), "clients": sorted(run.begun),
-        "layers": run.gm.layer_report,
+        "layers": run.gm.layer_report, "flops": run.gm.flops, "architecture": run.gm.units,
+        "original_architecture": run.original_units,
     }

@@ -69,7 +69,7 @@ def _train_round(agent: Agent, cmd: Command) -> dict[str, Any]:
     blob = agent.fetch_blob(topics.validate_sha256(model.get("sha256")), float(cmd.args.get("fetch_timeout_s", 300.0)))
     fetch_s = time.perf_counter() - t0
     agent.progress(cmd.id, phase="training", round=rnd)
-    keys = ("epochs", "batch_size", "lr", "targets", "seed", "update_format", "regrow")
+    keys = ("epochs", "batch_size", "lr", "targets", "seed", "update_format", "regrow", "importance")
     reply = trainer.round(run_id, {**{k: cmd.args[k] for k in keys if k in cmd.args},
                                    "run_id": run_id, "round": rnd, "model": blob})
     update = reply["update"]

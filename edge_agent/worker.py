@@ -26,6 +26,8 @@ RAMP_FRACTION = 2 / 3
 """Within a round, masks move from the previous target to the new one over the
 first 2/3 of the local steps; the last third fine-tunes under a fixed mask."""
 MASK_UPDATES_PER_ROUND = 4
+IMPORTANCE_METHODS = ("activation", "l1", "l2", "taylor")
+IMPORTANCE_SAMPLES = 512  # local samples the per-unit statistics are computed on
 
 
 class WorkerError(Exception):
@@ -143,6 +145,46 @@ class Run:
             sched.set(min(current, target), target, begin, begin + freq * updates, freq,
                       active=target > current + 1e-6)
 
+    def importance(self, req: dict[str, Any]) -> dict[str, Any]:
+        """Per-unit importance of the given Dense/Conv2D layers for the global model just loaded, on
+        (up to IMPORTANCE_SAMPLES of) this device's data: one number per output unit or filter.
+
+        ``activation``: mean |output| (post-activation) over samples and positions; ``l1``/``l2``:
+        norm of each unit's weights; ``taylor``: |mean of output x dLoss/doutput| (first-order
+        estimate of the loss change when the unit is removed)."""
+        tf = self.t.tf
+        method, names = req.get("method", "activation"), list(req.get("layers") or [])
+        if method not in IMPORTANCE_METHODS:
+            raise WorkerError("bad_args", f"importance method must be one of {', '.join(IMPORTANCE_METHODS)}")
+        by_name = {self.pruning_mod._inner(layer).name: layer for layer in self.model.layers}
+        missing = [n for n in names if n not in by_name]
+        if missing:
+            raise WorkerError("bad_args", f"importance: the model has no layer {missing[0]!r}")
+        layers = [by_name[n] for n in names]
+        if method in ("l1", "l2"):
+            out = {}
+            for name, layer in zip(names, layers):
+                k = self.pruning_mod._inner(layer).kernel.numpy()
+                axes = tuple(range(k.ndim - 1))
+                out[name] = (np.abs(k).sum(axes) if method == "l1" else np.sqrt((k ** 2).sum(axes)))
+        else:
+            n = min(len(self.data), IMPORTANCE_SAMPLES)
+            x, y = self.data.x[:n], self.data.y[:n]
+            probe = self.t.keras.Model(self.model.inputs, [layer.output for layer in layers] + [self.model.output])
+            acc = {name: 0.0 for name in names}
+            for i in range(0, n, 128):
+                xb, yb = tf.constant(x[i:i + 128]), tf.constant(y[i:i + 128])
+                with tf.GradientTape() as tape:
+                    *acts, pred = probe(xb, training=False)
+                    loss = self.model.loss(yb, pred)
+                grads = tape.gradient(loss, acts) if method == "taylor" else [None] * len(acts)
+                for name, a, g in zip(names, acts, grads):
+                    axes = tuple(range(len(a.shape) - 1))
+                    v = tf.abs(a) if method == "activation" else a * g
+                    acc[name] = acc[name] + tf.reduce_sum(v, axis=axes).numpy() / int(np.prod(a.shape[1:-1]) or 1)
+            out = {name: (np.abs(v) if method == "taylor" else v) / n for name, v in acc.items()}
+        return {"method": method, "layers": {k: [round(float(x), 7) for x in v] for k, v in out.items()}}
+
     def round(self, msg: dict[str, Any]) -> dict[str, Any]:
         tf, pruning = self.t.tf, self.pruning_mod
         wall0, cpu0 = time.perf_counter(), cpu_seconds()
@@ -156,6 +198,7 @@ class Run:
         ref_masks = [m if s["prunable"] else None for m, s in zip(glob.masks, self.spec)]
         regrow = float(msg.get("regrow") or 0.0)
         pruning.set_state(self.model, glob.tensors, None if regrow or not self.pruned else ref_masks)
+        importance = self.importance(msg["importance"]) if msg.get("importance") else None
         opt = self.model.optimizer
         for v in opt.variables:
             v.assign(tf.zeros_like(v))
@@ -202,6 +245,7 @@ class Run:
                 "peak_rss_scope": "round" if peak_ok else "process",
                 "sparsity": (1.0 - sum(int(m.sum()) for m in kept) / sum(m.size for m in kept)) if kept else 0.0,
                 "update_bytes": len(update),
+                **({"importance": importance} if importance is not None else {}),
             },
         }
 

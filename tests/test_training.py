@@ -187,3 +187,27 @@ def test_finished_update_survives_broker_outage_and_agent_restart(mosquitto, age
     finally:
         s.close()
         restarted.stop()
+
+
+def test_structured_pruning_across_the_fleet(mosquitto, agents, session_factory):
+    """--structured 0.5: the fleet's activation statistics rank units, the model shrinks in two steps
+    (rounds 1 and 2) with a round of recovery training after, agents continue on the new architecture, and weight
+    pruning sparsifies what remains."""
+    start_fleet(agents, mosquitto.url, 2, fleet="st")
+    s = session_factory(mosquitto.url, "st", long_running=True)
+    assert s.wait_for(lambda rows: sum(r["state"] == "online" and r["caps"] is not None for r in rows) == 2, 30)
+    cfg = TrainConfig(rounds=3, sparsity=0.5, local_epochs=2, seed=3, structured=0.5, structured_every=1,
+                      schedule="constant")
+    summary = train(cfg, s, s.store, Reporter(quiet=True))
+    assert summary["state"] == "done", summary
+    rounds = s.store.rounds(summary["run_id"])
+    assert [r["clients_ok"] for r in rounds] == [2, 2, 2]
+    archs = [r["architecture"] for r in rounds]
+    assert archs[0] == {"conv1": 24, "conv2": 48, "fc1": 192, "logits": 10}   # step 1: 25% of units gone
+    assert archs[1] == archs[2] == {"conv1": 16, "conv2": 32, "fc1": 128, "logits": 10}  # step 2: 50%; then recovery
+    assert rounds[0]["params"] > rounds[1]["params"] and rounds[1]["flops"] < rounds[0]["flops"]
+    assert rounds[-1]["units_removed"] == pytest.approx(0.5 * (32 + 64 + 256) / (32 + 64 + 256 + 10), abs=1e-3)
+    assert rounds[-1]["sparsity"] == pytest.approx(0.5, abs=0.01)           # weight pruning on what remains
+    assert summary["final_accuracy"] > 0.8, summary
+    run_dir = Path(summary["run_dir"])
+    assert json.loads((run_dir / "arch.json").read_text())["config"]["layers"][1]["config"]["filters"] == 16
