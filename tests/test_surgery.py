@@ -106,3 +106,70 @@ def _is_output_cut(cut, w) -> bool:
     """A cut on the consumer's own outputs (it is also a producer being shrunk), not on its inputs."""
     axis, idx = cut
     return not isinstance(idx, tuple) and axis in (-1, w.ndim - 1)
+
+
+class _Notes:
+    def __init__(self):
+        self.warnings, self.said = [], []
+
+    def warn(self, msg):
+        self.warnings.append(msg)
+
+    def say(self, msg):
+        self.said.append(msg)
+
+
+class _StubModel:
+    """The parts of GlobalModel the structured step reads (pure logic; the real one is tested end to end)."""
+
+    def __init__(self, arch, fail=None):
+        self.arch_json, self.fail, self.num_params, self.shrunk = arch, fail, 1000, None
+
+    @property
+    def units(self):
+        return surgery.units(surgery.parse(self.arch_json))
+
+    def shrink(self, keep):
+        if self.fail:
+            raise surgery.SurgeryError("c", self.fail)
+        self.shrunk = keep
+
+
+def _run(gm):
+    from coordinator.rounds import Run, TrainConfig
+
+    run = Run(TrainConfig(structured=0.5, rounds=3, structured_every=1), None, None, _Notes(), "r", None, gm=gm)
+    run.original_units = gm.units
+    run.begun = {"a": {}, "b": {}}
+    return run
+
+
+def test_mismatched_importance_is_ignored_by_name_and_a_failed_cut_keeps_the_architecture():
+    from coordinator.rounds import _fold_importance, _shrink
+
+    arch = _seq(("Conv2D", "c", {"filters": 4}), ("Flatten", "f", {}), ("Dense", "d", {"units": 6}),
+                ("Dense", "out", {"units": 2}))
+    run = _run(_StubModel(arch))
+    _fold_importance(run, "good", {"layers": {"c": [4, 3, 2, 1], "d": [1, 2, 3, 4, 5, 6]}}, 10)
+    _fold_importance(run, "short", {"layers": {"c": [1, 2, 3], "d": [1, 2, 3, 4, 5, 6]}}, 10)
+    _fold_importance(run, "nan", {"layers": {"c": [1, 2, 3, float("nan")], "d": [0] * 6}}, 10)
+    _fold_importance(run, "missing", {"layers": {"c": [1, 2, 3, 4]}}, 10)
+    _fold_importance(run, "garbage", "not a dict", 10)
+    w = run.reporter.warnings
+    assert len(w) == 4 and "short" in w[0] and "layer c has 4 units, the statistics 3" in w[0]
+    assert "layer c: statistics contain NaN" in w[1] and "layer d: no statistics" in w[2]
+    assert run.importance["weight"] == 10  # only the good device counted
+    _shrink(run, 1, 0.5)
+    assert {k: v.tolist() for k, v in run.gm.shrunk.items()} == {"c": [0, 1], "d": [3, 4, 5]}
+    assert run.begun == {}  # agents get the new architecture next round
+
+    failing = _run(_StubModel(arch, fail="the smaller model does not build"))
+    _fold_importance(failing, "good", {"layers": {"c": [4, 3, 2, 1], "d": [1, 2, 3, 4, 5, 6]}}, 10)
+    _shrink(failing, 1, 0.5)
+    assert "structured step skipped (c: the smaller model does not build); keeping the last good" \
+        in failing.reporter.warnings[-1]
+    assert failing.begun  # nothing changed: the agents keep training the last good architecture
+    everything = _run(_StubModel(arch))
+    _fold_importance(everything, "good", {"layers": {"c": [4, 3, 2, 1], "d": [1, 2, 3, 4, 5, 6]}}, 10)
+    _shrink(everything, 1, 1.0)
+    assert "removing 100% of its" in everything.reporter.warnings[-1] and everything.gm.shrunk is None
