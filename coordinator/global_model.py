@@ -131,7 +131,7 @@ class GlobalModel:
         """Atomically write the global model as a bundle (resume point) and, when final, as .keras."""
         run_dir.mkdir(parents=True, exist_ok=True)
         tmp = run_dir / f".{tag}.ept.tmp"
-        tmp.write_bytes(self.encode({"tag": tag}))
+        tmp.write_bytes(self.encode({"tag": tag, "arch": self.arch_json}))  # the weights' architecture, for resume
         os.replace(tmp, run_dir / f"{tag}.ept")
         if tag == "final":
             self.worker.call("save_keras", weights=self.weights, path=str(run_dir / "model.keras"))

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import math
-import os
 import random
 import secrets
 import time
@@ -27,9 +26,9 @@ import numpy as np
 from edge_agent.protocol import codec
 from edge_agent.protocol.errors import ProtocolError
 
+from . import surgery
 from .aggregate import (AGGREGATIONS, MaskedFedAvg, UpdateRejected, check_norm, clip_update, make_aggregator,
                         model_norm)
-from . import surgery
 from .masks import MASK_POLICIES, round_targets, sparsity_report
 from .model_worker import ModelWorkerError
 from .progress import Reporter
@@ -214,9 +213,12 @@ def train(cfg: TrainConfig, session: Session, store: Store, reporter: Reporter,
         run.eval_set = load_eval_data(cfg.eval_data)
         shape = cfg.input_shape or (tuple(run.eval_set.x.shape[1:]) if run.eval_set is not None else None)
         classes = cfg.num_classes or (run.eval_set.num_classes if run.eval_set is not None else None)
-        arch_file = run.run_dir / "arch.json"  # the current architecture once a structured step shrank it
+        run.rows = store.rounds(run_id) if resume else []
+        last = run.run_dir / f"round-{run.rows[-1]['round']:04d}.ept" if run.rows else None
+        # a resume point carries its architecture (a structured run may have shrunk the model since)
+        arch = codec.decode(last.read_bytes()).meta.get("arch") if last is not None else None
         run.gm = GlobalModel.create(cfg.model, shape, classes, cfg.granularity, cfg.pruning_on, cfg.seed,
-                                    run.eval_set, arch_file.read_text() if resume and arch_file.exists() else None)
+                                    run.eval_set, arch)
         run.original_units = (store.run(run_id) or {}).get("config", {}).get("units") if resume else None
         run.original_units = run.original_units or run.gm.units
         for layer, why in run.gm.layer_report["dense"].items():
@@ -225,11 +227,9 @@ def train(cfg: TrainConfig, session: Session, store: Store, reporter: Reporter,
             for layer, why in surgery.report(run.gm.arch_json)["whole"].items():
                 reporter.warn(f"layer {layer} keeps all its units: {why}")
         if resume:
-            run.rows = store.rounds(run_id)
-            if run.rows:
-                last = run.rows[-1]["round"]
-                run.gm.load(run.run_dir / f"round-{last:04d}.ept")
-                first_round = last + 1
+            if last is not None:
+                run.gm.load(last)
+                first_round = run.rows[-1]["round"] + 1
             store.set_run_state(run_id, "running")
         else:
             store.create_run(run.run_id, session.fleet, "train", {
@@ -419,10 +419,6 @@ def _round(run: Run, rnd: int) -> dict[str, Any]:
         "units_removed": round(1.0 - sum(gm.units.values()) / max(1, sum(run.original_units.values())), 4),
     }
     with t("persist"):
-        if cfg.structured:  # the architecture the resume point's weights belong to
-            tmp = run.run_dir / ".arch.json.tmp"
-            tmp.write_text(gm.arch_json)
-            os.replace(tmp, run.run_dir / "arch.json")
         gm.save(run.run_dir, f"round-{rnd:04d}")  # the resume point, written before the round is recorded
         (run.run_dir / f"round-{rnd - 2:04d}.ept").unlink(missing_ok=True)
         run.tb_rows.append((rnd, {k: row[k] for k in ("accuracy", "loss", "sparsity", "bytes_up_per_client",

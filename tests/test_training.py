@@ -209,5 +209,6 @@ def test_structured_pruning_across_the_fleet(mosquitto, agents, session_factory)
     assert rounds[-1]["units_removed"] == pytest.approx(0.5 * (32 + 64 + 256) / (32 + 64 + 256 + 10), abs=1e-3)
     assert rounds[-1]["sparsity"] == pytest.approx(0.5, abs=0.01)           # weight pruning on what remains
     assert summary["final_accuracy"] > 0.8, summary
-    run_dir = Path(summary["run_dir"])
-    assert json.loads((run_dir / "arch.json").read_text())["config"]["layers"][1]["config"]["filters"] == 16
+    final = codec.decode((Path(summary["run_dir"]) / "final.ept").read_bytes())  # resume points carry the architecture
+    assert json.loads(final.meta["arch"])["config"]["layers"][1]["config"]["filters"] == 16
+    assert final.tensors[0].shape == (3, 3, 1, 16)
