@@ -21,7 +21,8 @@ The clients share this 2-core machine with the coordinator, which on a real flee
 has its own CPU. So the agents (and their training workers) run at nice 19 by
 default: the clients' compute still fills both cores, but the coordinator's phases
 are not timed while queued behind ten TensorFlow processes (--nice 0 shows that
-contended figure). The coordinator's own CPU seconds per phase are printed too.
+contended figure). The round-loop thread's CPU seconds in those phases are printed too
+(not counting the model worker's evaluation CPU or the MQTT thread).
 
     python benchmarks/round_overhead.py [--clients 10] [--rounds 4] [--json]
 """
@@ -101,7 +102,7 @@ def main() -> int:
                   + f" {r['coordinator_s']:>6.3f}s {r['overhead']:>6.1%}")
         print(f"\nsteady state ({result['configuration']}): coordinator {result['coordinator_s_per_round']:.3f} s of "
               f"{result['round_wall_s']:.2f} s per round = {result['overhead']:.2%} (target <= {MAX_OVERHEAD:.0%}) "
-              f"{'met' if result['target_met'] else 'MISSED'}; its CPU time in those phases "
+              f"{'met' if result['target_met'] else 'MISSED'}; the round-loop thread's CPU time in those phases "
               f"{result['coordinator_cpu_s_per_round']:.3f} s = {result['cpu_overhead']:.2%}; agents at nice {a.nice}; "
               f"accuracy {summary['final_accuracy']:.2%}")
     return 0 if result["target_met"] else 1

@@ -625,9 +625,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     for p in procs:
         if p.poll() is None:
             p.terminate()
+    deadline = time.monotonic() + 60  # one deadline for all: each stops its agents in parallel
     for p in procs:
         try:
-            p.wait(60)
+            p.wait(max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             p.kill()
     if not args.state_dir:

@@ -145,9 +145,9 @@ class GlobalModel:
     def shrink(self, keep: dict[str, np.ndarray]) -> None:
         """Remove every unit not in ``keep`` (per layer) and rebuild: the surviving weights and masks
         are copied exactly. SurgeryError (naming the layer) leaves this model as it was."""
-        if self.pruning_on and self.granularity == "2:4":
-            raise surgery.SurgeryError("model", "2:4 sparsity groups input channels; it cannot be combined with "
-                                                "structured pruning")
+        if self.pruning_on and self.granularity in ("2:4", "block"):
+            raise surgery.SurgeryError("model", f"{self.granularity} sparsity groups input channels; it cannot be "
+                                                "combined with structured pruning")
         arch, slices = surgery.shrink(self.arch_json, self.names, keep)
         weights = surgery.apply(slices, self.names, self.weights)
         masks = surgery.apply(slices, self.names, self.masks)

@@ -157,13 +157,17 @@ def main(conn) -> None:
 
 
 def flops(model) -> int:
-    """Multiply-adds x 2 of one inference: Dense, Conv2D and DepthwiseConv2D (the rest is noise)."""
+    """Multiply-adds x 2 of one inference: Dense, Conv2D and DepthwiseConv2D (the rest is noise;
+    shared layers, whose output shape is not one, are left out)."""
     total = 0
     for layer in model.layers:
         kind = type(layer).__name__
         if not hasattr(layer, "kernel") and kind != "DepthwiseConv2D":
             continue
-        out = layer.output_shape
+        try:
+            out = layer.output_shape
+        except (AttributeError, RuntimeError):  # a shared layer with several output shapes: not counted
+            continue
         if kind == "Dense":
             total += 2 * int(layer.kernel.shape[0]) * int(layer.kernel.shape[1]) * int(np.prod(out[1:-1]) or 1)
         elif kind == "Conv2D":

@@ -105,8 +105,9 @@ class TrainConfig:
         if self.structured and self.rounds <= self.structured_every:
             raise ValueError(f"--structured needs more --rounds than --structured-every ({self.structured_every}): "
                              "at least one shrinking step and a round of recovery training after it")
-        if self.structured and self.granularity == "2:4":
-            raise ValueError("--structured cannot be combined with --granularity 2:4 (its groups span input channels)")
+        if self.structured and self.granularity in ("2:4", "block"):
+            raise ValueError(f"--structured cannot be combined with --granularity {self.granularity} (its groups "
+                             "span input channels, which the cuts would split)")
         if self.importance not in IMPORTANCE_METHODS:
             raise ValueError(f"--importance must be one of {', '.join(IMPORTANCE_METHODS)}")
 
@@ -172,6 +173,7 @@ class Run:
     tb_rows: list = field(default_factory=list)  # TensorBoard scalars not yet written by the model worker
     norm: float | None = None  # the global model's L2 norm this round (for the update-norm check)
     original_units: dict[str, int] = field(default_factory=dict)  # before any structured step
+    initial_dense_bytes: int = 0  # the model as the run began (what upload ratios compare against)
     importance: dict[str, Any] = field(default_factory=dict)  # this round's sample-weighted sums, and the weight
 
 
@@ -221,6 +223,8 @@ def train(cfg: TrainConfig, session: Session, store: Store, reporter: Reporter,
                                     run.eval_set, arch)
         run.original_units = (store.run(run_id) or {}).get("config", {}).get("units") if resume else None
         run.original_units = run.original_units or run.gm.units
+        run.initial_dense_bytes = ((store.run(run_id) or {}).get("config", {}).get("dense_fp32_bytes") if resume
+                                   else None) or run.gm.dense_fp32_bytes
         for layer, why in run.gm.layer_report["dense"].items():
             reporter.warn(f"layer {layer} stays dense: {why}")
         if cfg.structured:
@@ -368,7 +372,8 @@ def _round(run: Run, rnd: int) -> dict[str, Any]:
                 "update_format": cfg.values_format, "regrow": cfg.regrow_fraction}
         run.importance = {}
         if cfg.structured_step(rnd) is not None:  # the statistics the shrinking step after this round ranks by
-            args["importance"] = {"method": cfg.importance, "layers": sorted(surgery.report(gm.arch_json)["shrinkable"])}
+            rep = surgery.report(gm.arch_json)
+            args["importance"] = {"method": cfg.importance, "layers": sorted(rep["shrinkable"]), "at": rep["measure_at"]}
         submitted = {d: s.submit(d, "train_round", {**args, "seed": cfg.seed * 1_000_003 + rnd * 1009
                                                      + zlib.crc32(d.encode())}) for d in clients}
         pending = {fut: d for d, (_, fut) in submitted.items()}
@@ -394,6 +399,7 @@ def _round(run: Run, rnd: int) -> dict[str, Any]:
         bytes_down = 0
         failures["round"] = f"only {len(clients)} eligible clients, --min-clients is {cfg.min_clients}"
     applied = agg.count >= cfg.min_clients
+    sent_dense = gm.dense_fp32_bytes
     if applied:
         with t("aggregate"):
             gm.weights, gm.masks = agg.result(cfg.mask_policy, target, None if cfg.regrow_fraction else gm.masks)
@@ -413,8 +419,9 @@ def _round(run: Run, rnd: int) -> dict[str, Any]:
         "accuracy": metrics.get("accuracy"), "loss": metrics.get("loss"),
         "bytes_down_per_client": bytes_down, "bytes_down_total": bytes_down * len(clients),
         "bytes_up_per_client": (sum(ups) / len(ups)) if ups else None, "bytes_up_total": sum(ups),
-        "up_ratio_vs_dense_fp32": (gm.dense_fp32_bytes / (sum(ups) / len(ups))) if ups else None,
-        "dense_fp32_bytes": gm.dense_fp32_bytes, "aggregator_bytes": agg.nbytes,
+        "up_ratio_vs_dense_fp32": (sent_dense / (sum(ups) / len(ups))) if ups else None,
+        "dense_fp32_bytes": sent_dense, "aggregator_bytes": agg.nbytes,  # of the model this round trained
+        # the architecture after this round (a structured step may have shrunk it at the end of the round)
         "params": gm.num_params, "flops": gm.flops, "architecture": gm.units,
         "units_removed": round(1.0 - sum(gm.units.values()) / max(1, sum(run.original_units.values())), 4),
     }
@@ -511,7 +518,7 @@ def _shrink(run: Run, rnd: int, removed: float) -> None:
     try:
         keep = surgery.keep_top(mean, gm.units, run.original_units, removed)
         gm.shrink(keep)
-    except surgery.SurgeryError as exc:
+    except (surgery.SurgeryError, ValueError, IndexError) as exc:  # the run goes on with what it has
         run.reporter.warn(f"round {rnd}: structured step skipped ({exc}); keeping the last good architecture")
         return
     run.begun.clear()  # every client gets the new architecture before its next round
@@ -528,9 +535,9 @@ def _summary(run: Run, state: str, wall_s: float, baseline: dict) -> dict[str, A
         "initial_accuracy": baseline.get("accuracy"),
         "final_accuracy": last.get("accuracy"), "final_loss": last.get("loss"),
         "final_sparsity": last.get("sparsity"), "final_sparsity_overall": last.get("sparsity_overall"),
-        "num_params": run.gm.num_params, "dense_fp32_bytes": run.gm.dense_fp32_bytes,
+        "num_params": run.gm.num_params, "dense_fp32_bytes": run.initial_dense_bytes,
         "upload_bytes_per_client_round": (sum(ups) / len(ups)) if ups else None,
-        "ratio_vs_dense_fp32": (run.gm.dense_fp32_bytes / (sum(ups) / len(ups))) if ups else None,
+        "ratio_vs_dense_fp32": (run.initial_dense_bytes / (sum(ups) / len(ups))) if ups else None,
         "bytes_up_total": sum(r["bytes_up_total"] for r in run.rows),
         "bytes_down_total": sum(r["bytes_down_total"] for r in run.rows),
         "round_wall_s": (sum(r["wall_s"] for r in run.rows) / len(run.rows)) if run.rows else None,

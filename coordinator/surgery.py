@@ -29,7 +29,7 @@ import numpy as np
 
 PRODUCERS = {"Dense": "units", "Conv2D": "filters"}
 CHANNELWISE = {"BatchNormalization", "DepthwiseConv2D"}
-PASS = {"Activation", "ReLU", "LeakyReLU", "PReLU", "ELU", "Softmax", "Dropout", "SpatialDropout2D", "GaussianNoise",
+PASS = {"Activation", "ReLU", "LeakyReLU", "ELU", "Softmax", "Dropout", "SpatialDropout2D", "GaussianNoise",
         "GaussianDropout", "MaxPooling2D", "AveragePooling2D", "ZeroPadding2D", "Cropping2D", "UpSampling2D",
         "GlobalAveragePooling2D", "GlobalMaxPooling2D", "ActivityRegularization"}
 MERGES = {"Add", "Subtract", "Multiply", "Average", "Maximum", "Minimum", "Concatenate", "Dot"}
@@ -94,6 +94,7 @@ class Plan:
     producer: str
     channelwise: list[str]
     consumers: list[tuple[str, bool]]  # (layer, after a Flatten)
+    measure_at: str = ""  # where its channels are last seen whole (after BN/activation, before a Flatten)
 
 
 def analyse(graph: Graph) -> tuple[dict[str, Plan], dict[str, str]]:
@@ -115,7 +116,8 @@ def _plan(graph: Graph, producer: Node) -> Plan:
         raise SurgeryError(producer.name, "a shared layer (used more than once)")
     if producer.config.get("groups", 1) != 1:
         raise SurgeryError(producer.name, "a grouped convolution")
-    plan = Plan(producer.name, [], [])
+    plan = Plan(producer.name, [], [], producer.name)
+    chain = producer.name  # follows a single path, for measure_at
     todo = [(producer.name, False)]
     seen = set()
     while todo:
@@ -136,14 +138,21 @@ def _plan(graph: Graph, producer: Node) -> Plan:
                     raise SurgeryError(producer.name, f"Conv2D {nxt} after a Flatten")
                 plan.consumers.append((nxt, flat))
             elif n.cls in CHANNELWISE:
+                if flat:
+                    raise SurgeryError(producer.name, f"{n.cls} {nxt} after a Flatten")
                 if n.cls == "DepthwiseConv2D" and n.config.get("depth_multiplier", 1) != 1:
                     raise SurgeryError(producer.name, f"its channels feed {nxt}, a depthwise conv with multiplier > 1")
-                if n.cls == "BatchNormalization" and n.config.get("axis") not in (-1, 3, [3], [-1], 1, [1]):
+                channel_axes = (-1, [-1], 3, [3]) if producer.cls == "Conv2D" else (-1, [-1], 1, [1])
+                if n.cls == "BatchNormalization" and n.config.get("axis") not in channel_axes:
                     raise SurgeryError(producer.name, f"BatchNormalization {nxt} is not on the channel axis")
                 plan.channelwise.append(nxt)
                 todo.append((nxt, flat))
+                if name == chain and len(graph.nodes[name].outbound) == 1:
+                    chain = nxt
             elif n.cls in PASS:
                 todo.append((nxt, flat))
+                if name == chain and not flat and len(graph.nodes[name].outbound) == 1:
+                    chain = nxt
             elif n.cls == "Flatten":
                 if flat:
                     raise SurgeryError(producer.name, f"two Flatten layers on the way ({nxt})")
@@ -155,6 +164,7 @@ def _plan(graph: Graph, producer: Node) -> Plan:
                                                   "understand")
     if not plan.consumers:
         raise SurgeryError(producer.name, "no layer consumes its channels")
+    plan.measure_at = chain
     return plan
 
 
@@ -253,8 +263,10 @@ def apply(slices: dict[str, list], names: list[str], arrays: list[np.ndarray | N
 
 
 def report(arch_json: str) -> dict[str, Any]:
-    """Shrinkable layers with their units, and those left whole with why."""
+    """Shrinkable layers with their units and where their activations are measured, and those left
+    whole with why."""
     graph = parse(arch_json)
     plans, whole = analyse(graph)
     u = units(graph)
-    return {"shrinkable": {k: u[k] for k in plans}, "whole": whole}
+    return {"shrinkable": {k: u[k] for k in plans}, "measure_at": {k: p.measure_at for k, p in plans.items()},
+            "whole": whole}

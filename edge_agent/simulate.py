@@ -99,6 +99,18 @@ def synthetic_update(msg: dict[str, Any]) -> bytes:
     return codec.encode(weights, names=glob.names, kind="update", values="fp32", compression="none", meta=meta)
 
 
+def synthetic_importance(model: bytes, layers: list[str]) -> dict[str, Any]:
+    """Per-unit statistics of the right length for each requested layer (weight L1 norm)."""
+    glob = codec.decode(model)
+    kernels = {n.rsplit("/", 1)[0]: t for n, t in zip(glob.names, glob.tensors) if n.endswith("/kernel")}
+    out = {}
+    for layer in layers:
+        k = kernels.get(layer)
+        if k is not None:
+            out[layer] = [round(float(v), 7) for v in np.abs(k).sum(axis=tuple(range(k.ndim - 1)))]
+    return {"method": "l1", "layers": out}
+
+
 class SyntheticTrainer:
     """Stands in for :class:`~edge_agent.trainer.Trainer`: same calls, no TensorFlow, no child process."""
 
@@ -116,6 +128,9 @@ class SyntheticTrainer:
         return False
 
     def begin(self, run_id: str, msg: dict[str, Any]) -> dict[str, Any]:
+        if msg.get("granularity", "unstructured") != "unstructured":
+            raise ProtocolError(ErrorCode.UNSUPPORTED, f"simulated devices make unstructured masks only, not "
+                                                       f"{msg.get('granularity')}")
         self.run_id = run_id
         return {"num_samples": self.num_samples, "dataset": "synthetic", "synthetic": True, "begin_s": 0.0,
                 "worker_pid": None}
@@ -125,11 +140,13 @@ class SyntheticTrainer:
             raise ProtocolError(ErrorCode.BAD_ARGS, f"run {run_id} has not begun on this device (send train_begin)")
         t0 = time.perf_counter()
         update = self.cache.get(msg)
+        metrics = {"num_samples": self.num_samples, "synthetic": True, "update_bytes": len(update),
+                   "worker_restarted": False}
+        if msg.get("importance"):  # structured steps: the L1 norm of each unit's weights stands in
+            metrics["importance"] = synthetic_importance(msg["model"], msg["importance"].get("layers") or [])
         time.sleep(max(0.0, self.delay_s - (time.perf_counter() - t0)))
         wall = round(time.perf_counter() - t0, 4)
-        return {"update": update, "metrics": {"num_samples": self.num_samples, "synthetic": True, "train_s": wall,
-                                              "wall_s": wall, "update_bytes": len(update),
-                                              "worker_restarted": False}}
+        return {"update": update, "metrics": {**metrics, "train_s": wall, "wall_s": wall}}
 
     def kill_now(self) -> None:
         pass
@@ -204,8 +221,10 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
+    parent = os.getppid()
     while not stop.wait(1.0):
-        pass
+        if os.getppid() != parent:  # `edgeprune simulate` is gone (killed): do not linger as a fleet
+            break
     with ThreadPoolExecutor(32) as pool:  # each says "offline" itself; in parallel, or 1,000 take a while
         list(pool.map(lambda ag: ag.stop(), agents))
     return 0

@@ -149,15 +149,19 @@ class Run:
         """Per-unit importance of the given Dense/Conv2D layers for the global model just loaded, on
         (up to IMPORTANCE_SAMPLES of) this device's data: one number per output unit or filter.
 
-        ``activation``: mean |output| (post-activation) over samples and positions; ``l1``/``l2``:
-        norm of each unit's weights; ``taylor``: |mean of output x dLoss/doutput| (first-order
-        estimate of the loss change when the unit is removed)."""
+        ``activation``: mean |output| over samples and positions, read where the coordinator says the
+        unit's channel is last seen whole (``at``: after its BatchNormalization and activation);
+        ``l1``/``l2``: norm of each unit's weights; ``taylor``: |sum over samples of output x
+        dLoss/doutput| / samples (first-order estimate of the loss change when the unit is removed).
+        Samples are a seeded random subset, so a device whose data is sorted by class is not judged
+        on its first classes only."""
         tf = self.t.tf
         method, names = req.get("method", "activation"), list(req.get("layers") or [])
         if method not in IMPORTANCE_METHODS:
             raise WorkerError("bad_args", f"importance method must be one of {', '.join(IMPORTANCE_METHODS)}")
         by_name = {self.pruning_mod._inner(layer).name: layer for layer in self.model.layers}
-        missing = [n for n in names if n not in by_name]
+        at = {n: (req.get("at") or {}).get(n, n) for n in names}
+        missing = [n for n in names + list(at.values()) if n not in by_name]
         if missing:
             raise WorkerError("bad_args", f"importance: the model has no layer {missing[0]!r}")
         layers = [by_name[n] for n in names]
@@ -169,14 +173,16 @@ class Run:
                 out[name] = (np.abs(k).sum(axes) if method == "l1" else np.sqrt((k ** 2).sum(axes)))
         else:
             n = min(len(self.data), IMPORTANCE_SAMPLES)
-            x, y = self.data.x[:n], self.data.y[:n]
-            probe = self.t.keras.Model(self.model.inputs, [layer.output for layer in layers] + [self.model.output])
+            pick = np.sort(np.random.default_rng(0).choice(len(self.data), n, replace=False))
+            x, y = self.data.x[pick], self.data.y[pick]
+            probe = self.t.keras.Model(self.model.inputs,
+                                       [by_name[at[name]].output for name in names] + [self.model.output])
             acc = {name: 0.0 for name in names}
             for i in range(0, n, 128):
                 xb, yb = tf.constant(x[i:i + 128]), tf.constant(y[i:i + 128])
                 with tf.GradientTape() as tape:
                     *acts, pred = probe(xb, training=False)
-                    loss = self.model.loss(yb, pred)
+                    loss = self.model.loss(yb, pred) * float(len(xb))  # a sum: per-sample scale
                 grads = tape.gradient(loss, acts) if method == "taylor" else [None] * len(acts)
                 for name, a, g in zip(names, acts, grads):
                     axes = tuple(range(len(a.shape) - 1))

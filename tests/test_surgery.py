@@ -23,6 +23,13 @@ def test_analysis_reports_why_a_layer_stays_whole():
     rep = surgery.report(arch)
     assert rep["shrinkable"] == {"c2": 4, "d1": 16}
     assert "MyCustomLayer odd" in rep["whole"]["c1"] and "model output" in rep["whole"]["out"]
+    odd = surgery.report(_seq(("Conv2D", "c1", {"filters": 8}), ("BatchNormalization", "bn", {"axis": 1}),
+                              ("Conv2D", "c2", {"filters": 4}), ("PReLU", "pr", {}), ("Conv2D", "c3", {"filters": 4}),
+                              ("Flatten", "f", {}), ("BatchNormalization", "bn2", {"axis": -1}),
+                              ("Dense", "out", {"units": 2})))
+    assert "not on the channel axis" in odd["whole"]["c1"]        # axis 1 of an image is its height
+    assert "PReLU pr" in odd["whole"]["c2"]                         # per-channel weights we do not cut
+    assert "after a Flatten" in odd["whole"]["c3"] and odd["shrinkable"] == {}
     func = {"class_name": "Functional", "config": {"name": "m", "layers": [
         {"class_name": "InputLayer", "name": "in", "config": {"name": "in"}, "inbound_nodes": []},
         {"class_name": "Conv2D", "name": "a", "config": {"name": "a", "filters": 4}, "inbound_nodes": [[["in", 0, 0, {}]]]},
