@@ -155,3 +155,18 @@ class Trainer:
             proc.kill()
             proc.join(5)
         log.info("training worker stopped (exit code %s)", proc.exitcode)
+        _stop_resource_tracker()
+
+
+def _stop_resource_tracker() -> None:
+    """Spawning the worker also started multiprocessing's resource-tracker process (~13 MB), which
+    would outlive the worker for the agent's whole life; stop it while no spawned child is alive
+    (the next spawn starts it again). Private API: if it moves, the tracker just stays."""
+    if multiprocessing.active_children():
+        return
+    try:
+        from multiprocessing import resource_tracker
+
+        resource_tracker._resource_tracker._stop()
+    except (AttributeError, OSError, ChildProcessError) as exc:
+        log.debug("resource tracker left running: %s", exc)
