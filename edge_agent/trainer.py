@@ -168,5 +168,5 @@ def _stop_resource_tracker() -> None:
         from multiprocessing import resource_tracker
 
         resource_tracker._resource_tracker._stop()
-    except (AttributeError, OSError, ChildProcessError) as exc:
+    except (AttributeError, OSError, RuntimeError) as exc:  # ChildProcessError is an OSError
         log.debug("resource tracker left running: %s", exc)
