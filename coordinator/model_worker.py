@@ -14,11 +14,11 @@ Messages are dicts ``{"op": ..., ...}``; replies are ``{"ok": True, ...}`` or
 
 from __future__ import annotations
 
-import multiprocessing
-import time
 from typing import Any
 
 import numpy as np
+
+from edge_agent.childproc import Child, ChildGone, ChildTimeout
 
 START_TIMEOUT_S = 300.0  # TensorFlow import + model build
 CALL_TIMEOUT_S = 600.0
@@ -33,28 +33,22 @@ class ModelWorker:
 
     def __init__(self, create: dict[str, Any]):
         self.create_args = create
-        self._proc = None
-        self._conn = None
+        self._child: Child | None = None
         self.info: dict[str, Any] | None = None
 
     @property
     def alive(self) -> bool:
-        return self._proc is not None and self._proc.is_alive()
+        return self._child is not None and self._child.alive
 
     @property
     def pid(self) -> int | None:
-        return self._proc.pid if self.alive else None
+        return self._child.pid if self.alive else None
 
     def start(self) -> dict[str, Any]:
         """Spawn (if needed) and build the model; returns what ``create`` reported."""
         if self.alive:
             return self.info
-        ctx = multiprocessing.get_context("spawn")
-        parent, child = ctx.Pipe()
-        self._proc = ctx.Process(target=main, args=(child,), name="edgeprune-model-worker", daemon=True)
-        self._proc.start()
-        child.close()
-        self._conn = parent
+        self._child = Child(main, (), "edgeprune-model-worker")
         self.info = self._call({"op": "create", **self.create_args}, START_TIMEOUT_S)
         return self.info
 
@@ -64,40 +58,25 @@ class ModelWorker:
 
     def _call(self, msg: dict[str, Any], timeout_s: float) -> dict[str, Any]:
         try:
-            self._conn.send(msg)
-        except (BrokenPipeError, OSError):
-            self.close()
-            raise ModelWorkerError("the model worker is gone") from None
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self._conn.poll(0.2):
-                try:
-                    reply = self._conn.recv()
-                except (EOFError, OSError):
-                    break
-                if not reply.pop("ok", False):
-                    raise ModelWorkerError(reply.get("message", "model worker error"))
-                return reply
-            if not self._proc.is_alive():
-                break
-        code = self._proc.exitcode if self._proc else None
-        self.close(kill=True)
+            reply = self._child.request(msg, timeout_s)
+        except ChildGone as exc:
+            self.close(kill=not exc.before_send)
+            if exc.before_send:
+                raise ModelWorkerError("the model worker is gone") from None
+            code = exc.exitcode
+        except ChildTimeout:
+            self.close(kill=True)
+            code = None  # killed only now: it hung
+        else:
+            if not reply.pop("ok", False):
+                raise ModelWorkerError(reply.get("message", "model worker error"))
+            return reply
         raise ModelWorkerError(f"the model worker died or hung during {msg['op']} (exit code {code})")
 
     def close(self, kill: bool = False) -> None:
-        proc, conn = self._proc, self._conn
-        self._proc = self._conn = None
-        if proc is None:
-            return
-        if not kill and proc.is_alive():
-            try:
-                conn.send({"op": "end"})
-                proc.join(10)
-            except (BrokenPipeError, OSError):
-                pass
-        if proc.is_alive():
-            proc.kill()
-            proc.join(5)
+        child, self._child = self._child, None
+        if child is not None:
+            child.close(kill)
 
 
 def main(conn) -> None:

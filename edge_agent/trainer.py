@@ -14,6 +14,7 @@ import threading
 import time
 from typing import Any
 
+from .childproc import Child, ChildGone, ChildTimeout
 from .protocol.errors import ErrorCode, ProtocolError
 
 log = logging.getLogger("edge_agent.trainer")
@@ -32,9 +33,7 @@ def _worker_main(*args: Any) -> None:
 class Trainer:
     def __init__(self, settings: dict[str, Any]):
         self.settings = settings
-        self._ctx = multiprocessing.get_context("spawn")
-        self._proc = None
-        self._conn = None
+        self._child: Child | None = None
         self._lock = threading.Lock()
         self.run_id: str | None = None
         self._begin_msg: dict[str, Any] | None = None
@@ -42,49 +41,36 @@ class Trainer:
 
     @property
     def alive(self) -> bool:
-        return self._proc is not None and self._proc.is_alive()
+        return self._child is not None and self._child.alive
 
     @property
     def pid(self) -> int | None:
-        return self._proc.pid if self.alive else None
+        return self._child.pid if self.alive else None
 
     def _spawn(self) -> None:
-        parent, child = self._ctx.Pipe()
         worker_settings = {k: self.settings.get(k) for k in
                            ("data", "data_shard", "data_partition", "data_alpha", "data_seed", "data_label_column")}
-        self._proc = self._ctx.Process(
-            target=_worker_main, name="edgeprune-train-worker", daemon=True,
-            args=(child, worker_settings, float(self.settings["worker_idle_s"]), int(self.settings["train_threads"])))
-        self._proc.start()
-        child.close()
-        self._conn = parent
-        log.info("training worker started (pid %s)", self._proc.pid)
+        self._child = Child(_worker_main, (worker_settings, float(self.settings["worker_idle_s"]),
+                                           int(self.settings["train_threads"])), "edgeprune-train-worker")
+        log.info("training worker started (pid %s)", self._child.pid)
 
     def _request(self, msg: dict[str, Any], timeout_s: float) -> dict[str, Any]:
-        assert self._conn is not None and self._proc is not None
+        """One request to the worker (the caller holds the lock); worker failures become error replies."""
+        assert self._child is not None
         try:
-            self._conn.send(msg)
-        except (BrokenPipeError, OSError):
-            raise ProtocolError(ErrorCode.INTERNAL, f"training worker is gone (exit code {self._proc.exitcode})") from None
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if self._conn.poll(0.2):
-                try:
-                    reply = self._conn.recv()
-                except (EOFError, OSError):
-                    break
-                if not reply.get("ok"):
-                    raise ProtocolError(ErrorCode.coerce(reply.get("code")), reply.get("message", "worker error"))
-                return reply
-            if not self._proc.is_alive():
-                break
-            if time.monotonic() > deadline:
-                self.close(kill=True)
-                raise ProtocolError(ErrorCode.TIMEOUT, f"training worker did not answer within {timeout_s:.0f} s; killed")
-        self._proc.join(1)
-        code = self._proc.exitcode
-        self._proc = self._conn = None
-        raise ProtocolError(ErrorCode.INTERNAL, f"training worker died (exit code {code}); the agent is still up")
+            reply = self._child.request(msg, timeout_s)
+        except ChildTimeout:
+            self._close_locked(kill=True)
+            raise ProtocolError(ErrorCode.TIMEOUT, f"training worker did not answer within {timeout_s:.0f} s; killed") from None
+        except ChildGone as exc:
+            if exc.before_send:
+                raise ProtocolError(ErrorCode.INTERNAL, f"training worker is gone (exit code {exc.exitcode})") from None
+            self._child = None
+            raise ProtocolError(ErrorCode.INTERNAL, f"training worker died (exit code {exc.exitcode}); the agent is "
+                                                    "still up") from None
+        if not reply.get("ok"):
+            raise ProtocolError(ErrorCode.coerce(reply.get("code")), reply.get("message", "worker error"))
+        return reply
 
     def prepare(self, run_id: str) -> bool:
         """Start the worker now (TensorFlow import, data loading) so it overlaps the
@@ -109,7 +95,7 @@ class Trainer:
             t0 = time.perf_counter()
             info = self._request(self._begin_msg, BEGIN_TIMEOUT_S)
             info["begin_s"] = round(time.perf_counter() - t0, 3)
-            info["worker_pid"] = self._proc.pid if self._proc else None
+            info["worker_pid"] = self._child.pid if self._child else None
             info.pop("ok", None)
             self.begin_info = info
             return info
@@ -129,32 +115,22 @@ class Trainer:
 
     def kill_now(self) -> None:
         """Kill the worker without waiting for a round in progress (agent shutdown)."""
-        proc = self._proc
-        if proc is not None and proc.is_alive():
-            proc.kill()
-            proc.join(5)
+        child = self._child
+        if child is not None:
+            child.kill()
 
     def close(self, kill: bool = False) -> None:
         with self._lock:
             self._close_locked(kill)
 
     def _close_locked(self, kill: bool = False) -> None:
-        proc, conn = self._proc, self._conn
-        self._proc = self._conn = None
+        child, self._child = self._child, None
         self.run_id = None
         self._begin_msg = None
-        if proc is None:
+        if child is None:
             return
-        if not kill and proc.is_alive():
-            try:
-                conn.send({"op": "end"})
-            except (BrokenPipeError, OSError):
-                pass
-            proc.join(10)
-        if proc.is_alive():
-            proc.kill()
-            proc.join(5)
-        log.info("training worker stopped (exit code %s)", proc.exitcode)
+        child.close(kill)
+        log.info("training worker stopped (exit code %s)", child.exitcode)
         _stop_resource_tracker()
 
 
