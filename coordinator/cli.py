@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from edge_agent.protocol.constants import DEFAULT_CHUNK_BYTES
+from edge_agent.protocol.constants import DEFAULT_CHUNK_BYTES, IMPORTANCE_METHODS
 
 from . import __version__, output
 from .store import Store, default_home
@@ -822,7 +822,7 @@ For a device without network, write the bundle and install it by hand:
                         "(default 0 = off)")
     p.add_argument("--structured-every", type=int, default=2, metavar="K",
                    help="one structured step every K rounds, the last at least one round before the end (default 2)")
-    p.add_argument("--importance", choices=["activation", "l1", "l2", "taylor"], default="activation",
+    p.add_argument("--importance", choices=IMPORTANCE_METHODS, default="activation",
                    help="how devices rank units: mean |activation| on local data (default), weight L1/L2 norm, or "
                         "a first-order Taylor score")
     p.add_argument("--round-timeout", type=float, default=600.0, help="seconds to wait for updates in a round (default 600)")

@@ -67,6 +67,9 @@ class GlobalModel:
             self.weights = [w * m if m is not None else w for w, m in zip(self.weights, self.masks)]
         self.arch_json: str = info["arch_json"]
         self.flops: int = info["flops"]
+        # read once per architecture (a shrink builds a new one): what can shrink and where its units are measured
+        self.units: dict[str, int] = surgery.units(surgery.parse(self.arch_json))  # per Dense/Conv2D layer
+        self.structure: dict[str, Any] = surgery.report(self.arch_json)
         self.has_eval = False
 
     @classmethod
@@ -136,11 +139,6 @@ class GlobalModel:
         if tag == "final":
             self.worker.call("save_keras", weights=self.weights, path=str(run_dir / "model.keras"))
             (run_dir / "model.json").write_text(json.dumps(json.loads(self.arch_json), indent=1))
-
-    @property
-    def units(self) -> dict[str, int]:
-        """Output units/filters of every Dense and Conv2D layer (the architecture, per layer)."""
-        return surgery.units(surgery.parse(self.arch_json))
 
     def shrink(self, keep: dict[str, np.ndarray]) -> None:
         """Remove every unit not in ``keep`` (per layer) and rebuild: the surviving weights and masks

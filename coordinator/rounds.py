@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from edge_agent.protocol import codec
+from edge_agent.protocol.constants import IMPORTANCE_METHODS
 from edge_agent.protocol.errors import ProtocolError
 
 from . import surgery
@@ -37,7 +38,6 @@ from .session import Session
 from .store import Store
 
 BEGIN_TIMEOUT_S = 600.0
-IMPORTANCE_METHODS = ("activation", "l1", "l2", "taylor")
 UPDATE_FORMATS = ("auto", "fp32", "fp16", "int8", "int6", "int4")
 
 
@@ -228,7 +228,7 @@ def train(cfg: TrainConfig, session: Session, store: Store, reporter: Reporter,
         for layer, why in run.gm.layer_report["dense"].items():
             reporter.warn(f"layer {layer} stays dense: {why}")
         if cfg.structured:
-            for layer, why in surgery.report(run.gm.arch_json)["whole"].items():
+            for layer, why in run.gm.structure["whole"].items():
                 reporter.warn(f"layer {layer} keeps all its units: {why}")
         if resume:
             if last is not None:
@@ -239,7 +239,7 @@ def train(cfg: TrainConfig, session: Session, store: Store, reporter: Reporter,
             store.create_run(run.run_id, session.fleet, "train", {
                 **asdict(cfg), "num_params": run.gm.num_params, "dense_fp32_bytes": run.gm.dense_fp32_bytes,
                 "layers": run.gm.layer_report, "units": run.gm.units,
-                "structure": surgery.report(run.gm.arch_json) if cfg.structured else None,
+                "structure": run.gm.structure if cfg.structured else None,
                 "tensors": [{"name": n, "shape": list(s), "pruned": i.kind}
                                                            for n, s, i in zip(run.gm.names, run.gm.shapes, run.gm.infos)]})
         run.run_dir.mkdir(parents=True, exist_ok=True)
@@ -372,7 +372,7 @@ def _round(run: Run, rnd: int) -> dict[str, Any]:
                 "update_format": cfg.values_format, "regrow": cfg.regrow_fraction}
         run.importance = {}
         if cfg.structured_step(rnd) is not None:  # the statistics the shrinking step after this round ranks by
-            rep = surgery.report(gm.arch_json)
+            rep = gm.structure
             args["importance"] = {"method": cfg.importance, "layers": sorted(rep["shrinkable"]), "at": rep["measure_at"]}
         submitted = {d: s.submit(d, "train_round", {**args, "seed": cfg.seed * 1_000_003 + rnd * 1009
                                                      + zlib.crc32(d.encode())}) for d in clients}
@@ -488,7 +488,7 @@ def _fold_importance(run: Run, dev: str, stats: Any, weight: float) -> None:
     try:
         layers = stats["layers"]
         vectors = {}
-        for layer in sorted(surgery.report(run.gm.arch_json)["shrinkable"]):
+        for layer in sorted(run.gm.structure["shrinkable"]):
             if layer not in layers:
                 raise ValueError(f"layer {layer}: no statistics")
             v = np.asarray(layers[layer], np.float64)

@@ -21,12 +21,12 @@ from typing import Any
 import numpy as np
 
 from .protocol import codec
+from .protocol.constants import IMPORTANCE_METHODS
 
 RAMP_FRACTION = 2 / 3
 """Within a round, masks move from the previous target to the new one over the
 first 2/3 of the local steps; the last third fine-tunes under a fixed mask."""
 MASK_UPDATES_PER_ROUND = 4
-IMPORTANCE_METHODS = ("activation", "l1", "l2", "taylor")
 IMPORTANCE_SAMPLES = 512  # local samples the per-unit statistics are computed on
 
 

@@ -136,6 +136,10 @@ class _StubModel:
     def units(self):
         return surgery.units(surgery.parse(self.arch_json))
 
+    @property
+    def structure(self):
+        return surgery.report(self.arch_json)
+
     def shrink(self, keep):
         if self.fail:
             raise surgery.SurgeryError("c", self.fail)

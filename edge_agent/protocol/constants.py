@@ -28,3 +28,6 @@ DEFAULT_HEARTBEAT_S = 10.0
 DEFAULT_KEEPALIVE_S = 15
 DEFAULT_STALE_AFTER_BEATS = 3
 """A device whose heartbeat is this many intervals late is shown as stale."""
+
+IMPORTANCE_METHODS = ("activation", "l1", "l2", "taylor")
+"""How a device may rank its units for structured pruning (see edge_agent.worker.Run.importance)."""
