@@ -51,7 +51,7 @@ def wait_for_port(host: str, port: int, timeout_s: float = 10.0) -> bool:
 
 
 def mosquitto_config(host: str, port: int, workdir: Path, persistence: bool = False, pki_dir: Path | None = None,
-                     sys_interval_s: int | None = None) -> str:
+                     sys_interval_s: int | None = None, password_file: Path | None = None) -> str:
     """A Mosquitto 2.0 config for one listener: plain, or TLS with client certificates and the fleet ACL.
 
     Queues are raised from the defaults because a coordinator receiving replies
@@ -63,7 +63,9 @@ def mosquitto_config(host: str, port: int, workdir: Path, persistence: bool = Fa
         # started as root, Mosquitto switches to user "mosquitto", which cannot read the ACL, keys and
         # persistence files edgeprune keeps in root's private directories: stay the user who started it
         lines.append("user root")
-    if pki_dir is None:
+    if password_file is not None:  # user name + password in CONNECT (what EMQX, HiveMQ, RabbitMQ fleets use)
+        lines += [f"password_file {password_file}", "allow_anonymous false"]
+    elif pki_dir is None:
         lines.append("allow_anonymous true")
     else:
         from .pki import mosquitto_acl
@@ -108,6 +110,10 @@ class BrokerProcess:
     proc: subprocess.Popen
     workdir: Path
     tls: bool = False
+    log_file: Path | None = None
+
+    def log_text(self) -> str:
+        return self.log_file.read_text(errors="replace") if self.log_file and self.log_file.exists() else ""
 
     @property
     def url(self) -> str:
@@ -139,10 +145,12 @@ def warn_if_exposed(host: str) -> None:
 
 def start(kind: str = "auto", host: str = "127.0.0.1", port: int = 0, workdir: str | os.PathLike | None = None,
           persistence: bool = False, log_file: str | os.PathLike | None = None,
-          pki_dir: str | os.PathLike | None = None, sys_interval_s: int | None = None) -> BrokerProcess:
+          pki_dir: str | os.PathLike | None = None, sys_interval_s: int | None = None,
+          users: dict[str, str] | None = None) -> BrokerProcess:
     """Start a broker child process and wait until it accepts connections.
 
     ``kind``: ``mosquitto``, ``embedded`` or ``auto`` (Mosquitto if installed).
+    ``users``: user name -> password; anonymous clients are then refused (Mosquitto only).
     """
     if kind == "auto":
         kind = "mosquitto" if mosquitto_path() else "embedded"
@@ -155,10 +163,18 @@ def start(kind: str = "auto", host: str = "127.0.0.1", port: int = 0, workdir: s
         if exe is None:
             raise RuntimeError("mosquitto is not installed (apt-get install mosquitto), use --embedded")
         conf = work / f"mosquitto-{port}.conf"
+        passwords = None
+        if users:
+            passwords = work / f"passwords-{port}"
+            passwords.write_text("")
+            os.chmod(passwords, 0o600)
+            for user, password in users.items():  # mosquitto_passwd stores salted hashes, never the password
+                subprocess.run([shutil.which("mosquitto_passwd") or "mosquitto_passwd", "-b", str(passwords), user,
+                                password], check=True, capture_output=True)
         conf.write_text(mosquitto_config(host, port, work, persistence, Path(pki_dir) if pki_dir else None,
-                                         sys_interval_s))
+                                         sys_interval_s, passwords))
         cmd = [exe, "-c", str(conf)]
-    elif pki_dir is not None:
+    elif pki_dir is not None or users:
         raise RuntimeError("a secure broker (TLS, client certificates, ACL) needs Mosquitto (apt-get install mosquitto)")
     elif kind == "embedded":
         cmd = [sys.executable, "-m", "coordinator.broker", "--host", host, "--port", str(port)]
@@ -168,7 +184,8 @@ def start(kind: str = "auto", host: str = "127.0.0.1", port: int = 0, workdir: s
     if not wait_for_port(host, port, 20.0):
         proc.kill()
         raise RuntimeError(f"{kind} broker did not start listening on {host}:{port}: {' '.join(cmd)}")
-    return BrokerProcess(kind, host, port, proc, work, tls=pki_dir is not None)
+    return BrokerProcess(kind, host, port, proc, work, tls=pki_dir is not None,
+                         log_file=Path(log_file) if log_file else None)
 
 
 def run_embedded(host: str, port: int) -> None:

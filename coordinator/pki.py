@@ -209,7 +209,7 @@ def identity(home: Path, name: str = COORDINATOR_CN, *, device: bool = False) ->
 def mosquitto_acl() -> str:
     """Who may read and write what. %u is the certificate CN (use_identity_as_username).
 
-    A device writes only its own status/caps/reply/data, reads only its own
+    A device writes only its own status/caps/reply/data/want, reads only its own
     commands, the coordinator's status and broadcast blobs. Only the coordinator
     identity writes commands, blobs and the coordinator status.
     """
@@ -221,6 +221,7 @@ def mosquitto_acl() -> str:
         "pattern write edgeprune/v1/+/device/%u/caps",
         "pattern write edgeprune/v1/+/device/%u/reply",
         "pattern write edgeprune/v1/+/device/%u/data",
+        "pattern write edgeprune/v1/+/device/%u/want",
         "pattern read edgeprune/v1/+/device/%u/cmd",
         "pattern read edgeprune/v1/+/coordinator/status",
         "pattern read edgeprune/v1/+/blob/#",

@@ -454,7 +454,8 @@ def _collect(run: Run, rnd: int, dev: str, reply, targets: list[float], agg: Mas
     result = reply.result or {}
     try:
         with t("transfer"):
-            data = s.fetch_blob(dev, result["update"]["sha256"], timeout_s=run.cfg.round_timeout_s)
+            data = s.fetch_blob(dev, result["update"]["sha256"], timeout_s=run.cfg.round_timeout_s,
+                                expected_bytes=result["update"]["bytes"])
         with t("decode"):
             upd = codec.decode(data, reference=gm.weights, reference_masks=gm.masks)
             if upd.meta.get("round") != rnd or upd.meta.get("run_id") != run.run_id:

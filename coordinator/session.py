@@ -4,8 +4,16 @@ One connection carries everything. Presence comes from the devices' retained
 status/caps plus live heartbeats; commands go out with request ids and come
 back as :class:`Reply` objects (errors are replies too, never exceptions), and
 blobs move in chunks: broadcast down as retained chunks every selected device
-can fetch once, pulled up one device at a time with bounded concurrency so the
+can fetch once (and re-sent as ordinary messages to a device that says it
+missed some: brokers such as RabbitMQ replay no retained messages to wildcard
+subscriptions), pulled up one device at a time with bounded concurrency so the
 coordinator's memory does not grow with the fleet.
+
+Threads: the MQTT network thread (paho's, inside :class:`~edge_agent.link.Link`,
+the only writer of the socket) runs ``_on_message`` and must not block; callers'
+threads submit commands and wait on futures and pulls; grace timers fail the
+requests of devices that stay away; one ``blob-resend`` thread answers
+``blob_want`` messages so a slow re-send never holds up the network thread.
 """
 
 from __future__ import annotations
@@ -14,16 +22,18 @@ import logging
 import secrets
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
-from edge_agent.blobs import Assembler, sha256_hex, split
+from edge_agent import transfer
+from edge_agent.blobs import sha256_hex, split
 from edge_agent.link import Link, Will
 from edge_agent.protocol import serde, signing, topics
-from edge_agent.protocol.constants import DEFAULT_CHUNK_BYTES, DEFAULT_STALE_AFTER_BEATS
+from edge_agent.protocol.constants import CHUNK_IDLE_S, DEFAULT_CHUNK_BYTES, DEFAULT_STALE_AFTER_BEATS, RESEND_MIN_S
 from edge_agent.protocol.errors import ErrorCode, ProtocolError
-from edge_agent.protocol.messages import Capabilities, Command, CoordinatorStatus, Reply, Status, error_dict
+from edge_agent.protocol.messages import (BlobWant, Capabilities, Command, CoordinatorStatus, Reply, Status,
+                                          error_dict)
 
 from .store import Store
 
@@ -101,7 +111,8 @@ class Session:
                  stale_after_beats: int = DEFAULT_STALE_AFTER_BEATS, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                  max_concurrent_uploads: int = 8, keepalive_s: int = 15,
                  tls_files: tuple[str, str, str] | None = None, sign_key=None,
-                 device_keys: Callable[[str], Any] | None = None, offline_grace_s: float = OFFLINE_GRACE_S):
+                 device_keys: Callable[[str], Any] | None = None, offline_grace_s: float = OFFLINE_GRACE_S,
+                 username: str | None = None, password: str | None = None, force_plain_password: bool = False):
         self.fleet = topics.validate_id(fleet, "fleet")
         self.store = store
         self.long_running = long_running
@@ -113,11 +124,12 @@ class Session:
         self._views_lock = threading.Lock()
         self._pending: dict[str, _Pending] = {}
         self._pending_lock = threading.Lock()
-        self._assembler = Assembler()
-        self._asm_lock = threading.Lock()  # the assembler is fed on the network thread, cleaned up on callers'
-        self._fetches: dict[tuple[str, str], Future] = {}
+        self.receiver = transfer.Receiver()
+        self._pulls: dict[str, set[transfer.Pull]] = {}  # device -> pulls in progress (failed if it goes away)
         self._fetch_slots = threading.Semaphore(max_concurrent_uploads)
-        self._published: dict[str, int] = {}  # sha -> chunk count of retained blobs we must clear
+        self._published: dict[str, bytes] = {}  # sha -> data of broadcast blobs: re-sent on request, cleared at close
+        self._resent: dict[tuple[str, int], float] = {}  # (sha, chunk) -> when it was last re-sent
+        self._resender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="blob-resend")
         self._probe_deadline: float | None = None
         self._changed = threading.Condition()
         self._t_status = topics.coordinator_status(fleet)
@@ -136,15 +148,16 @@ class Session:
         self._grace_timers: dict[str, threading.Timer] = {}
         self.link = Link(broker_url, client_id=f"ep-{self.fleet}-{self.coordinator_id}", on_message=self._on_message,
                          on_connect=self._on_connect, will=will, keepalive_s=keepalive_s, name="coordinator",
-                         tls_files=tls_files)
-        for channel in ("status", "caps", "reply", "data"):
+                         tls_files=tls_files, username=username, password=password,
+                         force_plain_password=force_plain_password)
+        for channel in ("status", "caps", "reply", "data", "want"):
             self.link.subscribe(topics.device_filter(fleet, channel))
 
     # -- lifecycle -------------------------------------------------------
     def start(self, timeout_s: float = 10.0) -> "Session":
         if not self.link.start(wait_s=timeout_s):
             self.link.stop()
-            raise ConnectionError(f"cannot connect to the MQTT broker at {self.link.address.url} within {timeout_s:.0f} s "
+            raise ConnectionError(f"cannot connect to the MQTT broker at {self.link.urls} within {timeout_s:.0f} s "
                                   f"(is it running? start one with `edgeprune broker`)")
         return self
 
@@ -154,6 +167,7 @@ class Session:
         for sha in list(self._published):
             self.clear_blob(sha)
         final = [(self._t_status, self._coordinator_msg("offline"), True)] if self.long_running else []
+        self._resender.shutdown(wait=False, cancel_futures=True)
         self.link.stop(final=final)
 
     def __enter__(self) -> "Session":
@@ -194,6 +208,12 @@ class Session:
             assert device_id is not None
             if parsed.channel == "data":
                 self._on_data(device_id, serde.decode_frame(payload))
+                return
+            if parsed.channel == "want":
+                want = serde.decode(BlobWant, payload)
+                self._check_sender(device_id, want.device_id)
+                self._heard(device_id, False)
+                self._on_want(want)
                 return
             if not payload:
                 return  # a retained message being cleared
@@ -317,18 +337,30 @@ class Session:
 
     def _on_data(self, device_id: str, frame) -> None:
         self._heard(device_id, False)
-        key = (device_id, frame.blob_sha256)
-        fut = self._fetches.get(key)
-        if fut is None or fut.done():
-            return  # nobody asked for it (late duplicate); drop
-        try:
-            with self._asm_lock:
-                data = self._assembler.add(frame, source=device_id)
-        except ProtocolError as exc:
-            fut.set_exception(exc)
+        self.receiver.feed(frame, device_id)  # dropped unless a pull of ours asked for it
+
+    def _on_want(self, want: BlobWant) -> None:
+        data = self._published.get(want.sha256)
+        if data is None:
+            log.info("%s asked for blob %s, which this coordinator is not broadcasting", want.device_id, want.sha256[:12])
             return
-        if data is not None:
-            fut.set_result(data)
+        self._resender.submit(self._resend, want.sha256, data, want.chunks)
+
+    def _resend(self, sha: str, data: bytes, chunks: list[int] | None) -> None:
+        """Publish the wanted chunks as ordinary messages; a chunk re-sent less than RESEND_MIN_S ago is
+        skipped, so a fleet asking for the same chunks costs one re-send, not one per device."""
+        now = time.monotonic()
+        wanted = set(chunks) if chunks is not None else None
+        frames = [f for f in split(data, self.chunk_bytes, sha256=sha)
+                  if (wanted is None or f.index in wanted) and now - self._resent.get((sha, f.index), -1e9) >= RESEND_MIN_S]
+        for f in frames:
+            self._resent[(sha, f.index)] = now
+        try:
+            transfer.send_frames(self.link, frames, lambda f: topics.blob_chunk(self.fleet, sha, f.index))
+            self.stats.messages_out += len(frames)
+            self.stats.bytes_out += sum(len(f.data) for f in frames)
+        except ProtocolError as exc:
+            log.warning("re-sending blob %s: %s", sha[:12], exc)
 
     # -- presence --------------------------------------------------------
     def state_of(self, view: DeviceView) -> str:
@@ -448,26 +480,30 @@ class Session:
             if not p.future.done():
                 p.future.set_result(Reply(id=rid, device_id=device_id, kind="error", ts=time.time(),
                                           error=error_dict(code, f"{p.cmd}: {message}")))
-        for (dev, sha), fut in list(self._fetches.items()):
-            if dev == device_id and not fut.done():
-                fut.set_exception(ProtocolError(code, f"blob {sha[:12]}: {message}"))
+        for pull in list(self._pulls.get(device_id, ())):
+            pull.expire(f"blob {pull.sha256[:12]}: {message}", code)
 
     # -- blobs -----------------------------------------------------------
     def publish_blob(self, data: bytes) -> BlobRef:
         """Broadcast a blob as retained chunks; any device can fetch it (once) by hash."""
         sha = sha256_hex(data)
-        frames = list(split(data, self.chunk_bytes, sha256=sha))
+        frames = split(data, self.chunk_bytes, sha256=sha)
+        count = -(-len(data) // self.chunk_bytes) or 1
         if sha not in self._published:
-            infos = [self._publish(topics.blob_chunk(self.fleet, sha, f.index), serde.encode_frame(f), retain=True)
-                     for f in frames]
-            for info in infos:
-                info.wait_for_publish(60)
-            self._published[sha] = len(frames)
-        return BlobRef(sha, len(data), len(frames))
+            self._published[sha] = data  # before the first chunk: a device may ask for what it missed at once
+            try:
+                transfer.send_frames(self.link, frames, lambda f: topics.blob_chunk(self.fleet, sha, f.index), retain=True)
+            except ProtocolError:
+                self._published.pop(sha, None)
+                raise
+            self.stats.messages_out += count
+            self.stats.bytes_out += len(data)
+        return BlobRef(sha, len(data), count)
 
     def clear_blob(self, sha256: str) -> None:
         """Remove a broadcast blob's retained chunks from the broker."""
-        count = self._published.pop(sha256, 0)
+        data = self._published.pop(sha256, None)
+        count = (-(-len(data) // self.chunk_bytes) or 1) if data is not None else 0
         infos = [self._publish(topics.blob_chunk(self.fleet, sha256, i), b"", retain=True) for i in range(count)]
         for info in infos:
             info.wait_for_publish(10)
@@ -483,31 +519,57 @@ class Session:
         if self.store is not None:
             self.store.delete_device(self.fleet, device_id)
 
-    def fetch_blob(self, device_id: str, sha256: str, timeout_s: float = 60.0) -> bytes:
-        """Pull a blob (an update, a result) from a device. At most N pulls run at once."""
+    def fetch_blob(self, device_id: str, sha256: str, timeout_s: float = 60.0,
+                   expected_bytes: int | None = None) -> bytes:
+        """Pull a blob (an update, a result) from a device. At most N pulls run at once.
+
+        ``expected_bytes`` (from the device's result) bounds the pull. Chunks that stop
+        coming are asked for again (only those); a blob that fails its hash is pulled
+        once more before the failure counts.
+        """
         topics.validate_sha256(sha256)
+        deadline = time.monotonic() + timeout_s
         with self._fetch_slots:
-            key = (device_id, sha256)
-            fut: Future = Future()
-            self._fetches[key] = fut
-            rid, reply_fut = self.submit(device_id, "blob_get", {"sha256": sha256})
-            try:
-                deadline = time.monotonic() + timeout_s
-                while True:
-                    try:
-                        return fut.result(0.05)
-                    except TimeoutError:
-                        pass
-                    if reply_fut.done() and not reply_fut.result().ok:
-                        reply = reply_fut.result()
-                        raise ProtocolError(ErrorCode.coerce(reply.error_code), reply.error_message or "blob_get failed")
-                    if time.monotonic() > deadline:
-                        with self._asm_lock:
-                            got, total = self._assembler.progress(sha256, device_id)
-                        raise ProtocolError(ErrorCode.TIMEOUT, f"blob {sha256[:12]} from {device_id}: "
-                                                               f"{got}/{total} chunks after {timeout_s:.0f} s")
-            finally:
+            for attempt in (1, 2):
+                try:
+                    return self._pull(device_id, sha256, max(0.1, deadline - time.monotonic()), expected_bytes)
+                except ProtocolError as exc:
+                    if exc.code != ErrorCode.INTEGRITY or attempt == 2 or time.monotonic() >= deadline:
+                        raise
+                    log.warning("%s from %s: %s; pulling it once more", sha256[:12], device_id, exc.message)
+        raise AssertionError("unreachable")
+
+    def _pull(self, device_id: str, sha256: str, timeout_s: float, expected_bytes: int | None) -> bytes:
+        pull = self.receiver.open(sha256, device_id, expected_bytes=expected_bytes, deadline_s=timeout_s)
+        self._pulls.setdefault(device_id, set()).add(pull)
+        requests: list[tuple[str, Future]] = []
+
+        def ask(chunks: list[int] | None) -> None:
+            args: dict[str, Any] = {"sha256": sha256}
+            if chunks is not None:
+                args["chunks"] = chunks
+                log.info("blob %s from %s: asking again for %d missing chunks", sha256[:12], device_id, len(chunks))
+            rid, fut = self.submit(device_id, "blob_get", args)
+            self.receiver.expect(pull, rid)
+            requests.append((rid, fut))
+            fut.add_done_callback(lambda f: self._pull_answered(pull, f.result()))
+
+        def sent_all() -> bool:  # the device's last blob_get finished: every chunk reached the broker
+            return bool(requests) and requests[-1][1].done() and requests[-1][1].result().ok
+
+        try:
+            ask(None)
+            return transfer.wait(pull, timeout_s, ask, first_ask_s=CHUNK_IDLE_S, sent_all=sent_all)
+        finally:
+            for rid, _ in requests:
                 self.forget(rid)
-                self._fetches.pop(key, None)
-                with self._asm_lock:
-                    self._assembler.discard(sha256, device_id)
+            self.receiver.close(pull)
+            self._pulls.get(device_id, set()).discard(pull)
+
+    @staticmethod
+    def _pull_answered(pull: transfer.Pull, reply: Reply) -> None:
+        """A blob_get the device could not serve ends the pull, unless it only timed out publishing
+        (its broker connection dropped): then the missing chunks are asked for again."""
+        if not reply.ok and reply.error_code != ErrorCode.TIMEOUT.value:
+            pull.expire(f"blob {pull.sha256[:12]} from {pull.source}: {reply.error_message}",
+                        ErrorCode.coerce(reply.error_code))

@@ -1,10 +1,10 @@
 """Blobs: content-addressed byte strings (models, artifacts, updates) moved in chunks.
 
 Both directions use the same pieces: :func:`split` cuts a blob into chunk
-frames that fit broker message limits, :class:`Assembler` puts frames back
-together (tolerating duplicates and any order, as QoS 1 allows) and checks the
-sha256 before handing the bytes out, and :class:`BlobStore` keeps blobs on disk
-by hash so a model or artifact crosses the network once.
+frames that fit broker message limits, :mod:`edge_agent.transfer` moves them
+and puts them back together (duplicates and any order, as QoS 1 allows; sha256
+checked before the bytes are handed out), and :class:`BlobStore` keeps blobs on
+disk by hash so a model or artifact crosses the network once.
 """
 
 from __future__ import annotations
@@ -12,12 +12,10 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from .protocol.constants import DEFAULT_CHUNK_BYTES, MAX_BLOB_BYTES
+from .protocol.constants import DEFAULT_CHUNK_BYTES
 from .protocol.errors import ErrorCode, ProtocolError
 from .protocol.messages import ChunkFrame
 from .protocol.topics import validate_sha256
@@ -40,78 +38,6 @@ def split(data: bytes, chunk_bytes: int = DEFAULT_CHUNK_BYTES, request_id: str |
     view = memoryview(data)
     for i in range(count):
         yield ChunkFrame(sha, i, count, len(data), bytes(view[i * chunk_bytes : (i + 1) * chunk_bytes]), request_id)
-
-
-@dataclass
-class _Partial:
-    count: int
-    total_bytes: int
-    started: float
-    chunks: dict[int, bytes] = field(default_factory=dict)
-    received_bytes: int = 0
-
-
-class Assembler:
-    """Reassembles chunk frames into verified blobs.
-
-    Not thread-safe: call from one thread (the MQTT network thread).
-    """
-
-    def __init__(self, max_blob_bytes: int = MAX_BLOB_BYTES):
-        self.max_blob_bytes = max_blob_bytes
-        self._partial: dict[tuple[str, str], _Partial] = {}
-
-    def add(self, frame: ChunkFrame, source: str = "") -> bytes | None:
-        """Add a frame; return the blob's bytes when it is complete and its hash matches.
-
-        Raises :class:`ProtocolError` (TOO_LARGE, BAD_FIELD, INTEGRITY) and drops the
-        partial blob when the frames are inconsistent or the hash is wrong.
-        """
-        key = (source, frame.blob_sha256)
-        if frame.total_bytes > self.max_blob_bytes:
-            raise ProtocolError(ErrorCode.TOO_LARGE, f"blob of {frame.total_bytes} bytes exceeds the limit of {self.max_blob_bytes}")
-        part = self._partial.get(key)
-        if part is None:
-            part = self._partial[key] = _Partial(frame.count, frame.total_bytes, time.monotonic())
-        elif (part.count, part.total_bytes) != (frame.count, frame.total_bytes):
-            del self._partial[key]
-            raise ProtocolError(ErrorCode.BAD_FIELD, f"blob {frame.blob_sha256[:12]}: inconsistent chunk headers")
-        if frame.index not in part.chunks:
-            part.chunks[frame.index] = frame.data
-            part.received_bytes += len(frame.data)
-            if part.received_bytes > part.total_bytes:
-                del self._partial[key]
-                raise ProtocolError(ErrorCode.INTEGRITY, f"blob {frame.blob_sha256[:12]}: more bytes than announced")
-        if len(part.chunks) < part.count:
-            return None
-        del self._partial[key]
-        data = b"".join(part.chunks[i] for i in range(part.count))
-        actual = sha256_hex(data)
-        if len(data) != part.total_bytes or actual != frame.blob_sha256:
-            raise ProtocolError(
-                ErrorCode.INTEGRITY,
-                f"blob {frame.blob_sha256[:12]}: sha256 mismatch (got {actual[:12]}, {len(data)} bytes)",
-            )
-        return data
-
-    def progress(self, sha256: str, source: str = "") -> tuple[int, int]:
-        """(chunks received, chunks expected) for a blob being assembled."""
-        part = self._partial.get((source, sha256))
-        return (len(part.chunks), part.count) if part else (0, 0)
-
-    def discard(self, sha256: str, source: str = "") -> None:
-        self._partial.pop((source, sha256), None)
-
-    def discard_older_than(self, age_s: float) -> int:
-        cutoff = time.monotonic() - age_s
-        stale = [k for k, p in self._partial.items() if p.started < cutoff]
-        for k in stale:
-            del self._partial[k]
-        return len(stale)
-
-    @property
-    def pending_bytes(self) -> int:
-        return sum(p.received_bytes for p in self._partial.values())
 
 
 class BlobStore:

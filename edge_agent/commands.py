@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from .daemon import Agent, command
+from .daemon import Agent, blob_expectation, command
 from .protocol import topics
 from .protocol.errors import ErrorCode, ProtocolError
 from .protocol.messages import Command
@@ -53,7 +53,7 @@ def _train_begin(agent: Agent, cmd: Command) -> dict[str, Any]:
     arch = _arg(cmd, "arch", dict, required=True)
     trainer = _trainer(agent)
     agent.progress(cmd.id, phase="fetching model architecture")
-    arch_json = agent.fetch_blob(topics.validate_sha256(arch.get("sha256")), 120.0).decode("utf-8")
+    arch_json = agent.fetch_blob(topics.validate_sha256(arch.get("sha256")), 120.0, *blob_expectation(arch)).decode("utf-8")
     agent.progress(cmd.id, phase="starting training worker")
     msg = {k: cmd.args[k] for k in ("pruning", "granularity", "lr", "optimizer") if k in cmd.args}
     return trainer.begin(run_id, {**msg, "arch": arch_json})
@@ -66,7 +66,8 @@ def _train_round(agent: Agent, cmd: Command) -> dict[str, Any]:
     model = _arg(cmd, "model", dict, required=True)
     trainer = _trainer(agent)
     t0 = time.perf_counter()
-    blob = agent.fetch_blob(topics.validate_sha256(model.get("sha256")), float(cmd.args.get("fetch_timeout_s", 300.0)))
+    blob = agent.fetch_blob(topics.validate_sha256(model.get("sha256")), float(cmd.args.get("fetch_timeout_s", 300.0)),
+                            *blob_expectation(model))
     fetch_s = time.perf_counter() - t0
     agent.progress(cmd.id, phase="training", round=rnd)
     keys = ("epochs", "batch_size", "lr", "targets", "seed", "update_format", "regrow", "importance")
@@ -116,7 +117,7 @@ def _bench(agent: Agent, cmd: Command) -> dict[str, Any]:
         agent.progress(cmd.id, phase="fetching", artifact=a["name"])
         cached = agent.blobs.has(a["sha256"])
         try:  # the hash is checked on arrival: a corrupted artifact never reaches the runtime
-            agent.fetch_blob(a["sha256"], float(cmd.args.get("fetch_timeout_s", 300.0)))
+            agent.fetch_blob(a["sha256"], float(cmd.args.get("fetch_timeout_s", 300.0)), a["bytes"])
         except ProtocolError as exc:
             failed[a["name"]] = {"artifact": a["name"], "sha256": a["sha256"], "bytes": a["bytes"],
                                  "status": "error", "error": f"refused before loading: {exc}"}

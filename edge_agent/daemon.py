@@ -10,6 +10,10 @@ Threads:
   finished update while the next job runs;
 - a heartbeat thread re-publishes the retained status.
 
+None of them writes the socket: :class:`~edge_agent.link.Link` leaves that to
+paho's network thread, and publishing only queues. Blob chunks are received
+through :mod:`.transfer` (fed on the network thread, waited on by the caller).
+
 Every command gets a reply, an error reply if need be: the agent never goes
 silent and never dies of bad input.
 """
@@ -28,12 +32,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import __version__, caps
-from .blobs import Assembler, BlobStore, split
+from . import __version__, caps, transfer
+from .blobs import BlobStore, split
 from .link import Link, Will
 from .protocol import serde, topics
 from .protocol.errors import ErrorCode, ProtocolError
-from .protocol.messages import Command, CoordinatorStatus, Reply, Status, error_dict
+from .protocol.constants import BROADCAST_WAIT_S, MAX_WANTED_CHUNKS
+from .protocol.messages import BlobWant, Command, CoordinatorStatus, Reply, Status, error_dict
 
 log = logging.getLogger("edge_agent")
 
@@ -63,13 +68,6 @@ def command(name: str, mode: str = "inline", help: str = "", durable: bool = Fal
 OUTBOX_MAX_AGE_S = 7 * 86400  # unacknowledged results older than this are dropped
 
 
-class _BlobWait:
-    def __init__(self) -> None:
-        self.event = threading.Event()
-        self.data: bytes | None = None
-        self.error: ProtocolError | None = None
-
-
 class Agent:
     REPLY_CACHE = 256  # replies kept to answer duplicate (QoS 1 re-delivered) commands
     SEEN_KEEP = 100_000  # signed request ids remembered on disk against replays
@@ -93,9 +91,7 @@ class Agent:
         self._io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="agent-io")
         self._replies: OrderedDict[str, Reply | None] = OrderedDict()
         self._replies_lock = threading.Lock()
-        self._assembler = Assembler()
-        self._blob_waits: dict[str, _BlobWait] = {}
-        self._blob_lock = threading.Lock()
+        self.receiver = transfer.Receiver()
         self._stop = threading.Event()
         self.trainer = None  # edge_agent.trainer.Trainer, created on the first training command
         # secure fleet: replies signed with the device key; commands must carry the coordinator's signature,
@@ -118,6 +114,7 @@ class Agent:
             "cmd": topics.device(self.fleet, self.device_id, "cmd"),
             "reply": topics.device(self.fleet, self.device_id, "reply"),
             "data": topics.device(self.fleet, self.device_id, "data"),
+            "want": topics.device(self.fleet, self.device_id, "want"),
             "coordinator": topics.coordinator_status(self.fleet),
         }
         self._blob_prefix = f"{topics.PREFIX}/{self.fleet}/blob/"
@@ -133,6 +130,9 @@ class Agent:
             reconnect_max_s=settings["reconnect_max_s"],
             name=f"agent-{self.device_id}",
             tls_files=(settings["tls_ca"], settings["tls_cert"], settings["tls_key"]),
+            username=settings.get("username") or None,
+            password=settings.get("password") or None,
+            force_plain_password=bool(settings.get("plain_password")),
         )
         self.link.subscribe(self.t["cmd"])
         self.link.subscribe(self.t["coordinator"])
@@ -142,7 +142,7 @@ class Agent:
         threading.Thread(target=self._job_loop, name="agent-job", daemon=True).start()
         threading.Thread(target=self._heartbeat_loop, name="agent-heartbeat", daemon=True).start()
         self.link.start()
-        log.info("agent %s (fleet %s) starting, broker %s", self.device_id, self.fleet, self.link.address.url)
+        log.info("agent %s (fleet %s) starting, broker %s", self.device_id, self.fleet, self.link.urls)
 
     def stop(self) -> None:
         """Graceful stop: publish ``offline`` ourselves (the broker drops the Will on a clean disconnect)."""
@@ -365,43 +365,75 @@ class Agent:
         self.reply(request_id, "progress", info)
 
     # -- blobs -----------------------------------------------------------
-    def upload_blob(self, sha256: str, request_id: str | None) -> int:
-        """Publish a stored blob as chunk frames on our data topic; return its size."""
+    def upload_blob(self, sha256: str, request_id: str | None, chunks: list[int] | None = None) -> int:
+        """Publish a stored blob (or only the listed chunks) as frames on our data topic, paced;
+        return the blob's size. Raises TIMEOUT if the broker stops acknowledging."""
         data = self.blobs.get(sha256)
-        infos = [self.link.publish(self.t["data"], serde.encode_frame(frame))
-                 for frame in split(data, self.settings["chunk_bytes"], request_id, sha256)]
-        for info in infos:
-            info.wait_for_publish(60)
+        frames = split(data, self.settings["chunk_bytes"], request_id, sha256)
+        if chunks is not None:
+            wanted = set(chunks)
+            frames = (f for f in frames if f.index in wanted)
+        transfer.send_frames(self.link, frames, self.t["data"])
         return len(data)
 
-    def fetch_blob(self, sha256: str, timeout_s: float) -> bytes:
-        """A blob the coordinator broadcast (retained chunks), from the cache when we have it."""
+    def fetch_blob(self, sha256: str, timeout_s: float, expected_bytes: int | None = None,
+                   expected_chunks: int | None = None) -> bytes:
+        """A blob the coordinator broadcast (retained chunks), from the cache when we have it.
+
+        Chunks that do not arrive within a short wait (a broker that replays no retained
+        messages to wildcard subscriptions, a chunk lost on the way) are asked for with a
+        ``blob_want``; a blob that fails its hash is fetched once more before giving up.
+        """
         topics.validate_sha256(sha256)
         if self.blobs.has(sha256):
             try:
                 return self.blobs.get(sha256)
             except ProtocolError:
                 pass  # corrupted on disk: removed, fetch again
-        wait = _BlobWait()
-        with self._blob_lock:
-            self._blob_waits[sha256] = wait
         flt = topics.blob_filter(self.fleet, sha256)
         self.link.subscribe(flt)
+        deadline = time.monotonic() + timeout_s
         try:
-            if not wait.event.wait(timeout_s):
-                got, total = self._assembler.progress(sha256, "broadcast")
-                raise ProtocolError(ErrorCode.TIMEOUT, f"blob {sha256[:12]}: {got}/{total} chunks after {timeout_s:.0f} s")
-            if wait.error is not None:
-                raise wait.error
-            assert wait.data is not None
-            self.blobs.put(wait.data, sha256)
-            self.blobs.evict_to(self.settings["blob_cache_bytes"], keep={sha256})
-            return wait.data
+            for attempt in (1, 2):
+                pull = self.receiver.open(sha256, "broadcast", expected_bytes=expected_bytes,
+                                          expected_chunks=expected_chunks, deadline_s=timeout_s, broadcast=True)
+                try:
+                    if attempt == 2:
+                        self._want(sha256, None)
+                    data = transfer.wait(pull, max(0.1, deadline - time.monotonic()),
+                                         lambda missing: self._want(sha256, missing),
+                                         first_ask_s=BROADCAST_WAIT_S, idle_s=2 * BROADCAST_WAIT_S, max_idle_s=30.0)
+                    break
+                except ProtocolError as exc:
+                    if exc.code != ErrorCode.INTEGRITY or attempt == 2:
+                        raise
+                    log.warning("%s; fetching it once more", exc.message)
+                finally:
+                    self.receiver.close(pull)
+            self.blobs.put(data, sha256)
+            self.blobs.evict_to(self.settings["blob_cache_bytes"], keep={sha256} | self.unpulled())
+            return data
         finally:
             self.link.unsubscribe(flt)
-            with self._blob_lock:
-                self._blob_waits.pop(sha256, None)
-            self._assembler.discard(sha256, "broadcast")
+
+    def _want(self, sha256: str, missing: list[int] | None) -> None:
+        """Ask the coordinator for broadcast chunks that did not come (all of them when None)."""
+        if missing is not None and len(missing) > MAX_WANTED_CHUNKS:
+            missing = missing[:MAX_WANTED_CHUNKS]
+        log.info("blob %s: asking for %s chunks", sha256[:12], "all" if missing is None else len(missing))
+        self.link.publish(self.t["want"], serde.encode(BlobWant(self.device_id, sha256, time.time(), missing)))
+
+    def unpulled(self) -> set[str]:
+        """Blobs named by results still in the outbox: the coordinator has not pulled them yet."""
+        shas = set()
+        for path in self.outbox.glob("*.json"):
+            try:
+                update = (serde.decode(Reply, path.read_bytes()).result or {}).get("update") or {}
+            except (OSError, ProtocolError):
+                continue
+            if isinstance(update, dict) and isinstance(update.get("sha256"), str):
+                shas.add(update["sha256"])
+        return shas
 
     def _on_blob_chunk(self, topic: str, payload: bytes) -> None:
         try:
@@ -416,19 +448,7 @@ class Agent:
         except ProtocolError as exc:
             log.warning("ignoring chunk on %s: %s", topic, exc)
             return
-        with self._blob_lock:
-            wait = self._blob_waits.get(frame.blob_sha256)
-        if wait is None or wait.event.is_set():
-            return
-        try:
-            data = self._assembler.add(frame, "broadcast")
-        except ProtocolError as exc:
-            wait.error = exc
-            wait.event.set()
-            return
-        if data is not None:
-            wait.data = data
-            wait.event.set()
+        self.receiver.feed(frame, "broadcast")
 
 
 # -- built-in commands ----------------------------------------------------
@@ -457,12 +477,18 @@ def _ack(agent: Agent, cmd: Command) -> dict[str, Any]:
     return {"removed": agent.acknowledge(ids)}
 
 
-@command("blob_get", mode="io", help="Upload a stored blob (an update or result) as chunks on the data topic.")
+@command("blob_get", mode="io", help="Upload a stored blob (an update or result), or only the listed `chunks`, "
+                                    "as chunks on the data topic.")
 def _blob_get(agent: Agent, cmd: Command) -> dict[str, Any]:
     sha = cmd.args.get("sha256")
     topics.validate_sha256(sha)
-    size = agent.upload_blob(sha, cmd.id)
-    return {"sha256": sha, "bytes": size}
+    chunks = cmd.args.get("chunks")
+    if chunks is not None and (not isinstance(chunks, list) or len(chunks) > MAX_WANTED_CHUNKS or not all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in chunks)):
+        raise ProtocolError(ErrorCode.BAD_ARGS, f"blob_get: chunks must be a list of at most {MAX_WANTED_CHUNKS} "
+                                                f"chunk indices")
+    size = agent.upload_blob(sha, cmd.id, chunks)
+    return {"sha256": sha, "bytes": size, "chunks": len(chunks) if chunks is not None else "all"}
 
 
 @command("blob_fetch", mode="io", help="Fetch a broadcast blob into the cache (pre-loading models/artifacts).")
@@ -472,7 +498,7 @@ def _blob_fetch(agent: Agent, cmd: Command) -> dict[str, Any]:
     if not isinstance(timeout_s, (int, float)) or isinstance(timeout_s, bool) or timeout_s <= 0:
         raise ProtocolError(ErrorCode.BAD_ARGS, "blob_fetch: timeout_s must be a positive number")
     cached = agent.blobs.has(sha)
-    data = agent.fetch_blob(sha, float(timeout_s))
+    data = agent.fetch_blob(sha, float(timeout_s), *blob_expectation(cmd.args))
     return {"sha256": sha, "bytes": len(data), "cached": cached}
 
 
@@ -483,3 +509,14 @@ def _sleep(agent: Agent, cmd: Command) -> dict[str, Any]:
         raise ProtocolError(ErrorCode.BAD_ARGS, "sleep: seconds must be a number in 0..3600")
     time.sleep(seconds)
     return {"slept_s": seconds}
+
+
+def blob_expectation(ref: dict) -> tuple[int | None, int | None]:
+    """The size and chunk count a blob reference announces (they bound the download); None if absent."""
+    out = []
+    for key in ("bytes", "chunks"):
+        value = ref.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            raise ProtocolError(ErrorCode.BAD_ARGS, f"blob reference: {key} must be a non-negative integer")
+        out.append(value)
+    return out[0], out[1]

@@ -1,21 +1,35 @@
-"""One MQTT connection with jittered exponential reconnect, used by both sides.
+"""MQTT connections with jittered exponential reconnect and broker failover, used by both sides.
 
-paho-mqtt's own reconnect doubles its delay without jitter, so a restarted
-broker would see the whole fleet reconnect in lock-step. Here paho's automatic
-reconnect is off and :class:`Link` runs its own loop: connect, run the network
-loop until the connection drops, wait a jittered backoff, repeat. Subscriptions
-are remembered and renewed after every reconnect.
+Threads (per :class:`Link`):
+
+- the *supervisor* (``mqtt-<name>``) picks a broker from the list, hands it to
+  paho, waits for the connection to end, waits a jittered backoff and starts
+  the next connection. It never touches the socket.
+- paho's own network thread (``loop_start()``), one per connection, is the only
+  thread that reads or writes the socket. Every other thread's ``publish``,
+  ``subscribe`` and acknowledgement only queues a packet and wakes it.
+
+The second point is the reason for this design. paho records a network thread
+only in ``loop_start()``; a client driven by ``loop_forever()`` on a thread of
+our own had none, so every publishing thread wrote the socket itself, and
+``_packet_write`` sends part of a packet and puts the rest back without a lock:
+a 4-byte PUBACK from one thread landed inside a 107 KB chunk being sent by
+another (a corrupted blob on an 8 Mbit link). paho's own reconnect doubles its
+delay without jitter, so it stays off (``reconnect_on_failure=False``) and the
+supervisor restarts paho's loop for every connection. Subscriptions are
+remembered and renewed after every reconnect.
 
 Only MQTT 3.1.1 is used: the embedded broker (amqtt) refuses MQTT 5.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import random
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
@@ -36,6 +50,15 @@ class BrokerAddress:
     def url(self) -> str:
         return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
 
+    @property
+    def loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
 
 def parse_broker_url(url: str) -> BrokerAddress:
     """``mqtt://HOST[:PORT]`` (plain, default 1883) or ``mqtts://HOST[:PORT]`` (TLS, default 8883)."""
@@ -47,11 +70,34 @@ def parse_broker_url(url: str) -> BrokerAddress:
     tls = parsed.scheme in ("mqtts", "ssl")
     if not parsed.hostname:
         raise ValueError(f"broker URL {url!r} has no host")
+    if parsed.username or parsed.password:
+        raise ValueError(f"broker URL {url!r} carries credentials; set the user name and password file instead")
+    if parsed.path not in ("", "/") or parsed.query or parsed.fragment:
+        raise ValueError(f"broker URL {url!r} has a path or query; use mqtt://HOST:PORT")
     try:
         port = parsed.port or (8883 if tls else 1883)
     except ValueError:
         raise ValueError(f"broker URL {url!r} has an invalid port") from None
     return BrokerAddress(parsed.hostname, port, tls)
+
+
+def parse_broker_urls(urls: str | Sequence[str]) -> list[BrokerAddress]:
+    """One URL, a comma-separated list, or a sequence of URLs: the brokers to try, in order."""
+    items = urls.split(",") if isinstance(urls, str) else list(urls)
+    addresses = [parse_broker_url(u.strip()) for u in items if u.strip()]
+    if not addresses:
+        raise ValueError("no broker URL given")
+    if len({a.tls for a in addresses}) > 1:
+        raise ValueError("broker URLs mix mqtt:// and mqtts://; a fleet uses one or the other")
+    return addresses
+
+
+def check_credentials(addresses: Sequence[BrokerAddress], password: str | None, force_plain: bool) -> None:
+    """A password over plain TCP to another machine can be read by anyone on the path: refuse unless forced."""
+    exposed = [a.url for a in addresses if password and not a.tls and not a.loopback]
+    if exposed and not force_plain:
+        raise ValueError(f"refusing to send a password over plain TCP to {', '.join(exposed)}: use mqtts:// "
+                         f"(or force it with the plain-password setting on a network you trust)")
 
 
 class Backoff:
@@ -81,19 +127,37 @@ class Will:
     qos: int = QOS_CONTROL
 
 
+class PublishTimeout(TimeoutError):
+    """The broker did not acknowledge a QoS-1 publish in time."""
+
+
+def wait_published(info: mqtt.MQTTMessageInfo, timeout_s: float, what: str = "message") -> None:
+    """Wait for the broker's PUBACK; a timeout or a lost connection raises instead of passing silently."""
+    try:
+        info.wait_for_publish(timeout_s)
+    except (RuntimeError, ValueError) as exc:  # paho: queue full / not connected and never will be
+        raise PublishTimeout(f"{what} was not published: {exc}") from None
+    if not info.is_published():
+        raise PublishTimeout(f"{what} not acknowledged by the broker within {timeout_s:.0f} s")
+
+
 class Link:
-    """A supervised MQTT 3.1.1 connection.
+    """A supervised MQTT 3.1.1 connection to the first reachable broker of a list.
 
     ``on_connect`` runs after every (re)connect, after subscriptions are renewed;
     ``on_message(topic, payload, retained)`` runs on the network thread and must
     not block. ``retained`` is true only for a stored message replayed because we
     just subscribed (MQTT 3.1.1 clears the flag on live forwards), so it tells old
     state from live traffic.
+
+    Failover: a connection that could not be made moves on to the next broker of
+    the list; a connection that was lost is retried once on the same broker first
+    (a restart is more common than a dead node), then the list goes on.
     """
 
     def __init__(
         self,
-        broker_url: str,
+        broker_url: str | Sequence[str],
         client_id: str,
         *,
         on_message: Callable[[str, bytes, bool], None],
@@ -105,19 +169,26 @@ class Link:
         max_inflight: int = 100,
         name: str = "link",
         tls_files: tuple[str, str, str] | None = None,
+        username: str | None = None,
+        password: str | None = None,
+        force_plain_password: bool = False,
     ):
-        self.address = parse_broker_url(broker_url)
+        self.addresses = parse_broker_urls(broker_url)
+        check_credentials(self.addresses, password, force_plain_password)
+        self._index = 0
         self._on_message_cb = on_message
         self._on_connect_cb = on_connect
         self.keepalive_s = keepalive_s
         self.backoff = Backoff(reconnect_min_s, reconnect_max_s)
         self.connected = threading.Event()
+        self._ended = threading.Event()  # the current connection (or attempt) is over
         self._stop = threading.Event()
         self._subs: dict[str, int] = {}
         self._subs_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._name = name
         self.connect_count = 0
+        self.failovers = 0
         self.client = mqtt.Client(
             mqtt.CallbackAPIVersion.VERSION2,
             client_id=client_id,
@@ -127,21 +198,33 @@ class Link:
         )
         self.client.max_inflight_messages_set(max_inflight)
         self.client.max_queued_messages_set(0)
-        if self.address.tls:
+        if username:
+            self.client.username_pw_set(username, password or None)
+        if self.addresses[0].tls:
             # mutual TLS with the fleet's CA (edgeprune pki), else the system CAs and no client certificate
             ca, cert, key = tls_files or (None, None, None)
             self.client.tls_set(ca_certs=ca or None, certfile=cert or None, keyfile=key or None)
         if will is not None:
             self.client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
         self.client.on_connect = self._handle_connect
+        self.client.on_connect_fail = self._handle_connect_fail
         self.client.on_disconnect = self._handle_disconnect
         self.client.on_message = self._handle_message
 
+    @property
+    def address(self) -> BrokerAddress:
+        """The broker in use (or being tried)."""
+        return self.addresses[self._index]
+
+    @property
+    def urls(self) -> str:
+        return ",".join(a.url for a in self.addresses)
+
     # -- lifecycle -----------------------------------------------------
     def start(self, wait_s: float | None = None) -> bool:
-        """Start the network thread (once: a second thread on the same client would connect twice
-        under one client id, and the broker would keep kicking one for the other); optionally wait
-        until connected. Returns connected state."""
+        """Start the supervisor (once: a second one on the same client would connect twice under one
+        client id, and the broker would keep kicking one for the other); optionally wait until
+        connected. Returns connected state."""
         if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(target=self._run, name=f"mqtt-{self._name}", daemon=True)
             self._thread.start()
@@ -155,37 +238,58 @@ class Link:
             infos = [self.client.publish(t, p, qos=QOS_CONTROL, retain=r) for t, p, r in final]
             for info in infos:
                 try:
-                    info.wait_for_publish(timeout_s)
-                except (RuntimeError, ValueError):
-                    pass
+                    wait_published(info, timeout_s, "final message")
+                except PublishTimeout as exc:
+                    log.info("%s: %s", self._name, exc)
         self._stop.set()
-        self.client.disconnect()
+        self.client.disconnect()  # paho's thread writes DISCONNECT and closes the socket
+        self._ended.set()
         if self._thread is not None:
-            self._thread.join(timeout_s)
+            self._thread.join(timeout_s + 2)
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            address = self.address
+            self._ended.clear()
+            was_connected = self.connect_count
             try:
-                self.client.connect(self.address.host, self.address.port, keepalive=self.keepalive_s)
-            except (OSError, ValueError) as exc:
-                delay = self.backoff.next_delay()
-                log.info("%s: cannot reach broker %s (%s); retrying in %.1f s", self._name, self.address.url, exc, delay)
-                self._stop.wait(delay)
+                self.client.connect_async(address.host, address.port, keepalive=self.keepalive_s)
+            except ValueError as exc:  # cannot happen for parsed addresses; never kill the supervisor
+                log.error("%s: cannot use broker %s: %s", self._name, address.url, exc)
+                self._stop.wait(self.backoff.next_delay())
                 continue
-            self.client.loop_forever()  # returns when the connection is lost (reconnect_on_failure=False)
+            self.client.loop_start()
+            while not self._ended.wait(1.0):
+                if getattr(self.client, "_thread", True) is None:  # paho's thread died of something unexpected
+                    break
+            self.client.loop_stop()  # joins paho's thread: from here on nothing writes the old socket
             self.connected.clear()
             if self._stop.is_set():
                 break
+            lost = self.connect_count > was_connected
+            if not lost or self._retried_lost:
+                self._next_broker()
+            self._retried_lost = lost
             delay = self.backoff.next_delay()
-            log.info("%s: connection lost; reconnecting in %.1f s", self._name, delay)
+            log.info("%s: %s %s; trying %s in %.1f s", self._name, "connection lost to" if lost else "cannot reach",
+                     address.url, self.address.url, delay)
             self._stop.wait(delay)
 
-    # -- callbacks -----------------------------------------------------
+    _retried_lost = False
+
+    def _next_broker(self) -> None:
+        if len(self.addresses) > 1:
+            self._index = (self._index + 1) % len(self.addresses)
+            self.failovers += 1
+
+    # -- callbacks (paho's network thread) -----------------------------
     def _handle_connect(self, client, userdata, flags, reason_code, properties=None) -> None:
         if reason_code.is_failure:
-            log.warning("%s: broker refused connection: %s", self._name, reason_code)
+            log.warning("%s: broker %s refused the connection: %s", self._name, self.address.url, reason_code)
+            self._ended.set()
             return
         self.backoff.reset()
+        self._retried_lost = False
         self.connect_count += 1
         sock = client.socket()
         if isinstance(sock, socket.socket):
@@ -202,8 +306,14 @@ class Link:
             except Exception:  # a bug in a callback must not kill the network thread
                 log.exception("%s: on_connect callback failed", self._name)
 
+    def _handle_connect_fail(self, client, userdata) -> None:
+        # paho would retry by itself (no jitter, same broker): end this attempt; the supervisor decides
+        client.disconnect()
+        self._ended.set()
+
     def _handle_disconnect(self, client, userdata, flags, reason_code, properties=None) -> None:
         self.connected.clear()
+        self._ended.set()
 
     def _handle_message(self, client, userdata, message) -> None:
         try:
@@ -211,7 +321,7 @@ class Link:
         except Exception:
             log.exception("%s: message handler failed on %s", self._name, message.topic)
 
-    # -- operations ----------------------------------------------------
+    # -- operations (any thread: they only queue for paho's thread) -----
     def publish(self, topic: str, payload: bytes, *, retain: bool = False, qos: int = QOS_CONTROL) -> mqtt.MQTTMessageInfo:
         return self.client.publish(topic, payload, qos=qos, retain=retain)
 

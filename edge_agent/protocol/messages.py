@@ -111,6 +111,22 @@ class CoordinatorStatus:
 
 
 @dataclass(frozen=True)
+class BlobWant:
+    """Device -> coordinator on ``device/<id>/want``: chunks of a broadcast blob that did not arrive.
+
+    Brokers that do not replay retained messages to wildcard subscriptions (RabbitMQ)
+    or replicate them late (ejabberd) deliver none of ``blob/<sha>/+``; the coordinator
+    answers with ordinary (non-retained) chunks. ``chunks`` None means all of them.
+    """
+
+    TYPE: ClassVar[str] = "blob_want"
+    device_id: str
+    sha256: str
+    ts: float
+    chunks: list | None = None
+
+
+@dataclass(frozen=True)
 class ChunkFrame:
     """One piece of a blob. Travels as a binary frame, not JSON (see serde)."""
 
@@ -126,4 +142,4 @@ def error_dict(code: ErrorCode | str, message: str) -> dict[str, Any]:
     return {"code": ErrorCode(code).value, "message": message}
 
 
-MESSAGE_TYPES = {cls.TYPE: cls for cls in (Status, Capabilities, Command, Reply, CoordinatorStatus)}
+MESSAGE_TYPES = {cls.TYPE: cls for cls in (Status, Capabilities, Command, Reply, CoordinatorStatus, BlobWant)}

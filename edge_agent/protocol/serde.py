@@ -22,9 +22,9 @@ import struct
 import typing
 from typing import Any, TypeVar
 
-from .constants import MAX_CHUNK_BYTES, MAX_CONTROL_BYTES, PROTOCOL_VERSION
+from .constants import MAX_CHUNK_BYTES, MAX_CONTROL_BYTES, MAX_WANTED_CHUNKS, PROTOCOL_VERSION
 from .errors import ErrorCode, ProtocolError
-from .messages import REPLY_KINDS, ChunkFrame, Command, Reply
+from .messages import REPLY_KINDS, BlobWant, ChunkFrame, Command, Reply
 from .topics import validate_id, validate_sha256
 
 T = TypeVar("T")
@@ -126,6 +126,12 @@ def _check_semantics(msg: Any) -> None:
             raise ProtocolError(ErrorCode.BAD_FIELD, f"reply: unknown kind {msg.kind!r}")
         if msg.kind == "error" and not isinstance(msg.error, dict):
             raise ProtocolError(ErrorCode.BAD_FIELD, "reply: error reply without error object")
+    elif isinstance(msg, BlobWant):
+        validate_sha256(msg.sha256)
+        if msg.chunks is not None and (len(msg.chunks) > MAX_WANTED_CHUNKS or not all(
+                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in msg.chunks)):
+            raise ProtocolError(ErrorCode.BAD_FIELD, f"blob_want: chunks must be at most {MAX_WANTED_CHUNKS} "
+                                                     f"non-negative chunk indices")
 
 
 def decode(cls: type[T], payload: bytes, max_bytes: int = MAX_CONTROL_BYTES) -> T:

@@ -7,8 +7,10 @@
     edgeprune/v1/<fleet>/device/<id>/cmd                coordinator -> device commands
     edgeprune/v1/<fleet>/device/<id>/reply              device -> coordinator replies
     edgeprune/v1/<fleet>/device/<id>/data               device -> coordinator chunk frames
+    edgeprune/v1/<fleet>/device/<id>/want               device -> coordinator: broadcast chunks it missed
     edgeprune/v1/<fleet>/coordinator/status   retained  coordinator online|offline
-    edgeprune/v1/<fleet>/blob/<sha256>/<n>    retained  broadcast chunks (models, artifacts)
+    edgeprune/v1/<fleet>/blob/<sha256>/<n>    retained  broadcast chunks (models, artifacts); re-sent
+                                                        non-retained to devices that ask (``want``)
 
 Every id that becomes a topic level passes :func:`validate_id`.
 """
@@ -23,7 +25,7 @@ from .errors import ErrorCode, ProtocolError
 
 ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
-DEVICE_CHANNELS = ("status", "caps", "cmd", "reply", "data")
+DEVICE_CHANNELS = ("status", "caps", "cmd", "reply", "data", "want")
 PREFIX = f"{TOPIC_ROOT}/{TOPIC_VERSION}"
 
 

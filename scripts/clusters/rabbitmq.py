@@ -1,0 +1,628 @@
+"""A local RabbitMQ 3.10 cluster speaking MQTT, for edgeprune's broker failover tests.
+
+Everything listens on 127.0.0.1 only and every file lives under the cluster's
+directory, so several clusters (and a system RabbitMQ, if any) can coexist and
+nothing needs root except installing the Debian package the first time.
+
+Processes started by :func:`start` (all in their own sessions, so they outlive
+the calling process; :func:`stop` ends them all):
+
+* one ``epmd`` (the Erlang port mapper) on a private loopback port
+  (``ERL_EPMD_PORT``).  The nodes and ``rabbitmqctl`` find each other through
+  it.  Being private, it never clashes with a system epmd on 4369, node names
+  (``rabbit-a@localhost`` ...) can repeat across clusters, and stop() may kill
+  it without asking whom else it serves.
+* per node, ``/usr/lib/rabbitmq/bin/rabbitmq-server`` (a ``/bin/sh`` wrapper)
+  and its ``beam.smp`` child (plus the VM's helpers ``erl_child_setup`` and
+  ``inet_gethost``).  The package's ``/usr/sbin`` scripts are not used: as
+  root they ``su`` to the ``rabbitmq`` user and ``cd /var/lib/rabbitmq``.
+  stdout/stderr of the node (RabbitMQ logs to the console here) go to
+  ``DIR/<name>.log``.
+
+Per node the environment sets (see :func:`_node_env`):
+
+* ``RABBITMQ_NODENAME=rabbit-<x>@localhost``: short names on host
+  ``localhost``, which resolves to 127.0.0.1 everywhere.
+* ``RABBITMQ_NODE_IP_ADDRESS/RABBITMQ_NODE_PORT`` (AMQP, which the MQTT plugin
+  does not need but RabbitMQ always opens) and ``RABBITMQ_DIST_PORT`` (Erlang
+  distribution; otherwise AMQP + 20000), all free loopback ports picked by
+  binding port 0.
+* ``-kernel inet_dist_use_interface {127,0,0,1}`` for the server
+  (``RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS``) and for rabbitmqctl
+  (``RABBITMQ_CTL_ERL_ARGS``), and ``ERL_EPMD_ADDRESS=127.0.0.1``: without them
+  the distribution listeners bind every interface.
+* ``HOME=DIR/home`` holding ``.erlang.cookie`` (mode 0400), shared by the
+  servers and rabbitmqctl (``RABBITMQ_ERLANG_COOKIE`` is deprecated in 3.10).
+* ``RABBITMQ_MNESIA_BASE``, ``RABBITMQ_LOG_BASE``, ``RABBITMQ_CONFIG_FILE``,
+  ``RABBITMQ_ADVANCED_CONFIG_FILE``, ``RABBITMQ_CONF_ENV_FILE``,
+  ``RABBITMQ_ENABLED_PLUGINS_FILE`` (only ``rabbitmq_mqtt``; management is
+  not enabled, it is slow to start) and ``RABBITMQ_PID_FILE`` (the beam pid),
+  all under ``DIR/<name>/``, so nothing under /etc or /var/lib is read or
+  written.
+
+``rabbitmq.conf`` binds the AMQP and MQTT listeners to 127.0.0.1, refuses
+anonymous MQTT clients, pins the MQTT vhost and exchange to ``/`` and
+``amq.topic`` and loads ``definitions.json`` at boot: the ``edgeprune`` user
+(random password) with full permissions on ``/``, so no rabbitmqctl round trip
+is needed for it and the password never appears on a command line.  Node A is
+the seed; the others are clustered onto it with ``stop_app``,
+``join_cluster``, ``start_app``.
+
+The state returned by :func:`start` is a JSON-able dict; :func:`stop`,
+:func:`kill` and :func:`restart` take it back.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import pathlib
+import secrets
+import shutil
+import signal
+import socket
+import string
+import struct
+import subprocess
+import time
+
+# --- constants ---------------------------------------------------------------
+
+RABBITMQ_BIN = pathlib.Path("/usr/lib/rabbitmq/bin")  # the real scripts, not /usr/sbin's su wrappers
+DEBIAN_PACKAGE = "rabbitmq-server"
+EPMD_CANDIDATES = ("/usr/bin/epmd", "/usr/lib/erlang/bin/epmd")
+LOOPBACK = "127.0.0.1"
+ERLANG_HOST = "localhost"  # host part of the short node names
+NODE_NAMES = string.ascii_uppercase
+USERNAME = "edgeprune"
+PLUGINS = ("rabbitmq_mqtt",)
+DIST_ERL_ARGS = "-kernel inet_dist_use_interface {127,0,0,1}"
+
+START_TIMEOUT = 90.0  # s, one node's boot (spawn .. MQTT listener up)
+CLUSTER_TIMEOUT = 90.0  # s, joining, cluster_status and MQTT CONNECT checks
+CTL_TIMEOUT = 60.0  # s, one rabbitmqctl call
+STOP_TIMEOUT = 30.0  # s, rabbitmqctl stop before SIGKILL
+POLL = 0.1  # s
+LOG_TAIL_LINES = 12
+
+# --- small helpers -------------------------------------------------------------
+
+
+def _free_ports(count: int) -> list[int]:
+    """Free TCP ports on the loopback, all distinct (sockets held until all are picked)."""
+    socks = []
+    try:
+        for _ in range(count):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind((LOOPBACK, 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _port_open(port: int, timeout: float = 0.5) -> bool:
+    try:
+        with socket.create_connection((LOOPBACK, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _tail(path: pathlib.Path, lines: int = LOG_TAIL_LINES) -> str:
+    try:
+        text = path.read_text(errors="replace").rstrip().splitlines()
+    except OSError:
+        return f"({path} unreadable)"
+    return "\n    ".join(text[-lines:]) or f"({path} empty)"
+
+
+def _proc_stat(pid: int) -> tuple[str, int] | None:
+    """(state letter, parent pid) of a process, or None when it is gone."""
+    try:
+        raw = pathlib.Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = raw.rsplit(")", 1)[1].split()  # the command name may hold spaces and ')'
+    return fields[0], int(fields[1])
+
+
+def _alive(pid: int | None) -> bool:
+    """True while pid runs (a zombie counts as dead)."""
+    if not pid:
+        return False
+    st = _proc_stat(pid)
+    return st is not None and st[0] not in ("Z", "X")
+
+
+def _reap(pid: int | None) -> None:
+    """Collect pid's exit status if it is our child (no zombie left behind)."""
+    if not pid:
+        return
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
+def _descendants(pid: int) -> list[int]:
+    """pid's children, grandchildren, ... (erl_child_setup, inet_gethost, ...)."""
+    children: dict[int, list[int]] = {}
+    for entry in pathlib.Path("/proc").iterdir():
+        if entry.name.isdigit():
+            st = _proc_stat(int(entry.name))
+            if st:
+                children.setdefault(st[1], []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _environ_has(pid: int, key: str, value: str) -> bool:
+    """True when the running process pid was started with key=value (guards against pid reuse)."""
+    try:
+        env = pathlib.Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return f"{key}={value}".encode() in env
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return pathlib.Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def _sigkill(pids: list[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def _wait_dead(pids: list[int], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for pid in pids:
+            _reap(pid)
+        if not any(_alive(p) for p in pids):
+            return True
+        time.sleep(POLL)
+    return False
+
+
+def _parallel(fn, items):
+    """fn(item) for every item at once; results in order; the first error is raised."""
+    items = list(items)
+    if len(items) <= 1:
+        return [fn(i) for i in items]
+    with concurrent.futures.ThreadPoolExecutor(len(items)) as pool:
+        return list(pool.map(fn, items))
+
+
+# --- MQTT probe ---------------------------------------------------------------
+
+
+def _mqtt_string(value: str) -> bytes:
+    data = value.encode()
+    return struct.pack("!H", len(data)) + data
+
+
+def mqtt_connack(port: int, username: str | None, password: str | None, timeout: float = 5.0) -> int:
+    """Send an MQTT 3.1.1 CONNECT to 127.0.0.1:port and return the CONNACK return code.
+
+    Raises OSError when the connection fails or closes before the CONNACK
+    (RabbitMQ closes the socket on some refusals).
+    """
+    flags = 0x02  # clean session
+    payload = _mqtt_string(f"edgeprune-probe-{secrets.token_hex(4)}")
+    if username is not None:
+        flags |= 0x80
+        payload += _mqtt_string(username)
+        if password is not None:
+            flags |= 0x40
+            payload += _mqtt_string(password)
+    body = _mqtt_string("MQTT") + bytes([4, flags]) + struct.pack("!H", 30) + payload
+    with socket.create_connection((LOOPBACK, port), timeout=timeout) as sock:
+        sock.sendall(bytes([0x10, len(body)]) + body)  # body < 128 bytes: one-byte length
+        reply = b""
+        while len(reply) < 4:
+            chunk = sock.recv(4 - len(reply))
+            if not chunk:
+                raise OSError("connection closed before CONNACK")
+            reply += chunk
+        if reply[0] != 0x20 or reply[1] != 2:
+            raise OSError(f"not a CONNACK: {reply!r}")
+        if reply[3] == 0:
+            sock.sendall(b"\xe0\x00")  # DISCONNECT
+        return reply[3]
+
+
+# --- installation ---------------------------------------------------------------
+
+
+def _as_root(cmd: list[str]) -> list[str]:
+    if os.geteuid() == 0:
+        return cmd
+    if shutil.which("sudo") and subprocess.run(["sudo", "-n", "true"], capture_output=True).returncode == 0:
+        return ["sudo", "-n", *cmd]
+    raise RuntimeError(f"{DEBIAN_PACKAGE} is not installed and installing it needs root (apt-get install {DEBIAN_PACKAGE})")
+
+
+def ensure_installed() -> None:
+    """Install the Debian package when missing; stop a system node its postinst may have started."""
+    if (RABBITMQ_BIN / "rabbitmq-server").exists() and _epmd_binary():
+        return
+    if not shutil.which("apt-get"):
+        raise RuntimeError(f"{DEBIAN_PACKAGE} is not installed and apt-get is not available")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for cmd in (["apt-get", "update", "-qq"],
+                ["apt-get", "install", "-y", "-qq", "--no-install-recommends", DEBIAN_PACKAGE]):
+        done = subprocess.run(_as_root(cmd), env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed: {done.stderr.strip()[-500:]}")
+    _stop_system_node()
+
+
+def _stop_system_node() -> None:
+    """Where the package's postinst could start its service (no policy-rc.d veto), stop it.
+
+    It would hold 5672/25672 (and 1883 if someone enabled MQTT) on all
+    interfaces.  epmd on 4369 is left alone: our nodes use a private epmd.
+    """
+    if not pathlib.Path("/etc/init.d/rabbitmq-server").exists():
+        return
+    status = subprocess.run(_as_root(["/etc/init.d/rabbitmq-server", "status"]), capture_output=True)
+    if status.returncode == 0:
+        subprocess.run(_as_root(["/etc/init.d/rabbitmq-server", "stop"]), capture_output=True, timeout=120)
+
+
+def _epmd_binary() -> str | None:
+    for candidate in EPMD_CANDIDATES:
+        if os.access(candidate, os.X_OK):
+            return candidate
+    return shutil.which("epmd")
+
+
+# --- per-node files and environment ---------------------------------------------
+
+
+def _erlang_node(name: str) -> str:
+    return f"rabbit-{name.lower()}@{ERLANG_HOST}"
+
+
+def _node_dir(state: dict, node: dict) -> pathlib.Path:
+    return pathlib.Path(state["dir"]) / node["name"]
+
+
+def _home(state: dict) -> pathlib.Path:
+    return pathlib.Path(state["dir"]) / "home"
+
+
+def _base_env(state: dict) -> dict:
+    """Environment shared by servers and rabbitmqctl: cookie HOME, private epmd, loopback distribution."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RABBITMQ_", "ERL_"))}
+    env.update({
+        "HOME": str(_home(state)),
+        "LANG": "C.UTF-8",
+        "LC_ALL": "C.UTF-8",
+        "ERL_EPMD_ADDRESS": LOOPBACK,
+        "ERL_EPMD_PORT": str(state["epmd_port"]),
+        "RABBITMQ_CTL_ERL_ARGS": DIST_ERL_ARGS,
+    })
+    return env
+
+
+def _node_env(state: dict, node: dict) -> dict:
+    d = _node_dir(state, node)
+    env = _base_env(state)
+    env.update({
+        "RABBITMQ_NODENAME": node["erlang_node"],
+        "RABBITMQ_NODE_IP_ADDRESS": LOOPBACK,
+        "RABBITMQ_NODE_PORT": str(node["amqp_port"]),
+        "RABBITMQ_DIST_PORT": str(node["dist_port"]),
+        "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": DIST_ERL_ARGS,
+        "RABBITMQ_MNESIA_BASE": str(d / "mnesia"),
+        "RABBITMQ_LOG_BASE": str(d / "log"),
+        "RABBITMQ_CONFIG_FILE": str(d / "rabbitmq.conf"),
+        "RABBITMQ_ADVANCED_CONFIG_FILE": str(d / "advanced.config"),  # absent on purpose
+        "RABBITMQ_CONF_ENV_FILE": str(d / "rabbitmq-env.conf"),  # empty: skip /etc/rabbitmq's
+        "RABBITMQ_ENABLED_PLUGINS_FILE": str(d / "enabled_plugins"),
+        "RABBITMQ_PID_FILE": str(d / "beam.pid"),
+        "ERL_CRASH_DUMP": str(d / "erl_crash.dump"),
+    })
+    return env
+
+
+def _write_node_files(state: dict, node: dict) -> None:
+    d = _node_dir(state, node)
+    (d / "log").mkdir(parents=True, exist_ok=True)
+    (d / "rabbitmq.conf").write_text("\n".join([
+        f"listeners.tcp.default = {LOOPBACK}:{node['amqp_port']}",
+        f"mqtt.listeners.tcp.default = {LOOPBACK}:{node['mqtt_port']}",
+        "mqtt.allow_anonymous = false",
+        "mqtt.vhost = /",
+        "mqtt.exchange = amq.topic",
+        f"load_definitions = {pathlib.Path(state['dir']) / 'definitions.json'}",
+        "log.console = true",
+        "log.console.level = info",
+        "log.file = false",
+        "",
+    ]))
+    (d / "rabbitmq-env.conf").write_text("")
+    (d / "enabled_plugins").write_text(f"[{','.join(PLUGINS)}].\n")
+
+
+def _write_shared_files(state: dict) -> None:
+    """The Erlang cookie (0400) and the definitions file with the MQTT user (0600)."""
+    home = _home(state)
+    home.mkdir(parents=True, exist_ok=True)
+    cookie = home / ".erlang.cookie"
+    if not cookie.exists():
+        fd = os.open(cookie, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o400)
+        with os.fdopen(fd, "w") as f:
+            f.write("".join(secrets.choice(string.ascii_uppercase) for _ in range(32)))
+    definitions = {
+        "users": [{"name": state["username"], "password": state["password"], "tags": ""}],
+        "vhosts": [{"name": "/"}],
+        "permissions": [{"user": state["username"], "vhost": "/",
+                         "configure": ".*", "write": ".*", "read": ".*"}],
+    }
+    path = pathlib.Path(state["dir"]) / "definitions.json"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(definitions, f)
+
+
+# --- rabbitmqctl ------------------------------------------------------------------
+
+
+def ctl(state: dict, name: str, *args: str, timeout: float = CTL_TIMEOUT, check: bool = True) -> str:
+    """Run ``rabbitmqctl -n <node> ARGS`` against node `name`; return its stdout."""
+    node = _node(state, name)
+    cmd = [str(RABBITMQ_BIN / "rabbitmqctl"), "-q", "-n", node["erlang_node"], *args]
+    try:
+        done = subprocess.run(cmd, env=_base_env(state), cwd=state["dir"], capture_output=True,
+                              text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"rabbitmqctl {' '.join(args)} on node {name} timed out after {timeout:.0f} s") from None
+    if check and done.returncode != 0:
+        out = (done.stderr.strip() or done.stdout.strip()).splitlines()[-3:]
+        raise RuntimeError(f"rabbitmqctl {' '.join(args)} on node {name} failed ({done.returncode}): {' | '.join(out)}")
+    return done.stdout
+
+
+def _running_nodes(state: dict, name: str) -> set[str]:
+    try:
+        status = json.loads(ctl(state, name, "cluster_status", "--formatter", "json", timeout=20))
+    except (RuntimeError, ValueError):
+        return set()
+    return set(status.get("running_nodes", []))
+
+
+# --- processes --------------------------------------------------------------------
+
+
+def _node(state: dict, name: str) -> dict:
+    for node in state["nodes"]:
+        if node["name"] == name:
+            return node
+    raise KeyError(f"no node {name!r} in this cluster (have {[n['name'] for n in state['nodes']]})")
+
+
+def _start_epmd(state: dict) -> None:
+    epmd = _epmd_binary()
+    if not epmd:
+        raise RuntimeError("epmd not found (is the erlang-base package installed?)")
+    log = open(pathlib.Path(state["dir"]) / "epmd.log", "ab")
+    proc = subprocess.Popen([epmd, "-address", LOOPBACK, "-port", str(state["epmd_port"])],
+                            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                            cwd=state["dir"], start_new_session=True)
+    log.close()
+    state["epmd_pid"] = proc.pid
+    deadline = time.monotonic() + 10
+    while not _port_open(state["epmd_port"]):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"epmd on {LOOPBACK}:{state['epmd_port']} did not start: "
+                               f"{_tail(pathlib.Path(state['dir']) / 'epmd.log')}")
+        time.sleep(POLL)
+
+
+def _spawn(state: dict, node: dict) -> None:
+    """Start one node in the background (own session); its console log goes to DIR/<name>.log."""
+    pid_file = _node_dir(state, node) / "beam.pid"
+    pid_file.unlink(missing_ok=True)
+    log_path = pathlib.Path(node["log"])
+    log = open(log_path, "ab")
+    log.write(f"\n==== edgeprune: starting {node['erlang_node']} at {time.strftime('%F %T')}\n".encode())
+    log.flush()
+    proc = subprocess.Popen([str(RABBITMQ_BIN / "rabbitmq-server")], env=_node_env(state, node),
+                            cwd=_node_dir(state, node), stdin=subprocess.DEVNULL, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    log.close()
+    node["wrapper_pid"] = proc.pid
+    node["pid"] = None
+
+
+def _wait_booted(state: dict, node: dict, timeout: float = START_TIMEOUT) -> None:
+    """Wait for the beam pid file and the MQTT listener; RuntimeError with the log tail otherwise."""
+    pid_file = _node_dir(state, node) / "beam.pid"
+    deadline = time.monotonic() + timeout
+    while True:
+        if not node.get("pid") and pid_file.exists():
+            try:
+                node["pid"] = int(pid_file.read_text().strip())
+            except ValueError:
+                pass  # being written
+        if node.get("pid") and _port_open(node["mqtt_port"]):
+            return
+        wrapper_gone = not _alive(node["wrapper_pid"])
+        if wrapper_gone or time.monotonic() > deadline:
+            why = "exited" if wrapper_gone else f"did not start within {timeout:.0f} s"
+            _reap(node["wrapper_pid"])
+            raise RuntimeError(f"rabbitmq node {node['name']} ({node['erlang_node']}) {why}; "
+                               f"last lines of {node['log']}:\n    {_tail(pathlib.Path(node['log']))}")
+        time.sleep(POLL)
+
+
+def _node_pids(state: dict, node: dict) -> list[int]:
+    """The node's live processes: beam (checked against our env), its descendants, the wrapper."""
+    pids = []
+    mnesia = str(_node_dir(state, node) / "mnesia")
+    beam = node.get("pid")
+    if not beam:
+        try:
+            beam = int((_node_dir(state, node) / "beam.pid").read_text().strip())
+        except (OSError, ValueError):
+            beam = None
+    if beam and _alive(beam) and _environ_has(beam, "RABBITMQ_MNESIA_BASE", mnesia):
+        pids += [beam, *_descendants(beam)]
+    wrapper = node.get("wrapper_pid")
+    if wrapper and _alive(wrapper) and _environ_has(wrapper, "RABBITMQ_MNESIA_BASE", mnesia):
+        pids.append(wrapper)
+    return pids
+
+
+def _wait_cluster(state: dict, timeout: float = CLUSTER_TIMEOUT) -> None:
+    """Until every live node reports all live nodes running and accepts an authenticated MQTT CONNECT.
+
+    Nodes that were kill()ed and not restarted are left out.
+    """
+    live = [n for n in state["nodes"] if _node_pids(state, n)]
+    want = {n["erlang_node"] for n in live}
+    deadline = time.monotonic() + timeout
+
+    def ready(node: dict) -> str | None:
+        while True:
+            running = _running_nodes(state, node["name"])
+            try:
+                rc = mqtt_connack(node["mqtt_port"], state["username"], state["password"])
+                problem = None if rc == 0 else f"MQTT CONNACK return code {rc}"
+            except OSError as exc:
+                problem = f"MQTT CONNECT failed: {exc}"
+            if running != want:
+                problem = f"cluster_status running_nodes={sorted(running)}"
+            if problem is None:
+                return None
+            if time.monotonic() > deadline:
+                return f"node {node['name']}: {problem}"
+            time.sleep(0.5)
+
+    problems = [p for p in _parallel(ready, live) if p]
+    if problems:
+        raise RuntimeError(f"rabbitmq cluster not ready after {timeout:.0f} s: " + "; ".join(problems))
+
+
+def _join(state: dict, name: str, seed: str) -> None:
+    ctl(state, name, "stop_app")
+    ctl(state, name, "join_cluster", _node(state, seed)["erlang_node"])
+
+
+# --- public interface ---------------------------------------------------------------
+
+
+def start(dir: pathlib.Path, nodes: int) -> dict:
+    """Start a `nodes`-node cluster under `dir` and return its state once all nodes serve MQTT."""
+    if not 1 <= nodes <= len(NODE_NAMES):
+        raise ValueError(f"nodes must be 1..{len(NODE_NAMES)}, got {nodes}")
+    t0 = time.monotonic()
+    ensure_installed()
+    dir = pathlib.Path(dir).resolve()
+    dir.mkdir(parents=True, exist_ok=True)
+    ports = _free_ports(1 + 3 * nodes)
+    state = {
+        "kind": "rabbitmq",
+        "dir": str(dir),
+        "nodes": [],
+        "username": USERNAME,
+        "password": secrets.token_urlsafe(18),
+        "amqp_ports": [],
+        "epmd_port": ports[0],
+        "epmd_pid": None,
+    }
+    for i in range(nodes):
+        name = NODE_NAMES[i]
+        amqp, mqtt, dist = ports[1 + 3 * i: 4 + 3 * i]
+        state["nodes"].append({
+            "name": name,
+            "url": f"mqtt://{LOOPBACK}:{mqtt}",
+            "pid": None,
+            "erlang_node": _erlang_node(name),
+            "mqtt_port": mqtt,
+            "amqp_port": amqp,
+            "dist_port": dist,
+            "wrapper_pid": None,
+            "log": str(dir / f"{name}.log"),
+        })
+        state["amqp_ports"].append(amqp)
+    try:
+        _write_shared_files(state)
+        for node in state["nodes"]:
+            _write_node_files(state, node)
+        _start_epmd(state)
+        for node in state["nodes"]:
+            _spawn(state, node)
+        _parallel(lambda n: _wait_booted(state, n), state["nodes"])
+        seed, *others = state["nodes"]
+        for node in others:  # one join at a time: concurrent mnesia joins can race
+            _join(state, node["name"], seed["name"])
+        _parallel(lambda n: ctl(state, n["name"], "start_app", timeout=START_TIMEOUT), others)
+        _wait_cluster(state)
+    except BaseException:
+        stop(state)
+        raise
+    state["start_seconds"] = round(time.monotonic() - t0, 1)
+    return state
+
+
+def stop(state: dict) -> None:
+    """Stop every node (rabbitmqctl stop, then SIGKILL what is left) and our epmd. Idempotent."""
+    def stop_node(node: dict) -> None:
+        if _node_pids(state, node):
+            try:
+                ctl(state, node["name"], "stop", timeout=STOP_TIMEOUT, check=False)
+            except RuntimeError:
+                pass
+            pids = _node_pids(state, node)
+            if pids and not _wait_dead(pids, 5):
+                _sigkill(_node_pids(state, node))
+        _wait_dead([p for p in (node.get("pid"), node.get("wrapper_pid")) if p], 5)
+
+    _parallel(stop_node, state.get("nodes", []))
+    epmd = state.get("epmd_pid")
+    if epmd and _alive(epmd) and f"-port\0{state['epmd_port']}".encode() in _cmdline(epmd):
+        _sigkill([epmd])
+        _wait_dead([epmd], 5)
+
+
+def kill(state: dict, name: str) -> None:
+    """Crash node `name`: SIGKILL its beam.smp and the VM's helper processes."""
+    node = _node(state, name)
+    pids = _node_pids(state, node)
+    _sigkill(pids)  # beam first in the list; helpers were collected before it died
+    _wait_dead(pids, 5)
+    _wait_dead([p for p in (node.get("wrapper_pid"),) if p], 5)  # the sh wrapper exits with its beam
+
+
+def restart(state: dict, name: str) -> dict:
+    """Start killed node `name` again (same ports, data and config); it rejoins from its mnesia dir."""
+    node = _node(state, name)
+    if _node_pids(state, node):
+        raise RuntimeError(f"rabbitmq node {name} is still running; kill() it first")
+    if not _alive(state.get("epmd_pid")):
+        _start_epmd(state)
+    _spawn(state, node)
+    try:
+        _wait_booted(state, node)
+        _wait_cluster(state)
+    except BaseException:
+        kill(state, name)
+        raise
+    return state
