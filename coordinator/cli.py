@@ -42,7 +42,16 @@ EDGEPRUNE_HOME. Every command takes --json for scripts.
 def _common(p: argparse.ArgumentParser, broker: bool = True) -> None:
     if broker:
         p.add_argument("--broker", default=os.environ.get("EDGEPRUNE_BROKER", "mqtt://127.0.0.1:1883"),
-                       help="MQTT broker URL [env EDGEPRUNE_BROKER; default mqtt://127.0.0.1:1883]")
+                       help="MQTT broker URL; several, comma-separated, are tried in order (failover) "
+                            "[env EDGEPRUNE_BROKER; default mqtt://127.0.0.1:1883]")
+        p.add_argument("--username", default=os.environ.get("EDGEPRUNE_USERNAME"),
+                       help="MQTT user name [env EDGEPRUNE_USERNAME; default none]; the password comes from "
+                            "EDGEPRUNE_PASSWORD or --password-file, never from a flag")
+        p.add_argument("--password-file", default=os.environ.get("EDGEPRUNE_PASSWORD_FILE"),
+                       help="file whose first line is the MQTT password, mode 0600 [env EDGEPRUNE_PASSWORD_FILE; "
+                            "default none]")
+        p.add_argument("--plain-password", action="store_true",
+                       help="allow the password over plain TCP (mqtt://) to a non-loopback broker [default: refused]")
         p.add_argument("--fleet", default=os.environ.get("EDGEPRUNE_FLEET", "default"),
                        help="fleet name [env EDGEPRUNE_FLEET; default 'default']")
     p.add_argument("--home", default=None,
@@ -55,11 +64,36 @@ def _store(args: argparse.Namespace) -> Store:
     return Store(args.home or default_home())
 
 
+class UsageError(ValueError):
+    """A bad flag or setting value: exit 2 with one line, not a traceback."""
+
+
+def _credentials(args: argparse.Namespace) -> dict:
+    """Session keyword arguments for password authentication (raises ValueError with the fix)."""
+    from edge_agent.settings import SettingsError, read_secret
+
+    password = os.environ.get("EDGEPRUNE_PASSWORD")
+    if getattr(args, "password_file", None):
+        try:
+            password = read_secret(args.password_file, "--password-file")
+        except SettingsError as exc:
+            raise ValueError(str(exc)) from None
+    username = getattr(args, "username", None)
+    if password and not username:
+        raise ValueError("a password is set (EDGEPRUNE_PASSWORD or --password-file) but no --username")
+    return {"username": username, "password": password,
+            "force_plain_password": bool(getattr(args, "plain_password", False))}
+
+
 def _session(args: argparse.Namespace, long_running: bool = False):
     from .session import Session
 
-    return Session(args.broker, args.fleet, _store(args), long_running=long_running,
-                   chunk_bytes=getattr(args, "chunk_bytes", DEFAULT_CHUNK_BYTES)).start(args.connect_timeout)
+    try:
+        session = Session(args.broker, args.fleet, _store(args), long_running=long_running,
+                          chunk_bytes=getattr(args, "chunk_bytes", DEFAULT_CHUNK_BYTES), **_credentials(args))
+    except ValueError as exc:  # broker URLs, credentials: the user's to fix
+        raise UsageError(str(exc)) from None
+    return session.start(args.connect_timeout)
 
 
 # -- broker ------------------------------------------------------------------
@@ -281,7 +315,8 @@ def cmd_flash(args: argparse.Namespace) -> int:
     from .session import Session
 
     try:
-        session = Session(args.local_broker or args.broker, args.fleet, _store(args)).start(args.connect_timeout)
+        session = Session(args.local_broker or args.broker, args.fleet, _store(args),
+                          **_credentials(args)).start(args.connect_timeout)
     except ConnectionError as exc:
         return output.fail(f"the agent is installed, but this laptop cannot reach the broker to confirm it: {exc}",
                            code="connect", as_json=args.json)
@@ -321,7 +356,7 @@ def cmd_unflash(args: argparse.Namespace) -> int:
         from .session import Session
 
         try:
-            with Session(args.broker, args.fleet, _store(args)).start(args.connect_timeout) as session:
+            with Session(args.broker, args.fleet, _store(args), **_credentials(args)).start(args.connect_timeout) as session:
                 # clear only once the agent's last word (its own "offline" or its Will) is in, or it would
                 # land after the clear and bring the device back as a retained ghost
                 session.discover(1.0)
@@ -913,6 +948,8 @@ def main(argv: list[str] | None = None) -> int:
         rc = args.func(args)
     except KeyboardInterrupt:
         rc = output.fail("interrupted", code="interrupted", as_json=getattr(args, "json", False), status=130)
+    except UsageError as exc:
+        rc = output.fail(str(exc), code="usage", as_json=getattr(args, "json", False), status=2)
     except Exception as exc:  # a bug: keep the traceback for the report, and the one error shape for scripts
         import traceback
 

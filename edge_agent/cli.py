@@ -22,7 +22,7 @@ variable or a flag; flags win. `edgeprune-agent settings` lists them all.
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    cli = {s.name: getattr(args, s.name) for s in settings_mod.SETTINGS}
+    cli = {s.name: getattr(args, s.name, None) for s in settings_mod.SETTINGS}
     try:
         values = settings_mod.load(cli, args.config)
     except settings_mod.SettingsError as exc:

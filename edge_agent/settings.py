@@ -41,6 +41,7 @@ class Setting:
     type: type
     help: str
     choices: tuple | None = None
+    flag_ok: bool = True  # False for secrets: a command line is visible to every user of the machine (ps)
 
     @property
     def env(self) -> str:
@@ -52,7 +53,15 @@ class Setting:
 
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("broker", "mqtt://127.0.0.1:1883", str, "MQTT broker URL, mqtt://HOST:PORT (or mqtts:// for TLS)"),
+    Setting("broker", "mqtt://127.0.0.1:1883", str, "MQTT broker URL, mqtt://HOST:PORT (or mqtts:// for TLS); several, "
+                                                    "comma-separated (a TOML list also works), are tried in order for failover"),
+    Setting("username", "", str, "MQTT user name sent in CONNECT (brokers with password authentication: EMQX, HiveMQ, "
+                                 "RabbitMQ, ejabberd, Mosquitto password_file)"),
+    Setting("password", "", str, "MQTT password; only from the TOML file or the environment, never a flag "
+                                 "(prefer password_file)", flag_ok=False),
+    Setting("password_file", "", str, "file holding the MQTT password (first line; must not be readable by group or others)"),
+    Setting("plain_password", False, bool, "allow sending the password over plain TCP (mqtt://) to a non-loopback "
+                                           "broker; without it the agent refuses: use mqtts://"),
     Setting("fleet", "default", str, "fleet name: one topic level, [A-Za-z0-9_-]"),
     Setting("tls_ca", "", str, "mqtts:// only: the fleet CA certificate (PEM) the broker's certificate must chain to"),
     Setting("tls_cert", "", str, "mqtts:// only: this device's client certificate (PEM; its CN is the device id)"),
@@ -96,6 +105,8 @@ def convert(setting: Setting, value: Any, source: str) -> Any:
     try:
         if setting.type is bool and isinstance(value, str):
             converted = value.strip().lower() in ("1", "true", "yes", "on")
+        elif setting.name == "broker" and isinstance(value, list):  # TOML: broker = ["mqtt://a", "mqtt://b"]
+            converted = ",".join(str(v) for v in value)
         elif setting.type is int and isinstance(value, str):
             converted = int(value, 0)
         else:
@@ -162,12 +173,21 @@ def validate(values: dict[str, Any]) -> dict[str, Any]:
     index, count = map(int, values["data_shard"].split("/"))
     if count < 1 or not 0 <= index < count:
         raise SettingsError(f"setting data_shard: index {index} must be in 0..{count - 1}")
-    from .link import parse_broker_url
+    from .link import check_credentials, parse_broker_urls
 
     try:
-        address = parse_broker_url(values["broker"])
+        addresses = parse_broker_urls(values["broker"])
     except ValueError as exc:
         raise SettingsError(f"setting broker: {exc}") from None
+    address = addresses[0]
+    if values["password_file"]:
+        values["password"] = read_secret(values["password_file"], "password_file")
+    if values["password"] and not values["username"]:
+        raise SettingsError("setting password: needs a username")
+    try:
+        check_credentials(addresses, values["password"], values["plain_password"])
+    except ValueError as exc:
+        raise SettingsError(f"setting password: {exc}") from None
     for key in ("tls_ca", "tls_cert", "tls_key", "sign_key", "coordinator_key"):
         if values[key] and not os.path.isfile(values[key]):
             raise SettingsError(f"setting {key}: no such file {values[key]!r}")
@@ -178,9 +198,32 @@ def validate(values: dict[str, Any]) -> dict[str, Any]:
     return values
 
 
+def read_secret(path: str, what: str) -> str:
+    """The first line of a file only its owner can read (a secret readable by others is refused)."""
+    try:
+        mode = os.stat(path).st_mode
+        if mode & 0o077:
+            raise SettingsError(f"setting {what}: {path} is readable by group or others (mode {mode & 0o777:o}); "
+                                f"chmod 600 {path}")
+        with open(path, encoding="utf-8") as f:
+            secret = f.readline().rstrip("\r\n")
+    except OSError as exc:
+        raise SettingsError(f"setting {what}: cannot read {path}: {exc.strerror}") from None
+    if not secret:
+        raise SettingsError(f"setting {what}: {path} is empty")
+    return secret
+
+
+def redacted(values: dict[str, Any]) -> dict[str, Any]:
+    """Settings safe to print or log."""
+    return {k: ("***" if k == "password" and v else v) for k, v in values.items()}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per setting, with its help and environment variable."""
+    """One flag per setting (secrets excepted), with its help and environment variable."""
     for s in SETTINGS:
+        if not s.flag_ok:
+            continue
         kwargs: dict[str, Any] = {"dest": s.name, "default": None, "help": f"{s.help} [env {s.env}; default {s.default!r}]"}
         if s.choices:
             kwargs["choices"] = s.choices
