@@ -304,7 +304,9 @@ def cmd_flash(args: argparse.Namespace) -> int:
         done = flash(target, ssh, device_id=args.device_id, broker_url=args.broker, fleet=args.fleet, home=home,
                      python=args.remote_python, data=args.data, train=args.train, reinstall=args.reinstall,
                      offline=args.offline, from_bundle=Path(args.from_bundle) if args.from_bundle else None,
-                     extra_settings=args.set, say=say)
+                     extra_settings=args.set, device_username=args.device_username,
+                     device_password_file=Path(args.device_password_file) if args.device_password_file else None,
+                     say=say)
     except FlashError as exc:
         return output.fail(str(exc), code=exc.code, as_json=args.json)
     install = done["install"]
@@ -761,6 +763,10 @@ For a device without network, write the bundle and install it by hand:
     p.add_argument("--remote-python", default="python3", help="the Python interpreter on the device (default python3)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any other agent setting for the device's config, repeatable (edgeprune-agent settings)")
+    p.add_argument("--device-username", help="MQTT user name the device connects with (password authentication; "
+                                             "with --device-password-file) [default: none]")
+    p.add_argument("--device-password-file", help="file (mode 0600) with that user's password: copied to the device "
+                                                  "0600, never put on a command line [default: none]")
     p.add_argument("--reinstall", action="store_true", help="make a fresh venv even if this bundle is installed")
     p.add_argument("--from-bundle", help="install this bundle file instead of building one")
     p.add_argument("--offline", action="store_true", help="build bundles from the local wheel cache only; never download")

@@ -244,6 +244,7 @@ def _disk_needed_kb(manifest: dict, info: dict) -> int:
 def flash(target: Target, ssh: Ssh, *, device_id: str, broker_url: str, fleet: str, home: Path,
           python: str = "python3", data: str | None = None, train: bool = False, reinstall: bool = False,
           offline: bool = False, from_bundle: Path | None = None, extra_settings: list[str] = (),
+          device_username: str | None = None, device_password_file: Path | None = None,
           say: Callable[[str], None] = print) -> dict:
     """Everything up to a running service on the device; waiting for it online is :func:`wait_online`."""
     try:
@@ -256,6 +257,15 @@ def flash(target: Target, ssh: Ssh, *, device_id: str, broker_url: str, fleet: s
         pki.check_device_name(device_id)
     except pki.PkiError as exc:
         raise FlashError("usage", f"--device-id: {exc}") from None
+    if bool(device_username) != bool(device_password_file):
+        raise FlashError("usage", "--device-username and --device-password-file go together")
+    if device_password_file is not None:
+        from edge_agent.settings import SettingsError, read_secret
+
+        try:
+            read_secret(str(device_password_file), "--device-password-file")
+        except SettingsError as exc:
+            raise FlashError("usage", str(exc)) from None
     say(f"[1/5] probing {target}")
     info = probe(ssh, python, b.host, b.port)
     say(f"      {info.get('arch')}, {info.get('os', 'unknown OS')}, Python {info.get('python') or 'none'}, "
@@ -296,6 +306,9 @@ def flash(target: Target, ssh: Ssh, *, device_id: str, broker_url: str, fleet: s
     args = ["--device-id", device_id, "--broker", broker_url, "--fleet", fleet, "--python", python]
     if b.tls:  # a secure fleet: the device gets its own certificate (CN = device id) and the CA
         args += ["--tls", _send_identity(ssh, home, device_id, say)]
+    if device_password_file is not None:  # password authentication: the file travels like the keys
+        args += ["--set", f"username={device_username}", "--password-file",
+                 _send_private(ssh, {"mqtt.password": Path(device_password_file).read_bytes()})]
     say(f"[4/5] installing on {target}")
     if data:
         args += ["--data", data]
@@ -323,9 +336,25 @@ def flash(target: Target, ssh: Ssh, *, device_id: str, broker_url: str, fleet: s
             "install": result}
 
 
-def _send_identity(ssh: Ssh, home: Path, device_id: str, say) -> str:
+def _send_private(ssh: Ssh, files: dict[str, bytes]) -> str:
+    """Copy secrets to ~/REMOTE_DIR/tls (0700, files 0600; removed after the install); the path of the
+    last one, relative to where install.sh runs."""
     import tempfile
 
+    remote = f"{REMOTE_DIR}/tls"
+    rc, _, err = ssh.run(f'umask 077; mkdir -p "$HOME/{remote}"', timeout=60)
+    if rc != 0:
+        raise FlashError("copy", f"cannot create ~/{remote} on {ssh.target}: {err.strip()}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, data in files.items():
+            local = Path(tmp) / name
+            local.write_bytes(data)
+            local.chmod(0o600)
+            ssh.copy(local, f"{remote}/{name}")
+    return f"tls/{name}"
+
+
+def _send_identity(ssh: Ssh, home: Path, device_id: str, say) -> str:
     from . import pki
 
     ident = pki.identity(home, device_id, device=True)
@@ -338,17 +367,9 @@ def _send_identity(ssh: Ssh, home: Path, device_id: str, say) -> str:
         except pki.PkiError as exc:
             raise FlashError("pki", f"{exc} (a mqtts:// broker needs the fleet CA: edgeprune pki init)") from None
         say(f"      issued a certificate for {device_id}")
-    remote = f"{REMOTE_DIR}/tls"
-    rc, _, err = ssh.run(f'umask 077; mkdir -p "$HOME/{remote}"', timeout=60)
-    if rc != 0:
-        raise FlashError("copy", f"cannot create ~/{remote} on {ssh.target}: {err.strip()}")
-    with tempfile.TemporaryDirectory() as tmp:
-        for src, name in ((ident.ca, "ca.crt"), (ident.cert, "device.crt"), (ident.key, "device.key"),
-                          (ident.sign_key, "device.sign.key"), (ident.coordinator_pub, "coordinator.sign.pub")):
-            local = Path(tmp) / name
-            local.write_bytes(Path(src).read_bytes())
-            local.chmod(0o600)
-            ssh.copy(local, f"{remote}/{name}")
+    _send_private(ssh, {name: Path(src).read_bytes() for src, name in (
+        (ident.ca, "ca.crt"), (ident.cert, "device.crt"), (ident.key, "device.key"),
+        (ident.sign_key, "device.sign.key"), (ident.coordinator_pub, "coordinator.sign.pub"))})
     return "tls"  # install.sh runs in ~/REMOTE_DIR
 
 

@@ -406,6 +406,8 @@ def _log_tail(lay: Layout, mgr) -> str:
 
 SECURITY_FILES = (("tls_ca", "ca.crt"), ("tls_cert", "device.crt"), ("tls_key", "device.key"),
                   ("sign_key", "device.sign.key"), ("coordinator_key", "coordinator.sign.pub"))
+PASSWORD_FILE = ("password_file", "mqtt.password")  # MQTT password authentication, kept with the keys
+PRIVATE_FILES = (*SECURITY_FILES, PASSWORD_FILE)
 
 
 def _tls_dir(lay: Layout) -> Path:
@@ -415,7 +417,7 @@ def _tls_dir(lay: Layout) -> Path:
 def _snapshot(lay: Layout) -> dict[str, bytes]:
     """The config and security files as they are now: what an undo or a rollback puts back."""
     files = {"agent.toml": lay.config.read_bytes()} if lay.config.is_file() else {}
-    for _, name in SECURITY_FILES:
+    for _, name in PRIVATE_FILES:
         path = _tls_dir(lay) / name
         if path.is_file():
             files[f"tls/{name}"] = path.read_bytes()
@@ -423,7 +425,7 @@ def _snapshot(lay: Layout) -> dict[str, bytes]:
 
 
 def _restore(lay: Layout, files: dict[str, bytes]) -> None:
-    for rel in ["agent.toml"] + [f"tls/{name}" for _, name in SECURITY_FILES]:
+    for rel in ["agent.toml"] + [f"tls/{name}" for _, name in PRIVATE_FILES]:
         path = lay.config.parent / rel
         if rel in files:
             write_private(path, files[rel])
@@ -445,7 +447,8 @@ def install_tls(lay: Layout, tls_dir: Path) -> None:
         write_private(dest / name, (tls_dir / name).read_bytes())
 
 
-def install(venv: Path, bundle_id: str, updates: dict, lay: Layout | None = None, tls_dir: Path | None = None) -> dict:
+def install(venv: Path, bundle_id: str, updates: dict, lay: Layout | None = None, tls_dir: Path | None = None,
+            password_file: Path | None = None) -> dict:
     """Point ``current`` at ``venv``, write the config (and keys), (re)start the service; undo on failure.
 
     Everything is checked before anything is touched; what was there before is kept in
@@ -462,6 +465,9 @@ def install(venv: Path, bundle_id: str, updates: dict, lay: Layout | None = None
             raise InstallError(f"security files missing from {tls_dir}: {', '.join(missing)}")
         table.update({setting: str(_tls_dir(lay) / name) for setting, name in SECURITY_FILES})
         staged.update({setting: str(tls_dir / name) for setting, name in SECURITY_FILES})
+    if password_file is not None:  # copied next to the keys, 0600; the config names the copy
+        table[PASSWORD_FILE[0]] = str(_tls_dir(lay) / PASSWORD_FILE[1])
+        staged[PASSWORD_FILE[0]] = str(password_file)
     check_config(staged)  # refuse before stopping or overwriting anything
     first = not lay.current.exists()
     previous = lay.current.resolve() if not first else None  # the venv running now (may be this one)
@@ -473,6 +479,10 @@ def install(venv: Path, bundle_id: str, updates: dict, lay: Layout | None = None
     try:
         if tls_dir is not None:
             install_tls(lay, tls_dir)
+        if password_file is not None:
+            _tls_dir(lay).mkdir(parents=True, exist_ok=True)
+            os.chmod(_tls_dir(lay), 0o700)
+            write_private(_tls_dir(lay) / PASSWORD_FILE[1], password_file.read_bytes())
         write_config(lay.config, table)
         Path(table["state_dir"]).mkdir(parents=True, exist_ok=True)
         _switch(lay, venv)
@@ -584,6 +594,8 @@ def main(argv: list[str] | None = None) -> int:
     i.add_argument("--bundle-id", required=True)
     i.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="agent setting for the config")
     i.add_argument("--tls-dir", help="directory with ca.crt, device.crt, device.key to install for mqtts://")
+    i.add_argument("--password-file", help="file with the MQTT password (mode 0600) to install for username/password "
+                                           "authentication")
     u = sub.add_parser("uninstall", help="stop and remove the service, the venvs, the config and the state")
     u.add_argument("--keep-state", action="store_true")
     for name in ("start", "stop", "status", "rollback", "supervise"):
@@ -609,7 +621,8 @@ def main(argv: list[str] | None = None) -> int:
                 except settings.SettingsError as exc:
                     raise InstallError(str(exc)) from None
             _emit({"ok": True, **install(Path(args.venv), args.bundle_id, updates, lay,
-                                         Path(args.tls_dir) if args.tls_dir else None)})
+                                         Path(args.tls_dir) if args.tls_dir else None,
+                                         Path(args.password_file) if args.password_file else None)})
         elif args.cmd == "uninstall":
             _emit({"ok": True, **uninstall(lay, args.keep_state)})
         elif args.cmd == "start":

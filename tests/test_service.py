@@ -178,3 +178,29 @@ def test_install_crash_upgrade_rollback_uninstall(mosquitto, session_factory, de
     assert not lay.prefix.exists() and not lay.config.exists() and not lay.state.exists()
     for pid in pids + [sup]:
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_install_with_a_password(tmp_path, session_factory, device_home):
+    """Password authentication end to end: the file is installed 0600 next to the keys, the config
+    names the copy, the agent comes online on a broker that refuses anonymous clients."""
+    from coordinator import broker as broker_mod
+
+    lay = device_home
+    b = broker_mod.start("mosquitto", "127.0.0.1", 0, tmp_path / "pw", log_file=tmp_path / "pw.log",
+                         users={"svc-2": "pi-pass", "coordinator": "c-pass"})
+    try:
+        secret = tmp_path / "given.password"
+        secret.write_text("pi-pass\n")
+        secret.chmod(0o600)
+        session = session_factory(b.url, username="coordinator", password="c-pass")
+        service.install(_venv(lay, "p1"), "p1", {"device_id": "svc-2", "broker": b.url, "fleet": "test",
+                                                  "heartbeat_s": 0.5, "username": "svc-2"}, lay, password_file=secret)
+        installed = lay.config.parent / "tls" / "mqtt.password"
+        config = tomllib.loads(lay.config.read_text())
+        assert config["password_file"] == str(installed) and "password" not in config
+        assert stat.S_IMODE(installed.stat().st_mode) == 0o600 and installed.read_text() == "pi-pass\n"
+        assert wait_online(session, "svc-2", 30) is not None
+        service.uninstall(lay)
+        assert not installed.exists()
+    finally:
+        b.stop()

@@ -4,6 +4,7 @@
 #   sh install.sh --device-id ID --broker mqtt://HOST:1883 [--fleet F] [--data PATH] [--set KEY=VALUE]...
 #                 [--python python3] [--reinstall]
 #                 [--tls DIR with ca.crt device.crt device.key device.sign.key coordinator.sign.pub]
+#                 [--password-file FILE (mode 0600; with --set username=NAME)]
 #
 # As root: /opt/edgeprune, /etc/edgeprune/agent.toml, a systemd system unit.
 # As a user: ~/.local/share/edgeprune, ~/.config/edgeprune/agent.toml, a systemd user unit
@@ -18,6 +19,7 @@ PY=python3
 REINSTALL=0
 SETS=""
 TLS=""
+PWF=""
 say() { echo "==> $*"; }
 die() { code="$1"; shift; echo "edgeprune install: $*" >&2; exit "$code"; }
 add_set() { SETS="$SETS
@@ -32,8 +34,9 @@ while [ $# -gt 0 ]; do
     --set) add_set "$2"; shift 2 ;;
     --python) PY="$2"; shift 2 ;;
     --tls) TLS="$(cd "$2" && pwd)"; shift 2 ;;
+    --password-file) PWF="$(cd "$(dirname "$2")" && pwd)/$(basename "$2")"; shift 2 ;;
     --reinstall) REINSTALL=1; shift ;;
-    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
     *) die 2 "unknown option $1 (try --help)" ;;
   esac
 done
@@ -90,6 +93,7 @@ fi
 say "configuring and starting the agent service"
 set -- install --venv "$VENV" --bundle-id "$BUNDLE_ID"
 [ -n "$TLS" ] && set -- "$@" --tls-dir "$TLS"
+[ -n "$PWF" ] && set -- "$@" --password-file "$PWF"
 OLDIFS="$IFS"; IFS='
 '
 for kv in $SETS; do [ -n "$kv" ] && set -- "$@" --set "$kv"; done
