@@ -595,7 +595,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     import subprocess
     import tempfile
 
-    from edge_agent.link import parse_broker_url
+    from edge_agent.link import parse_broker_urls
 
     from .broker import wait_for_port
 
@@ -603,7 +603,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         return output.fail("--devices and --processes must be >= 1, --delay >= 0", code="usage", as_json=args.json,
                            status=2)
     try:
-        addr = parse_broker_url(args.broker)
+        addr = parse_broker_urls(args.broker)[0]
     except ValueError as exc:
         return output.fail(str(exc), code="usage", as_json=args.json, status=2)
     if addr.tls:
@@ -628,6 +628,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             cmd += ["--heartbeat-s", str(args.heartbeat_s)]
         if args.keepalive_s:
             cmd += ["--keepalive-s", str(args.keepalive_s)]
+        if args.username:  # the password reaches the children through the environment, as it reached us
+            cmd += ["--username", args.username]
         procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True))
     stopping = {"flag": False}
 

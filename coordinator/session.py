@@ -96,6 +96,8 @@ class Stats:
     bytes_in: int = 0
     rejected_in: int = 0
     late_replies: int = 0
+    wants_in: int = 0        # blob_want messages: devices that missed broadcast chunks
+    resent_chunks: int = 0   # broadcast chunks re-sent as ordinary messages in answer
     rejected_reasons: dict[str, int] = field(default_factory=dict)
 
 
@@ -344,6 +346,7 @@ class Session:
         if data is None:
             log.info("%s asked for blob %s, which this coordinator is not broadcasting", want.device_id, want.sha256[:12])
             return
+        self.stats.wants_in += 1
         self._resender.submit(self._resend, want.sha256, data, want.chunks)
 
     def _resend(self, sha: str, data: bytes, chunks: list[int] | None) -> None:
@@ -358,6 +361,7 @@ class Session:
         try:
             transfer.send_frames(self.link, frames, lambda f: topics.blob_chunk(self.fleet, sha, f.index))
             self.stats.messages_out += len(frames)
+            self.stats.resent_chunks += len(frames)
             self.stats.bytes_out += sum(len(f.data) for f in frames)
         except ProtocolError as exc:
             log.warning("re-sending blob %s: %s", sha[:12], exc)

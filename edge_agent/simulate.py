@@ -188,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--state-root", required=True)
     p.add_argument("--heartbeat-s", type=float, default=None)
     p.add_argument("--keepalive-s", type=int, default=SIM_KEEPALIVE_S)
+    p.add_argument("--username", default=None, help="MQTT user name; the password comes from EDGEPRUNE_PASSWORD")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     fds = raise_fd_limit()
@@ -197,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     cache = UpdateCache()
     cli = {k: v for k, v in (("heartbeat_s", a.heartbeat_s), ("keepalive_s", a.keepalive_s)) if v is not None}
+    if a.username:  # the one credential taken from outside: password authentication on a shared broker
+        cli |= {"username": a.username, "password": os.environ.get("EDGEPRUNE_PASSWORD", "")}
     agents: list[SimulatedAgent] = []
     # defaults, not the machine's agent.toml or EDGEPRUNE_* environment: these are not this host's agent
     defaults = {st.name: st.default for st in settings_mod.SETTINGS} | {"config_path": None}
