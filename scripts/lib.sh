@@ -149,7 +149,8 @@ ensure_aedes_modules() {  # npm ci of scripts/clusters/aedes/package-lock.json i
     rm -rf "$tmp"; log "npm ci failed (log: $CLUSTER_CACHE/aedes-install.log)"; return 1
   fi
   touch "$tmp/.complete"
-  rm -rf "$dir"; mv "$tmp" "$dir"
+  if [ -f "$dir/.complete" ]; then rm -rf "$tmp"  # another run got there first, and may be using it
+  else rm -rf "$dir"; mv "$tmp" "$dir"; fi
 }
 
 ensure_cluster_deps() {  # ensure_cluster_deps [aedes|bridge|rabbitmq]...  (default: all); never fails
@@ -165,7 +166,10 @@ ensure_cluster_deps() {  # ensure_cluster_deps [aedes|bridge|rabbitmq]...  (defa
       bridge) ensure_mosquitto ;;
       rabbitmq)
         if [ ! -x /usr/sbin/rabbitmq-server ]; then
-          if apt_install rabbitmq-server; then stop_debian_service rabbitmq-server 5672
+          if apt_install rabbitmq-server; then
+            stop_debian_service rabbitmq-server 5672
+            # and the Erlang port mapper it started on the default port (refuses while any node is registered)
+            command -v epmd >/dev/null 2>&1 && epmd -kill >/dev/null 2>&1 || true
           else log "rabbitmq-server not installed and apt not usable: rabbitmq cluster tests will be skipped"; fi
         fi ;;
     esac

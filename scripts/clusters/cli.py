@@ -128,11 +128,14 @@ def terminate(entries: list[dict], timeout_s: float = 5.0) -> None:
 
 
 def log_tail(log: Path, lines: int = 15) -> str:
+    """The last lines a process wrote to its log since spawn() started it (logs are appended to across runs)."""
     try:
         text = log.read_text(errors="replace").rstrip().splitlines()
     except OSError:
         return "(no log)"
-    return " | ".join(text[-lines:]) or "(empty log)"
+    starts = [i for i, line in enumerate(text) if line.startswith("--- ")]
+    text = text[starts[-1] + 1:] if starts else text
+    return " | ".join(text[-lines:]) or "(nothing logged)"
 
 
 def wait_ready(name: str, proc: subprocess.Popen, log: Path, ready, deadline: float) -> None:
@@ -145,7 +148,7 @@ def wait_ready(name: str, proc: subprocess.Popen, log: Path, ready, deadline: fl
         if ready():
             return
         if time.monotonic() >= deadline:
-            raise ClusterError("start_timeout", f"{name} was not ready after {START_TIMEOUT_S:.0f} s "
+            raise ClusterError("start_timeout", f"{name} was not ready after {START_TIMEOUT_S:g} s "
                                                 f"(log {log}): {log_tail(log)}")
         time.sleep(0.1)
 
@@ -262,25 +265,49 @@ def unavailable(kind: str) -> str | None:
     return None
 
 
-def processes(state) -> list[dict]:
-    """Every {"pid": ...} entry anywhere in a state: nodes, redis, whatever a backend added."""
-    found = []
-    if isinstance(state, dict):
-        if isinstance(state.get("pid"), int):
-            found.append(state)
-        for value in state.values():
-            found += processes(value)
-    elif isinstance(state, list):
-        for value in state:
-            found += processes(value)
-    return found
+def _is_pid(key: str, value) -> bool:
+    return (key == "pid" or key.endswith("_pid")) and type(value) is int and value > 0
+
+
+def processes(state: dict) -> list[dict]:
+    """Every process anywhere in a state, as {"pid", "_start"}: each "pid" or "..._pid" value (nodes, redis,
+    whatever a backend added, such as a wrapper's or epmd's pid)."""
+    starts, found = state.get("_starts", {}), {}
+
+    def walk(value):
+        if isinstance(value, dict):
+            for key, v in value.items():
+                if _is_pid(key, v):
+                    found.setdefault(v, {"pid": v, "_start": value.get("_start") if key == "pid" else starts.get(str(v))})
+                else:
+                    walk(v)
+        elif isinstance(value, list):
+            for v in value:
+                walk(v)
+
+    walk(state)
+    return list(found.values())
 
 
 def stamp_start_times(state: dict) -> dict:
-    """Record the start time of every pid a backend did not stamp itself (see process())."""
-    for entry in processes(state):
-        if "_start" not in entry:
-            entry["_start"] = _starttime(entry["pid"])
+    """Record the start time of every pid a backend did not stamp itself (see process()): a "pid" in its
+    entry's "_start", a "..._pid" in the state's "_starts"."""
+    starts = state.setdefault("_starts", {})
+
+    def walk(value):
+        if isinstance(value, dict):
+            for key, v in list(value.items()):
+                if key == "pid" and _is_pid(key, v) and "_start" not in value:
+                    value["_start"] = _starttime(v)
+                elif key != "pid" and _is_pid(key, v) and str(v) not in starts:
+                    starts[str(v)] = _starttime(v)
+                else:
+                    walk(v)
+        elif isinstance(value, list):
+            for v in value:
+                walk(v)
+
+    walk(state)
     return state
 
 
@@ -304,9 +331,13 @@ def write_state(dir: Path, state: dict) -> None:
 
 
 @contextlib.contextmanager
-def locked(dir: Path):
-    """One command at a time per DIR (two concurrent starts would both find it free)."""
-    dir.mkdir(parents=True, exist_ok=True)
+def locked(dir: Path, create: bool = False):
+    """One command at a time per DIR (two concurrent starts would both find it free). Only start creates DIR."""
+    if create:
+        dir.mkdir(parents=True, exist_ok=True)
+    elif not dir.is_dir():
+        yield
+        return
     with open(dir / ".lock", "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         yield
@@ -331,11 +362,11 @@ def running(state: dict | None) -> bool:
 # ---------------------------------------------------------------- commands
 
 def cmd_start(args) -> dict:
-    with locked(args.dir):
+    with locked(args.dir, create=True):
         old = read_state(args.dir)
         if running(old):
             if not args.force:
-                raise ClusterError("already_running", f"a {old.get('kind')} cluster is already running in {args.dir} "
+                raise ClusterError("already_running", f"a cluster ({old.get('kind')}) is already running in {args.dir} "
                                                       f"(./scripts/cluster stop --dir {args.dir}, or start --force)")
             _stop(old)
         state_path(args.dir).unlink(missing_ok=True)

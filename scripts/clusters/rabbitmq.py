@@ -79,12 +79,13 @@ USERNAME = "edgeprune"
 PLUGINS = ("rabbitmq_mqtt",)
 DIST_ERL_ARGS = "-kernel inet_dist_use_interface {127,0,0,1}"
 
-START_TIMEOUT = 90.0  # s, one node's boot (spawn .. MQTT listener up)
-CLUSTER_TIMEOUT = 90.0  # s, joining, cluster_status and MQTT CONNECT checks
+START_TIMEOUT = 90.0  # s, one node's boot (spawn .. listeners up) and one start_app
+CLUSTER_TIMEOUT = 90.0  # s, until cluster_status and MQTT CONNECTs are right
 CTL_TIMEOUT = 60.0  # s, one rabbitmqctl call
 STOP_TIMEOUT = 30.0  # s, rabbitmqctl stop before SIGKILL
 POLL = 0.1  # s
-LOG_TAIL_LINES = 12
+LOG_TAIL_LINES = 8
+START_MARKER = "==== edgeprune: starting"  # written to DIR/<name>.log before each start
 
 # --- small helpers -------------------------------------------------------------
 
@@ -111,12 +112,19 @@ def _port_open(port: int, timeout: float = 0.5) -> bool:
         return False
 
 
-def _tail(path: pathlib.Path, lines: int = LOG_TAIL_LINES) -> str:
+def _tail(path: pathlib.Path) -> str:
+    """Log lines for an error message: the first error of the last start attempt, then the log's end."""
     try:
-        text = path.read_text(errors="replace").rstrip().splitlines()
+        lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
     except OSError:
         return f"({path} unreadable)"
-    return "\n    ".join(text[-lines:]) or f"({path} empty)"
+    starts = [i for i, line in enumerate(lines) if line.startswith(START_MARKER)]
+    lines = lines[starts[-1] + 1 if starts else 0:]
+    first_error = next((i for i, line in enumerate(lines) if "[error]" in line or "[critical]" in line), None)
+    end = lines[-LOG_TAIL_LINES:]
+    if first_error is not None and first_error < len(lines) - LOG_TAIL_LINES:
+        end = [*lines[first_error:first_error + 3], "...", *end[LOG_TAIL_LINES // 2:]]
+    return "\n    ".join(end) or f"({path}: nothing logged yet)"
 
 
 def _proc_stat(pid: int) -> tuple[str, int] | None:
@@ -353,11 +361,16 @@ def _write_node_files(state: dict, node: dict) -> None:
         f"load_definitions = {pathlib.Path(state['dir']) / 'definitions.json'}",
         "log.console = true",
         "log.console.level = info",
+        "log.console.use_colors = off",  # plain text in DIR/<name>.log
         "log.file = false",
         "",
     ]))
     (d / "rabbitmq-env.conf").write_text("")
-    (d / "enabled_plugins").write_text(f"[{','.join(PLUGINS)}].\n")
+    _write_plugins(state, node, PLUGINS)
+
+
+def _write_plugins(state: dict, node: dict, plugins: tuple[str, ...]) -> None:
+    (_node_dir(state, node) / "enabled_plugins").write_text(f"[{','.join(plugins)}].\n")
 
 
 def _write_shared_files(state: dict) -> None:
@@ -384,8 +397,9 @@ def _write_shared_files(state: dict) -> None:
 # --- rabbitmqctl ------------------------------------------------------------------
 
 
-def ctl(state: dict, name: str, *args: str, timeout: float = CTL_TIMEOUT, check: bool = True) -> str:
+def ctl(state: dict, name: str, *args: str, timeout: float | None = None, check: bool = True) -> str:
     """Run ``rabbitmqctl -n <node> ARGS`` against node `name`; return its stdout."""
+    timeout = CTL_TIMEOUT if timeout is None else timeout
     node = _node(state, name)
     cmd = [str(RABBITMQ_BIN / "rabbitmqctl"), "-q", "-n", node["erlang_node"], *args]
     try:
@@ -441,7 +455,7 @@ def _spawn(state: dict, node: dict) -> None:
     pid_file.unlink(missing_ok=True)
     log_path = pathlib.Path(node["log"])
     log = open(log_path, "ab")
-    log.write(f"\n==== edgeprune: starting {node['erlang_node']} at {time.strftime('%F %T')}\n".encode())
+    log.write(f"\n{START_MARKER} {node['erlang_node']} at {time.strftime('%F %T')}\n".encode())
     log.flush()
     proc = subprocess.Popen([str(RABBITMQ_BIN / "rabbitmq-server")], env=_node_env(state, node),
                             cwd=_node_dir(state, node), stdin=subprocess.DEVNULL, stdout=log,
@@ -451,8 +465,9 @@ def _spawn(state: dict, node: dict) -> None:
     node["pid"] = None
 
 
-def _wait_booted(state: dict, node: dict, timeout: float = START_TIMEOUT) -> None:
-    """Wait for the beam pid file and the MQTT listener; RuntimeError with the log tail otherwise."""
+def _wait_booted(state: dict, node: dict) -> None:
+    """Wait for the beam pid file and the end of the boot; RuntimeError with the log tail otherwise."""
+    timeout = START_TIMEOUT
     pid_file = _node_dir(state, node) / "beam.pid"
     deadline = time.monotonic() + timeout
     while True:
@@ -461,7 +476,7 @@ def _wait_booted(state: dict, node: dict, timeout: float = START_TIMEOUT) -> Non
                 node["pid"] = int(pid_file.read_text().strip())
             except ValueError:
                 pass  # being written
-        if node.get("pid") and _port_open(node["mqtt_port"]):
+        if node.get("pid") and _port_open(node["amqp_port"]):  # AMQP opens last in the boot
             return
         wrapper_gone = not _alive(node["wrapper_pid"])
         if wrapper_gone or time.monotonic() > deadline:
@@ -472,57 +487,87 @@ def _wait_booted(state: dict, node: dict, timeout: float = START_TIMEOUT) -> Non
         time.sleep(POLL)
 
 
-def _node_pids(state: dict, node: dict) -> list[int]:
-    """The node's live processes: beam (checked against our env), its descendants, the wrapper."""
-    pids = []
+def _ours(state: dict, node: dict, pid: int | None) -> bool:
+    """pid is alive and was started with this node's environment (guards against pid reuse)."""
     mnesia = str(_node_dir(state, node) / "mnesia")
+    return bool(pid) and _alive(pid) and _environ_has(pid, "RABBITMQ_MNESIA_BASE", mnesia)
+
+
+def _vm_pids(state: dict, node: dict) -> list[int]:
+    """The node's live VM processes: beam.smp first, then erl_child_setup, inet_gethost, ..."""
     beam = node.get("pid")
-    if not beam:
+    if not beam:  # killed or asked before the pid was recorded
         try:
             beam = int((_node_dir(state, node) / "beam.pid").read_text().strip())
         except (OSError, ValueError):
             beam = None
-    if beam and _alive(beam) and _environ_has(beam, "RABBITMQ_MNESIA_BASE", mnesia):
-        pids += [beam, *_descendants(beam)]
+    pids = [beam, *_descendants(beam)] if _ours(state, node, beam) else []
     wrapper = node.get("wrapper_pid")
-    if wrapper and _alive(wrapper) and _environ_has(wrapper, "RABBITMQ_MNESIA_BASE", mnesia):
-        pids.append(wrapper)
+    if _ours(state, node, wrapper):  # also finds a beam that has not written its pid file yet
+        pids += [p for p in _descendants(wrapper) if p not in pids]
     return pids
 
 
-def _wait_cluster(state: dict, timeout: float = CLUSTER_TIMEOUT) -> None:
-    """Until every live node reports all live nodes running and accepts an authenticated MQTT CONNECT.
+def _running(state: dict, node: dict) -> bool:
+    return bool(_vm_pids(state, node)) or _ours(state, node, node.get("wrapper_pid"))
+
+
+def _kill_node(state: dict, node: dict) -> None:
+    """SIGKILL the node's VM processes; the sh wrapper then exits by itself (SIGKILLed if not)."""
+    pids = _vm_pids(state, node)
+    _sigkill(pids)
+    _wait_dead(pids, 5)
+    wrapper = node.get("wrapper_pid")
+    if wrapper and not _wait_dead([wrapper], 5) and _ours(state, node, wrapper):
+        _sigkill([wrapper])
+        _wait_dead([wrapper], 5)
+
+
+def _wait_cluster(state: dict) -> None:
+    """Until cluster_status lists every live node as running and each accepts an authenticated MQTT CONNECT.
 
     Nodes that were kill()ed and not restarted are left out.
     """
-    live = [n for n in state["nodes"] if _node_pids(state, n)]
+    live = [n for n in state["nodes"] if _running(state, n)]
+    if not live:
+        raise RuntimeError("no rabbitmq node of this cluster is running")
     want = {n["erlang_node"] for n in live}
+    timeout = CLUSTER_TIMEOUT
     deadline = time.monotonic() + timeout
 
-    def ready(node: dict) -> str | None:
+    def mqtt_ready(node: dict) -> str | None:
         while True:
-            running = _running_nodes(state, node["name"])
             try:
                 rc = mqtt_connack(node["mqtt_port"], state["username"], state["password"])
                 problem = None if rc == 0 else f"MQTT CONNACK return code {rc}"
             except OSError as exc:
                 problem = f"MQTT CONNECT failed: {exc}"
-            if running != want:
-                problem = f"cluster_status running_nodes={sorted(running)}"
-            if problem is None:
-                return None
-            if time.monotonic() > deadline:
-                return f"node {node['name']}: {problem}"
-            time.sleep(0.5)
+            if problem is None or time.monotonic() > deadline:
+                return problem and f"node {node['name']}: {problem}"
+            time.sleep(0.2)
 
-    problems = [p for p in _parallel(ready, live) if p]
-    if problems:
-        raise RuntimeError(f"rabbitmq cluster not ready after {timeout:.0f} s: " + "; ".join(problems))
+    problems = [p for p in _parallel(mqtt_ready, live) if p]
+    while not problems:
+        running = _running_nodes(state, live[0]["name"])
+        if running == want:
+            return
+        if time.monotonic() > deadline:
+            problems.append(f"cluster_status on {live[0]['name']}: running_nodes={sorted(running)}, want {sorted(want)}")
+        time.sleep(0.5)
+    raise RuntimeError(f"rabbitmq cluster not ready after {timeout:.0f} s: " + "; ".join(problems))
 
 
-def _join(state: dict, name: str, seed: str) -> None:
-    ctl(state, name, "stop_app")
-    ctl(state, name, "join_cluster", _node(state, seed)["erlang_node"])
+def _join(state: dict, node: dict, seed: dict) -> None:
+    """Cluster a stopped (stop_app) node onto seed, enable MQTT on it and start_app it.
+
+    The joining nodes boot without the MQTT plugin: it would spend 3-6 s
+    waiting for peers before electing itself the leader of a one-node
+    client-id-tracking Raft cluster, which join_cluster then throws away.
+    Started after the join, it finds the seed's Raft cluster and joins it.
+    """
+    ctl(state, node["name"], "join_cluster", seed["erlang_node"])
+    _write_plugins(state, node, PLUGINS)
+    ctl(state, node["name"], "start_app", timeout=START_TIMEOUT)
 
 
 # --- public interface ---------------------------------------------------------------
@@ -564,16 +609,23 @@ def start(dir: pathlib.Path, nodes: int) -> dict:
         state["amqp_ports"].append(amqp)
     try:
         _write_shared_files(state)
+        seed, *others = state["nodes"]
         for node in state["nodes"]:
             _write_node_files(state, node)
+        for node in others:  # MQTT comes after the join (see _join)
+            _write_plugins(state, node, ())
         _start_epmd(state)
         for node in state["nodes"]:
             _spawn(state, node)
-        _parallel(lambda n: _wait_booted(state, n), state["nodes"])
-        seed, *others = state["nodes"]
-        for node in others:  # one join at a time: concurrent mnesia joins can race
-            _join(state, node["name"], seed["name"])
-        _parallel(lambda n: ctl(state, n["name"], "start_app", timeout=START_TIMEOUT), others)
+
+        def boot(node: dict) -> None:
+            _wait_booted(state, node)
+            if node is not seed:
+                ctl(state, node["name"], "stop_app")
+
+        _parallel(boot, state["nodes"])
+        for node in others:  # one at a time: mnesia_monitor crashes when two nodes start_app at once
+            _join(state, node, seed)
         _wait_cluster(state)
     except BaseException:
         stop(state)
@@ -585,36 +637,30 @@ def start(dir: pathlib.Path, nodes: int) -> dict:
 def stop(state: dict) -> None:
     """Stop every node (rabbitmqctl stop, then SIGKILL what is left) and our epmd. Idempotent."""
     def stop_node(node: dict) -> None:
-        if _node_pids(state, node):
+        if _vm_pids(state, node):
             try:
                 ctl(state, node["name"], "stop", timeout=STOP_TIMEOUT, check=False)
             except RuntimeError:
                 pass
-            pids = _node_pids(state, node)
-            if pids and not _wait_dead(pids, 5):
-                _sigkill(_node_pids(state, node))
-        _wait_dead([p for p in (node.get("pid"), node.get("wrapper_pid")) if p], 5)
+            _wait_dead(_vm_pids(state, node), 5)
+        _kill_node(state, node)
 
     _parallel(stop_node, state.get("nodes", []))
     epmd = state.get("epmd_pid")
-    if epmd and _alive(epmd) and f"-port\0{state['epmd_port']}".encode() in _cmdline(epmd):
+    if _alive(epmd) and f"-port\0{state['epmd_port']}".encode() in _cmdline(epmd):
         _sigkill([epmd])
-        _wait_dead([epmd], 5)
+    _wait_dead([epmd] if epmd else [], 5)
 
 
 def kill(state: dict, name: str) -> None:
-    """Crash node `name`: SIGKILL its beam.smp and the VM's helper processes."""
-    node = _node(state, name)
-    pids = _node_pids(state, node)
-    _sigkill(pids)  # beam first in the list; helpers were collected before it died
-    _wait_dead(pids, 5)
-    _wait_dead([p for p in (node.get("wrapper_pid"),) if p], 5)  # the sh wrapper exits with its beam
+    """Crash node `name`: SIGKILL its beam.smp and the VM's helper processes (no clean shutdown)."""
+    _kill_node(state, _node(state, name))
 
 
 def restart(state: dict, name: str) -> dict:
     """Start killed node `name` again (same ports, data and config); it rejoins from its mnesia dir."""
     node = _node(state, name)
-    if _node_pids(state, node):
+    if _running(state, node):
         raise RuntimeError(f"rabbitmq node {name} is still running; kill() it first")
     if not _alive(state.get("epmd_pid")):
         _start_epmd(state)
@@ -623,6 +669,6 @@ def restart(state: dict, name: str) -> dict:
         _wait_booted(state, node)
         _wait_cluster(state)
     except BaseException:
-        kill(state, name)
+        _kill_node(state, node)
         raise
     return state

@@ -71,7 +71,7 @@ async function main () {
     log('listener error', err.message)
     process.exit(1)
   })
-  server.listen(port, HOST, () => log(`listening on ${HOST}:${port}, redis ${args.redis}`))
+  server.listen(port, HOST, () => log(`listening on ${HOST}:${port}, redis ${args.redis}, broker id ${broker.id}`))
 
   let stopping = false
   function stop (signal) {
