@@ -7,6 +7,7 @@ after its concept (session, rounds, export, bench, report...).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -41,23 +42,58 @@ EDGEPRUNE_HOME. Every command takes --json for scripts.
 
 def _common(p: argparse.ArgumentParser, broker: bool = True) -> None:
     if broker:
-        p.add_argument("--broker", default=os.environ.get("EDGEPRUNE_BROKER", "mqtt://127.0.0.1:1883"),
+        p.add_argument("--broker", type=_broker_urls, default=_default("broker", "EDGEPRUNE_BROKER", "mqtt://127.0.0.1:1883"),
                        help="MQTT broker URL; several, comma-separated, are tried in order (failover) "
-                            "[env EDGEPRUNE_BROKER; default mqtt://127.0.0.1:1883]")
-        p.add_argument("--username", default=os.environ.get("EDGEPRUNE_USERNAME"),
+                            "[env EDGEPRUNE_BROKER or edgeprune.toml; default %(default)s]")
+        p.add_argument("--username", default=_default("username", "EDGEPRUNE_USERNAME", None),
                        help="MQTT user name [env EDGEPRUNE_USERNAME; default none]; the password comes from "
                             "EDGEPRUNE_PASSWORD or --password-file, never from a flag")
-        p.add_argument("--password-file", default=os.environ.get("EDGEPRUNE_PASSWORD_FILE"),
+        p.add_argument("--password-file", default=_default("password_file", "EDGEPRUNE_PASSWORD_FILE", None),
                        help="file whose first line is the MQTT password, mode 0600 [env EDGEPRUNE_PASSWORD_FILE; "
                             "default none]")
         p.add_argument("--plain-password", action="store_true",
                        help="allow the password over plain TCP (mqtt://) to a non-loopback broker [default: refused]")
-        p.add_argument("--fleet", default=os.environ.get("EDGEPRUNE_FLEET", "default"),
-                       help="fleet name [env EDGEPRUNE_FLEET; default 'default']")
-    p.add_argument("--home", default=None,
-                   help="coordinator home: database, runs, artifacts [env EDGEPRUNE_HOME; default ~/.local/share/edgeprune]")
+        p.add_argument("--fleet", type=_fleet_id, default=_default("fleet", "EDGEPRUNE_FLEET", "default"),
+                       help="fleet name [env EDGEPRUNE_FLEET or edgeprune.toml; default %(default)s]")
+    p.add_argument("--home", default=_default("home", "EDGEPRUNE_HOME", None),
+                   help="coordinator home: database, runs, artifacts [env EDGEPRUNE_HOME or edgeprune.toml; "
+                        "default ~/.local/share/edgeprune]")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
     p.add_argument("-v", "--verbose", action="store_true", help="log debug detail to stderr")
+
+
+CONFIG_KEYS = ("broker", "fleet", "home", "username", "password_file")
+"""What `edgeprune.toml` may set (flags and EDGEPRUNE_* variables win over it)."""
+
+
+def config_file() -> tuple[Path | None, dict]:
+    """``./edgeprune.toml``, else ``<home>/edgeprune.toml``: the settings a user would retype every time."""
+    import tomllib
+
+    home = Path(os.environ.get("EDGEPRUNE_HOME") or default_home())
+    for path in (Path.cwd() / "edgeprune.toml", home / "edgeprune.toml"):
+        if path.is_file():
+            try:
+                table = tomllib.loads(path.read_text())
+            except (OSError, tomllib.TOMLDecodeError) as exc:
+                raise UsageError(f"{path}: {exc}") from None
+            table = table.get("coordinator", table)
+            unknown = sorted(set(table) - set(CONFIG_KEYS))
+            if unknown:
+                raise UsageError(f"{path}: unknown key(s) {', '.join(unknown)}; known: {', '.join(CONFIG_KEYS)}")
+            bad = [k for k, v in table.items() if not isinstance(v, str)]
+            if bad:
+                raise UsageError(f"{path}: {', '.join(bad)} must be strings")
+            return path, table
+    return None, {}
+
+
+_CONFIG: dict = {}
+
+
+def _default(key: str, env: str, fallback):
+    """Environment first, then the config file, then the built-in default."""
+    return os.environ.get(env) or _CONFIG.get(key) or fallback
 
 
 def _store(args: argparse.Namespace) -> Store:
@@ -66,6 +102,65 @@ def _store(args: argparse.Namespace) -> Store:
 
 class UsageError(ValueError):
     """A bad flag or setting value: exit 2 with one line, not a traceback."""
+
+
+class _DefaultsMixin:
+    """Every option with a default says it in --help, taken from the parser (so it cannot drift)."""
+
+    def _get_help_string(self, action):  # type: ignore[no-untyped-def]
+        text = action.help or ""
+        if ("%(default)" not in text and "default" not in text and action.default not in (None, False, [])
+                and action.default is not argparse.SUPPRESS and action.option_strings):
+            text += " (default: %(default)s)"
+        return text
+
+
+class HelpFormatter(_DefaultsMixin, argparse.HelpFormatter):
+    pass
+
+
+class RawHelpFormatter(_DefaultsMixin, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is a :class:`UsageError` (so ``--json`` gets the one error shape)."""
+
+    def __init__(self, *a, **kw):
+        if kw.get("formatter_class") in (None, argparse.HelpFormatter):
+            kw["formatter_class"] = HelpFormatter
+        elif kw["formatter_class"] is argparse.RawDescriptionHelpFormatter:
+            kw["formatter_class"] = RawHelpFormatter
+        super().__init__(*a, **kw)
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UsageError(f"{self.prog}: {message} (try {self.prog} --help)")
+
+
+def _device_id(value: str) -> str:
+    from edge_agent.protocol.topics import ID_RE
+
+    if not ID_RE.match(value):
+        raise argparse.ArgumentTypeError(f"invalid device id {value!r}: use 1-64 characters from [A-Za-z0-9_-]")
+    return value
+
+
+def _fleet_id(value: str) -> str:
+    from edge_agent.protocol.topics import ID_RE
+
+    if not ID_RE.match(value):
+        raise argparse.ArgumentTypeError(f"invalid fleet {value!r}: use 1-64 characters from [A-Za-z0-9_-]")
+    return value
+
+
+def _broker_urls(value: str) -> str:
+    from edge_agent.link import parse_broker_urls
+
+    try:
+        parse_broker_urls(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
 
 
 def _credentials(args: argparse.Namespace) -> dict:
@@ -117,6 +212,11 @@ def cmd_broker(args: argparse.Namespace) -> int:
         broker.warn_if_exposed(args.host)
     kind = "embedded" if args.embedded else ("mosquitto" if broker.mosquitto_path() else "embedded")
     url = f"{'mqtts' if args.secure else 'mqtt'}://{args.host}:{args.port}"
+    if not 0 < args.port < 65536:
+        return output.fail(f"--port {args.port}: must be in 1..65535", code="usage", as_json=args.json, status=2)
+    busy = broker.port_problem(args.host, args.port)
+    if busy:  # say so before announcing anything: a script must not read a success line first
+        return output.fail(busy, code="port_in_use", as_json=args.json, status=2)
     if args.json:
         output.print_json({"kind": kind, "url": url})
     else:
@@ -162,36 +262,63 @@ def cmd_pki(args: argparse.Namespace) -> int:
 
 # -- devices -----------------------------------------------------------------
 
+def _can_train_text(row: dict) -> str:
+    if row.get("can_train") is None:
+        return "?"
+    if not row["can_train"]:
+        return "no (no TF stack)"
+    return "no (no data)" if row.get("has_data") is False else "yes"
+
+
 def cmd_devices(args: argparse.Namespace) -> int:
     try:
         session = _session(args)
     except ConnectionError as exc:
         return output.fail(str(exc), code="connect", as_json=args.json)
     try:
-        rows = session.discover(args.wait)
+        session.discover(args.wait)
+        rows = session.fleet_rows()  # with the registry's devices the broker no longer shows
+        fleets = session.fleets_seen() if not rows else {}
     finally:
         session.close()
-    known = {r["device_id"] for r in rows}
-    for old in session.store.devices(args.fleet):  # registry entries the broker no longer knows
-        if old["device_id"] not in known:
-            rows.append({"device_id": old["device_id"], "state": "offline" if old["state"] != "unknown" else "unknown",
-                         "arch": (old["caps"] or {}).get("arch"), "runtimes": (old["caps"] or {}).get("runtimes") or {},
-                         "runtime": next(iter((old["caps"] or {}).get("runtimes") or {}), None),
-                         "can_train": (old["caps"] or {}).get("can_train"), "last_seen": old["last_seen"],
-                         "task": None, "caps": old["caps"]})
     if args.json:
-        output.print_json({"fleet": args.fleet, "devices": rows})
+        output.print_json({"fleet": args.fleet, "devices": rows, **({"fleets_on_broker": fleets} if not rows else {})})
         return 0
     if not rows:
-        print(f"no devices in fleet {args.fleet!r} at {args.broker}")
+        others = ", ".join(f"{f} ({n} devices)" for f, n in fleets.items())
+        print(f"no devices in fleet {args.fleet!r} at {args.broker}"
+              + (f"; fleets on this broker: {others} (--fleet NAME)" if others else "; no fleet has devices there"))
         return 0
     output.table(f"fleet {args.fleet} ({sum(r['state'] in ('online', 'busy') for r in rows)}/{len(rows)} online)",
                  ["device", "state", "arch", "runtime", "can train", "last seen"],
                  [[r["device_id"], r["state"] + (f" ({r['task']})" if r.get("task") else ""), r["arch"],
                    f"{r['runtime']} {r['runtimes'][r['runtime']]}" if r["runtime"] else "none",
-                   {True: "yes", False: "no"}.get(r["can_train"], "?"), output.ago(r["last_seen"])] for r in rows])
+                   _can_train_text(r), output.ago(r["last_seen"])] for r in rows])
     if args.caps:
         _print_caps([r for r in rows if r["caps"]])
+    return 0
+
+
+def cmd_devices_forget(args: argparse.Namespace) -> int:
+    try:
+        session = _session(args)
+    except ConnectionError as exc:
+        return output.fail(str(exc), code="connect", as_json=args.json)
+    try:
+        session.discover(1.0)
+        rows = {r["device_id"]: r for r in session.fleet_rows()}
+        if args.device not in rows:
+            return output.fail(f"no device {args.device!r} in fleet {args.fleet!r}", code="not_found", as_json=args.json)
+        if rows[args.device]["state"] in ("online", "busy"):
+            return output.fail(f"{args.device} is {rows[args.device]['state']}: stop its agent (or unflash it) first, "
+                               f"or it re-announces itself at once", code="busy", as_json=args.json)
+        session.clear_device(args.device)
+    finally:
+        session.close()
+    if args.json:
+        output.print_json({"forgotten": args.device, "fleet": args.fleet})
+    else:
+        print(f"forgot {args.device} (fleet {args.fleet})")
     return 0
 
 
@@ -231,6 +358,12 @@ def cmd_ping(args: argparse.Namespace) -> int:
         return output.fail(str(exc), code="connect", as_json=args.json)
     results = []
     try:
+        session.discover(1.0)
+        known = {r["device_id"]: r for r in session.fleet_rows()}
+        if args.device not in known:
+            ids = ", ".join(sorted(known)) or "none"
+            return output.fail(f"{args.device} has never been seen in fleet {args.fleet!r} (devices there: {ids})",
+                               code="not_found", as_json=args.json)
         for i in range(args.count):
             t0 = time.perf_counter()
             reply = session.call(args.device, "ping", timeout_s=args.timeout)
@@ -252,6 +385,120 @@ def cmd_ping(args: argparse.Namespace) -> int:
     elif rtts:
         print(f"{len(rtts)}/{len(results)} replies, rtt min/median/max = {rtts[0]:.1f}/{rtts[len(rtts) // 2]:.1f}/{rtts[-1]:.1f} ms")
     return 0 if rtts else 1
+
+
+# -- logs / watch / completion ---------------------------------------------------
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    """The agent's recent log lines over MQTT; -f keeps polling for new ones."""
+    try:
+        session = _session(args)
+    except ConnectionError as exc:
+        return output.fail(str(exc), code="connect", as_json=args.json)
+    since, printed = 0, []
+    try:
+        while True:
+            reply = session.call(args.device, "logs", {"since": since, "lines": args.lines}, timeout_s=args.timeout)
+            if not reply.ok:
+                return output.fail(f"{args.device}: {reply.error_code}: {reply.error_message}",
+                                   code=reply.error_code or "error", as_json=args.json)
+            result = reply.result or {}
+            for line in result.get("lines", []):
+                if args.json:
+                    printed.append(line)
+                else:
+                    print(line["text"], flush=True)
+            since = result.get("next", since)
+            if not args.follow:
+                break
+            time.sleep(args.interval)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        session.close()
+    if args.json:
+        output.print_json({"device_id": args.device, "lines": printed, "next": since})
+    return 0
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    """A running job from another terminal: its rounds as they are recorded, and the fleet's states
+    (from the coordinator home's store, which the training process writes)."""
+    from .progress import Reporter
+    from .store import RunNotFound
+
+    store = _store(args)
+    reporter = Reporter(quiet=args.json)
+    deadline = time.monotonic() + args.wait
+    while True:
+        try:
+            run = store.resolve_run(args.run, kind="train")
+            break
+        except RunNotFound as exc:
+            if args.run != "latest" or time.monotonic() > deadline:
+                return output.fail(str(exc), code="not_found", as_json=args.json)
+            time.sleep(1.0)
+    reporter.say(f"watching run {run['run_id']} ({run['state']}) on fleet {run['fleet']}; Ctrl-C stops watching "
+                 f"(not the run)")
+    seen, fleet_state = 0, None
+    reporter.round_header()
+    try:
+        while True:
+            rows = store.rounds(run["run_id"])
+            for row in rows[seen:]:
+                if args.json:
+                    print(json.dumps(row, default=str), flush=True)
+                else:
+                    reporter.round_done(row)
+            seen = len(rows)
+            states = {d["device_id"]: d["state"] for d in store.devices(run["fleet"])}
+            if states != fleet_state and not args.json:
+                counts: dict[str, int] = {}
+                for st in states.values():
+                    counts[st] = counts.get(st, 0) + 1
+                reporter.say("fleet: " + ", ".join(f"{n} {st}" for st, n in sorted(counts.items())))
+                fleet_state = states
+            run = store.resolve_run(run["run_id"])
+            if run["state"] != "running":
+                reporter.say(f"run {run['run_id']} {run['state']}")
+                return 0 if run["state"] == "done" else 1
+            time.sleep(args.interval)
+    except KeyboardInterrupt:
+        return 0
+
+
+def completion_script(parser: argparse.ArgumentParser, shell: str) -> str:
+    """A bash (or zsh, through bashcompinit) completion function for every subcommand and flag."""
+    subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    cases = []
+    for name, sp in sorted(subs.choices.items()):
+        words = sorted({o for a in sp._actions for o in a.option_strings if o.startswith("--")})
+        nested = next((a for a in sp._actions if isinstance(a, argparse._SubParsersAction)), None)
+        words += sorted(nested.choices) if nested else []
+        cases.append(f'    {name}) words="{" ".join(words)}" ;;')
+    script = "\n".join([
+        "# edgeprune completion: eval \"$(edgeprune completion %s)\"" % shell,
+        "_edgeprune() {",
+        '  local cur="${COMP_WORDS[COMP_CWORD]}" cmd="${COMP_WORDS[1]}" words',
+        "  if [ \"$COMP_CWORD\" -eq 1 ]; then",
+        f'    COMPREPLY=($(compgen -W "{" ".join(sorted(subs.choices))} --help --version" -- "$cur")); return',
+        "  fi",
+        '  case "$cmd" in',
+        *cases,
+        '    *) words="" ;;',
+        "  esac",
+        '  COMPREPLY=($(compgen -W "$words" -- "$cur"))',
+        "}",
+        "complete -o default -F _edgeprune edgeprune",
+    ])
+    if shell == "zsh":
+        script = "autoload -U +X bashcompinit && bashcompinit\n" + script
+    return script + "\n"
+
+
+def cmd_completion(args: argparse.Namespace) -> int:
+    sys.stdout.write(completion_script(build_parser(), args.shell))
+    return 0
 
 
 # -- flash / unflash -----------------------------------------------------------
@@ -381,11 +628,23 @@ def cmd_unflash(args: argparse.Namespace) -> int:
 
 # -- train / runs / show -------------------------------------------------------
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from .progress import Reporter
-    from .rounds import TrainConfig, train
+TRAIN_FLAGS = {  # flag dest -> TrainConfig field, for --resume's conflict check
+    "model": "model", "rounds": "rounds", "sparsity": "sparsity", "schedule": "schedule",
+    "ramp_fraction": "ramp_fraction", "clients_per_round": "clients_per_round", "fraction": "fraction",
+    "min_clients": "min_clients", "local_epochs": "local_epochs", "batch_size": "batch_size", "lr": "lr",
+    "optimizer": "optimizer", "granularity": "granularity", "mask_policy": "mask_policy",
+    "update_format": "update_format", "regrow": "regrow", "seed": "seed", "eval_data": "eval_data",
+    "input_shape": "input_shape", "num_classes": "num_classes", "aggregation": "aggregation", "trim": "trim",
+    "clip_norm": "clip_norm", "max_norm_ratio": "max_norm_ratio", "structured": "structured",
+    "structured_every": "structured_every", "importance": "importance", "devices": "devices",
+}
+RESUME_MAY_CHANGE = {"round_timeout": "round_timeout_s", "wait_for": "wait_for_devices", "wait_timeout": "wait_timeout_s"}
 
-    cfg = TrainConfig(
+
+def _train_config(args: argparse.Namespace):
+    from .rounds import TrainConfig
+
+    return TrainConfig(
         model=args.model, rounds=args.rounds, sparsity=args.sparsity, schedule=args.schedule,
         ramp_fraction=args.ramp_fraction, clients_per_round=args.clients_per_round, fraction=args.fraction,
         min_clients=args.min_clients, local_epochs=args.local_epochs, batch_size=args.batch_size, lr=args.lr,
@@ -396,17 +655,49 @@ def cmd_train(args: argparse.Namespace) -> int:
         wait_for_devices=args.wait_for, wait_timeout_s=args.wait_timeout, aggregation=args.aggregation,
         trim=args.trim, clip_norm=args.clip_norm, max_norm_ratio=args.max_norm_ratio, structured=args.structured,
         structured_every=args.structured_every, importance=args.importance)
+
+
+def _resume_setup(args: argparse.Namespace):
+    """The stored run's config, fleet and broker; a flag typed now that contradicts them is refused."""
+    from .rounds import resume_config
+
+    cfg, rec = resume_config(_store(args), args.resume)
+    typed = _train_config(args)
+    for dest, field_name in TRAIN_FLAGS.items():
+        if dest in args.explicit and getattr(typed, field_name) != getattr(cfg, field_name):
+            raise UsageError(f"--{dest.replace('_', '-')} {getattr(typed, field_name)!r} contradicts run "
+                             f"{rec['run_id']}, which has {getattr(cfg, field_name)!r}; a resumed run keeps its "
+                             f"settings (drop the flag)")
+    for dest, field_name in RESUME_MAY_CHANGE.items():
+        if dest in args.explicit:
+            setattr(cfg, field_name, getattr(typed, field_name))
+    stored = {"fleet": rec["fleet"], "broker": rec["config"].get("broker")}
+    for key, value in stored.items():
+        if value is None:
+            continue
+        if key in args.explicit and getattr(args, key) != value:
+            raise UsageError(f"--{key} {getattr(args, key)} contradicts run {rec['run_id']}, which ran on {key} "
+                             f"{value}; drop --{key} to resume it there")
+        setattr(args, key, value)
+    return cfg, rec
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .progress import Reporter
+    from .rounds import NoDevices, train
+    from .store import RunNotFound
+
     resume = None
     try:
-        if args.resume:  # the run's own config; flags other than broker/fleet/home are ignored
-            from .rounds import resume_config
-
-            cfg, rec = resume_config(_store(args), args.resume)
+        if args.resume:  # the run's own config, fleet and broker
+            cfg, rec = _resume_setup(args)
             resume = rec["run_id"]
-            cfg.round_timeout_s = args.round_timeout if args.round_timeout != 600.0 else cfg.round_timeout_s
+        else:
+            cfg = _train_config(args)
         cfg.validate()
-    except ValueError as exc:
-        return output.fail(str(exc), code="bad_args", as_json=args.json, status=2)
+    except (ValueError, RunNotFound) as exc:
+        return output.fail(str(exc), code="usage" if isinstance(exc, (UsageError, RunNotFound)) else "bad_args",
+                           as_json=args.json, status=2)
     try:
         session = _session(args, long_running=True)
     except ConnectionError as exc:
@@ -415,12 +706,26 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         session.discover(1.0)
         summary = train(cfg, session, session.store, reporter, resume=resume)
+    except NoDevices as exc:
+        return output.fail(str(exc), code="no_devices", as_json=args.json)
     except ValueError as exc:
         return output.fail(str(exc), code="bad_args", as_json=args.json, status=2)
     except KeyboardInterrupt:
-        return output.fail("interrupted; the run so far is saved", code="interrupted", as_json=args.json, status=130)
+        runs = session.store.runs("train")
+        rid = resume or (runs[0]["run_id"] if runs and runs[0]["state"] == "interrupted" else None)
+        hint = f"; continue with: edgeprune train --resume {rid}" if rid else ""
+        return output.fail(f"interrupted; the rounds so far are saved{hint}", code="interrupted", as_json=args.json,
+                           status=130)
     finally:
         session.close()
+    if summary["state"] != "done":
+        err = summary.get("error") or {"code": summary["state"], "message": f"run {summary['run_id']} {summary['state']}"}
+        if args.json:
+            output.print_json({**output.error_obj(err["code"], err["message"]), "run": summary,
+                               "rounds": session.store.rounds(summary["run_id"])})
+        else:
+            reporter.say(f"run {summary['run_id']} FAILED: {err['message']}")
+        return 1
     if args.json:
         rounds = session.store.rounds(summary["run_id"])
         output.print_json({**summary, "rounds": rounds})
@@ -431,7 +736,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                      f"upload {output.human_bytes(summary['upload_bytes_per_client_round'])}/client-round "
                      f"({(summary['ratio_vs_dense_fp32'] or 0):.1f}x below dense fp32), {summary['total_wall_s']:.1f} s")
         reporter.say(f"model and TensorBoard logs: {summary['run_dir']}")
-    return 0 if summary["state"] == "done" and summary["rounds_done"] else 1
+    return 0
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
@@ -448,11 +753,31 @@ def cmd_runs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _find_run(args: argparse.Namespace, ref: str):
+    from .store import RunNotFound
+
+    try:
+        return _store(args).resolve_run(ref), None
+    except RunNotFound as exc:
+        return None, output.fail(str(exc), code="not_found", as_json=args.json)
+
+
 def cmd_show(args: argparse.Namespace) -> int:
     store = _store(args)
-    run = store.run(args.run)
+    run, rc = _find_run(args, args.run)
     if run is None:
-        return output.fail(f"no run {args.run!r} (see `edgeprune runs`)", code="not_found", as_json=args.json)
+        return rc
+    if run["kind"] == "bench":  # a bench id: its results, not a training run's fields
+        from .report import print_bench
+
+        results = store.bench_results(bench_id=run["run_id"])
+        if args.json:
+            output.print_json({**run, "results": results})
+        else:
+            print(f"bench {run['run_id']} ({run['state']}) on fleet {run['fleet']}"
+                  + (f", artifacts of run {run['config'].get('run_id')}" if (run["config"] or {}).get("run_id") else ""))
+            print_bench(results)
+        return 0
     rounds = store.rounds(run["run_id"])
     clients = store.client_rounds(run["run_id"])
     if args.json:
@@ -466,7 +791,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     for layer, why in dense.items():
         print(f"  layer {layer} left dense: {why}")
     output.table("rounds", ["round", "clients", "accuracy", "loss", "sparsity", "up/client", "down/client", "up vs fp32", "wall s"],
-                 [[r["round"], f"{r['clients_ok']}/{r['clients_selected']}",
+                 [[f"{r['round']}" + ("" if r.get("applied", True) else " (not applied)"),
+                   f"{r['clients_ok']}/{r['clients_selected']}",
                    f"{r['accuracy'] * 100:.2f}%" if r.get("accuracy") is not None else "-",
                    f"{r['loss']:.4f}" if r.get("loss") is not None else "-", f"{r['sparsity']:.2%}",
                    output.human_bytes(r.get("bytes_up_per_client")), output.human_bytes(r.get("bytes_down_per_client")),
@@ -476,7 +802,29 @@ def cmd_show(args: argparse.Namespace) -> int:
     if failed:
         output.table("client failures", ["round", "device", "error"], [[c["round"], c["device_id"], c["error"]] for c in failed])
     if run["summary"]:
+        if (run["summary"].get("error") or {}).get("message"):
+            print(f"  FAILED: {run['summary']['error']['message']}")
         print(f"  run dir: {run['summary'].get('run_dir')}")
+    return 0
+
+
+def cmd_runs_rm(args: argparse.Namespace) -> int:
+    import shutil
+
+    store = _store(args)
+    run, rc = _find_run(args, args.run)
+    if run is None:
+        return rc
+    if run["state"] == "running" and not args.force:
+        return output.fail(f"run {run['run_id']} is marked running (a coordinator may still be training it); "
+                           f"--force removes it anyway", code="busy", as_json=args.json)
+    run_dir = store.home / "runs" / run["run_id"]
+    store.delete_run(run["run_id"])
+    shutil.rmtree(run_dir, ignore_errors=True)
+    if args.json:
+        output.print_json({"removed": run["run_id"], "run_dir": str(run_dir)})
+    else:
+        print(f"removed run {run['run_id']} and {run_dir}")
     return 0
 
 
@@ -549,8 +897,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
             reporter.warn(f"not online, skipped: {', '.join(missing)}")
             devices = [d for d in devices if d in online]
         if not devices:
-            return output.fail(f"no online devices to benchmark in fleet {args.fleet!r}", code="no_devices",
-                               as_json=args.json)
+            if args.devices != "all" and online:
+                why = f"none of {args.devices} is online in fleet {args.fleet!r}; online: {', '.join(online)}"
+            else:
+                seen = session.fleets_seen()
+                why = (f"no online devices to benchmark in fleet {args.fleet!r}; fleets on this broker: "
+                       + (", ".join(f"{f} ({n})" for f, n in seen.items()) or "none"))
+            return output.fail(why, code="no_devices", as_json=args.json)
         summary = bench_mod.bench(session, store, artifacts, devices, run_id=run_id, threads=args.threads,
                                   runs=args.runs, duration_s=args.duration, warmup=args.warmup, budget_s=args.budget,
                                   runtime=args.runtime, parallel=args.parallel, reporter=reporter)
@@ -570,16 +923,17 @@ def cmd_report(args: argparse.Namespace) -> int:
     from . import report
 
     store = _store(args)
-    run = store.run(args.run)
+    run, rc = _find_run(args, args.run)
     if run is None:
-        return output.fail(f"no run {args.run!r} (see `edgeprune runs`)", code="not_found", as_json=args.json)
+        return rc
     data = report.gather(store, run)
+    if args.html:
+        report.write_html(data, args.html)
     if args.json:
-        output.print_json(data)
+        output.print_json({**data, "html": args.html})
         return 0
     report.print_summary(data)
     if args.html:
-        report.write_html(data, args.html)
         print(f"HTML report: {args.html}")
     return 0
 
@@ -681,8 +1035,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="edgeprune", description=DESCRIPTION,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog="edgeprune", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"edgeprune {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -725,15 +1078,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--caps", action="store_true", help="also print each device's capabilities")
     p.add_argument("--connect-timeout", type=float, default=10.0, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_devices)
+    ds = p.add_subparsers(dest="devices_cmd", metavar="{forget}")
+    q = ds.add_parser("forget", help="drop a removed device: clear its retained status and capabilities on the "
+                                     "broker and remove it from the registry")
+    q.add_argument("device", type=_device_id, help="device id")
+    _common(q)
+    q.add_argument("--connect-timeout", type=float, default=10.0, help=argparse.SUPPRESS)
+    q.set_defaults(func=cmd_devices_forget)
 
     p = sub.add_parser("ping", help="round-trip a command to a device and print the latency")
     _common(p)
-    p.add_argument("--device", required=True, help="device id")
+    p.add_argument("--device", required=True, type=_device_id, help="device id")
     p.add_argument("--count", type=int, default=3, help="number of pings (default 3)")
     p.add_argument("--interval", type=float, default=0.2, help="seconds between pings")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for each reply")
     p.add_argument("--connect-timeout", type=float, default=10.0, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_ping)
+
+    p = sub.add_parser("logs", help="an agent's recent log lines, over MQTT (-f: follow)",
+                       description="Print the device agent's recent log lines (kept in memory on the device, "
+                                   "bounded to 2,000 lines / 512 KB); -f polls for new ones until Ctrl-C.")
+    p.add_argument("device", type=_device_id, help="device id")
+    _common(p)
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
+    p.add_argument("--lines", type=int, default=200, help="most lines per request (default: %(default)s)")
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between polls with -f (default: %(default)s)")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the device (default: %(default)s)")
+    p.add_argument("--connect-timeout", type=float, default=10.0, help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_logs)
+
+    p = sub.add_parser("watch", help="follow a running training job from another terminal",
+                       description="Print a training run's rounds as they are recorded and the fleet's device "
+                                   "states, from the coordinator home; ends when the run ends.")
+    p.add_argument("run", nargs="?", default="latest", help="run id, prefix, suffix or `latest` (default: %(default)s)")
+    _common(p, broker=False)
+    p.add_argument("--interval", type=float, default=2.0, help="seconds between looks (default: %(default)s)")
+    p.add_argument("--wait", type=float, default=60.0,
+                   help="with `latest`: seconds to wait for a run to appear (default: %(default)s)")
+    p.set_defaults(func=cmd_watch)
+
+    p = sub.add_parser("completion", help="print a shell completion script: eval \"$(edgeprune completion bash)\"")
+    p.add_argument("shell", choices=["bash", "zsh"], help="the shell to complete for")
+    p.set_defaults(func=cmd_completion)
 
     p = sub.add_parser("flash", help="install the agent on a device over SSH (or write an offline bundle)",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -823,63 +1209,87 @@ For a device without network, write the bundle and install it by hand:
                                    "the coordinator aggregates them (masked FedAvg) into a pruned global model, "
                                    "evaluates it on held-out data and stores every round.")
     _common(p)
-    p.add_argument("--model", default="digits_cnn", help="built-in model (digits_cnn, mlp) or a tf-keras model file "
-                                                         "(.keras, .h5, SavedModel dir) [default digits_cnn]")
-    p.add_argument("--rounds", type=int, default=10, help="federated rounds (default 10)")
-    p.add_argument("--sparsity", type=float, default=0.8, help="target fraction of pruned weights; 0 = dense FedAvg (default 0.8)")
-    p.add_argument("--schedule", choices=["polynomial", "constant"], default="polynomial",
-                   help="sparsity over rounds: polynomial ramp to the target, then hold (default); or constant from round 1")
-    p.add_argument("--ramp-fraction", type=float, default=0.8, help="polynomial: fraction of rounds to reach the target (default 0.8)")
-    p.add_argument("--regrow", type=float, default=0.5,
+    from edge_agent.models import BUILTIN
+    from edge_agent.pruning import BLOCK_SHAPE, GRANULARITIES
+
+    from .aggregate import AGGREGATIONS
+    from .masks import MASK_POLICIES
+    from .rounds import UPDATE_FORMATS, TrainConfig
+    from .schedule import SCHEDULES
+
+    d = TrainConfig()  # the defaults live there; --help reads them
+    block = f"{BLOCK_SHAPE[1]}x{BLOCK_SHAPE[0]}"
+    p.add_argument("--model", default=d.model, help=f"built-in model ({', '.join(BUILTIN)}) or a tf-keras model file "
+                                                    f"(.keras, .h5, SavedModel dir) (default: %(default)s)")
+    p.add_argument("--rounds", type=int, default=d.rounds, help="federated rounds (default: %(default)s)")
+    p.add_argument("--sparsity", type=float, default=d.sparsity,
+                   help="target fraction of pruned weights; 0 = dense FedAvg (default: %(default)s)")
+    p.add_argument("--schedule", choices=SCHEDULES, default=d.schedule,
+                   help="sparsity over rounds: polynomial ramp to the target, then hold; or constant from round 1 "
+                        "(default: %(default)s)")
+    p.add_argument("--ramp-fraction", type=float, default=d.ramp_fraction,
+                   help="polynomial: fraction of rounds to reach the target (default: %(default)s)")
+    p.add_argument("--regrow", type=float, default=d.regrow,
                    help="each round, clients train every weight (pruned ones from zero) for this fraction of their "
                         "local steps, then prune by magnitude, so weights that matter can grow back; 0 = fixed masks "
-                        "that only shrink (default 0.5; 2:4 never regrows)")
+                        "that only shrink (2:4 never regrows) (default: %(default)s)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--clients-per-round", type=int, help="devices sampled per round (default: all eligible)")
-    g.add_argument("--fraction", type=float, help="fraction of eligible devices sampled per round")
-    p.add_argument("--min-clients", type=int, default=1, help="updates needed to apply a round (default 1)")
-    p.add_argument("--local-epochs", type=int, default=2, help="local epochs per round (default 2)")
-    p.add_argument("--batch-size", type=int, default=32, help="local batch size (default 32)")
-    p.add_argument("--lr", type=float, default=2e-3, help="local learning rate (default 0.002)")
-    p.add_argument("--optimizer", choices=["adam", "sgd"], default="adam", help="local optimizer (default adam)")
-    p.add_argument("--granularity", choices=["unstructured", "block", "2:4"], default="unstructured",
-                   help="pruning granularity: single weights, 1x4 blocks (Dense), or 2:4 (50%%) (default unstructured)")
-    p.add_argument("--mask-policy", choices=["global", "layer", "union", "intersection"], default="global",
+    g.add_argument("--fraction", type=float, help="fraction of eligible devices sampled per round (default: all)")
+    p.add_argument("--min-clients", type=int, default=d.min_clients,
+                   help="updates needed to apply a round; a run where no round applied fails (default: %(default)s)")
+    p.add_argument("--local-epochs", type=int, default=d.local_epochs, help="local epochs per round (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="local batch size (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=d.lr, help="local learning rate (default: %(default)s)")
+    p.add_argument("--optimizer", choices=["adam", "sgd"], default=d.optimizer, help="local optimizer (default: %(default)s)")
+    p.add_argument("--granularity", choices=GRANULARITIES, default=d.granularity,
+                   help=f"pruning granularity: single weights, {block} blocks (Dense kernels; what TFLite's sparse "
+                        f"int8 stores compactly), or 2:4 (50%%) (default: %(default)s)")
+    p.add_argument("--mask-policy", choices=MASK_POLICIES, default=d.mask_policy,
                    help="global mask each round: one magnitude threshold across all layers at the scheduled sparsity "
-                        "(default), the same sparsity in every layer, or the union/intersection of client masks")
-    p.add_argument("--update-format", choices=["auto", "fp32", "fp16", "int8", "int6", "int4"], default="auto",
+                        "(global), the same sparsity in every layer, or the union/intersection of client masks "
+                        "(default: %(default)s)")
+    p.add_argument("--update-format", choices=UPDATE_FORMATS, default=d.update_format,
                    help="upload value encoding; auto = int4 deltas with stochastic rounding when pruning, "
-                        "plain fp32 for dense FedAvg")
-    p.add_argument("--aggregation", choices=["fedavg", "median", "trimmed-mean"], default="fedavg",
-                   help="how updates combine: sample-weighted FedAvg (default, streaming), or coordinate-wise "
+                        "plain fp32 for dense FedAvg (default: %(default)s)")
+    p.add_argument("--aggregation", choices=AGGREGATIONS, default=d.aggregation,
+                   help="how updates combine: sample-weighted FedAvg (streaming), or coordinate-wise "
                         "median / trimmed mean among the clients that kept each weight (robust to a few bad "
-                        "clients; keeps all updates of a round in memory)")
-    p.add_argument("--trim", type=float, default=0.1, help="trimmed-mean: fraction cut at each end (default 0.1)")
-    p.add_argument("--clip-norm", type=float, default=0.0, help="clip each update (client minus global) to this L2 norm; 0 = off")
-    p.add_argument("--max-norm-ratio", type=float, default=10.0,
-                   help="reject an update whose norm exceeds this multiple of the model's norm (default 10; 0 = off)")
-    p.add_argument("--structured", type=float, default=0.0, metavar="FRACTION",
+                        "clients; keeps all updates of a round in memory) (default: %(default)s)")
+    p.add_argument("--trim", type=float, default=d.trim, help="trimmed-mean: fraction cut at each end (default: %(default)s)")
+    p.add_argument("--clip-norm", type=float, default=d.clip_norm,
+                   help="clip each update (client minus global) to this L2 norm; 0 = off (default: %(default)s)")
+    p.add_argument("--max-norm-ratio", type=float, default=d.max_norm_ratio,
+                   help="reject an update whose norm exceeds this multiple of the model's norm; 0 = off "
+                        "(default: %(default)s)")
+    p.add_argument("--structured", type=float, default=d.structured, metavar="FRACTION",
                    help="structured pruning: remove this fraction of the units/filters of every Dense and Conv2D "
                         "layer that can shrink safely (ranked by the fleet's importance statistics), gradually, "
-                        "with recovery training between steps; weight pruning then sparsifies what remains "
-                        "(default 0 = off)")
-    p.add_argument("--structured-every", type=int, default=2, metavar="K",
-                   help="one structured step every K rounds, the last at least one round before the end (default 2)")
-    p.add_argument("--importance", choices=IMPORTANCE_METHODS, default="activation",
-                   help="how devices rank units: mean |activation| on local data (default), weight L1/L2 norm, or "
-                        "a first-order Taylor score")
-    p.add_argument("--round-timeout", type=float, default=600.0, help="seconds to wait for updates in a round (default 600)")
-    p.add_argument("--seed", type=int, default=0, help="seed for model init, client sampling and local shuffling")
-    p.add_argument("--eval-data", default="digits", help="held-out data on the coordinator: 'digits', .npz, .csv, "
-                                                         "image folder, or 'none' (default digits)")
+                        "with recovery training between steps; weight pruning then sparsifies what remains; 0 = off "
+                        "(default: %(default)s)")
+    p.add_argument("--structured-every", type=int, default=d.structured_every, metavar="K",
+                   help="one structured step every K rounds, the last at least one round before the end "
+                        "(default: %(default)s)")
+    p.add_argument("--importance", choices=IMPORTANCE_METHODS, default=d.importance,
+                   help="how devices rank units: mean |activation| on local data, weight L1/L2 norm, or "
+                        "a first-order Taylor score (default: %(default)s)")
+    p.add_argument("--round-timeout", type=float, default=d.round_timeout_s,
+                   help="seconds to wait for updates in a round (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=d.seed,
+                   help="seed for model init, client sampling and local shuffling (default: %(default)s)")
+    p.add_argument("--eval-data", default=d.eval_data, help="held-out data on the coordinator: 'digits', .npz, .csv, "
+                                                           "image folder, or 'none' (default: %(default)s)")
     p.add_argument("--input-shape", type=int, nargs="+", help="input shape for a built-in model without --eval-data")
     p.add_argument("--num-classes", type=int, help="classes for a built-in model without --eval-data")
-    p.add_argument("--devices", help="comma-separated device ids to use (default: all online that can train)")
-    p.add_argument("--wait-for", type=int, default=0, help="wait until this many trainable devices are online")
-    p.add_argument("--wait-timeout", type=float, default=60.0, help="seconds --wait-for waits (default 60)")
+    p.add_argument("--devices", help="comma-separated device ids to use (default: every device that can train)")
+    p.add_argument("--wait-for", type=int, default=d.wait_for_devices,
+                   help="before round 1, wait (once) until this many devices can train; on timeout go on only if "
+                        "--min-clients allows (default: %(default)s = do not wait)")
+    p.add_argument("--wait-timeout", type=float, default=d.wait_timeout_s,
+                   help="seconds --wait-for waits (default: %(default)s)")
     p.add_argument("--resume", metavar="RUN",
                    help="continue an interrupted run (coordinator killed, machine rebooted) after its last recorded "
-                        "round, with the run's own settings: no completed round is repeated or lost")
+                        "round, on the run's own fleet, broker and settings: no completed round is repeated or lost")
     p.add_argument("--chunk-bytes", type=int, default=DEFAULT_CHUNK_BYTES,
                    help=f"bytes per MQTT message when sending models (default {DEFAULT_CHUNK_BYTES}; keep under "
                         "the broker's limit: EMQX 1 MB, AWS IoT 128 KB)")
@@ -937,9 +1347,17 @@ For a device without network, write the bundle and install it by hand:
     _common(p, broker=False)
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("runs", help="list training runs (and other jobs) in the coordinator home")
+    p = sub.add_parser("runs", help="list training runs (and other jobs) in the coordinator home; runs rm RUN",
+                       description="List runs (newest first). A run can be named by its id, a unique prefix or "
+                                   "suffix of it, or `latest`, wherever a command takes RUN.")
     _common(p, broker=False)
     p.set_defaults(func=cmd_runs)
+    rs = p.add_subparsers(dest="runs_cmd", metavar="{rm}")
+    q = rs.add_parser("rm", help="delete a run: its records, rounds, artifacts, benchmark results and run directory")
+    q.add_argument("run", help="run id, unique prefix or suffix, or `latest`")
+    q.add_argument("--force", action="store_true", help="also a run still marked running")
+    _common(q, broker=False)
+    q.set_defaults(func=cmd_runs_rm)
 
     p = sub.add_parser("show", help="print one run: config, per-round accuracy, sparsity, bytes, failures")
     _common(p, broker=False)
@@ -948,8 +1366,31 @@ For a device without network, write the bundle and install it by hand:
     return parser
 
 
+def _explicit(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str]) -> set[str]:
+    """The options the user typed (not defaults): --resume refuses those that contradict the run."""
+    subs = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+    sp = subs.choices.get(getattr(args, "command", None)) if subs else None
+    if sp is None:
+        return set()
+    out = set()
+    for token in argv:
+        if token.startswith("--"):
+            action = sp._option_string_actions.get(token.split("=", 1)[0])
+            if action is not None:
+                out.add(action.dest)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        _CONFIG.clear()
+        _CONFIG.update(config_file()[1])
+        parser = build_parser()
+        args = parser.parse_args(argv)
+    except UsageError as exc:
+        return output.fail(str(exc), code="usage", as_json="--json" in argv, status=2)
+    args.explicit = _explicit(parser, args, argv)
     logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent import tflite_info
+from edge_agent import tfenv, tflite_info
 
 FORMATS = ("dense", "sparse", "sparse-int8", "fp16")
 CALIBRATION_SAMPLES = 200
@@ -76,8 +76,15 @@ def resolve_model(store, ref: str, prune: float = 0.0, policy: str = "all", gran
         return models.load_file(ref), None
     if ref in models.BUILTIN:
         return latency_model(ref, prune, policy, granularity), None
-    raise ValueError(f"{ref!r} is neither a run id (see `edgeprune runs`), a model file, "
-                     f"nor a built-in model ({', '.join(models.BUILTIN)})")
+    from .store import RunNotFound
+
+    try:
+        store.resolve_run(ref)
+    except RunNotFound as exc:
+        if "matches" in str(exc):  # an ambiguous run id: name the candidates
+            raise ValueError(str(exc)) from None
+    raise ValueError(f"{ref!r} is neither a run id (see `edgeprune runs`), a model file "
+                     f"(no such file), nor a built-in model ({', '.join(models.BUILTIN)})")
 
 
 def _converter(model, fmt: str, calibration: np.ndarray | None):
@@ -154,7 +161,8 @@ def export(model, formats: list[str], out_dir: Path, calibration=None, qat_data=
     for fmt, m in jobs:
         progress(f"converting {fmt}")
         t0 = time.perf_counter()
-        data = _converter(m, fmt, calib).convert()
+        with tfenv.quiet((1, 2)):  # the converter's MLIR/absl chatter, some of it on stdout
+            data = _converter(m, fmt, calib).convert()
         path = out_dir / f"{prefix}-{fmt}.tflite"
         tmp = path.with_suffix(".tmp")
         tmp.write_bytes(data)

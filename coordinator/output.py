@@ -8,6 +8,7 @@ failure in ``--json`` mode has the one shape ``{"error": {"code", "message"}}``.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from typing import Any, Sequence
@@ -52,22 +53,34 @@ def human_bytes(n: float | None) -> str:
     return f"{n:.1f} GB"
 
 
-def table(title: str | None, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+def table(title: str | None, columns: Sequence[str], rows: Sequence[Sequence[Any]], keep: Sequence[int] = (0,)) -> None:
+    """A table on stdout. Columns in ``keep`` (ids, artifact names) are never cut; the others wrap.
+
+    On a terminal (or with COLUMNS set) rich draws it at that width; piped, it is plain aligned
+    text at its natural width, for grep and less. Cells are plain text: device-supplied strings
+    (error messages, tensor names) are never read as markup.
+    """
     cells = [["-" if v is None else str(v) for v in row] for row in rows]
     try:
         from rich.console import Console
         from rich.table import Table
-    except ImportError:  # plain text fallback
+        from rich.text import Text
+    except ImportError:
+        Console = None
+    if Console is None or (not sys.stdout.isatty() and not os.environ.get("COLUMNS")):
         if title:
             print(title)
         widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
-        print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+        print("  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip())
         for r in cells:
-            print("  ".join(v.ljust(w) for v, w in zip(r, widths)))
+            print("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
         return
     t = Table(title=title, title_justify="left")
-    for c in columns:
-        t.add_column(c)
+    for i, c in enumerate(columns):
+        if i in keep:
+            t.add_column(c, no_wrap=True, min_width=max([len(c)] + [len(r[i]) for r in cells]))
+        else:
+            t.add_column(c, overflow="fold")
     for r in cells:
-        t.add_row(*r)
-    Console(width=None if sys.stdout.isatty() else 200).print(t)
+        t.add_row(*[Text(v) for v in r])
+    Console(highlight=False).print(t)

@@ -25,16 +25,23 @@ class Reporter:
                 pass
 
     def say(self, msg: str) -> None:
+        """Plain text: messages carry device-supplied text (errors, tensor names), so no markup."""
         if self.quiet:
             return
         if self._console:
-            self._console.print(msg)
+            self._console.print(msg, markup=False)
         else:
             print(msg, file=sys.stderr, flush=True)
 
     def warn(self, msg: str) -> None:
-        if not self.quiet:
-            self.say(f"[yellow]warning:[/yellow] {msg}" if self._console else f"warning: {msg}")
+        if self.quiet:
+            return
+        if self._console:
+            from rich.text import Text
+
+            self._console.print(Text.assemble(("warning: ", "yellow"), msg))
+        else:
+            print(f"warning: {msg}", file=sys.stderr, flush=True)
 
     def round_header(self) -> None:
         self.say(f"{'round':>5}  {'clients':>8}  {'accuracy':>8}  {'loss':>7}  {'sparsity':>8}  "
@@ -62,4 +69,7 @@ class Reporter:
                  f"{(f'{loss:.4f}' if loss is not None else '-'):>7}  {row['sparsity'] * 100:>7.2f}%  "
                  f"{human_bytes(row.get('bytes_up_per_client')):>10}  {human_bytes(row.get('bytes_down_per_client')):>11}  "
                  f"{(f'{ratio:.1f}x' if ratio else '-'):>10}  {row['wall_s']:>6.1f}s"
-                 + (f"  [{row['failures']} failed]" if row.get("failures") else ""))
+                 + (f"  [{row['failures']} failed]" if row.get("failures") else "")
+                 + ("  NOT APPLIED" if row.get("applied") is False else ""))
+        for dev, why in (row.get("failure_reasons") or {}).items():
+            self.warn(f"round {row['round']}: {dev}: {why}")

@@ -60,7 +60,7 @@ def print_bench(results: list[dict]) -> None:
                      output.human_bytes(mem.get("rss_increase_bytes")) if mem else "-",
                      _energy_text(r.get("energy")), r.get("error") or ""])
     output.table("on-device benchmark", ["device", "artifact", "status", "runtime", "p50 ms", "p90/p99 ms",
-                                         "harness/indep.", "RSS +", "energy/inference", "note"], rows)
+                                         "harness/indep.", "RSS +", "energy/inference", "note"], rows, keep=(0, 1))
 
 
 def print_summary(data: dict) -> None:

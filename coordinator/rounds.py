@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import math
+import os
 import random
 import secrets
 import time
@@ -34,7 +35,7 @@ from .masks import MASK_POLICIES, round_targets, sparsity_report
 from .model_worker import ModelWorkerError
 from .progress import Reporter
 from .schedule import sparsity_at
-from .session import Session
+from .session import LIVE_STATES, Session, training_blocker
 from .store import Store
 
 BEGIN_TIMEOUT_S = 600.0
@@ -110,6 +111,7 @@ class TrainConfig:
                              "span input channels, which the cuts would split)")
         if self.importance not in IMPORTANCE_METHODS:
             raise ValueError(f"--importance must be one of {', '.join(IMPORTANCE_METHODS)}")
+        check_model_ref(self.model)
 
     @property
     def pruning_on(self) -> bool:
@@ -177,15 +179,72 @@ class Run:
     importance: dict[str, Any] = field(default_factory=dict)  # this round's sample-weighted sums, and the weight
 
 
+class NoDevices(RuntimeError):
+    """No device of the fleet can train (or too few for --min-clients): nothing was started."""
+
+
+def check_model_ref(ref: str) -> None:
+    """A built-in model name or an existing model file; checked before any device starts a worker."""
+    from edge_agent.models import BUILTIN
+
+    if ref in BUILTIN or os.path.exists(ref):
+        return
+    if os.sep in ref or ref.endswith((".keras", ".h5")):
+        raise ValueError(f"--model {ref!r}: no such file")
+    raise ValueError(f"--model {ref!r}: unknown built-in model; choose from {', '.join(BUILTIN)} or give a "
+                     f"tf-keras model file (.keras, .h5 or a SavedModel directory)")
+
+
+def plan_fleet(run: "Run") -> list[str]:
+    """Who trains: waits once for --wait-for (saying who is online meanwhile), then names the devices it
+    will use and why each other one cannot. Raises :class:`NoDevices` (listing the fleets this broker
+    has) when fewer than --min-clients can train."""
+    s, cfg, say = run.session, run.cfg, run.reporter
+    if cfg.wait_for_devices:
+        last = [-1]
+
+        def enough(rows) -> bool:
+            ready = [r["device_id"] for r in rows if training_blocker(r) is None]
+            if len(ready) != last[0]:
+                last[0] = len(ready)
+                say.say(f"waiting for {cfg.wait_for_devices} devices: {len(ready)} ready"
+                        + (f" ({', '.join(ready)})" if ready else ""))
+            return len(ready) >= cfg.wait_for_devices
+
+        if not s.wait_for(enough, cfg.wait_timeout_s):
+            ready = len([r for r in s.device_table() if training_blocker(r) is None])
+            if ready < cfg.min_clients:
+                raise NoDevices(f"only {ready} of the {cfg.wait_for_devices} devices asked for (--wait-for) were "
+                                f"ready after {cfg.wait_timeout_s:.0f} s, fewer than --min-clients {cfg.min_clients}")
+            say.warn(f"only {ready} of {cfg.wait_for_devices} devices ready after {cfg.wait_timeout_s:.0f} s; going "
+                     f"on with them (--min-clients {cfg.min_clients} allows it)")
+    rows = s.fleet_rows()
+    blocked = {r["device_id"]: training_blocker(r) for r in rows}
+    if cfg.devices:
+        for dev in cfg.devices:
+            if dev not in blocked:
+                blocked[dev] = "not in this fleet (no such device seen on the broker or in the registry)"
+        blocked = {d: why for d, why in blocked.items() if d in cfg.devices}
+    usable = sorted(d for d, why in blocked.items() if why is None)
+    for dev, why in sorted(blocked.items()):
+        if why is not None:
+            say.warn(f"{dev} will not train: {why}")
+    if len(usable) < cfg.min_clients:
+        fleets = s.fleets_seen()
+        others = ", ".join(f"{f} ({n} devices)" for f, n in fleets.items()) or "none"
+        raise NoDevices(f"{len(usable)} devices of fleet {s.fleet!r} can train, --min-clients is {cfg.min_clients}; "
+                        f"fleets on this broker: {others}")
+    say.say(f"training on {len(usable)} devices: {', '.join(usable)}")
+    return usable
+
+
 def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
 
 
 def resume_config(store: Store, run_id: str) -> tuple[TrainConfig, dict]:
     """The stored config of an unfinished run, and the run record (ValueError if it cannot resume)."""
-    rec = store.run(run_id)
-    if rec is None or rec["kind"] != "train":
-        raise ValueError(f"no training run {run_id!r} (edgeprune runs lists them)")
+    rec = store.resolve_run(run_id, kind="train")  # RunNotFound names the candidates
     if rec["state"] == "done":
         raise ValueError(f"run {rec['run_id']} is already complete")
     known = {f.name for f in fields(TrainConfig)}
@@ -209,40 +268,17 @@ def train(cfg: TrainConfig, session: Session, store: Store, reporter: Reporter,
     run = Run(cfg, session, store, reporter, run_id, store.home / "runs" / run_id)
     t0, phases = time.perf_counter(), Timer()
     first_round = 1
+    usable = plan_fleet(run)  # before anything is started or recorded
     with phases("setup"):
-        for dev in _eligible(run):  # workers import TensorFlow while our model worker does the same
+        for dev in usable:  # workers import TensorFlow while our model worker does the same
             session.submit(dev, "train_prepare", {"run_id": run_id})
-        run.eval_set = load_eval_data(cfg.eval_data)
-        shape = cfg.input_shape or (tuple(run.eval_set.x.shape[1:]) if run.eval_set is not None else None)
-        classes = cfg.num_classes or (run.eval_set.num_classes if run.eval_set is not None else None)
-        run.rows = store.rounds(run_id) if resume else []
-        last = run.run_dir / f"round-{run.rows[-1]['round']:04d}.ept" if run.rows else None
-        # a resume point carries its architecture (a structured run may have shrunk the model since)
-        arch = codec.decode(last.read_bytes()).meta.get("arch") if last is not None else None
-        run.gm = GlobalModel.create(cfg.model, shape, classes, cfg.granularity, cfg.pruning_on, cfg.seed,
-                                    run.eval_set, arch)
-        run.original_units = (store.run(run_id) or {}).get("config", {}).get("units") if resume else None
-        run.original_units = run.original_units or run.gm.units
-        run.initial_dense_bytes = ((store.run(run_id) or {}).get("config", {}).get("dense_fp32_bytes") if resume
-                                   else None) or run.gm.dense_fp32_bytes
-        for layer, why in run.gm.layer_report["dense"].items():
-            reporter.warn(f"layer {layer} stays dense: {why}")
-        if cfg.structured:
-            for layer, why in run.gm.structure["whole"].items():
-                reporter.warn(f"layer {layer} keeps all its units: {why}")
-        if resume:
-            if last is not None:
-                run.gm.load(last)
-                first_round = run.rows[-1]["round"] + 1
-            store.set_run_state(run_id, "running")
-        else:
-            store.create_run(run.run_id, session.fleet, "train", {
-                **asdict(cfg), "num_params": run.gm.num_params, "dense_fp32_bytes": run.gm.dense_fp32_bytes,
-                "layers": run.gm.layer_report, "units": run.gm.units,
-                "structure": run.gm.structure if cfg.structured else None,
-                "tensors": [{"name": n, "shape": list(s), "pruned": i.kind}
-                                                           for n, s, i in zip(run.gm.names, run.gm.shapes, run.gm.infos)]})
-        run.run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            run.gm = _setup(run, resume)
+        except BaseException:  # the run never started: the workers just prepared must not linger
+            for dev in usable:
+                session.submit(dev, "train_end")
+            raise
+        first_round = run.rows[-1]["round"] + 1 if resume and run.rows else 1
     if resume:
         reporter.say(f"run {run.run_id}: resuming after round {first_round - 1} of {cfg.rounds}")
     reporter.say(f"run {run.run_id}: {cfg.model} ({run.gm.num_params:,} parameters), {cfg.rounds} rounds, "
@@ -250,7 +286,7 @@ def train(cfg: TrainConfig, session: Session, store: Store, reporter: Reporter,
     state, baseline = "failed", {}
     try:
         with phases("begin_clients"):
-            _begin_clients(run, _eligible(run))
+            _begin_clients(run, usable)
         with phases("rounds"):
             baseline = run.gm.evaluate()
             reporter.round_header()
@@ -258,7 +294,7 @@ def train(cfg: TrainConfig, session: Session, store: Store, reporter: Reporter,
                 row = _round(run, rnd)
                 run.rows.append(row)
                 reporter.round_done(row)
-        state = "done"
+        state = "done" if any(r.get("applied") for r in run.rows) else "failed"
     except KeyboardInterrupt:
         state = "interrupted"
         raise
@@ -277,8 +313,55 @@ def train(cfg: TrainConfig, session: Session, store: Store, reporter: Reporter,
         summary["phases_s"] = {k: round(v, 3) for k, v in phases.phases.items()}
         summary["peak_rss_bytes"] = _peak_rss()
         summary["cpu_s"] = _cpu_s()
+        if state == "failed":
+            summary["error"] = {"code": "no_round_applied", "message": _no_round_message(run)}
         store.finish_run(run.run_id, state, summary)
     return summary
+
+
+def _no_round_message(run: "Run") -> str:
+    reasons = sorted({why for r in run.rows for why in (r.get("failure_reasons") or {}).values()})
+    return (f"no round of {run.run_id} was applied (each needs --min-clients {run.cfg.min_clients} updates); "
+            f"the model is untrained. Reasons: " + ("; ".join(reasons[:6]) or "none recorded"))
+
+
+def _setup(run: "Run", resume: str | None):
+    """The global model (fresh, or at the resume point) and the run record."""
+    from .global_model import GlobalModel, load_eval_data
+
+    cfg, store, reporter, run_id, session = run.cfg, run.store, run.reporter, run.run_id, run.session
+    run.eval_set = load_eval_data(cfg.eval_data)
+    shape = cfg.input_shape or (tuple(run.eval_set.x.shape[1:]) if run.eval_set is not None else None)
+    classes = cfg.num_classes or (run.eval_set.num_classes if run.eval_set is not None else None)
+    run.rows = store.rounds(run_id) if resume else []
+    last = run.run_dir / f"round-{run.rows[-1]['round']:04d}.ept" if run.rows else None
+    # a resume point carries its architecture (a structured run may have shrunk the model since)
+    arch = codec.decode(last.read_bytes()).meta.get("arch") if last is not None else None
+    gm = run.gm = GlobalModel.create(cfg.model, shape, classes, cfg.granularity, cfg.pruning_on, cfg.seed,
+                                     run.eval_set, arch)
+    run.original_units = (store.run(run_id) or {}).get("config", {}).get("units") if resume else None
+    run.original_units = run.original_units or run.gm.units
+    run.initial_dense_bytes = ((store.run(run_id) or {}).get("config", {}).get("dense_fp32_bytes") if resume
+                               else None) or run.gm.dense_fp32_bytes
+    for layer, why in run.gm.layer_report["dense"].items():
+        reporter.warn(f"layer {layer} stays dense: {why}")
+    if cfg.structured:
+        for layer, why in run.gm.structure["whole"].items():
+            reporter.warn(f"layer {layer} keeps all its units: {why}")
+    if resume:
+        if last is not None:
+            run.gm.load(last)
+        store.set_run_state(run_id, "running")
+    else:
+        store.create_run(run.run_id, session.fleet, "train", {
+            **asdict(cfg), "broker": session.link.urls,  # what --resume reconnects to
+            "num_params": run.gm.num_params, "dense_fp32_bytes": run.gm.dense_fp32_bytes,
+            "layers": run.gm.layer_report, "units": run.gm.units,
+            "structure": run.gm.structure if cfg.structured else None,
+            "tensors": [{"name": n, "shape": list(s), "pruned": i.kind}
+                        for n, s, i in zip(run.gm.names, run.gm.shapes, run.gm.infos)]})
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    return gm
 
 
 def _peak_rss() -> dict[str, int]:
@@ -301,11 +384,9 @@ def _cpu_s() -> dict[str, float]:
 
 
 def _eligible(run: Run) -> list[str]:
+    """Devices that may train this round (busy ones included: busy with this run's last round)."""
     s, cfg = run.session, run.cfg
-    if cfg.wait_for_devices:
-        s.wait_for(lambda rows: sum(r["state"] in ("online", "busy") and bool(r["can_train"]) for r in rows)
-                   >= cfg.wait_for_devices, cfg.wait_timeout_s)
-    rows = [r for r in s.device_table() if r["state"] in ("online", "busy") and r["can_train"]]
+    rows = [r for r in s.device_table() if r["state"] in LIVE_STATES and r["can_train"] and r.get("has_data") is not False]
     if cfg.devices:
         rows = [r for r in rows if r["device_id"] in cfg.devices]
     return sorted(r["device_id"] for r in rows)
@@ -399,6 +480,9 @@ def _round(run: Run, rnd: int) -> dict[str, Any]:
         bytes_down = 0
         failures["round"] = f"only {len(clients)} eligible clients, --min-clients is {cfg.min_clients}"
     applied = agg.count >= cfg.min_clients
+    if not applied and "round" not in failures:
+        failures["round"] = (f"{agg.count} of {len(clients)} updates arrived, --min-clients is {cfg.min_clients}: "
+                             f"the round was not applied")
     sent_dense = gm.dense_fp32_bytes
     if applied:
         with t("aggregate"):
@@ -469,7 +553,6 @@ def _collect(run: Run, rnd: int, dev: str, reply, targets: list[float], agg: Mas
         if isinstance(exc, UpdateRejected):
             s.submit(dev, "ack", {"ids": [reply.id]})  # a definitive no: sending it again will not help
         msg = f"update rejected: {exc}"
-        run.reporter.warn(f"{dev}, round {rnd}: {msg}")
         run.store.save_client_round(run.run_id, rnd, dev, False, None, None, result.get("metrics"), msg)
         return msg
     run.counted.add((dev, rnd))

@@ -47,6 +47,25 @@ def new_id(prefix: str = "") -> str:
     return prefix + secrets.token_hex(8)
 
 
+LIVE_STATES = ("online", "busy")
+
+
+def training_blocker(row: dict[str, Any]) -> str | None:
+    """Why a device (a :meth:`Session.device_table` row) cannot train now; None when it can."""
+    if row["state"] not in LIVE_STATES:
+        seen = row.get("last_seen")
+        return f"{row['state']}" + (f" (last seen {time.strftime('%H:%M:%S', time.localtime(seen))})" if seen else "")
+    if row.get("caps") is None:
+        return "has not announced its capabilities yet"
+    if not row.get("can_train"):
+        return "cannot train: TensorFlow + TF-MOT not installed on it (flash --train, or pip install edgeprune[train])"
+    if row.get("has_data") is False:
+        return "has no training data configured (agent setting data, e.g. --data digits)"
+    if row["state"] == "busy":
+        return f"busy with {row.get('task') or 'another job'}"
+    return None
+
+
 @dataclass
 class DeviceView:
     device_id: str
@@ -147,6 +166,7 @@ class Session:
         self.device_keys = device_keys
         self.offline_grace_s = offline_grace_s
         self._offline_since: dict[str, float] = {}
+        self._other_fleets: dict[str, set[str]] = {}
         self._grace_timers: dict[str, threading.Timer] = {}
         self.link = Link(broker_url, client_id=f"ep-{self.fleet}-{self.coordinator_id}", on_message=self._on_message,
                          on_connect=self._on_connect, will=will, keepalive_s=keepalive_s, name="coordinator",
@@ -157,10 +177,14 @@ class Session:
 
     # -- lifecycle -------------------------------------------------------
     def start(self, timeout_s: float = 10.0) -> "Session":
+        problems = self.link.probe(min(3.0, timeout_s))
+        if all(problems.values()):  # no broker reachable at all: say why now, not after the timeout
+            raise ConnectionError("cannot reach the MQTT broker: " + "; ".join(
+                f"{url}: {why}" for url, why in problems.items()) + " (start one with `edgeprune broker`)")
         if not self.link.start(wait_s=timeout_s):
             self.link.stop()
-            raise ConnectionError(f"cannot connect to the MQTT broker at {self.link.urls} within {timeout_s:.0f} s "
-                                  f"(is it running? start one with `edgeprune broker`)")
+            raise ConnectionError(f"the MQTT broker at {self.link.urls} did not accept the connection within "
+                                  f"{timeout_s:.0f} s (wrong credentials or TLS files? the broker's log says why)")
         return self
 
     def close(self) -> None:
@@ -204,6 +228,10 @@ class Session:
         self.stats.bytes_in += len(payload)
         try:
             parsed = topics.parse(topic)
+            if parsed.fleet != self.fleet:  # only while fleets_seen() listens
+                if parsed.kind == "device" and parsed.device_id:
+                    self._other_fleets.setdefault(parsed.fleet, set()).add(parsed.device_id)
+                return
             if parsed.kind != "device":
                 return
             device_id = parsed.device_id
@@ -400,11 +428,47 @@ class Session:
                 "runtime": next(iter(caps.get("runtimes") or {}), None),
                 "runtimes": caps.get("runtimes") or {},
                 "can_train": caps.get("can_train"),
+                "has_data": caps.get("has_data"),
                 "last_seen": v.last_seen_wall,
                 "task": v.status.task if v.status else None,
                 "caps": v.caps,
             })
         return rows
+
+    def fleets_seen(self, wait_s: float = 1.5) -> dict[str, int]:
+        """Every fleet with devices on this broker (retained statuses, or devices answering within
+        ``wait_s``), with how many: what to suggest when the fleet asked for is empty or mistyped."""
+        flt = f"{topics.PREFIX}/+/device/+/status"
+        self._other_fleets.clear()
+        self.link.subscribe(flt)
+        try:
+            time.sleep(wait_s)
+        finally:
+            self.link.unsubscribe(flt)
+        seen = {f: len(d) for f, d in self._other_fleets.items()}
+        with self._views_lock:
+            if self.views:
+                seen[self.fleet] = len(self.views)
+        return dict(sorted(seen.items()))
+
+    def fleet_rows(self) -> list[dict[str, Any]]:
+        """:meth:`device_table` plus the devices the registry knows that the broker did not show now
+        (offline, with when they were last seen)."""
+        rows = self.device_table()
+        if self.store is None:
+            return rows
+        known = {r["device_id"]: r for r in rows}
+        for old in self.store.devices(self.fleet):
+            if old["device_id"] in known:  # heard only through a retained message now: when we last heard it live
+                row = known[old["device_id"]]
+                row["last_seen"] = row["last_seen"] or old["last_seen"]
+                continue
+            caps = old["caps"] or {}
+            rows.append({"device_id": old["device_id"], "state": "offline" if old["state"] != "unknown" else "unknown",
+                         "arch": caps.get("arch"), "runtimes": caps.get("runtimes") or {},
+                         "runtime": next(iter(caps.get("runtimes") or {}), None), "can_train": caps.get("can_train"),
+                         "has_data": caps.get("has_data"), "last_seen": old["last_seen"], "task": None, "caps": old["caps"]})
+        return sorted(rows, key=lambda r: r["device_id"])
 
     def online(self) -> list[str]:
         return [r["device_id"] for r in self.device_table() if r["state"] in ("online", "busy")]

@@ -89,6 +89,10 @@ def default_home() -> Path:
     return Path(base) / "edgeprune"
 
 
+class RunNotFound(LookupError):
+    """A run reference that matches no run, or more than one."""
+
+
 class Store:
     def __init__(self, home: str | os.PathLike):
         self.home = Path(home)
@@ -168,12 +172,36 @@ class Store:
         return [self._run_dict(r) for r in self._query(sql, (kind,) if kind else ())]
 
     def run(self, run_id: str) -> dict[str, Any] | None:
-        rows = self._query("SELECT * FROM runs WHERE run_id=?", (run_id,))
-        if not rows:
-            rows = self._query("SELECT * FROM runs WHERE run_id LIKE ? ORDER BY created DESC", (run_id + "%",))
-            if len(rows) != 1:
-                return None
-        return self._run_dict(rows[0])
+        """A run by id, unique prefix or suffix, or ``latest``; None if none or several match."""
+        try:
+            return self.resolve_run(run_id)
+        except RunNotFound:
+            return None
+
+    def resolve_run(self, ref: str, kind: str | None = None) -> dict[str, Any]:
+        """A run by id, unique prefix or suffix, or ``latest``; :class:`RunNotFound` says which runs
+        matched when the reference is ambiguous, and how to list them when none does."""
+        sql, params = "SELECT * FROM runs" + (" WHERE kind=?" if kind else "") + " ORDER BY created DESC", \
+            ((kind,) if kind else ())
+        rows = self._query(sql, params)
+        what = f"{kind} run" if kind else "run"
+        if ref == "latest":
+            if not rows:
+                raise RunNotFound(f"there is no {what} yet in {self.home}")
+            return self._run_dict(rows[0])
+        exact = [r for r in rows if r["run_id"] == ref]
+        matches = exact or [r for r in rows if r["run_id"].startswith(ref) or r["run_id"].endswith(ref)]
+        if len(matches) == 1:
+            return self._run_dict(matches[0])
+        if not matches:
+            raise RunNotFound(f"no {what} {ref!r} in {self.home} (edgeprune runs lists them)")
+        ids = ", ".join(r["run_id"] for r in matches[:8]) + (" ..." if len(matches) > 8 else "")
+        raise RunNotFound(f"{ref!r} matches {len(matches)} runs: {ids}; give more of the id")
+
+    def delete_run(self, run_id: str) -> None:
+        for table in ("client_rounds", "rounds", "artifacts", "runs"):
+            self._exec(f"DELETE FROM {table} WHERE run_id=?", (run_id,))
+        self._exec("DELETE FROM bench_results WHERE run_id=? OR bench_id=?", (run_id, run_id))
 
     @staticmethod
     def _run_dict(r: sqlite3.Row) -> dict[str, Any]:

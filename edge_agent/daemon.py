@@ -20,8 +20,9 @@ silent and never dies of bad input.
 
 from __future__ import annotations
 
-import os
+import dataclasses
 import logging
+import os
 import queue
 import threading
 import time
@@ -69,6 +70,7 @@ OUTBOX_MAX_AGE_S = 7 * 86400  # unacknowledged results older than this are dropp
 
 
 class Agent:
+    KEEP_LOGS = True  # recent log lines for `edgeprune logs` (simulated agents, hundreds per process, do not)
     REPLY_CACHE = 256  # replies kept to answer duplicate (QoS 1 re-delivered) commands
     SEEN_KEEP = 100_000  # signed request ids remembered on disk against replays
 
@@ -92,6 +94,7 @@ class Agent:
         self._replies: OrderedDict[str, Reply | None] = OrderedDict()
         self._replies_lock = threading.Lock()
         self.receiver = transfer.Receiver()
+        self.log_ring = None
         self._stop = threading.Event()
         self.trainer = None  # edge_agent.trainer.Trainer, created on the first training command
         # secure fleet: replies signed with the device key; commands must carry the coordinator's signature,
@@ -139,6 +142,11 @@ class Agent:
 
     # -- lifecycle -------------------------------------------------------
     def start(self) -> None:
+        if self.KEEP_LOGS and self.log_ring is None:
+            from .logring import LogRing
+
+            self.log_ring = LogRing()
+            logging.getLogger().addHandler(self.log_ring)
         threading.Thread(target=self._job_loop, name="agent-job", daemon=True).start()
         threading.Thread(target=self._heartbeat_loop, name="agent-heartbeat", daemon=True).start()
         self.link.start()
@@ -155,6 +163,8 @@ class Agent:
         self.link.stop(final=[(self.t["status"], serde.encode(self._status_msg("offline")), True)])
         self._io.shutdown(wait=False, cancel_futures=True)
         log.info("agent %s stopped", self.device_id)
+        if self.log_ring is not None:
+            logging.getLogger().removeHandler(self.log_ring)
 
     def wait(self) -> None:
         while not self._stop.wait(1.0):
@@ -215,7 +225,9 @@ class Agent:
         self.publish_status()
 
     def capabilities(self):
-        return caps.collect(self.device_id, str(self.state_dir), self.settings.get("sysfs_root", "/sys"))
+        return dataclasses.replace(caps.collect(self.device_id, str(self.state_dir),
+                                                self.settings.get("sysfs_root", "/sys")),
+                                   has_data=bool(self.settings.get("data")))
 
     def _heartbeat_loop(self) -> None:
         while not self._stop.wait(self.settings["heartbeat_s"]):
@@ -500,6 +512,17 @@ def _blob_fetch(agent: Agent, cmd: Command) -> dict[str, Any]:
     cached = agent.blobs.has(sha)
     data = agent.fetch_blob(sha, float(timeout_s), *blob_expectation(cmd.args))
     return {"sha256": sha, "bytes": len(data), "cached": cached}
+
+
+@command("logs", help="Recent log lines of this agent after sequence number `since` (at most `lines`, <= 1000).")
+def _logs(agent: Agent, cmd: Command) -> dict[str, Any]:
+    since, lines = cmd.args.get("since", 0), cmd.args.get("lines", 200)
+    for name, value in (("since", since), ("lines", lines)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ProtocolError(ErrorCode.BAD_ARGS, f"logs: {name} must be a non-negative integer")
+    if agent.log_ring is None:
+        raise ProtocolError(ErrorCode.UNSUPPORTED, "this agent keeps no log lines (a simulated device)")
+    return agent.log_ring.since(since, min(lines, 1000))
 
 
 @command("sleep", mode="job", help="Hold the job slot for `seconds` (for tests of busy state and timeouts).")

@@ -62,22 +62,23 @@ class BrokerAddress:
 
 def parse_broker_url(url: str) -> BrokerAddress:
     """``mqtt://HOST[:PORT]`` (plain, default 1883) or ``mqtts://HOST[:PORT]`` (TLS, default 8883)."""
+    given = url
     if "://" not in url:
         url = "mqtt://" + url
     parsed = urlparse(url)
     if parsed.scheme not in ("mqtt", "tcp", "mqtts", "ssl"):
-        raise ValueError(f"unsupported broker URL scheme {parsed.scheme!r} in {url!r}; use mqtt:// or mqtts://")
+        raise ValueError(f"unsupported broker URL scheme {parsed.scheme!r} in {given!r}; use mqtt:// or mqtts://")
     tls = parsed.scheme in ("mqtts", "ssl")
     if not parsed.hostname:
-        raise ValueError(f"broker URL {url!r} has no host")
+        raise ValueError(f"broker URL {given!r} has no host")
     if parsed.username or parsed.password:
-        raise ValueError(f"broker URL {url!r} carries credentials; set the user name and password file instead")
+        raise ValueError(f"broker URL {given!r} carries credentials; set the user name and password file instead")
     if parsed.path not in ("", "/") or parsed.query or parsed.fragment:
-        raise ValueError(f"broker URL {url!r} has a path or query; use mqtt://HOST:PORT")
+        raise ValueError(f"broker URL {given!r} has a path or query; use mqtt://HOST:PORT")
     try:
         port = parsed.port or (8883 if tls else 1883)
     except ValueError:
-        raise ValueError(f"broker URL {url!r} has an invalid port") from None
+        raise ValueError(f"broker URL {given!r} has an invalid port") from None
     return BrokerAddress(parsed.hostname, port, tls)
 
 
@@ -219,6 +220,24 @@ class Link:
     @property
     def urls(self) -> str:
         return ",".join(a.url for a in self.addresses)
+
+    def probe(self, timeout_s: float = 3.0) -> dict[str, str | None]:
+        """Each broker's reachability by a plain TCP connect: None, or why not ('connection refused',
+        'cannot resolve host ...', 'timed out'), so a caller can say so at once instead of retrying."""
+        out: dict[str, str | None] = {}
+        for a in self.addresses:
+            try:
+                socket.create_connection((a.host, a.port), timeout=timeout_s).close()
+                out[a.url] = None
+            except socket.gaierror as exc:
+                out[a.url] = f"cannot resolve host {a.host!r} ({exc.strerror or exc})"
+            except ConnectionRefusedError:
+                out[a.url] = f"connection refused by {a.host}:{a.port} (nothing listens there)"
+            except TimeoutError:
+                out[a.url] = f"no answer from {a.host}:{a.port} within {timeout_s:.0f} s"
+            except OSError as exc:
+                out[a.url] = f"{a.host}:{a.port}: {exc.strerror or exc}"
+        return out
 
     # -- lifecycle -----------------------------------------------------
     def start(self, wait_s: float | None = None) -> bool:

@@ -99,9 +99,26 @@ class SettingsError(ValueError):
     """A setting has a bad value; the message names it and where it came from."""
 
 
+def _typed_ok(setting: Setting, value: Any) -> bool:
+    """A TOML value already has a type: it must be the setting's (an int for a float is fine)."""
+    if setting.name == "broker" and isinstance(value, list):
+        return all(isinstance(v, str) for v in value)
+    if setting.type is bool:
+        return isinstance(value, bool)
+    if setting.type is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if setting.type is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, setting.type)
+
+
 def convert(setting: Setting, value: Any, source: str) -> Any:
     if value is None:
         return None
+    if not isinstance(value, str) and not _typed_ok(setting, value):
+        expected = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}[setting.type]
+        raise SettingsError(f"setting {setting.name} from {source}: {value!r} is {type(value).__name__}, "
+                            f"expected {expected}" + (' (quote it: "..." )' if setting.type is str else ""))
     try:
         if setting.type is bool and isinstance(value, str):
             converted = value.strip().lower() in ("1", "true", "yes", "on")

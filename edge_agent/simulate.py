@@ -156,13 +156,14 @@ class SyntheticTrainer:
 
 
 class SimulatedAgent(Agent):
+    KEEP_LOGS = False
     def __init__(self, settings: dict[str, Any], trainer: SyntheticTrainer, base_caps):
         super().__init__(settings)
         self.trainer = trainer
         self._base_caps = base_caps
 
     def capabilities(self):
-        return dataclasses.replace(self._base_caps, device_id=self.device_id, can_train=True,
+        return dataclasses.replace(self._base_caps, device_id=self.device_id, can_train=True, has_data=True,
                                    train_stack={"synthetic": "simulated (edge_agent.simulate)"}, ts=time.time())
 
 

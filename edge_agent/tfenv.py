@@ -56,25 +56,40 @@ def load(threads: int = 0) -> TFStack:
 
 
 @contextlib.contextmanager
-def _quiet_stderr():
-    """Hold back what C++ writes to fd 2 during the import; replay it if the import fails."""
+def quiet(fds: tuple[int, ...] = (2,)):
+    """Hold back what C++ (and Python) write to these file descriptors meanwhile; replay it if the
+    block fails. TensorFlow's import and the TFLite converter print pages of chatter (the converter
+    even to stdout, which would break --json output)."""
+    import sys
+
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
     try:
-        saved = os.dup(2)
+        saved = [os.dup(fd) for fd in fds]
     except OSError:
         yield
         return
-    with tempfile.TemporaryFile() as buf:
-        os.dup2(buf.fileno(), 2)
+    with contextlib.ExitStack() as stack:
+        bufs = [stack.enter_context(tempfile.TemporaryFile()) for _ in fds]
+        for fd, buf in zip(fds, bufs):
+            os.dup2(buf.fileno(), fd)
         try:
             yield
         except BaseException:
-            os.dup2(saved, 2)
-            buf.seek(0)
-            os.write(2, buf.read())
+            for fd, keep, buf in zip(fds, saved, bufs):
+                os.dup2(keep, fd)
+                buf.seek(0)
+                os.write(2, buf.read())
             raise
         finally:
-            os.dup2(saved, 2)
-            os.close(saved)
+            for stream in (sys.stdout, sys.stderr):
+                stream.flush()
+            for fd, keep in zip(fds, saved):
+                os.dup2(keep, fd)
+                os.close(keep)
+
+
+_quiet_stderr = quiet
 
 
 def available() -> bool:

@@ -53,6 +53,7 @@ class Capabilities:
     runtimes: dict = field(default_factory=dict)
     can_train: bool = False
     train_stack: dict = field(default_factory=dict)
+    has_data: bool | None = None  # training data configured (None: an agent older than protocol 1.1)
     sensors: dict = field(default_factory=dict)
 
 
