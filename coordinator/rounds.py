@@ -232,8 +232,9 @@ def plan_fleet(run: "Run") -> list[str]:
     if len(usable) < cfg.min_clients:
         fleets = s.fleets_seen()
         others = ", ".join(f"{f} ({n} devices)" for f, n in fleets.items()) or "none"
-        raise NoDevices(f"{len(usable)} devices of fleet {s.fleet!r} can train, --min-clients is {cfg.min_clients}; "
-                        f"fleets on this broker: {others}")
+        reasons = "; ".join(f"{d}: {why}" for d, why in sorted(blocked.items()) if why)
+        raise NoDevices(f"{len(usable)} devices of fleet {s.fleet!r} can train, --min-clients is {cfg.min_clients}"
+                        + (f" ({reasons})" if reasons else "") + f"; fleets on this broker: {others}")
     say.say(f"training on {len(usable)} devices: {', '.join(usable)}")
     return usable
 

@@ -25,7 +25,8 @@ Per node the environment sets (see :func:`_node_env`):
   ``localhost``, which resolves to 127.0.0.1 everywhere.
 * ``RABBITMQ_NODE_IP_ADDRESS/RABBITMQ_NODE_PORT`` (AMQP, unused by the MQTT
   plugin but always opened) and ``RABBITMQ_DIST_PORT`` (Erlang distribution,
-  else AMQP + 20000): free loopback ports picked by binding port 0.
+  else AMQP + 20000): free ports below the ephemeral range (see
+  :func:`_free_ports`), kept for restarts.
 * ``-kernel inet_dist_use_interface {127,0,0,1}`` for the servers
   (``RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS``) and rabbitmqctl
   (``RABBITMQ_CTL_ERL_ARGS``), and ``ERL_EPMD_ADDRESS=127.0.0.1``: without
@@ -87,6 +88,7 @@ SYSTEM_INIT_SCRIPT = "/etc/init.d/rabbitmq-server"
 SYSTEM_PORTS = (5672, 25672)  # AMQP and distribution of the package's own node
 EPMD_CANDIDATES = ("/usr/bin/epmd", "/usr/lib/erlang/bin/epmd")
 LOOPBACK = "127.0.0.1"
+PORT_RANGE = (20000, 32767)  # below Linux's default ephemeral range (32768-60999); see _free_ports
 ERLANG_HOST = "localhost"  # host part of the short node names
 NODE_NAMES = string.ascii_uppercase
 USERNAME = "edgeprune"
@@ -105,14 +107,34 @@ START_MARKER = "==== edgeprune: starting"  # written to DIR/<name>.log before ea
 
 
 def _free_ports(count: int) -> list[int]:
-    """Free TCP ports on the loopback, all distinct (sockets held until all are picked)."""
-    socks = []
+    """Distinct free TCP ports from PORT_RANGE, below the kernel's ephemeral range.
+
+    Ports from binding port 0 come from the ephemeral range, where any later
+    connect() or bind(0) on the machine may take them while a node is
+    down, and restart() needs them again (seen: another test's broker got a
+    killed node's distribution port).  Each candidate is bound on 0.0.0.0,
+    as RabbitMQ's own pre-boot check does, so that a listener on any address
+    counts; nothing listens and the sockets are held until all are picked.
+    """
+    socks, ports = [], []
+    rng = secrets.SystemRandom()
     try:
-        for _ in range(count):
+        for _ in range(100 * count):
+            if len(ports) == count:
+                return ports
+            port = rng.randint(*PORT_RANGE)
+            if port in ports:
+                continue
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind((LOOPBACK, 0))
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(("", port))
+            except OSError:
+                s.close()
+                continue
             socks.append(s)
-        return [s.getsockname()[1] for s in socks]
+            ports.append(port)
+        raise RuntimeError(f"found only {len(ports)} of {count} free ports in {PORT_RANGE}")
     finally:
         for s in socks:
             s.close()
