@@ -27,11 +27,20 @@ class ChildTimeout(Exception):
     """No answer within the time given; the child has been killed."""
 
 
+def _entry(target: Callable[..., None], conn, *args: Any) -> None:
+    """The child ignores Ctrl-C: the terminal sends SIGINT to the whole process group, and the parent
+    decides (it ends the child with ``end`` or a kill); a child traceback would only hide its message."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    target(conn, *args)
+
+
 class Child:
     def __init__(self, target: Callable[..., None], args: tuple, name: str):
         ctx = multiprocessing.get_context("spawn")
         parent, child = ctx.Pipe()
-        self._proc = ctx.Process(target=target, args=(child, *args), name=name, daemon=True)
+        self._proc = ctx.Process(target=_entry, args=(target, child, *args), name=name, daemon=True)
         self._proc.start()
         child.close()
         self._conn = parent
