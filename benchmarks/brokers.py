@@ -65,7 +65,7 @@ def _simulators(lists: list[str], work: Path, delay: float, cluster) -> list[sub
 def _run(kind: str, coordinator_urls: str, lists: list[str], work: Path, cluster, *, rounds: int, delay: float,
          kill_at_s: float | None = None) -> dict:
     from coordinator.progress import Reporter
-    from coordinator.rounds import TrainConfig, train
+    from coordinator.train import TrainConfig, train
     from coordinator.session import Session
     from coordinator.store import Store
 

@@ -28,7 +28,7 @@ MAX_HARNESS_DEVIATION = 0.05
 
 def train_pruned(sparsity: float, granularity: str, epochs: int, seed: int):
     """Central TF-MOT training on the digits train split; returns (stripped model, mask sparsity, accuracy)."""
-    from edge_agent import data, models, pruning, tfenv
+    from edge_agent.ml import data, models, pruning, tfenv
 
     t = tfenv.load()
     train, test = data.digits_split()
@@ -53,7 +53,7 @@ def train_pruned(sparsity: float, granularity: str, epochs: int, seed: int):
 def tflite_accuracy(path: str) -> float:
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
-    from edge_agent import data
+    from edge_agent.ml import data
 
     _, test = data.digits_split()
     interp = Interpreter(model_path=path, experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
@@ -88,7 +88,7 @@ def main() -> int:
             model, mask_sparsity, acc = train_pruned(sparsity, gran, args.epochs, args.seed)
             tag = f"digits-{int(sparsity * 100)}-{gran}"
             recs = export.export(model, list(export.FORMATS), out / tag, calibration=__import__(
-                "edge_agent.data", fromlist=["x"]).digits_split()[1], prefix=tag)
+                "edge_agent.ml.data", fromlist=["x"]).digits_split()[1], prefix=tag)
             for r in recs:
                 r["accuracy"] = tflite_accuracy(r["path"])
             configs.append({"model": "digits_cnn", "sparsity": sparsity, "granularity": gran,

@@ -31,7 +31,7 @@ def plain_loop(args) -> dict:
     """FedAvg on the same shards in one process: the no-framework baseline."""
     import numpy as np
 
-    from edge_agent import data, models, tfenv
+    from edge_agent.ml import data, models, tfenv
 
     t = tfenv.load(args.threads)
     train, test = data.digits_split()

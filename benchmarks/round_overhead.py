@@ -3,7 +3,7 @@
 10 local agent processes (real TF-MOT training on digits shards, 1 thread each)
 against Mosquitto; `edgeprune train` runs --rounds rounds at 80% sparsity with
 evaluation on the held-out split. The round loop times its phases
-(coordinator/rounds.py ``Timer``):
+(coordinator/train/record.py ``Timer``):
 
 - clients' compute and the network: ``wait`` (until the next update is reported)
   and ``transfer`` (pulling each update's bytes);

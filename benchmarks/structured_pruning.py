@@ -54,7 +54,7 @@ def mobilenet_shrunk(fraction: float):
     lowest weight-L1 first; returns (model, params, flops, architecture)."""
     from coordinator import surgery
     from coordinator.model_worker import flops
-    from edge_agent import models, pruning
+    from edge_agent.ml import models, pruning
 
     model = models.build("mobilenet_tiny", (96, 96, 3), 10, 0)
     if fraction:
@@ -85,7 +85,7 @@ def main() -> int:
     from coordinator.progress import Reporter
     from coordinator.session import Session
     from coordinator.store import Store
-    from edge_agent import models, tfenv
+    from edge_agent.ml import models, tfenv
 
     tfenv.load()
     shard = lambda i: ["--data-shard", f"{i}/4"]  # noqa: E731

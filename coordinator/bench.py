@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .rounds import new_run_id
+from .train import new_run_id
 from .session import Session
 from .store import Store
 

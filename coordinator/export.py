@@ -12,7 +12,7 @@ Variants:
   fine-tuning (TF-MOT ``Default8BitPrunePreserveQuantizeScheme``), then as above.
 
 Every artifact is recorded with its sha256, raw and gzip size, and the weight
-sparsity read back from the .tflite bytes (:mod:`edge_agent.tflite_info`).
+sparsity read back from the .tflite bytes (:mod:`edge_agent.ml.tflite_info`).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent import tfenv, tflite_info
+from edge_agent.ml import tfenv, tflite_info
 
 FORMATS = ("dense", "sparse", "sparse-int8", "fp16")
 CALIBRATION_SAMPLES = 200
@@ -40,7 +40,7 @@ def latency_model(name: str, sparsity: float, policy: str = "all", granularity: 
     runtime on this device run the sparse variant faster?" without any training data.
     The achieved sparsity is read back from the weights; a policy that prunes nothing fails loudly.
     """
-    from edge_agent import models, pruning, tfenv
+    from edge_agent.ml import models, pruning, tfenv
 
     shape, classes = models.DEFAULT_SHAPES[name]
     model = models.build(name, shape, classes, seed)
@@ -64,7 +64,7 @@ def latency_model(name: str, sparsity: float, policy: str = "all", granularity: 
 
 def resolve_model(store, ref: str, prune: float = 0.0, policy: str = "all", granularity: str = "unstructured"):
     """(tf-keras model, run dict or None) for a run id (prefix), a model file, or a built-in name."""
-    from edge_agent import models
+    from edge_agent.ml import models
 
     run = store.run(ref)
     if run is not None:
@@ -88,7 +88,7 @@ def resolve_model(store, ref: str, prune: float = 0.0, policy: str = "all", gran
 
 
 def _converter(model, fmt: str, calibration: np.ndarray | None):
-    import tensorflow as tf
+    tf = tfenv.load().tf
 
     conv = tf.lite.TFLiteConverter.from_keras_model(model)
     if fmt == "dense":
@@ -116,7 +116,7 @@ def _converter(model, fmt: str, calibration: np.ndarray | None):
 
 def qat_model(model, x: np.ndarray, y: np.ndarray, epochs: int = 2, lr: float = 1e-4):
     """Pruning-preserving quantisation-aware fine-tuning (keeps the zeros where they are)."""
-    from edge_agent import tfenv
+    from edge_agent.ml import tfenv
 
     t = tfenv.load()
     tfmot = t.tfmot
@@ -142,7 +142,7 @@ def record(data: bytes, name: str, fmt: str, path: Path) -> dict[str, Any]:
 def export(model, formats: list[str], out_dir: Path, calibration=None, qat_data=None, prefix: str = "model",
            progress=lambda msg: None) -> list[dict[str, Any]]:
     """Convert ``model`` to each format, write ``out_dir/<prefix>-<format>.tflite``, return records."""
-    from edge_agent import tfenv
+    from edge_agent.ml import tfenv
 
     tfenv.load()
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from edge_agent.link import parse_broker_url
+from edge_agent.common.link import parse_broker_url
 from edge_agent.service import INSTALLER_DIR, RESULT_PREFIX
 
 from . import bundle

@@ -1,6 +1,6 @@
 """The global model on the coordinator: architecture, weights, masks, evaluation.
 
-Holds weights in edgeprune's tensor order (see :mod:`edge_agent.pruning`) and
+Holds weights in edgeprune's tensor order (see :mod:`edge_agent.ml.pruning`) and
 the mask of every pruned tensor as numpy arrays. The compiled tf-keras copy
 (evaluation on the held-out set that never leaves the coordinator, the final
 ``model.keras``) lives in a :class:`~coordinator.model_worker.ModelWorker`
@@ -17,11 +17,11 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent import data as data_mod
+from edge_agent.ml import data as data_mod
 from edge_agent.protocol import codec
 
 from . import surgery
-from .aggregate import TensorInfo
+from .strategy import TensorInfo
 from .masks import mbyn_mask
 from .model_worker import ModelWorker, ModelWorkerError
 
@@ -29,11 +29,14 @@ log = logging.getLogger("coordinator.global_model")
 
 
 def load_eval_data(spec: str | None):
-    """'digits' (the built-in test split), a .npz/.csv path, or None."""
+    """'digits' or 'fashion-mnist' (a built-in test split: 360 / 10,000 images), a .npz/.csv path,
+    an image folder, or None. ValueError (DataNotInstalled naming the apt command) otherwise."""
     if spec in (None, "", "none"):
         return None
     if spec == "digits":
         return data_mod.digits_split()[1]
+    if spec == "fashion-mnist":
+        return data_mod.fashion_mnist("test")
     path = Path(spec)
     if path.suffix == ".npz":
         return data_mod.load_npz(spec)
@@ -41,7 +44,8 @@ def load_eval_data(spec: str | None):
         return data_mod.load_csv(spec)
     if path.is_dir():
         return data_mod.load_image_folder(spec)
-    raise ValueError(f"--eval-data {spec!r}: use 'digits', a .npz, a .csv, an image folder or 'none'")
+    raise ValueError(f"--eval-data {spec!r}: use {', '.join(repr(d) for d in data_mod.BUILTIN_DATASETS)}, a .npz, "
+                     "a .csv, an image folder or 'none'")
 
 
 class GlobalModel:

@@ -26,7 +26,7 @@ import numpy as np
 MASK_POLICIES = ("global", "layer", "union", "intersection")
 SPARSITY_TOLERANCE = 0.005
 MIN_DENSITY = 0.01
-BLOCK = (16, 1)  # as edge_agent.pruning.BLOCK_SHAPE: 16 consecutive inputs of one output
+BLOCK = (16, 1)  # as edge_agent.ml.pruning.BLOCK_SHAPE: 16 consecutive inputs of one output
 
 def _topk_mask(score: np.ndarray, keep: int) -> np.ndarray:
     flat = score.reshape(-1)

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent.childproc import Child, ChildGone, ChildTimeout
+from edge_agent.common.childproc import Child, ChildGone, ChildTimeout
 
 START_TIMEOUT_S = 300.0  # TensorFlow import + model build
 CALL_TIMEOUT_S = 600.0
@@ -81,8 +81,8 @@ class ModelWorker:
 
 def main(conn) -> None:
     """Worker entry point (runs in the spawned child)."""
-    from edge_agent import models, pruning
-    from edge_agent.tfenv import load
+    from edge_agent.ml import models, pruning
+    from edge_agent.ml.tfenv import load
 
     t = load()
     model, eval_xy, writers = None, None, {}
@@ -163,8 +163,9 @@ def _evaluate(model, x, y, batch: int = 1024) -> dict[str, float]:
     set-up per call, more than the whole pass over a small held-out set, every round."""
     fwd = getattr(model, "_edgeprune_forward", None)
     if fwd is None:  # traced once per model: eager execution costs more than the arithmetic here
-        import tensorflow as tf
+        from edge_agent.ml.tfenv import load
 
+        tf = load().tf
         fwd = model._edgeprune_forward = tf.function(lambda v: model(v, training=False), reduce_retracing=True)
     loss_sum, correct = 0.0, 0
     for i in range(0, len(x), batch):

@@ -9,7 +9,7 @@ missed some: brokers such as RabbitMQ replay no retained messages to wildcard
 subscriptions), pulled up one device at a time with bounded concurrency so the
 coordinator's memory does not grow with the fleet.
 
-Threads: the MQTT network thread (paho's, inside :class:`~edge_agent.link.Link`,
+Threads: the MQTT network thread (paho's, inside :class:`~edge_agent.common.link.Link`,
 the only writer of the socket) runs ``_on_message`` and must not block; callers'
 threads submit commands and wait on futures and pulls; grace timers fail the
 requests of devices that stay away; one ``blob-resend`` thread answers
@@ -26,9 +26,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
-from edge_agent import transfer
-from edge_agent.blobs import sha256_hex, split
-from edge_agent.link import Link, Will
+from edge_agent.common import transfer
+from edge_agent.common.blobs import sha256_hex, split
+from edge_agent.common.link import Link, Will
 from edge_agent.protocol import serde, signing, topics
 from edge_agent.protocol.constants import CHUNK_IDLE_S, DEFAULT_CHUNK_BYTES, DEFAULT_STALE_AFTER_BEATS, RESEND_MIN_S
 from edge_agent.protocol.errors import ErrorCode, ProtocolError

@@ -31,7 +31,7 @@ import numpy as np
 
 from . import energy, sensors
 from .protocol.errors import ErrorCode, ProtocolError
-from .tflite_info import is_tflite
+from .ml.tflite_info import is_tflite
 
 RUNTIMES = ("litert", "tflite_runtime", "tf.lite")
 LOAD_TIMEOUT_S = 120.0
@@ -66,7 +66,7 @@ def _import_runtime(prefer: str):
                 return name, md.version("tflite-runtime"), mod.Interpreter, {
                     "experimental_op_resolver_type": mod.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES}
             if name == "tf.lite":
-                from .tfenv import load
+                from .ml.tfenv import load
 
                 tf = load().tf
                 return name, tf.__version__, tf.lite.Interpreter, {

@@ -28,7 +28,7 @@ def _arg(cmd: Command, name: str, kind, default=None, required: bool = False):
 def _trainer(agent: Agent):
     if agent.trainer is not None:  # the TensorFlow worker's owner, or a simulated device's stand-in
         return agent.trainer
-    from . import tfenv
+    from .ml import tfenv
     from .trainer import Trainer
 
     if not tfenv.available():
@@ -38,6 +38,32 @@ def _trainer(agent: Agent):
         raise ProtocolError(ErrorCode.UNSUPPORTED, "this device has no training data configured (--data)")
     agent.trainer = Trainer(agent.settings)
     return agent.trainer
+
+
+TRAIN_MEMORY_FACTOR = 8
+"""Bytes of RAM per model byte while training: weights, TF-MOT masks, gradients, two Adam moments and the
+update's copies (an estimate, documented as such; checked so a too-large model is refused, not fatal)."""
+TF_RUNTIME_BYTES = 600 * 2**20
+"""TensorFlow + tf-keras + TF-MOT in the worker before any model (measured ~580-650 MB on x86_64)."""
+
+
+def check_training_fits(agent: Agent, model_bytes: int) -> None:
+    """Refuse, with the numbers, a model this device cannot hold on disk or train in its free memory."""
+    import shutil
+
+    import psutil
+
+    free_disk = shutil.disk_usage(agent.state_dir).free
+    if model_bytes * 2 > free_disk:  # the model and its update, in the blob cache
+        raise ProtocolError(ErrorCode.RESOURCES, f"model of {model_bytes:,} bytes: this device has {free_disk:,} bytes "
+                                                 f"of disk free for it and its update")
+    need = model_bytes * TRAIN_MEMORY_FACTOR + (0 if agent.trainer is not None and agent.trainer.alive
+                                                else TF_RUNTIME_BYTES)
+    free_ram = psutil.virtual_memory().available
+    if need > free_ram:
+        raise ProtocolError(ErrorCode.RESOURCES, f"training a model of {model_bytes / 1e6:.1f} MB needs about "
+                                                 f"{need / 1e6:,.0f} MB of RAM (estimate), {free_ram / 1e6:,.0f} MB "
+                                                 f"available: use a smaller model or prune it structurally first")
 
 
 @command("train_prepare", mode="io", help="Start the training worker early (TensorFlow import, data) for a run.")
@@ -64,6 +90,9 @@ def _train_round(agent: Agent, cmd: Command) -> dict[str, Any]:
     run_id = topics.validate_id(_arg(cmd, "run_id", str, required=True), "run id")
     rnd = _arg(cmd, "round", int, required=True)
     model = _arg(cmd, "model", dict, required=True)
+    size, _ = blob_expectation(model)
+    if size is not None:
+        check_training_fits(agent, size)  # before fetching it or starting TensorFlow
     trainer = _trainer(agent)
     t0 = time.perf_counter()
     blob = agent.fetch_blob(topics.validate_sha256(model.get("sha256")), float(cmd.args.get("fetch_timeout_s", 300.0)),

@@ -2,7 +2,7 @@
 
 Threads:
 
-- the MQTT network thread (:class:`~edge_agent.link.Link`) decodes every
+- the MQTT network thread (:class:`~edge_agent.common.link.Link`) decodes every
   message, answers quick commands inline and never blocks;
 - one *job* thread runs long commands (training rounds, benchmarks) one at a
   time; while it works the device reports ``busy``;
@@ -10,7 +10,7 @@ Threads:
   finished update while the next job runs;
 - a heartbeat thread re-publishes the retained status.
 
-None of them writes the socket: :class:`~edge_agent.link.Link` leaves that to
+None of them writes the socket: :class:`~edge_agent.common.link.Link` leaves that to
 paho's network thread, and publishing only queues. Blob chunks are received
 through :mod:`.transfer` (fed on the network thread, waited on by the caller).
 
@@ -33,9 +33,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import __version__, caps, transfer
-from .blobs import BlobStore, split
-from .link import Link, Will
+from . import __version__, caps
+from .common import transfer
+from .common.blobs import BlobStore, split
+from .common.link import Link, Will
 from .protocol import serde, topics
 from .protocol.errors import ErrorCode, ProtocolError
 from .protocol.constants import BROADCAST_WAIT_S, MAX_WANTED_CHUNKS

@@ -23,6 +23,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+from .ml.data import BUILTIN_DATASETS, FASHION_MNIST_PACKAGE, PARTITION_FORMS, parse_partition
 from .protocol.constants import DEFAULT_CHUNK_BYTES, DEFAULT_HEARTBEAT_S, DEFAULT_KEEPALIVE_S, MAX_CONTROL_BYTES
 from .protocol.topics import ID_RE
 
@@ -79,10 +80,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_message_bytes", MAX_CONTROL_BYTES, int, "largest control message accepted; larger ones get a too_large error reply"),
     Setting("chunk_bytes", DEFAULT_CHUNK_BYTES, int, "payload bytes per chunk when uploading blobs (keep under the broker's message limit)"),
     Setting("blob_cache_bytes", 512 << 20, int, "disk space for cached models/artifacts before least-recently-used ones are evicted"),
-    Setting("data", "", str, "local training data: 'digits' (built in), a .npz (x, y), a .csv (label column) or an image folder"),
+    Setting("data", "", str, f"local training data: built in ({' or '.join(repr(d) for d in BUILTIN_DATASETS)}; "
+                             f"fashion-mnist needs the Debian package {FASHION_MNIST_PACKAGE}), a .npz (x, y), "
+                             "a .csv (label column) or an image folder"),
     Setting("data_shard", "0/1", str, "for built-in data: which shard of the training split this device holds, as INDEX/COUNT"),
-    Setting("data_partition", "iid", str, "for built-in data: how shards are drawn", ("iid", "dirichlet")),
-    Setting("data_alpha", 0.5, float, "Dirichlet concentration for non-IID shards (smaller = more skewed)"),
+    Setting("data_partition", "iid", str, f"for built-in data: how shards are drawn: {PARTITION_FORMS} (C classes "
+                                          "per device); shards are disjoint and cover the training split"),
+    Setting("data_alpha", 0.5, float, "Dirichlet concentration for data_partition = dirichlet (smaller = more skewed); "
+                                      "dirichlet:ALPHA overrides it"),
     Setting("data_seed", 0, int, "seed for the built-in data partition (the same on every device of a fleet)"),
     Setting("data_label_column", "label", str, "label column for CSV data"),
     Setting("train_threads", 0, int, "TensorFlow intra-op threads in the training worker (0 = TensorFlow's default)"),
@@ -190,7 +195,12 @@ def validate(values: dict[str, Any]) -> dict[str, Any]:
     index, count = map(int, values["data_shard"].split("/"))
     if count < 1 or not 0 <= index < count:
         raise SettingsError(f"setting data_shard: index {index} must be in 0..{count - 1}")
-    from .link import check_credentials, parse_broker_urls
+    try:
+        parse_partition(values["data_partition"], values["data_alpha"])
+    except ValueError as exc:  # a bare 'dirichlet' takes its concentration from data_alpha
+        name = "data_alpha" if values["data_partition"].strip().lower() == "dirichlet" else "data_partition"
+        raise SettingsError(f"setting {name}: {exc}") from None
+    from .common.link import check_credentials, parse_broker_urls
 
     try:
         addresses = parse_broker_urls(values["broker"])

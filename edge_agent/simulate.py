@@ -1,4 +1,4 @@
-"""A simulated fleet: many real agents in one process, with a synthetic trainer.
+"""A simulated fleet: many real agents in one process, with a synthetic trainer or real training.
 
 Each simulated device is a full :class:`~edge_agent.daemon.Agent` (its own MQTT
 connection, presence, heartbeats, command handling, blob transfer, outbox and
@@ -12,6 +12,13 @@ would, without a fleet's worth of TensorFlow.
 One update is computed per process per round and reused by its agents (each
 still stores, uploads and is acknowledged for its own copy): the simulator's
 CPU goes to the protocol, which is what is being measured, not to arithmetic.
+With ``--trainer tf`` the devices really train, each on its own shard, in a
+pool of warm TensorFlow workers (:mod:`.simtrain`): memory bounded by the pool.
+
+Threads and processes: every agent has its MQTT supervisor and paho network
+thread, a job thread, a heartbeat thread and a small io pool (see
+:mod:`.daemon`); with ``--trainer tf`` the process also owns the pool's
+spawned TensorFlow children.
 
 Run by ``edgeprune simulate`` as ``python -m edge_agent.simulate``; it prints
 one JSON line when all its agents are connected, then serves until SIGTERM.
@@ -190,6 +197,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--heartbeat-s", type=float, default=None)
     p.add_argument("--keepalive-s", type=int, default=SIM_KEEPALIVE_S)
     p.add_argument("--username", default=None, help="MQTT user name; the password comes from EDGEPRUNE_PASSWORD")
+    p.add_argument("--trainer", choices=("synthetic", "tf"), default="synthetic",
+                   help="synthetic updates (no TensorFlow), or real TF-MOT training in a pool of --workers")
+    p.add_argument("--workers", type=int, default=1, help="tf: TensorFlow workers shared by this process's devices")
+    p.add_argument("--total", type=int, default=None, help="tf: devices in the whole simulated fleet (shard count)")
+    p.add_argument("--data", default="digits", help="tf: built-in data set the devices' shards come from")
+    p.add_argument("--partition", default="iid", help="tf: iid, dirichlet:ALPHA or classes:C")
+    p.add_argument("--data-seed", type=int, default=0, help="tf: seed of the partition (the same for every device)")
+    p.add_argument("--train-threads", type=int, default=1, help="tf: TensorFlow threads per worker")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     fds = raise_fd_limit()
@@ -198,6 +213,12 @@ def main(argv: list[str] | None = None) -> int:
               "use more --processes", file=sys.stderr)
         return 2
     cache = UpdateCache()
+    pool = None
+    if a.trainer == "tf":
+        from .simtrain import PoolTrainer, WorkerPool
+
+        pool = WorkerPool(a.workers, a.train_threads)
+    total = a.total or (a.first + a.count)
     cli = {k: v for k, v in (("heartbeat_s", a.heartbeat_s), ("keepalive_s", a.keepalive_s)) if v is not None}
     if a.username:  # the one credential taken from outside: password authentication on a shared broker
         cli |= {"username": a.username, "password": os.environ.get("EDGEPRUNE_PASSWORD", "")}
@@ -212,7 +233,14 @@ def main(argv: list[str] | None = None) -> int:
                                         "state_dir": str(Path(a.state_root) / device), **cli})
         if base is None:
             base = caps.collect(device, values["state_dir"])
-        agents.append(SimulatedAgent(values, SyntheticTrainer(a.delay, a.samples, cache), base))
+        if pool is not None:  # this device's own shard of the data, trained for real in the shared pool
+            data = {"data": a.data, "data_shard": f"{i}/{total}", "data_partition": a.partition,
+                    "data_seed": a.data_seed, "data_alpha": values["data_alpha"],
+                    "data_label_column": values["data_label_column"]}
+            trainer = PoolTrainer(pool, data)
+        else:
+            trainer = SyntheticTrainer(a.delay, a.samples, cache)
+        agents.append(SimulatedAgent(values, trainer, base))
     for agent in agents:
         agent.start()
     deadline = time.monotonic() + 60 + 0.05 * a.count
@@ -229,8 +257,10 @@ def main(argv: list[str] | None = None) -> int:
     while not stop.wait(1.0):
         if os.getppid() != parent:  # `edgeprune simulate` is gone (killed): do not linger as a fleet
             break
-    with ThreadPoolExecutor(32) as pool:  # each says "offline" itself; in parallel, or 1,000 take a while
-        list(pool.map(lambda ag: ag.stop(), agents))
+    with ThreadPoolExecutor(32) as stopper:  # each says "offline" itself; in parallel, or 1,000 take a while
+        list(stopper.map(lambda ag: ag.stop(), agents))
+    if pool is not None:
+        pool.close()
     return 0
 
 

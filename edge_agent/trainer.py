@@ -14,7 +14,7 @@ import threading
 import time
 from typing import Any
 
-from .childproc import Child, ChildGone, ChildTimeout
+from .common.childproc import Child, ChildGone, ChildTimeout
 from .protocol.errors import ErrorCode, ProtocolError
 
 log = logging.getLogger("edge_agent.trainer")

@@ -40,6 +40,15 @@ ensure_chromium() {  # for the test that opens the HTML report in headless Chrom
     || log "chromium not installed and apt not usable: the report rendering test will be skipped"
 }
 
+FASHION_MNIST_DIR=/usr/share/datasets/fashion-mnist
+ensure_fashion_mnist() {  # the built-in fashion-mnist data: IDX files of the Debian package dataset-fashion-mnist (31 MB)
+  if [ -f "$FASHION_MNIST_DIR/train-images-idx3-ubyte.gz" ]; then return 0; fi
+  log "installing fashion-mnist (Debian package dataset-fashion-mnist)"
+  apt_install dataset-fashion-mnist \
+    || log "dataset-fashion-mnist not installed (apt not usable or it failed): fashion-mnist tests will be skipped and --data fashion-mnist will not load; install it with: sudo apt-get install dataset-fashion-mnist"
+  return 0
+}
+
 find_python() {
   for py in python3.13 python3.12 python3.11 python3.10 python3; do
     if command -v "$py" >/dev/null 2>&1 && "$py" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; then
@@ -175,4 +184,17 @@ ensure_cluster_deps() {  # ensure_cluster_deps [aedes|bridge|rabbitmq]...  (defa
     esac
   done
   return 0
+}
+
+run_checks() {  # lint, format, types and layering: the same on every machine (pinned in edgeprune[dev])
+  if [ "${EDGEPRUNE_SKIP_CHECKS:-}" = 1 ]; then log "EDGEPRUNE_SKIP_CHECKS=1: checks skipped"; return 0; fi
+  log "checks: ruff (lint + format), mypy --strict (edge_agent/protocol, coordinator/train), import contracts"
+  local ok=0
+  "$VENV/bin/ruff" check --quiet "$ROOT" || { echo "ruff check failed (fix: .venv/bin/ruff check --fix .)" >&2; ok=1; }
+  "$VENV/bin/ruff" format --check --quiet "$ROOT" || { echo "ruff format: files above need .venv/bin/ruff format ." >&2; ok=1; }
+  (cd "$ROOT" && "$VENV/bin/mypy" --strict edge_agent/protocol coordinator/train) >"$VENV/mypy.log" 2>&1 \
+    || { cat "$VENV/mypy.log" >&2; echo "mypy --strict failed" >&2; ok=1; }
+  (cd "$ROOT" && "$VENV/bin/lint-imports" --no-cache) >"$VENV/lint-imports.log" 2>&1 \
+    || { cat "$VENV/lint-imports.log" >&2; echo "an import contract is broken (pyproject.toml [tool.importlinter])" >&2; ok=1; }
+  return $ok
 }

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from coordinator.aggregate import MaskedFedAvg, TensorInfo, UpdateRejected
+from coordinator.strategy import MaskedFedAvg, TensorInfo, UpdateRejected
 from coordinator.masks import (MIN_DENSITY, block_mask, check_mask, global_magnitude_masks, magnitude_mask, mbyn_mask,
                                round_targets, sparsity_report)
 from coordinator.schedule import sparsity_at
@@ -175,7 +175,7 @@ def test_global_policy_result_hits_sparsity():
 def test_digits_reader_matches_sklearn():
     from sklearn.datasets import load_digits
 
-    from edge_agent.data import _load_digits, digits_split, partition
+    from edge_agent.ml.data import _load_digits, digits_split, partition
 
     images, target = _load_digits()
     ref = load_digits()

@@ -11,7 +11,7 @@ import pytest
 
 from coordinator import bench as bench_mod
 from coordinator.progress import Reporter
-from edge_agent.blobs import split
+from edge_agent.common.blobs import split
 from edge_agent.protocol import serde, topics
 from tests.test_energy_tflite import fake_sysfs
 

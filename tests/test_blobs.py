@@ -1,6 +1,6 @@
 import pytest
 
-from edge_agent.blobs import BlobStore, sha256_hex
+from edge_agent.common.blobs import BlobStore, sha256_hex
 from edge_agent.protocol.errors import ErrorCode, ProtocolError
 
 

@@ -93,8 +93,8 @@ def test_every_flag_with_a_default_states_it():
 
 
 def test_help_comes_from_the_concepts_constants():
-    from edge_agent.models import BUILTIN
-    from edge_agent.pruning import BLOCK_SHAPE
+    from edge_agent.ml.models import BUILTIN
+    from edge_agent.ml.pruning import BLOCK_SHAPE
 
     text = subprocess.run([sys.executable, "-m", "coordinator", "train", "--help"], capture_output=True,
                           text=True).stdout
@@ -152,7 +152,7 @@ def test_run_ids_by_prefix_suffix_latest_and_ambiguity(tmp_path):
 def test_resume_refuses_flags_that_contradict_the_run(tmp_path, capsys):
     from dataclasses import asdict
 
-    from coordinator.rounds import TrainConfig
+    from coordinator.train import TrainConfig
 
     store = Store(tmp_path / "home")
     store.create_run("20261201-100000-abcd", "lab", "train",

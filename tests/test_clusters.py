@@ -16,7 +16,7 @@ import time
 import pytest
 
 from coordinator.progress import Reporter
-from coordinator.rounds import TrainConfig, train
+from coordinator.train import TrainConfig, train
 from coordinator.session import Session
 from coordinator.store import Store
 from edge_agent.protocol import topics

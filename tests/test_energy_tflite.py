@@ -4,7 +4,8 @@ import os
 
 import pytest
 
-from edge_agent import energy, sensors, tflite_info
+from edge_agent import energy, sensors
+from edge_agent.ml import tflite_info
 
 
 def test_estimated_energy_names_its_model():

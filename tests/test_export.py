@@ -13,7 +13,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.tf]
 
 def test_variants_sizes_and_readback(tmp_path):
     from coordinator import export
-    from edge_agent import data
+    from edge_agent.ml import data
 
     model = export.latency_model("digits_cnn", 0.8)
     recs = {r["format"]: r for r in export.export(model, list(export.FORMATS), tmp_path,
@@ -39,7 +39,7 @@ def test_block_granularity_makes_small_int8_artifacts(tmp_path):
 
 def test_qat_preserves_pruning(tmp_path):
     from coordinator import export
-    from edge_agent import data
+    from edge_agent.ml import data
 
     train, test = data.digits_split()
     model = export.latency_model("digits_cnn", 0.8)
@@ -49,7 +49,7 @@ def test_qat_preserves_pruning(tmp_path):
 
 
 def test_image_folder_data(tmp_path):
-    from edge_agent import data, tfenv
+    from edge_agent.ml import data, tfenv
 
     tf = tfenv.load().tf
     rng = np.random.default_rng(0)

@@ -22,7 +22,7 @@ import pytest
 
 from coordinator import broker as broker_mod
 from coordinator.progress import Reporter
-from coordinator.rounds import TrainConfig, train
+from coordinator.train import TrainConfig, train
 from coordinator.session import Session
 from coordinator.store import Store
 

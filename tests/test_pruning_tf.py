@@ -8,7 +8,7 @@ pytestmark = pytest.mark.tf
 
 @pytest.fixture(scope="module")
 def tfm():
-    from edge_agent import tfenv
+    from edge_agent.ml import tfenv
 
     return tfenv.load(1)
 
@@ -28,7 +28,7 @@ def test_numpy_2of4_matches_tfmot(tfm):
 
 
 def test_wrap_reports_layers_it_cannot_prune(tfm):
-    from edge_agent import pruning
+    from edge_agent.ml import pruning
 
     keras = tfm.keras
 
@@ -57,7 +57,7 @@ def test_wrap_reports_layers_it_cannot_prune(tfm):
 
 
 def test_round_schedule_reaches_target_and_keeps_masks(tfm):
-    from edge_agent import data, models, pruning
+    from edge_agent.ml import data, models, pruning
 
     model = models.build("digits_cnn", (8, 8, 1), 10)
     sched = pruning.make_round_schedule()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from coordinator.aggregate import (RobustFedAvg, TensorInfo, UpdateRejected, check_norm, clip_update,
+from coordinator.strategy import (RobustFedAvg, TensorInfo, UpdateRejected, check_norm, clip_update,
                                    make_aggregator, update_norm)
 
 DENSE = [TensorInfo("bias", None)]
@@ -76,6 +76,16 @@ def test_absurd_norms_rejected():
 
 def test_robust_options_validated():
     with pytest.raises(ValueError):
-        RobustFedAvg(DENSE, [(1,)], "mode")
+        make_aggregator("mode", DENSE, [(1,)])
     with pytest.raises(ValueError):
-        RobustFedAvg(DENSE, [(1,)], "trimmed-mean", trim=0.5)
+        make_aggregator("trimmed-mean", DENSE, [(1,)], trim=0.5)
+
+
+def test_adding_a_strategy_is_adding_one_file():
+    import pkgutil
+
+    import coordinator.strategy as strategy
+
+    files = {m.name for m in pkgutil.iter_modules(strategy.__path__)} - {"base", "defences", "robust"}
+    assert {f.replace("_", "-") for f in files} == set(strategy.STRATEGIES) == set(strategy.AGGREGATIONS)
+    assert isinstance(make_aggregator("median", DENSE, [(1,)]), RobustFedAvg)

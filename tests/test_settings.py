@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from edge_agent import settings
-from edge_agent.link import Backoff, parse_broker_url
+from edge_agent.common.link import Backoff, parse_broker_url
 
 
 def test_precedence_default_file_env_cli(tmp_path):

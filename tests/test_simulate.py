@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from coordinator.aggregate import MaskedFedAvg, TensorInfo
+from coordinator.strategy import MaskedFedAvg, TensorInfo
 from coordinator.masks import check_mask
 from edge_agent.protocol import codec
 from edge_agent.simulate import SyntheticTrainer, UpdateCache, synthetic_update

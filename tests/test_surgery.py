@@ -69,8 +69,8 @@ def test_cuts_follow_flatten_and_refuse_impossible_targets():
 @pytest.mark.tf
 @pytest.mark.parametrize("name,shape", [("digits_cnn", (8, 8, 1)), ("mobilenet_tiny", (32, 32, 3)), ("mlp", (64,))])
 def test_removing_units_with_zero_outgoing_weights_keeps_outputs(name, shape):
-    from edge_agent import models, pruning
-    from edge_agent.tfenv import load
+    from edge_agent.ml import models, pruning
+    from edge_agent.ml.tfenv import load
 
     load()
     model = models.build(name, shape, 10, 0)
@@ -147,7 +147,7 @@ class _StubModel:
 
 
 def _run(gm):
-    from coordinator.rounds import Run, TrainConfig
+    from coordinator.train import Run, TrainConfig
 
     run = Run(TrainConfig(structured=0.5, rounds=3, structured_every=1), None, None, _Notes(), "r", None, gm=gm)
     run.original_units = gm.units
@@ -156,7 +156,7 @@ def _run(gm):
 
 
 def test_mismatched_importance_is_ignored_by_name_and_a_failed_cut_keeps_the_architecture():
-    from coordinator.rounds import _fold_importance, _shrink
+    from coordinator.train.structured import fold_importance as _fold_importance, shrink as _shrink
 
     arch = _seq(("Conv2D", "c", {"filters": 4}), ("Flatten", "f", {}), ("Dense", "d", {"units": 6}),
                 ("Dense", "out", {"units": 2}))

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from coordinator.progress import Reporter
-from coordinator.rounds import TrainConfig, train
+from coordinator.train import TrainConfig, train
 from edge_agent.protocol import codec, serde, topics
 from edge_agent.protocol.messages import Reply
 from tests.conftest import raw_client, wait_until

@@ -6,8 +6,8 @@ import threading
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from edge_agent import transfer
-from edge_agent.blobs import split
+from edge_agent.common import transfer
+from edge_agent.common.blobs import split
 from edge_agent.protocol.errors import ErrorCode, ProtocolError
 from edge_agent.protocol.messages import ChunkFrame
 

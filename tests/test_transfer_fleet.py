@@ -180,7 +180,7 @@ def test_username_and_password(password_broker, session_factory, tmp_path, agent
 
 
 def test_passwords_are_refused_where_they_would_leak(tmp_path):
-    from edge_agent.link import Link
+    from edge_agent.common.link import Link
 
     with pytest.raises(ValueError, match="plain TCP"):
         Link("mqtt://10.9.8.7:1883", "c", on_message=lambda *a: None, username="u", password="p")

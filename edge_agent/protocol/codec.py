@@ -57,7 +57,7 @@ MAGIC = b"EPT1"
 _HEAD = struct.Struct("<4sI")
 MAX_HEADER_BYTES = 16 << 20
 MAX_BODY_BYTES = 1 << 30
-VALUE_DTYPES = {"fp32": np.dtype("<f4"), "fp16": np.dtype("<f2"), "int8": np.dtype("i1"), "int6": np.dtype("i1"),
+VALUE_DTYPES: dict[str, np.dtype[Any]] = {"fp32": np.dtype("<f4"), "fp16": np.dtype("<f2"), "int8": np.dtype("i1"), "int6": np.dtype("i1"),
                 "int4": np.dtype("i1")}
 INT_LEVELS = {"int8": 127, "int6": 31, "int4": 7}
 """Symmetric integer formats: values in -L..L, one byte each; zstd's entropy coder then
@@ -76,7 +76,7 @@ class Bundle:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-def _zstd():
+def _zstd() -> Any:
     import zstandard
 
     return zstandard
@@ -111,6 +111,7 @@ def encode(tensors: Sequence[np.ndarray], *, names: Sequence[str], kind: str,
     masks = list(masks) if masks is not None else [None] * len(tensors)
     if delta and reference is None:
         raise ValueError("delta encoding needs reference tensors")
+    refs: Sequence[np.ndarray] = reference if reference is not None else []
     rng = np.random.default_rng(seed)
     entries, mask_parts, value_parts = [], [], []
     for i, (name, t) in enumerate(zip(names, tensors)):
@@ -121,7 +122,7 @@ def encode(tensors: Sequence[np.ndarray], *, names: Sequence[str], kind: str,
             kept = t.reshape(-1)
             mode = "dense"
             if delta:
-                kept = kept - np.asarray(reference[i], dtype=np.float32).reshape(-1)
+                kept = kept - np.asarray(refs[i], dtype=np.float32).reshape(-1)
         else:
             m = np.asarray(m, dtype=bool)
             if m.shape != t.shape:
@@ -139,7 +140,7 @@ def encode(tensors: Sequence[np.ndarray], *, names: Sequence[str], kind: str,
                 mode = "bitmap"
             kept = t[m]
             if delta:
-                kept = kept - np.asarray(reference[i], dtype=np.float32)[m]
+                kept = kept - np.asarray(refs[i], dtype=np.float32)[m]
         scale = None
         if values in INT_LEVELS:
             q, scale = _quantize(kept, INT_LEVELS[values], rng)

@@ -50,11 +50,11 @@ class Capabilities:
     disk_free_bytes: int
     ts: float
     cpu_max_mhz: float | None = None
-    runtimes: dict = field(default_factory=dict)
+    runtimes: dict[str, Any] = field(default_factory=dict)
     can_train: bool = False
-    train_stack: dict = field(default_factory=dict)
+    train_stack: dict[str, Any] = field(default_factory=dict)
     has_data: bool | None = None  # training data configured (None: an agent older than protocol 1.1)
-    sensors: dict = field(default_factory=dict)
+    sensors: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ class Command:
     id: str
     cmd: str
     ts: float
-    args: dict = field(default_factory=dict)
+    args: dict[str, Any] = field(default_factory=dict)
     timeout_s: float | None = None
     to: str | None = None   # the device it is for: signed, so a captured command cannot be aimed at another
     sig: str | None = None  # Ed25519 by the coordinator, over signing.canonical(); required in a secure fleet
@@ -80,8 +80,8 @@ class Reply:
     device_id: str
     kind: str
     ts: float
-    result: dict | None = None
-    error: dict | None = None
+    result: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
     sig: str | None = None  # Ed25519 by the device, over signing.canonical()
 
     @property
@@ -124,7 +124,7 @@ class BlobWant:
     device_id: str
     sha256: str
     ts: float
-    chunks: list | None = None
+    chunks: list[int] | None = None
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,12 @@ import base64
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import ErrorCode, ProtocolError
+
+if TYPE_CHECKING:  # cryptography is imported only in a secure fleet
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 
 def canonical(msg: Any) -> bytes:
@@ -24,13 +27,13 @@ def canonical(msg: Any) -> bytes:
     return json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False).encode("utf-8")
 
 
-def sign(msg: Any, private_key) -> Any:
+def sign(msg: Any, private_key: "Ed25519PrivateKey") -> Any:
     """A copy of ``msg`` with ``sig`` set."""
     sig = base64.b64encode(private_key.sign(canonical(msg))).decode("ascii")
     return dataclasses.replace(msg, sig=sig)
 
 
-def verify(msg: Any, public_key, what: str = "message") -> None:
+def verify(msg: Any, public_key: "Ed25519PublicKey", what: str = "message") -> None:
     from cryptography.exceptions import InvalidSignature
 
     if not msg.sig:
@@ -41,26 +44,27 @@ def verify(msg: Any, public_key, what: str = "message") -> None:
         raise ProtocolError(ErrorCode.BAD_SIGNATURE, f"{what}: signature does not verify") from None
 
 
-def new_key():
+def new_key() -> "Ed25519PrivateKey":
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     return Ed25519PrivateKey.generate()
 
 
-def private_pem(key) -> bytes:
+def private_pem(key: "Ed25519PrivateKey") -> bytes:
     from cryptography.hazmat.primitives import serialization
 
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
+    return bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                   serialization.NoEncryption()))
 
 
-def public_pem(key) -> bytes:
+def public_pem(key: "Ed25519PrivateKey") -> bytes:
     from cryptography.hazmat.primitives import serialization
 
-    return key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
+                                               serialization.PublicFormat.SubjectPublicKeyInfo))
 
 
-def load_private(path: str | Path):
+def load_private(path: str | Path) -> "Ed25519PrivateKey":
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -70,7 +74,7 @@ def load_private(path: str | Path):
     return key
 
 
-def load_public(path: str | Path):
+def load_public(path: str | Path) -> "Ed25519PublicKey":
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 

@@ -51,7 +51,8 @@ Clustering: all nodes boot at once, B, C, ... without the MQTT plugin (see
 ``join_cluster rabbit-a@localhost``, MQTT enabled, ``start_app``.  A killed
 node is restarted with the same environment and rejoins from its mnesia dir
 (which needs another node of the cluster running: a node restarted while all
-others are down waits for them and times out).  start() wipes ``DIR/<name>/``
+others are down waits for them and times out; see also
+:func:`_start_local_mqtt_raft_member` for a 3.10 hang that restart() avoids).  start() wipes ``DIR/<name>/``
 of an earlier, stopped cluster.  On 2 idle cores a 3-node start takes about
 20 s, most of it the boot of A (its MQTT plugin alone waits 3-6 s for peers
 before electing itself); a restart about 7-10 s.
@@ -100,8 +101,19 @@ CLUSTER_TIMEOUT = 90.0  # s, until cluster_status and MQTT CONNECTs are right
 CTL_TIMEOUT = 60.0  # s, one rabbitmqctl call
 STOP_TIMEOUT = 30.0  # s, rabbitmqctl stop before SIGKILL
 POLL = 0.1  # s
+NUDGE_INTERVAL = 2.0  # s, between tries of _start_local_mqtt_raft_member during a restart
 LOG_TAIL_LINES = 8
 START_MARKER = "==== edgeprune: starting"  # written to DIR/<name>.log before each start
+# rabbitmqctl eval on a restarting node: start its MQTT Raft member (see _start_local_mqtt_raft_member)
+START_MQTT_RAFT_MEMBER_ERL = """
+case ra_directory:uid_of(coordination, mqtt_node) of
+    undefined -> not_a_member;
+    _ -> case whereis(mqtt_node) of
+             undefined -> ra:restart_server(coordination, {mqtt_node, node()});
+             _ -> already_running
+         end
+end.
+"""
 
 # --- small helpers -------------------------------------------------------------
 
@@ -536,11 +548,15 @@ def _spawn(state: dict, node: dict) -> None:
     node.pop("_start", None)  # a caller's start-time stamp of the old pid (scripts/cluster keeps one)
 
 
-def _wait_booted(state: dict, node: dict) -> None:
-    """Wait for the beam pid file and the end of the boot; RuntimeError with the log tail otherwise."""
+def _wait_booted(state: dict, node: dict, nudge=None) -> None:
+    """Wait for the beam pid file and the end of the boot; RuntimeError with the log tail otherwise.
+
+    nudge(), if given, is called every NUDGE_INTERVAL s once the pid is known, until it returns True.
+    """
     timeout = START_TIMEOUT
     pid_file = _node_dir(state, node) / "beam.pid"
     deadline = time.monotonic() + timeout
+    next_nudge = 0.0
     while True:
         if not node.get("pid") and pid_file.exists():
             try:
@@ -549,6 +565,9 @@ def _wait_booted(state: dict, node: dict) -> None:
                 pass  # being written
         if node.get("pid") and _port_open(node["amqp_port"]):  # AMQP opens last in the boot
             return
+        if nudge and node.get("pid") and time.monotonic() >= next_nudge:
+            nudge = None if nudge() else nudge
+            next_nudge = time.monotonic() + NUDGE_INTERVAL
         wrapper_gone = not _alive(node["wrapper_pid"])
         if wrapper_gone or time.monotonic() > deadline:
             why = "exited" if wrapper_gone else f"did not start within {timeout:.0f} s"
@@ -627,6 +646,25 @@ def _wait_cluster(state: dict) -> None:
                             f"running_nodes={sorted(running)}, want {sorted(want)}")
         time.sleep(0.5)
     raise RuntimeError(f"rabbitmq cluster not ready after {timeout:.0f} s: " + "; ".join(problems))
+
+
+def _start_local_mqtt_raft_member(state: dict, node: dict) -> bool:
+    """Start the restarting node's member of the MQTT plugin's Raft cluster; True once done or moot.
+
+    RabbitMQ 3.10's MQTT plugin tracks client ids in a Raft cluster with a
+    member per node.  A restarted member first asks the others for the
+    member list (a leader query, 100 s timeout, retried 100 times) and only
+    then starts its own member.  When the live members are no majority
+    without it (3 nodes, 2 killed, one of them the leader), no leader can be
+    elected, and the restarted node hangs in its MQTT plugin start forever.
+    Starting its member first, as here, lets the majority form.  Harmless
+    otherwise: the plugin's own restart_server then finds it running.
+    """
+    try:
+        out = ctl(state, node["name"], "eval", START_MQTT_RAFT_MEMBER_ERL, timeout=15).strip()
+    except RuntimeError:
+        return False  # distribution or the Ra system not up yet
+    return out in ("ok", "not_a_member", "already_running") or "already_started" in out
 
 
 def _join(state: dict, node: dict, seed: dict) -> None:
@@ -745,7 +783,7 @@ def restart(state: dict, name: str) -> dict:
         _start_epmd(state)
     _spawn(state, node)
     try:
-        _wait_booted(state, node)
+        _wait_booted(state, node, nudge=lambda: _start_local_mqtt_raft_member(state, node))
         _wait_cluster(state)
     except BaseException:
         _kill_node(state, node)

@@ -1,6 +1,6 @@
 """Moving blobs over MQTT, for both sides: paced sending, checked receiving, asking for what is missing.
 
-A blob (model, artifact, update) travels as chunk frames (:func:`edge_agent.blobs.split`).
+A blob (model, artifact, update) travels as chunk frames (:func:`edge_agent.common.blobs.split`).
 The receiving side opens a :class:`Pull` for exactly the blob it expects; a
 :class:`Receiver` routes every incoming frame to its pull and drops the rest, so
 
@@ -29,10 +29,10 @@ from collections.abc import Callable, Iterable
 
 from .blobs import sha256_hex
 from .link import Link, PublishTimeout, wait_published
-from .protocol import serde
-from .protocol.constants import CHUNK_IDLE_S, MAX_BLOB_BYTES, MAX_CHUNK_BYTES, PUBLISH_TIMEOUT_S, UPLOAD_WINDOW_CHUNKS
-from .protocol.errors import ErrorCode, ProtocolError
-from .protocol.messages import ChunkFrame
+from ..protocol import serde
+from ..protocol.constants import CHUNK_IDLE_S, MAX_BLOB_BYTES, MAX_CHUNK_BYTES, PUBLISH_TIMEOUT_S, UPLOAD_WINDOW_CHUNKS
+from ..protocol.errors import ErrorCode, ProtocolError
+from ..protocol.messages import ChunkFrame
 
 SENT_GRACE_S = 2.0
 """After the sender says it has sent everything, missing chunks are asked for again this soon."""

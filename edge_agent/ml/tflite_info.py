@@ -36,7 +36,9 @@ def _schema():
     try:
         from ai_edge_litert import schema_py_generated as schema
     except ImportError:
-        from tensorflow.lite.python import schema_py_generated as schema
+        from .tfenv import tflite_schema
+
+        schema = tflite_schema()
     return schema
 
 

@@ -92,6 +92,22 @@ def quiet(fds: tuple[int, ...] = (2,)):
 _quiet_stderr = quiet
 
 
+def tflite_schema():
+    """TFLite's flatbuffer schema from TensorFlow (when LiteRT, which ships its own, is absent)."""
+    load()
+    from tensorflow.lite.python import schema_py_generated as schema
+
+    return schema
+
+
+def tfmot_internals():
+    """TF-MOT internals edgeprune relies on (not in its public API): the prune registry and the wrapper class."""
+    load()
+    from tensorflow_model_optimization.python.core.sparsity.keras import prune_registry, pruning_wrapper
+
+    return prune_registry.PruneRegistry, pruning_wrapper.PruneLowMagnitude
+
+
 def available() -> bool:
     """True if the training stack is installed (without importing it)."""
     import importlib.util

@@ -35,7 +35,7 @@ from urllib.parse import urlparse
 
 import paho.mqtt.client as mqtt
 
-from .protocol.constants import DEFAULT_KEEPALIVE_S, QOS_CONTROL
+from ..protocol.constants import DEFAULT_KEEPALIVE_S, QOS_CONTROL
 
 log = logging.getLogger(__name__)
 

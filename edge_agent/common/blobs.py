@@ -1,7 +1,7 @@
 """Blobs: content-addressed byte strings (models, artifacts, updates) moved in chunks.
 
 Both directions use the same pieces: :func:`split` cuts a blob into chunk
-frames that fit broker message limits, :mod:`edge_agent.transfer` moves them
+frames that fit broker message limits, :mod:`edge_agent.common.transfer` moves them
 and puts them back together (duplicates and any order, as QoS 1 allows; sha256
 checked before the bytes are handed out), and :class:`BlobStore` keeps blobs on
 disk by hash so a model or artifact crosses the network once.
@@ -15,10 +15,10 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from .protocol.constants import DEFAULT_CHUNK_BYTES
-from .protocol.errors import ErrorCode, ProtocolError
-from .protocol.messages import ChunkFrame
-from .protocol.topics import validate_sha256
+from ..protocol.constants import DEFAULT_CHUNK_BYTES
+from ..protocol.errors import ErrorCode, ProtocolError
+from ..protocol.messages import ChunkFrame
+from ..protocol.topics import validate_sha256
 
 
 def sha256_hex(data: bytes) -> str:

@@ -1,0 +1,1 @@
+"""What both sides share below the protocol: the MQTT link, blob transfer and storage, child processes."""
