@@ -98,18 +98,20 @@ def run_config(url: str, fleet: str, sparsity: float, a, work: Path, say) -> dic
             eta = (time.monotonic() - self.t0) / done * (a.rounds - done)
             acc = row.get("accuracy")
             say(f"  sparsity {sparsity:.0%} round {done}/{a.rounds}: accuracy "
-                f"{acc * 100 if acc is not None else float('nan'):.2f}%, {row['clients_ok']}/{row['clients_selected']} "
+                f"{f'{acc * 100:.2f}%' if acc is not None else '(not evaluated)'}, "
+                f"{row['clients_ok']}/{row['clients_selected']} "
                 f"clients, {row['wall_s']:.1f} s; config ETA {eta / 60:.1f} min")
 
     store = Store(work / f"home-{sparsity}")
     s = Session(url, fleet, store, long_running=True, keepalive_s=30).start(20)
     try:
-        assert s.wait_for(lambda rows: sum(r["state"] in ("online", "busy") for r in rows) >= a.devices, 120), \
+        assert s.wait_for(lambda rows: sum(r["state"] in ("online", "busy") and r["caps"] is not None
+                                           for r in rows) >= a.devices, 120), \
             f"only {len(s.online())} devices online"
         cfg = TrainConfig(model="fmnist_cnn", rounds=a.rounds, sparsity=sparsity, clients_per_round=a.per_round,
                           local_epochs=1, batch_size=32, lr=a.lr, eval_data="fashion-mnist", seed=a.seed,
                           round_timeout_s=600, min_clients=max(1, a.per_round // 2), schedule=a.schedule,
-                          ramp_fraction=a.ramp)
+                          ramp_fraction=a.ramp, eval_every=a.eval_every)
         t0 = time.monotonic()
         summary = train(cfg, s, store, Progress())
         wall = time.monotonic() - t0
@@ -117,7 +119,8 @@ def run_config(url: str, fleet: str, sparsity: float, a, work: Path, say) -> dic
         tensors = store.run(summary["run_id"])["config"]["tensors"]
     finally:
         s.close()
-    acc = [r["accuracy"] for r in rows]
+    acc = [r["accuracy"] for r in rows]  # None where the round was not evaluated (--eval-every)
+    seen = [x for x in acc if x is not None]
     ups = [r["bytes_up_per_client"] for r in rows if r.get("bytes_up_per_client")]
     prune_only = [pruning_only_bytes(r["sparsity_per_tensor"], tensors) for r in rows if r.get("bytes_up_per_client")]
     cum, total = [], 0
@@ -128,7 +131,7 @@ def run_config(url: str, fleet: str, sparsity: float, a, work: Path, say) -> dic
     return {
         "configuration": "dense FedAvg" if sparsity == 0 else f"{sparsity:.0%} sparsity",
         "sparsity_target": sparsity, "run_id": summary["run_id"], "state": summary["state"], "rounds": len(rows),
-        "accuracy_last10": sum(acc[-10:]) / len(acc[-10:]), "final_accuracy": acc[-1], "best_accuracy": max(acc),
+        "accuracy_last10": sum(acc[-10:]) / len(acc[-10:]), "final_accuracy": acc[-1], "best_accuracy": max(seen),
         "final_sparsity": rows[-1]["sparsity"], "accuracy_per_round": acc,
         "upload_bytes_per_client_round": sum(ups) / len(ups), "download_bytes_per_client_round":
             sum(r["bytes_down_per_client"] for r in rows) / len(rows),
@@ -150,7 +153,8 @@ def figure(rows: list[dict], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=120)
     for r in rows:
-        ax.plot([b / 1e9 for b in r["cumulative_bytes"]], [x * 100 for x in r["accuracy_per_round"]],
+        pts = [(b, x) for b, x in zip(r["cumulative_bytes"], r["accuracy_per_round"]) if x is not None]
+        ax.plot([b / 1e9 for b, _ in pts], [x * 100 for _, x in pts],
                 label=f"{r['configuration']} (last-10 {r['accuracy_last10'] * 100:.1f}%)", linewidth=1.4)
     ax.set_xlabel("cumulative bytes, upload + download (GB)")
     ax.set_ylabel("test accuracy (%)")
@@ -173,6 +177,7 @@ def main() -> int:
     p.add_argument("--schedule", default="polynomial")
     p.add_argument("--ramp", type=float, default=0.5, help="fraction of rounds to reach the target sparsity")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-every", type=int, default=5, help="evaluate every K rounds (and each of the last 10)")
     p.add_argument("--json", action="store_true", help="print one JSON object per configuration")
     p.add_argument("--figure", default=str(ROOT / "benchmarks" / "results" / "fl_realistic.png"))
     a = p.parse_args()

@@ -35,11 +35,16 @@ DATA_KEYS = ("data", "data_shard", "data_partition", "data_alpha", "data_seed", 
 
 def _child_main(conn, threads: int) -> None:
     """A pool child: ``begin`` (run id, device data spec, the begin message) and ``round`` requests."""
+    import functools
+
+    from .ml import data
     from .ml.data import load_local
     from .ml.tfenv import load
     from .worker import Run, WorkerError
 
     load(threads)
+    # the pool serves many devices' shards of one data set: read its files once per child, not once per device
+    data.read_fashion_mnist = functools.lru_cache(maxsize=2)(data.read_fashion_mnist)
     runs: dict[str, Run] = {}
     shards: dict[str, Any] = {}
     parent = os.getppid()

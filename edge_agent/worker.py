@@ -112,6 +112,28 @@ class Run:
         self.names = [s["name"] for s in self.spec]
         self.callbacks = [self.t.tfmot.sparsity.keras.UpdatePruningStep()] if self.pruned else []
         self.seed = self._seeder()
+        self._build_train_state()
+
+    def _build_train_state(self) -> None:
+        """Create the optimizer's slots and the loss/metric trackers now, eagerly on one sample.
+
+        ``fit`` would create them inside the first trace of its train step, and a
+        ``tf.function`` that creates variables is traced a second time: on the first
+        round that doubles the tracing (measured ~0.4 s dense, ~0.7 s pruned on 1 thread;
+        the wrappers' graph is larger). Every value built here is reset before training
+        (optimizer slots each round, metrics at each epoch)."""
+        if not len(self.data):
+            return
+        tf, model = self.t.tf, self.model
+        try:
+            model.optimizer.build(model.trainable_variables)
+            x, y = tf.constant(self.data.x[:1]), tf.constant(self.data.y[:1])
+            pred = model(x, training=False)
+            model.compute_loss(x, y, pred)
+            model.compute_metrics(x, y, pred, None)
+        except Exception:  # an unusual model: fit builds them as it always did
+            pass
+        model.reset_metrics()
 
     def _random_free(self) -> bool:
         """True if no layer of the model can hold a stateful random op in the compiled train step

@@ -19,7 +19,7 @@ TRAIN_FLAGS = {  # flag dest -> TrainConfig field, for --resume's conflict check
     "optimizer": "optimizer", "granularity": "granularity", "mask_policy": "mask_policy",
     "update_format": "update_format", "regrow": "regrow", "seed": "seed", "eval_data": "eval_data",
     "input_shape": "input_shape", "num_classes": "num_classes", "aggregation": "aggregation", "trim": "trim",
-    "clip_norm": "clip_norm", "max_norm_ratio": "max_norm_ratio", "structured": "structured",
+    "clip_norm": "clip_norm", "max_norm_ratio": "max_norm_ratio", "structured": "structured", "eval_every": "eval_every",
     "structured_every": "structured_every", "importance": "importance", "devices": "devices",
 }
 
@@ -40,7 +40,7 @@ def _train_config(args: argparse.Namespace):
         num_classes=args.num_classes, devices=args.devices.split(",") if args.devices else None,
         wait_for_devices=args.wait_for, wait_timeout_s=args.wait_timeout, aggregation=args.aggregation,
         trim=args.trim, clip_norm=args.clip_norm, max_norm_ratio=args.max_norm_ratio, structured=args.structured,
-        structured_every=args.structured_every, importance=args.importance)
+        structured_every=args.structured_every, importance=args.importance, eval_every=args.eval_every)
 
 
 def _resume_setup(args: argparse.Namespace):
@@ -246,8 +246,11 @@ def add_parsers(sub) -> None:
                    help="seconds to wait for updates in a round (default: %(default)s)")
     p.add_argument("--seed", type=int, default=d.seed,
                    help="seed for model init, client sampling and local shuffling (default: %(default)s)")
-    p.add_argument("--eval-data", default=d.eval_data, help="held-out data on the coordinator: 'digits', .npz, .csv, "
+    p.add_argument("--eval-data", default=d.eval_data, help="held-out data on the coordinator: 'digits', 'fashion-mnist', .npz, .csv, "
                                                            "image folder, or 'none' (default: %(default)s)")
+    p.add_argument("--eval-every", type=int, default=d.eval_every,
+                   help="evaluate the global model every K rounds, the first and each of the last 10 "
+                        "(default: %(default)s = every round)")
     p.add_argument("--input-shape", type=int, nargs="+", help="input shape for a built-in model without --eval-data")
     p.add_argument("--num-classes", type=int, help="classes for a built-in model without --eval-data")
     p.add_argument("--devices", help="comma-separated device ids to use (default: every device that can train)")

@@ -34,6 +34,7 @@ class TrainConfig:
     round_timeout_s: float = 600.0
     seed: int = 0
     eval_data: str | None = "digits"
+    eval_every: int = 1  # evaluate every K rounds (and in each of the last 10, where the metrics are read)
     input_shape: tuple[int, ...] | None = None
     num_classes: int | None = None
     devices: list[str] | None = None
@@ -80,6 +81,8 @@ class TrainConfig:
         if self.structured and self.granularity in ("2:4", "block"):
             raise ValueError(f"--structured cannot be combined with --granularity {self.granularity} (its groups "
                              "span input channels, which the cuts would split)")
+        if self.eval_every < 1:
+            raise ValueError("--eval-every must be >= 1")
         if self.importance not in IMPORTANCE_METHODS:
             raise ValueError(f"--importance must be one of {', '.join(IMPORTANCE_METHODS)}")
         check_model_ref(self.model)

@@ -162,7 +162,7 @@ def run_round(run: Run, rnd: int) -> dict[str, Any]:
             with t("shrink"):
                 shrink(run, rnd, step)
     with t("evaluate"):
-        metrics = gm.evaluate()
+        metrics = gm.evaluate() if evaluated(cfg, rnd) else {}
     row = round_row(run, rnd, target, clients, agg, sent, applied, metrics, dense_bytes)
     with t("persist"):
         persist(run, rnd, row)
@@ -171,6 +171,11 @@ def run_round(run: Run, rnd: int) -> dict[str, Any]:
     row["cpu_s"] = {k: round(v, 4) for k, v in t.cpu.items()}
     run.store.save_round(run.run_id, rnd, started, row)
     return row
+
+
+def evaluated(cfg: TrainConfig, rnd: int) -> bool:
+    """Rounds whose model is evaluated: every --eval-every-th, the first, and the last 10."""
+    return cfg.eval_every == 1 or rnd == 1 or rnd % cfg.eval_every == 0 or rnd > cfg.rounds - 10
 
 
 def send_and_collect(run: Run, rnd: int, clients: list[str], targets: list[float], agg: MaskedFedAvg, t: Timer,

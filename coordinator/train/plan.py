@@ -12,6 +12,7 @@ from ..session import LIVE_STATES, training_blocker
 from .record import Run
 
 BEGIN_TIMEOUT_S = 600.0
+CAPS_WAIT_S = 5.0
 
 
 class NoDevices(RuntimeError):
@@ -41,6 +42,8 @@ def plan_fleet(run: "Run") -> list[str]:
                                 f"ready after {cfg.wait_timeout_s:.0f} s, fewer than --min-clients {cfg.min_clients}")
             say.warn(f"only {ready} of {cfg.wait_for_devices} devices ready after {cfg.wait_timeout_s:.0f} s; going "
                      f"on with them (--min-clients {cfg.min_clients} allows it)")
+    # a device that just came online announces its capabilities a moment later: give them time
+    s.wait_for(lambda rows: all(r["caps"] is not None for r in rows if r["state"] in LIVE_STATES), CAPS_WAIT_S)
     rows = s.fleet_rows()
     blocked = {r["device_id"]: training_blocker(r) for r in rows}
     if cfg.devices:
