@@ -71,6 +71,7 @@ class GlobalModel:
             self.weights = [w * m if m is not None else w for w, m in zip(self.weights, self.masks)]
         self.arch_json: str = info["arch_json"]
         self.flops: int = info["flops"]
+        self.training: dict | None = info.get("training")  # a user model's own loss and metrics, or None
         # read once per architecture (a shrink builds a new one): what can shrink and where its units are measured
         self.units: dict[str, int] = surgery.units(surgery.parse(self.arch_json))  # per Dense/Conv2D layer
         self.structure: dict[str, Any] = surgery.report(self.arch_json)
@@ -78,12 +79,14 @@ class GlobalModel:
 
     @classmethod
     def create(cls, model_ref: str, input_shape: tuple | None, num_classes: int | None, granularity: str,
-               pruning_on: bool, seed: int, eval_set=None, arch_json: str | None = None) -> "GlobalModel":
+               pruning_on: bool, seed: int, eval_set=None, arch_json: str | None = None,
+               training: dict | None = None) -> "GlobalModel":
         """Build the model in a fresh model worker (ValueError when it cannot be built); ``arch_json``
         (a structured run's shrunk architecture) replaces ``model_ref``."""
         worker = ModelWorker({"model_ref": model_ref, "arch_json": arch_json, "input_shape": input_shape,
                               "num_classes": num_classes,
                               "granularity": granularity, "pruning_on": pruning_on, "seed": seed,
+                              "training": training,
                               "eval_x": None if eval_set is None else eval_set.x,
                               "eval_y": None if eval_set is None else eval_set.y})
         try:
@@ -153,7 +156,7 @@ class GlobalModel:
         arch, slices = surgery.shrink(self.arch_json, self.names, keep)
         weights = surgery.apply(slices, self.names, self.weights)
         masks = surgery.apply(slices, self.names, self.masks)
-        worker = ModelWorker({**self.worker.create_args, "arch_json": arch})
+        worker = ModelWorker({**self.worker.create_args, "arch_json": arch, "training": self.training})
         try:
             new = GlobalModel(worker, self.granularity, self.pruning_on)
         except ModelWorkerError as exc:

@@ -95,21 +95,23 @@ def main(conn) -> None:
         try:
             if op == "create":
                 model = models.from_json(msg["arch_json"]) if msg.get("arch_json") else _build(msg, models)
+                training = msg.get("training") or models.training_config(model)  # a user model's own loss
                 wrapped, report = None, {"pruned": {}, "dense": {}}
                 if msg["pruning_on"]:
                     wrapped, report, _ = pruning.wrap(model, msg["granularity"])
                 spec = pruning.weight_spec(wrapped if wrapped is not None else model)
-                models.compile_model(model)
+                models.compile_model(model, training=training)
+                classifier = models.is_classifier(training)
                 if msg.get("eval_x") is not None:
                     eval_xy = (msg["eval_x"].reshape((-1, *model.input_shape[1:])), msg["eval_y"])
                 conn.send({"ok": True, "arch_json": model.to_json(), "spec": spec, "layer_report": report,
-                           "weights": pruning.get_weights(model), "flops": flops(model)})
+                           "weights": pruning.get_weights(model), "flops": flops(model), "training": training})
             elif op == "evaluate":
                 if eval_xy is None:
                     conn.send({"ok": True})
                     continue
                 pruning.set_state(model, msg["weights"])
-                conn.send({"ok": True, **_evaluate(model, *eval_xy)})
+                conn.send({"ok": True, **_evaluate(model, *eval_xy, classifier=classifier)})
             elif op == "scalars":
                 writer = writers.get(msg["logdir"]) or t.tf.summary.create_file_writer(msg["logdir"])
                 writers[msg["logdir"]] = writer
@@ -158,19 +160,39 @@ def flops(model) -> int:
     return total
 
 
-def _evaluate(model, x, y, batch: int = 1024) -> dict[str, float]:
-    """Accuracy and mean loss by direct forward passes: ``model.evaluate`` costs ~0.1 s of
-    set-up per call, more than the whole pass over a small held-out set, every round."""
+def _evaluate(model, x, y, batch: int = 1024, classifier: bool = True) -> dict[str, float]:
+    """Mean loss, and accuracy for a classifier or the model's own metrics otherwise, by direct
+    forward passes: ``model.evaluate`` costs ~0.1 s of set-up per call, more than the whole pass
+    over a small held-out set, every round."""
     fwd = getattr(model, "_edgeprune_forward", None)
     if fwd is None:  # traced once per model: eager execution costs more than the arithmetic here
         from edge_agent.ml.tfenv import load
 
         tf = load().tf
         fwd = model._edgeprune_forward = tf.function(lambda v: model(v, training=False), reduce_retracing=True)
+    loss_fn = model.compiled_loss if not callable(model.loss) else model.loss
+    if not classifier:  # a regression or reconstruction model: its loss and its own metrics
+        from edge_agent.ml.tfenv import load
+
+        keras = load().keras
+        metrics = [keras.metrics.get(m) if isinstance(m, str) else m
+                   for m in (model.compiled_metrics._user_metrics or [])]
+        sums = [0.0] * len(metrics)
+        loss_sum = 0.0
+        tf = load().tf
+        for i in range(0, len(x), batch):
+            out, yb = fwd(x[i:i + batch]), tf.constant(y[i:i + batch])
+            if yb.shape.rank == out.shape.rank - 1 and out.shape[-1] == 1:  # targets (N,) for outputs (N, 1)
+                yb = tf.expand_dims(yb, -1)
+            loss_sum += float(loss_fn(yb, out)) * len(out)
+            for j, m in enumerate(metrics):
+                sums[j] += float(np.mean(m(yb, out))) * len(out)
+        names = [getattr(m, "__name__", None) or getattr(m, "name", f"metric{j}") for j, m in enumerate(metrics)]
+        return {"loss": loss_sum / len(x), **{n: s / len(x) for n, s in zip(names, sums)}}
     loss_sum, correct = 0.0, 0
     for i in range(0, len(x), batch):
         out = fwd(x[i:i + batch])
-        loss_sum += float(model.loss(y[i:i + batch], out)) * len(out)
+        loss_sum += float(loss_fn(y[i:i + batch], out)) * len(out)
         correct += int(np.sum(np.argmax(out, axis=-1) == y[i:i + batch]))
     return {"accuracy": correct / len(x), "loss": loss_sum / len(x)}
 

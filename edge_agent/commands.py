@@ -81,7 +81,7 @@ def _train_begin(agent: Agent, cmd: Command) -> dict[str, Any]:
     agent.progress(cmd.id, phase="fetching model architecture")
     arch_json = agent.fetch_blob(topics.validate_sha256(arch.get("sha256")), 120.0, *blob_expectation(arch)).decode("utf-8")
     agent.progress(cmd.id, phase="starting training worker")
-    msg = {k: cmd.args[k] for k in ("pruning", "granularity", "lr", "optimizer") if k in cmd.args}
+    msg = {k: cmd.args[k] for k in ("pruning", "granularity", "lr", "optimizer", "training") if k in cmd.args}
     return trainer.begin(run_id, {**msg, "arch": arch_json})
 
 

@@ -96,7 +96,9 @@ class Run:
             else:
                 raise WorkerError("bad_args", f"local data has shape {self.data.x.shape[1:]}, the model expects {in_shape}")
         out_units = int(self.model.output_shape[-1])
-        if self.data.num_classes > out_units:
+        self.training = msg.get("training")  # a user model's own loss and metrics (regression, autoencoder)
+        self.classifier = models.is_classifier(self.training)
+        if self.classifier and self.data.num_classes > out_units:
             raise WorkerError("bad_args", f"local data has {self.data.num_classes} classes, the model outputs {out_units}")
         self.pruned = bool(msg.get("pruning"))
         self.granularity = msg.get("granularity", "unstructured")
@@ -107,7 +109,7 @@ class Run:
                 self.model, self.report, self.schedules = pruning.wrap(self.model, self.granularity)
             except ValueError as exc:
                 raise WorkerError("bad_args", str(exc)) from None
-        models.compile_model(self.model, float(msg.get("lr", 1e-3)), msg.get("optimizer", "adam"))
+        models.compile_model(self.model, float(msg.get("lr", 1e-3)), msg.get("optimizer", "adam"), self.training)
         self.spec = pruning.weight_spec(self.model)
         self.names = [s["name"] for s in self.spec]
         self.callbacks = [self.t.tfmot.sparsity.keras.UpdatePruningStep()] if self.pruned else []
@@ -187,7 +189,8 @@ class Run:
         from .ml.data import label_histogram
 
         return {"num_samples": len(self.data), "dataset": self.data.name,
-                "label_histogram": label_histogram(self.data.y, int(self.model.output_shape[-1])),
+                "label_histogram": label_histogram(self.data.y, int(self.model.output_shape[-1]))
+                if self.classifier else None,
                 "layers": self.report, "weights": len(self.spec)}
 
     def _pruning_step(self) -> int:
@@ -323,7 +326,8 @@ class Run:
             "metrics": {
                 "num_samples": len(self.data),
                 "train_loss": float(hist.history["loss"][-1]),
-                "train_accuracy": float(hist.history.get("accuracy", [float("nan")])[-1]),
+                "train_accuracy": float(hist.history["accuracy"][-1]) if "accuracy" in hist.history else None,
+                "train_metrics": {k: float(v[-1]) for k, v in hist.history.items() if np.isfinite(v[-1])},
                 "steps": steps,
                 "train_s": round(train_s, 4),
                 "wall_s": round(time.perf_counter() - wall0, 4),

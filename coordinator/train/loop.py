@@ -106,9 +106,9 @@ def setup(run: "Run", resume: str | None) -> Any:
     last = run.run_dir / f"round-{run.rows[-1]['round']:04d}.ept" if run.rows else None
     # a resume point carries its architecture (a structured run may have shrunk the model since)
     arch = codec.decode(last.read_bytes()).meta.get("arch") if last is not None else None
-    gm = run.gm = GlobalModel.create(cfg.model, shape, classes, cfg.granularity, cfg.pruning_on, cfg.seed,
-                                     run.eval_set, arch)
     stored = (store.run(run_id) or {}).get("config", {}) if resume else {}
+    gm = run.gm = GlobalModel.create(cfg.model, shape, classes, cfg.granularity, cfg.pruning_on, cfg.seed,
+                                     run.eval_set, arch, stored.get("training"))
     run.original_units = stored.get("units") or run.gm.units
     run.initial_dense_bytes = stored.get("dense_fp32_bytes") or run.gm.dense_fp32_bytes
     for layer, why in run.gm.layer_report["dense"].items():
@@ -124,6 +124,7 @@ def setup(run: "Run", resume: str | None) -> Any:
         store.create_run(run.run_id, session.fleet, "train", {
             **asdict(cfg), "broker": session.link.urls,  # what --resume reconnects to
             "num_params": run.gm.num_params, "dense_fp32_bytes": run.gm.dense_fp32_bytes,
+            "training": run.gm.training,  # a user model's loss and metrics: what devices compile with
             "layers": run.gm.layer_report, "units": run.gm.units,
             "structure": run.gm.structure if cfg.structured else None,
             "tensors": [{"name": n, "shape": list(s), "pruned": i.kind}

@@ -77,6 +77,7 @@ def round_row(run: Run, rnd: int, target: float, clients: list[str], agg: Masked
         "clients_selected": len(clients), "clients_ok": agg.count, "failures": len(sent.failures),
         "failure_reasons": sent.failures, "applied": applied,
         "accuracy": metrics.get("accuracy"), "loss": metrics.get("loss"),
+        "metrics": metrics,  # everything evaluated (a user model's own metrics too)
         "bytes_down_per_client": sent.bytes_down, "bytes_down_total": sent.bytes_down * len(clients),
         "bytes_up_per_client": (sum(ups) / len(ups)) if ups else None, "bytes_up_total": sum(ups),
         "up_ratio_vs_dense_fp32": (dense_bytes / (sum(ups) / len(ups))) if ups else None,
@@ -136,7 +137,7 @@ def summary(run: Run, state: str, wall_s: float, baseline: dict[str, Any]) -> di
     last = run.rows[-1] if run.rows else {}
     return {
         "run_id": run.run_id, "state": state, "run_dir": str(run.run_dir), "rounds_done": len(run.rows),
-        "initial_accuracy": baseline.get("accuracy"),
+        "initial_accuracy": baseline.get("accuracy"), "initial_loss": baseline.get("loss"),
         "final_accuracy": last.get("accuracy"), "final_loss": last.get("loss"),
         "final_sparsity": last.get("sparsity"), "final_sparsity_overall": last.get("sparsity_overall"),
         "num_params": run.gm.num_params, "dense_fp32_bytes": run.initial_dense_bytes,

@@ -91,7 +91,10 @@ class Dataset:
 
     @property
     def num_classes(self) -> int:
-        return int(self.y.max()) + 1 if len(self.y) else 0
+        """Classes for integer labels; 0 for float targets (regression, reconstruction)."""
+        if not len(self.y) or not np.issubdtype(self.y.dtype, np.integer):
+            return 0
+        return int(self.y.max()) + 1
 
     def __len__(self) -> int:
         return len(self.y)
@@ -383,7 +386,13 @@ def load_npz(path: str) -> Dataset:
     with np.load(path) as f:
         if "x" not in f or "y" not in f:
             raise ValueError(f"{path}: an .npz needs arrays 'x' and 'y' (found {', '.join(f.files)})")
-        x, y = f["x"].astype(np.float32), f["y"].astype(np.int64).reshape(-1)
+        x, y = f["x"].astype(np.float32), f["y"]
+    if np.issubdtype(y.dtype, np.integer):  # class labels
+        y = y.astype(np.int64).reshape(-1)
+    else:  # regression targets or reconstructions (an autoencoder's y is x): kept as they are, float32
+        y = y.astype(np.float32)
+        if y.ndim == 2 and y.shape[1] == 1:
+            y = y.reshape(-1)
     if len(x) != len(y):
         raise ValueError(f"{path}: x has {len(x)} samples but y has {len(y)}")
     return Dataset(x, y, Path(path).name)

@@ -145,12 +145,38 @@ def build(name: str, input_shape: tuple, num_classes: int, seed: int = 0):
 
 
 def load_file(path: str):
-    """A user model saved with tf-keras (.keras, .h5 or a SavedModel directory)."""
+    """A user model saved with tf-keras (.keras, .h5 or a SavedModel directory), compiled as it was
+    saved when that loads (its loss and metrics are kept: see :func:`training_config`)."""
     keras = load().keras
     try:
-        return keras.models.load_model(path, compile=False)
+        try:
+            return keras.models.load_model(path)
+        except (TypeError, ValueError):  # a custom loss or metric we cannot rebuild: the weights still come
+            return keras.models.load_model(path, compile=False)
     except (OSError, ValueError, ImportError) as exc:
         raise ValueError(f"cannot load model {path!r} with tf-keras: {exc}") from None
+
+
+def training_config(model) -> dict | None:
+    """The loss and metrics a user's model was compiled with, as names a device can rebuild with
+    :func:`compile_model`; None for an uncompiled model (classification defaults apply)."""
+    keras = load().keras
+    loss = getattr(model, "loss", None)
+    if loss is None:
+        return None
+    loss_name = loss if isinstance(loss, str) else keras.losses.serialize(loss)
+    metrics = []
+    for m in getattr(model, "compiled_metrics", None) and model.compiled_metrics._user_metrics or []:
+        metrics.append(m if isinstance(m, str) else keras.metrics.serialize(m))
+    return {"loss": loss_name, "metrics": metrics}
+
+
+def is_classifier(training: dict | None) -> bool:
+    """Accuracy is reported (and labels counted) only for classification losses."""
+    if training is None:
+        return True
+    text = repr(training.get("loss")).lower()
+    return "crossentropy" in text or "categorical" in text
 
 
 def from_json(arch: str):
@@ -158,9 +184,17 @@ def from_json(arch: str):
     return keras.models.model_from_json(arch)
 
 
-def compile_model(model, lr: float = 1e-3, optimizer: str = "adam"):
+def compile_model(model, lr: float = 1e-3, optimizer: str = "adam", training: dict | None = None):
+    """Compile for local training: the model's own loss and metrics when it came with them
+    (``training``, from :func:`training_config`), else sparse categorical cross-entropy + accuracy."""
     keras = load().keras
     opt = keras.optimizers.Adam(lr) if optimizer == "adam" else keras.optimizers.SGD(lr, momentum=0.9)
+    if training is not None:
+        loss = training["loss"]
+        model.compile(optimizer=opt, loss=loss if isinstance(loss, str) else keras.losses.deserialize(loss),
+                      metrics=[m if isinstance(m, str) else keras.metrics.deserialize(m)
+                               for m in training.get("metrics") or []])
+        return model
     softmax_out = model.layers[-1].get_config().get("activation") == "softmax"
     model.compile(
         optimizer=opt,
