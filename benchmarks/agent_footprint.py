@@ -95,8 +95,21 @@ class StatusWatch:
 
 
 def agent_cmd(url: str, fleet: str, device: str, state: Path, extra: list[str]) -> list[str]:
-    return [str(BIN / "edgeprune-agent"), "run", "--broker", url, "--fleet", fleet, "--device-id", device,
-            "--state-dir", str(state), "--heartbeat-s", "1", *extra]
+    return [
+        str(BIN / "edgeprune-agent"),
+        "run",
+        "--broker",
+        url,
+        "--fleet",
+        fleet,
+        "--device-id",
+        device,
+        "--state-dir",
+        str(state),
+        "--heartbeat-s",
+        "1",
+        *extra,
+    ]
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -122,8 +135,11 @@ def main() -> int:
         starts = []
         for i in range(a.starts):
             t0 = time.perf_counter()
-            proc = subprocess.Popen(agent_cmd(b.url, fleet, f"start{i}", work / f"start{i}", []),
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            proc = subprocess.Popen(
+                agent_cmd(b.url, fleet, f"start{i}", work / f"start{i}", []),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
             seen = watch.wait(f"start{i}", 30)
             starts.append((seen - t0) if seen else float("inf"))
             if i < a.starts - 1:
@@ -132,12 +148,26 @@ def main() -> int:
         idle = rss_mb(proc.pid)
         tf_plain = has_tensorflow(proc.pid)
         stop(proc)
-        rows.append({"configuration": "start_to_online", "starts": len(starts),
-                     "median_s": round(statistics.median(starts), 3), "max_s": round(max(starts), 3),
-                     "all_s": [round(s, 3) for s in starts], "target": {"max_median_s": MAX_START_S},
-                     "target_met": statistics.median(starts) <= MAX_START_S})
-        rows.append({"configuration": "idle_plain", "rss_mb": round(idle, 1), "tensorflow_mapped": tf_plain,
-                     "target": {"max_rss_mb": MAX_IDLE_RSS_MB}, "target_met": idle <= MAX_IDLE_RSS_MB and not tf_plain})
+        rows.append(
+            {
+                "configuration": "start_to_online",
+                "starts": len(starts),
+                "median_s": round(statistics.median(starts), 3),
+                "max_s": round(max(starts), 3),
+                "all_s": [round(s, 3) for s in starts],
+                "target": {"max_median_s": MAX_START_S},
+                "target_met": statistics.median(starts) <= MAX_START_S,
+            }
+        )
+        rows.append(
+            {
+                "configuration": "idle_plain",
+                "rss_mb": round(idle, 1),
+                "tensorflow_mapped": tf_plain,
+                "target": {"max_rss_mb": MAX_IDLE_RSS_MB},
+                "target_met": idle <= MAX_IDLE_RSS_MB and not tf_plain,
+            }
+        )
 
         # 2. idle with the secure fleet's signing keys (cryptography loaded)
         from edge_agent.protocol import signing
@@ -145,29 +175,65 @@ def main() -> int:
         dev_key, coord_key = signing.new_key(), signing.new_key()
         (work / "device.key").write_bytes(signing.private_pem(dev_key))
         (work / "coordinator.pub").write_bytes(signing.public_pem(coord_key))
-        proc = subprocess.Popen(agent_cmd(b.url, fleet, "signed", work / "signed",
-                                          ["--sign-key", str(work / "device.key"),
-                                           "--coordinator-key", str(work / "coordinator.pub")]),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            agent_cmd(
+                b.url,
+                fleet,
+                "signed",
+                work / "signed",
+                ["--sign-key", str(work / "device.key"), "--coordinator-key", str(work / "coordinator.pub")],
+            ),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         if watch.wait("signed", 30) is None:
             raise RuntimeError("the agent with signing keys did not come online")
         time.sleep(IDLE_SETTLE_S)
         idle_signed = rss_mb(proc.pid)
         stop(proc)
-        rows.append({"configuration": "idle_with_signing_keys", "rss_mb": round(idle_signed, 1),
-                     "target": {"max_rss_mb": MAX_IDLE_RSS_MB}, "target_met": idle_signed <= MAX_IDLE_RSS_MB})
+        rows.append(
+            {
+                "configuration": "idle_with_signing_keys",
+                "rss_mb": round(idle_signed, 1),
+                "target": {"max_rss_mb": MAX_IDLE_RSS_MB},
+                "target_met": idle_signed <= MAX_IDLE_RSS_MB,
+            }
+        )
 
         # 3. a training round, then back to idle
-        proc = subprocess.Popen(agent_cmd(b.url, fleet, "trainer", work / "trainer",
-                                          ["--data", "digits", "--train-threads", "1"]),
-                                stdout=open(work / "trainer.log", "ab"), stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            agent_cmd(b.url, fleet, "trainer", work / "trainer", ["--data", "digits", "--train-threads", "1"]),
+            stdout=open(work / "trainer.log", "ab"),
+            stderr=subprocess.STDOUT,
+        )
         if watch.wait("trainer", 30) is None:
             raise RuntimeError("the training agent did not come online")
         time.sleep(IDLE_SETTLE_S)
         before = rss_mb(proc.pid)
-        out = subprocess.run([str(BIN / "edgeprune"), "train", "--broker", b.url, "--fleet", fleet, "--home",
-                              str(work / "coord"), "--rounds", "1", "--sparsity", "0.8", "--schedule", "constant",
-                              "--devices", "trainer", "--json"], capture_output=True, text=True, timeout=900)
+        out = subprocess.run(
+            [
+                str(BIN / "edgeprune"),
+                "train",
+                "--broker",
+                b.url,
+                "--fleet",
+                fleet,
+                "--home",
+                str(work / "coord"),
+                "--rounds",
+                "1",
+                "--sparsity",
+                "0.8",
+                "--schedule",
+                "constant",
+                "--devices",
+                "trainer",
+                "--json",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
         if out.returncode != 0:
             raise RuntimeError(f"edgeprune train failed: {out.stdout[-1500:]} {out.stderr[-1500:]}")
         summary = json.loads(out.stdout)
@@ -183,13 +249,21 @@ def main() -> int:
         left = children(proc.pid)
         tf_after = has_tensorflow(proc.pid)
         stop(proc)
-        rows.append({"configuration": "after_training_round", "idle_before_mb": round(before, 1),
-                     "after_mb": round(after, 1), "delta_mb": round(after - before, 1),
-                     "agent_process_peak_mb": round(peak_main, 1), "worker_processes_left": len(left),
-                     "tensorflow_mapped_in_agent": tf_after, "round_ok": summary["state"] == "done",
-                     "worker_peak_rss_mb": round(worker_peak / 2**20, 1) if worker_peak else None,
-                     "target": {"max_delta_mb": MAX_RETURN_MB, "worker_processes_left": 0},
-                     "target_met": (after - before) <= MAX_RETURN_MB and not left and not tf_after})
+        rows.append(
+            {
+                "configuration": "after_training_round",
+                "idle_before_mb": round(before, 1),
+                "after_mb": round(after, 1),
+                "delta_mb": round(after - before, 1),
+                "agent_process_peak_mb": round(peak_main, 1),
+                "worker_processes_left": len(left),
+                "tensorflow_mapped_in_agent": tf_after,
+                "round_ok": summary["state"] == "done",
+                "worker_peak_rss_mb": round(worker_peak / 2**20, 1) if worker_peak else None,
+                "target": {"max_delta_mb": MAX_RETURN_MB, "worker_processes_left": 0},
+                "target_met": (after - before) <= MAX_RETURN_MB and not left and not tf_after,
+            }
+        )
     finally:
         watch.c.loop_stop()
         b.stop()
@@ -200,13 +274,19 @@ def main() -> int:
     else:
         s, i, k, t = rows[0], rows[1], rows[2], rows[3]
         mark = lambda r: "met" if r["target_met"] else "MISSED"  # noqa: E731
-        print(f"start -> online   median {s['median_s']:.3f} s, max {s['max_s']:.3f} s over {s['starts']} starts "
-              f"(target <= {MAX_START_S} s)  {mark(s)}")
-        print(f"idle RSS          {i['rss_mb']:.1f} MB plain (TensorFlow mapped: {i['tensorflow_mapped']}), "
-              f"{k['rss_mb']:.1f} MB with signing keys (target <= {MAX_IDLE_RSS_MB:.0f} MB)  {mark(i)} / {mark(k)}")
-        print(f"training round    agent {t['idle_before_mb']:.1f} MB idle -> {t['after_mb']:.1f} MB after "
-              f"(delta {t['delta_mb']:+.1f} MB, agent peak {t['agent_process_peak_mb']:.1f} MB, worker peak "
-              f"{t['worker_peak_rss_mb']} MB, workers left {t['worker_processes_left']})  {mark(t)}")
+        print(
+            f"start -> online   median {s['median_s']:.3f} s, max {s['max_s']:.3f} s over {s['starts']} starts "
+            f"(target <= {MAX_START_S} s)  {mark(s)}"
+        )
+        print(
+            f"idle RSS          {i['rss_mb']:.1f} MB plain (TensorFlow mapped: {i['tensorflow_mapped']}), "
+            f"{k['rss_mb']:.1f} MB with signing keys (target <= {MAX_IDLE_RSS_MB:.0f} MB)  {mark(i)} / {mark(k)}"
+        )
+        print(
+            f"training round    agent {t['idle_before_mb']:.1f} MB idle -> {t['after_mb']:.1f} MB after "
+            f"(delta {t['delta_mb']:+.1f} MB, agent peak {t['agent_process_peak_mb']:.1f} MB, worker peak "
+            f"{t['worker_peak_rss_mb']} MB, workers left {t['worker_processes_left']})  {mark(t)}"
+        )
     return 0 if all(r.get("target_met", True) for r in rows) else 1
 
 

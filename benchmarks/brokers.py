@@ -48,9 +48,27 @@ def _simulators(lists: list[str], work: Path, delay: float, cluster) -> list[sub
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     procs = []
     for i, brokers in enumerate(lists):
-        cmd = [sys.executable, "-m", "edge_agent.simulate", "--broker", brokers, "--fleet", "bk", "--first",
-               str(i * per), "--count", str(per), "--delay", str(delay), "--state-root", str(work / f"sim{i}"),
-               "--heartbeat-s", "2", "--keepalive-s", "5"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "edge_agent.simulate",
+            "--broker",
+            brokers,
+            "--fleet",
+            "bk",
+            "--first",
+            str(i * per),
+            "--count",
+            str(per),
+            "--delay",
+            str(delay),
+            "--state-root",
+            str(work / f"sim{i}"),
+            "--heartbeat-s",
+            "2",
+            "--keepalive-s",
+            "5",
+        ]
         if cluster is not None and cluster.username:
             cmd += ["--username", cluster.username]
             env["EDGEPRUNE_PASSWORD"] = cluster.password
@@ -62,23 +80,47 @@ def _simulators(lists: list[str], work: Path, delay: float, cluster) -> list[sub
     return procs
 
 
-def _run(kind: str, coordinator_urls: str, lists: list[str], work: Path, cluster, *, rounds: int, delay: float,
-         kill_at_s: float | None = None) -> dict:
+def _run(
+    kind: str,
+    coordinator_urls: str,
+    lists: list[str],
+    work: Path,
+    cluster,
+    *,
+    rounds: int,
+    delay: float,
+    kill_at_s: float | None = None,
+) -> dict:
     from coordinator.progress import Reporter
-    from coordinator.train import TrainConfig, train
     from coordinator.session import Session
     from coordinator.store import Store
+    from coordinator.train import TrainConfig, train
 
     procs = _simulators(lists, work, delay, cluster)
-    s = Session(coordinator_urls, "bk", Store(work / "home"), long_running=True, offline_grace_s=60,
-                username=cluster.username if cluster else None, password=cluster.password if cluster else None,
-                keepalive_s=5).start(20)
+    s = Session(
+        coordinator_urls,
+        "bk",
+        Store(work / "home"),
+        long_running=True,
+        offline_grace_s=60,
+        username=cluster.username if cluster else None,
+        password=cluster.password if cluster else None,
+        keepalive_s=5,
+    ).start(20)
     try:
         if not s.wait_for(lambda rows: sum(r["state"] == "online" for r in rows) >= DEVICES, 60):
             raise RuntimeError(f"only {len(s.online())}/{DEVICES} devices online on {kind}")
         out: dict = {}
-        cfg = TrainConfig(rounds=rounds, sparsity=0.5, schedule="constant", eval_data=None, input_shape=(8, 8, 1),
-                          num_classes=10, round_timeout_s=300, seed=1)
+        cfg = TrainConfig(
+            rounds=rounds,
+            sparsity=0.5,
+            schedule="constant",
+            eval_data=None,
+            input_shape=(8, 8, 1),
+            num_classes=10,
+            round_timeout_s=300,
+            seed=1,
+        )
         before = (s.stats.messages_in, s.stats.messages_out)
         worker = threading.Thread(target=lambda: out.update(train(cfg, s, s.store, Reporter(quiet=True))))
         t0 = time.monotonic()
@@ -100,12 +142,16 @@ def _run(kind: str, coordinator_urls: str, lists: list[str], work: Path, cluster
         ok = [(c["round"], c["device_id"]) for c in s.store.client_rounds(out["run_id"]) if c["ok"]]
         steady = [r["wall_s"] for r in rows[1:]] or [r["wall_s"] for r in rows]
         return {
-            "state": out.get("state"), "rounds_done": len(rows), "clients_ok": [r["clients_ok"] for r in rows],
-            "counted_once": len(ok) == len(set(ok)), "round_wall_s": round(sum(steady) / len(steady), 3),
+            "state": out.get("state"),
+            "rounds_done": len(rows),
+            "clients_ok": [r["clients_ok"] for r in rows],
+            "counted_once": len(ok) == len(set(ok)),
+            "round_wall_s": round(sum(steady) / len(steady), 3),
             "train_wall_s": round(wall, 2),
             "messages_in_per_round": round((s.stats.messages_in - before[0]) / rounds),
             "messages_out_per_round": round((s.stats.messages_out - before[1]) / rounds),
-            "blob_wants": s.stats.wants_in, "resent_chunks": s.stats.resent_chunks,
+            "blob_wants": s.stats.wants_in,
+            "resent_chunks": s.stats.resent_chunks,
             "coordinator_failover_s": round(failover_s, 2) if failover_s is not None else None,
             "coordinator_broker_after": s.link.address.url,
         }
@@ -134,8 +180,9 @@ def measure(kind: str, work: Path) -> list[dict]:
         rows += _measure_cluster(kind, nodes, work)
     for row in rows:
         row["target"] = {"all_rounds_complete_with_every_device": True, "counted_once": True}
-        row["target_met"] = (row["state"] == "done" and all(c == DEVICES for c in row["clients_ok"])
-                             and row["counted_once"])
+        row["target_met"] = (
+            row["state"] == "done" and all(c == DEVICES for c in row["clients_ok"]) and row["counted_once"]
+        )
     return rows
 
 
@@ -150,8 +197,14 @@ def _measure_cluster(kind: str, nodes: int, work: Path) -> list[dict]:
         with running_cluster(kind, nodes, work / "cluster2") as cl:
             lists = _placement(kind, cl.urls)
             r = _run(kind, f"{cl.urls[0]},{cl.urls[1]}", lists, work / "run2", cl, rounds=2, delay=4.0, kill_at_s=1.0)
-            rows.append({"configuration": f"{kind} ({nodes} nodes), node A killed in round 1", "broker": kind,
-                         "nodes": nodes, **r})
+            rows.append(
+                {
+                    "configuration": f"{kind} ({nodes} nodes), node A killed in round 1",
+                    "broker": kind,
+                    "nodes": nodes,
+                    **r,
+                }
+            )
     return rows
 
 
@@ -162,8 +215,11 @@ def main() -> int:
     a = p.parse_args()
     rows = []
     for kind in a.kinds:
-        reason = cluster_unavailable(kind) if kind != "mosquitto" else (
-            None if broker_mod.mosquitto_path() else "mosquitto not installed")
+        reason = (
+            cluster_unavailable(kind)
+            if kind != "mosquitto"
+            else (None if broker_mod.mosquitto_path() else "mosquitto not installed")
+        )
         if reason:
             rows.append({"configuration": kind, "broker": kind, "skipped": reason})
             continue
@@ -172,23 +228,28 @@ def main() -> int:
         try:
             rows += measure(kind, Path(tempfile.mkdtemp(prefix=f"edgeprune-brokers-{kind}-")))
         except Exception as exc:  # a broker that fails is a result, not the end of the benchmark
-            rows.append({"configuration": kind, "broker": kind, "error": f"{type(exc).__name__}: {exc}",
-                         "target_met": False})
+            rows.append(
+                {"configuration": kind, "broker": kind, "error": f"{type(exc).__name__}: {exc}", "target_met": False}
+            )
     rows.append({"configuration": "machine", **machine()})
     if a.json:
         for r in rows:
             print(json.dumps(r))
     else:
-        print(f"{'configuration':<46} {'round':>7} {'msgs in/out per round':>22} {'wants':>6} {'resent':>7} "
-              f"{'failover':>9}  result")
+        print(
+            f"{'configuration':<46} {'round':>7} {'msgs in/out per round':>22} {'wants':>6} {'resent':>7} "
+            f"{'failover':>9}  result"
+        )
         for r in rows:
             if "skipped" in r or "error" in r:
                 print(f"{r['configuration']:<46} {r.get('skipped') or r.get('error')}")
             elif "round_wall_s" in r:
                 fo = f"{r['coordinator_failover_s']:.2f}s" if r["coordinator_failover_s"] is not None else "-"
-                print(f"{r['configuration']:<46} {r['round_wall_s']:>6.2f}s {r['messages_in_per_round']:>10}/"
-                      f"{r['messages_out_per_round']:<11} {r['blob_wants']:>6} {r['resent_chunks']:>7} {fo:>9}  "
-                      f"{r['state']}, clients {r['clients_ok']}, {'met' if r['target_met'] else 'MISSED'}")
+                print(
+                    f"{r['configuration']:<46} {r['round_wall_s']:>6.2f}s {r['messages_in_per_round']:>10}/"
+                    f"{r['messages_out_per_round']:<11} {r['blob_wants']:>6} {r['resent_chunks']:>7} {fo:>9}  "
+                    f"{r['state']}, clients {r['clients_ok']}, {'met' if r['target_met'] else 'MISSED'}"
+                )
     return 0 if all(r.get("target_met", True) for r in rows if "skipped" not in r) else 1
 
 

@@ -22,8 +22,13 @@ BIN = Path(sys.executable).parent
 def machine() -> dict:
     import psutil
 
-    return {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
-            "ram_gb": round(psutil.virtual_memory().total / 2**30, 1), "cpu_model": _cpu_model()}
+    return {
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "ram_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "cpu_model": _cpu_model(),
+    }
 
 
 def _cpu_model() -> str:
@@ -37,8 +42,9 @@ def _cpu_model() -> str:
 
 
 @contextlib.contextmanager
-def local_fleet(n: int, fleet: str, agent_args: list[str] | None = None, per_agent=None, broker_kind: str = "auto",
-                nice: int = 0):
+def local_fleet(
+    n: int, fleet: str, agent_args: list[str] | None = None, per_agent=None, broker_kind: str = "auto", nice: int = 0
+):
     """A broker plus ``n`` agent processes; yields (broker, workdir). Everything is stopped afterwards.
     ``nice``: run the agents (and their training workers) at this niceness."""
     work = Path(tempfile.mkdtemp(prefix="edgeprune-bench-"))
@@ -47,8 +53,19 @@ def local_fleet(n: int, fleet: str, agent_args: list[str] | None = None, per_age
     try:
         for i in range(n):
             args = (["nice", "-n", str(nice)] if nice else []) + [
-                str(BIN / "edgeprune-agent"), "run", "--broker", b.url, "--fleet", fleet, "--device-id", f"dev{i:03d}",
-                    "--state-dir", str(work / f"agent{i}"), *(agent_args or []), *(per_agent(i) if per_agent else [])]
+                str(BIN / "edgeprune-agent"),
+                "run",
+                "--broker",
+                b.url,
+                "--fleet",
+                fleet,
+                "--device-id",
+                f"dev{i:03d}",
+                "--state-dir",
+                str(work / f"agent{i}"),
+                *(agent_args or []),
+                *(per_agent(i) if per_agent else []),
+            ]
             procs.append(subprocess.Popen(args, stdout=open(work / f"agent{i}.log", "ab"), stderr=subprocess.STDOUT))
         yield b, work
     finally:

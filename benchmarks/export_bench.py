@@ -14,11 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
-from pathlib import Path
 
 import numpy as np
-
 from common import local_fleet, machine
 
 TARGETS = {0.8: {"min_int8_size_ratio": 8.0}, 0.9: {"min_int8_size_ratio": 12.0}}
@@ -44,7 +41,9 @@ def train_pruned(sparsity: float, granularity: str, epochs: int, seed: int):
     if sparsity > 0:
         model = t.tfmot.sparsity.keras.strip_pruning(model)
     models.compile_model(model)
-    kernels = [layer.get_weights()[0] for layer in model.layers if layer.get_weights() and layer.get_weights()[0].ndim > 1]
+    kernels = [
+        layer.get_weights()[0] for layer in model.layers if layer.get_weights() and layer.get_weights()[0].ndim > 1
+    ]
     mask_sparsity = 1.0 - sum(int(np.count_nonzero(k)) for k in kernels) / sum(k.size for k in kernels)
     _, acc = model.evaluate(test.x, test.y, verbose=0)
     return model, float(mask_sparsity), float(acc)
@@ -56,7 +55,9 @@ def tflite_accuracy(path: str) -> float:
     from edge_agent.ml import data
 
     _, test = data.digits_split()
-    interp = Interpreter(model_path=path, experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    interp = Interpreter(
+        model_path=path, experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+    )
     inp, out = interp.get_input_details()[0], interp.get_output_details()[0]
     interp.resize_tensor_input(inp["index"], [len(test), 8, 8, 1])
     interp.allocate_tensors()
@@ -74,7 +75,8 @@ def main() -> int:
     args = p.parse_args()
     log = (lambda *a: None) if args.json else (lambda *a: print(*a, file=sys.stderr, flush=True))
 
-    from coordinator import bench as bench_mod, export
+    from coordinator import bench as bench_mod
+    from coordinator import export
     from coordinator.progress import Reporter
     from coordinator.session import Session
     from coordinator.store import Store
@@ -82,33 +84,64 @@ def main() -> int:
     with local_fleet(1, "xb", ["--heartbeat-s", "5"]) as (b, work):
         out = work / "artifacts"
         configs = []
-        for sparsity, gran in [(0.0, "unstructured"), (0.8, "unstructured"), (0.8, "block"), (0.9, "unstructured"),
-                               (0.9, "block")]:
+        for sparsity, gran in [
+            (0.0, "unstructured"),
+            (0.8, "unstructured"),
+            (0.8, "block"),
+            (0.9, "unstructured"),
+            (0.9, "block"),
+        ]:
             log(f"== digits_cnn: training at {sparsity:.0%} ({gran}) ...")
             model, mask_sparsity, acc = train_pruned(sparsity, gran, args.epochs, args.seed)
             tag = f"digits-{int(sparsity * 100)}-{gran}"
-            recs = export.export(model, list(export.FORMATS), out / tag, calibration=__import__(
-                "edge_agent.ml.data", fromlist=["x"]).digits_split()[1], prefix=tag)
+            recs = export.export(
+                model,
+                list(export.FORMATS),
+                out / tag,
+                calibration=__import__("edge_agent.ml.data", fromlist=["x"]).digits_split()[1],
+                prefix=tag,
+            )
             for r in recs:
                 r["accuracy"] = tflite_accuracy(r["path"])
-            configs.append({"model": "digits_cnn", "sparsity": sparsity, "granularity": gran,
-                            "trained_mask_sparsity": mask_sparsity, "keras_accuracy": acc, "artifacts": recs})
+            configs.append(
+                {
+                    "model": "digits_cnn",
+                    "sparsity": sparsity,
+                    "granularity": gran,
+                    "trained_mask_sparsity": mask_sparsity,
+                    "keras_accuracy": acc,
+                    "artifacts": recs,
+                }
+            )
         log("== mobilenet_tiny latency study (untrained weights, xnnpack policy) ...")
         for sparsity in (0.0, 0.8, 0.9):
             model = export.latency_model("mobilenet_tiny", sparsity, policy="xnnpack")
             tag = f"mobilenet-{int(sparsity * 100)}-xnnpack"
             recs = export.export(model, ["dense", "sparse"], out / tag, prefix=tag)
-            configs.append({"model": "mobilenet_tiny", "sparsity": sparsity, "granularity": "xnnpack policy",
-                            "artifacts": recs})
+            configs.append(
+                {"model": "mobilenet_tiny", "sparsity": sparsity, "granularity": "xnnpack policy", "artifacts": recs}
+            )
 
         store = Store(work / "home")
         session = Session(b.url, "xb", store, long_running=True).start()
         session.wait_online(1, 30)
         all_arts = [a for c in configs for a in c["artifacts"]]
         log(f"== benchmarking {len(all_arts)} artifacts on a local agent ({args.runs} runs each, interleaved) ...")
-        res = bench_mod.bench(session, store, all_arts, ["dev000"], run_id=None, threads=1, runs=args.runs,
-                              duration_s=None, warmup=20, budget_s=600, runtime="auto", parallel=False,
-                              reporter=Reporter(quiet=True))
+        res = bench_mod.bench(
+            session,
+            store,
+            all_arts,
+            ["dev000"],
+            run_id=None,
+            threads=1,
+            runs=args.runs,
+            duration_s=None,
+            warmup=20,
+            budget_s=600,
+            runtime="auto",
+            parallel=False,
+            reporter=Reporter(quiet=True),
+        )
         session.close()
     by_name = {r["artifact"]: r for r in res["devices"]["dev000"]["artifacts"]}
 
@@ -123,18 +156,30 @@ def main() -> int:
         for fmt, a in arts.items():
             r = by_name[a["name"]]
             ref_bytes = dense_fp32 if c["model"] == "digits_cnn" else configs[-3]["artifacts"][0]["bytes"]
-            row = {"model": c["model"], "sparsity": c["sparsity"], "granularity": c["granularity"], "variant": fmt,
-                   "bytes": a["bytes"], "gzip_bytes": a["gzip_bytes"], "size_ratio_vs_dense_fp32": ref_bytes / a["bytes"],
-                   "readback_sparsity": a["sparsity"], "trained_mask_sparsity": c.get("trained_mask_sparsity"),
-                   "accuracy": a.get("accuracy"), "p50_ms": r["latency_ms"]["p50"],
-                   "p50_ratio_vs_dense_same_model": r["latency_ms"]["p50"] / base_p50,
-                   "harness_vs_independent": r["harness_vs_independent"],
-                   "delegate_fallback": bool(r.get("fallback")), "runtime": r["runtime"]["name"]}
+            row = {
+                "model": c["model"],
+                "sparsity": c["sparsity"],
+                "granularity": c["granularity"],
+                "variant": fmt,
+                "bytes": a["bytes"],
+                "gzip_bytes": a["gzip_bytes"],
+                "size_ratio_vs_dense_fp32": ref_bytes / a["bytes"],
+                "readback_sparsity": a["sparsity"],
+                "trained_mask_sparsity": c.get("trained_mask_sparsity"),
+                "accuracy": a.get("accuracy"),
+                "p50_ms": r["latency_ms"]["p50"],
+                "p50_ratio_vs_dense_same_model": r["latency_ms"]["p50"] / base_p50,
+                "harness_vs_independent": r["harness_vs_independent"],
+                "delegate_fallback": bool(r.get("fallback")),
+                "runtime": r["runtime"]["name"],
+            }
             if c.get("trained_mask_sparsity") is not None:
                 row["readback_gap_pts"] = abs(a["sparsity"] - c["trained_mask_sparsity"]) * 100
             target = TARGETS.get(c["sparsity"]) if c["model"] == "digits_cnn" and fmt == "sparse-int8" else None
-            checks = {"readback_within_0.5pts": row.get("readback_gap_pts", 0) <= MAX_READBACK_GAP_PTS,
-                      "harness_within_5pct": abs(row["harness_vs_independent"] - 1) <= MAX_HARNESS_DEVIATION}
+            checks = {
+                "readback_within_0.5pts": row.get("readback_gap_pts", 0) <= MAX_READBACK_GAP_PTS,
+                "harness_within_5pct": abs(row["harness_vs_independent"] - 1) <= MAX_HARNESS_DEVIATION,
+            }
             if target:
                 row["target"] = target
                 checks["int8_size"] = row["size_ratio_vs_dense_fp32"] >= target["min_int8_size_ratio"]
@@ -144,18 +189,25 @@ def main() -> int:
         print(json.dumps(rows, indent=2))
         return 0
     print(f"\nexport_bench: machine {machine()}; one local agent, LiteRT, 1 thread, {args.runs} runs per artifact")
-    print("read-back: weight sparsity read from the .tflite bytes; trained: zeros in the Keras kernels after "
-          "strip_pruning; vs dense: p50 ratio to the same model's dense fp32 artifact, same device, same job.")
-    print(f"{'model':<15}{'sparsity':>8} {'granularity':<15}{'variant':<12}{'bytes':>10}{'vs fp32':>8}{'read-back':>10}"
-          f"{'trained':>8}{'acc':>7}{'p50 ms':>8}{'vs dense':>9}{'harness':>8}  checks")
+    print(
+        "read-back: weight sparsity read from the .tflite bytes; trained: zeros in the Keras kernels after "
+        "strip_pruning; vs dense: p50 ratio to the same model's dense fp32 artifact, same device, same job."
+    )
+    print(
+        f"{'model':<15}{'sparsity':>8} {'granularity':<15}{'variant':<12}{'bytes':>10}{'vs fp32':>8}{'read-back':>10}"
+        f"{'trained':>8}{'acc':>7}{'p50 ms':>8}{'vs dense':>9}{'harness':>8}  checks"
+    )
     for r in rows:
-        print(f"{r['model']:<15}{r['sparsity']:>8.0%} {r['granularity']:<15}{r['variant']:<12}{r['bytes']:>10,}"
-              f"{r['size_ratio_vs_dense_fp32']:>7.1f}x{r['readback_sparsity']:>10.2%}"
-              + (f"{r['trained_mask_sparsity']:>8.2%}" if r["trained_mask_sparsity"] is not None else f"{'-':>8}")
-              + (f"{r['accuracy'] * 100:>6.1f}%" if r["accuracy"] is not None else f"{'-':>7}") + f"{r['p50_ms']:>8.3f}"
-              f"{r['p50_ratio_vs_dense_same_model']:>8.2f}x{r['harness_vs_independent']:>8.3f}  "
-              + " ".join(f"{k}={'ok' if v else 'MISSED'}" for k, v in r["checks"].items())
-              + (" (no-delegate fallback)" if r["delegate_fallback"] else ""))
+        print(
+            f"{r['model']:<15}{r['sparsity']:>8.0%} {r['granularity']:<15}{r['variant']:<12}{r['bytes']:>10,}"
+            f"{r['size_ratio_vs_dense_fp32']:>7.1f}x{r['readback_sparsity']:>10.2%}"
+            + (f"{r['trained_mask_sparsity']:>8.2%}" if r["trained_mask_sparsity"] is not None else f"{'-':>8}")
+            + (f"{r['accuracy'] * 100:>6.1f}%" if r["accuracy"] is not None else f"{'-':>7}")
+            + f"{r['p50_ms']:>8.3f}"
+            f"{r['p50_ratio_vs_dense_same_model']:>8.2f}x{r['harness_vs_independent']:>8.3f}  "
+            + " ".join(f"{k}={'ok' if v else 'MISSED'}" for k, v in r["checks"].items())
+            + (" (no-delegate fallback)" if r["delegate_fallback"] else "")
+        )
     return 0
 
 

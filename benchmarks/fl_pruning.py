@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 import zlib
 
 from common import BIN, ROOT, local_fleet, machine, timed
@@ -46,7 +45,9 @@ def plain_loop(args) -> dict:
             for v in model.optimizer.variables:
                 v.assign(t.tf.zeros_like(v))
             t.tf.keras.utils.set_random_seed(args.seed * 1_000_003 + rnd * 1009 + zlib.crc32(f"dev{k:03d}".encode()))
-            model.fit(train.x[idx], train.y[idx], epochs=args.epochs, batch_size=args.batch_size, shuffle=True, verbose=0)
+            model.fit(
+                train.x[idx], train.y[idx], epochs=args.epochs, batch_size=args.batch_size, shuffle=True, verbose=0
+            )
             for a, w in zip(acc, model.get_weights()):
                 a += len(idx) * w
             total += len(idx)
@@ -93,38 +94,84 @@ def main() -> int:
         wall, plain_result = plain_run()
         plain_walls.append(wall)
     results = []
-    agent_args = ["--data", "digits", "--data-partition", "dirichlet", "--data-alpha", str(args.alpha),
-                  "--data-seed", str(args.seed), "--train-threads", str(args.threads), "--heartbeat-s", "5"]
+    agent_args = [
+        "--data",
+        "digits",
+        "--data-partition",
+        "dirichlet",
+        "--data-alpha",
+        str(args.alpha),
+        "--data-seed",
+        str(args.seed),
+        "--train-threads",
+        str(args.threads),
+        "--heartbeat-s",
+        "5",
+    ]
     with local_fleet(args.clients, "bench", agent_args, lambda i: ["--data-shard", f"{i}/{args.clients}"]) as (b, work):
         for sparsity in [float(s) for s in args.sparsities.split(",")]:
             log(f"== edgeprune train, sparsity {sparsity:.0%} ...")
-            cmd = [str(BIN / "edgeprune"), "train", "--broker", b.url, "--fleet", "bench", "--home", str(work / "home"),
-                   "--rounds", str(args.rounds), "--sparsity", str(sparsity), "--local-epochs", str(args.epochs),
-                   "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--seed", str(args.seed),
-                   "--wait-for", str(args.clients), "--json", *args.train_args.split()]
+            cmd = [
+                str(BIN / "edgeprune"),
+                "train",
+                "--broker",
+                b.url,
+                "--fleet",
+                "bench",
+                "--home",
+                str(work / "home"),
+                "--rounds",
+                str(args.rounds),
+                "--sparsity",
+                str(sparsity),
+                "--local-epochs",
+                str(args.epochs),
+                "--batch-size",
+                str(args.batch_size),
+                "--lr",
+                str(args.lr),
+                "--seed",
+                str(args.seed),
+                "--wait-for",
+                str(args.clients),
+                "--json",
+                *args.train_args.split(),
+            ]
             wall, out = timed(cmd, timeout=3600)
             if out.returncode != 0:
                 print(out.stdout[-2000:], out.stderr[-4000:], file=sys.stderr)
                 return 1
             s = json.loads(out.stdout)
-            results.append({"sparsity": sparsity, "final_accuracy": s["final_accuracy"],
-                            "final_sparsity": s["final_sparsity"],
-                            "upload_bytes_per_client_round": s["upload_bytes_per_client_round"],
-                            "upload_bytes_last_round": s["rounds"][-1]["bytes_up_per_client"],
-                            "ratio_vs_dense_fp32": s["dense_fp32_bytes"] / s["upload_bytes_per_client_round"],
-                            "download_bytes_per_client_round": s["bytes_down_total"] / (args.rounds * args.clients),
-                            "round_wall_s": s["round_wall_s"], "total_wall_s": round(wall, 2),
-                            "run_internal_wall_s": s["total_wall_s"], "dense_fp32_bytes": s["dense_fp32_bytes"],
-                            "rounds": args.rounds, "clients": args.clients})
+            results.append(
+                {
+                    "sparsity": sparsity,
+                    "final_accuracy": s["final_accuracy"],
+                    "final_sparsity": s["final_sparsity"],
+                    "upload_bytes_per_client_round": s["upload_bytes_per_client_round"],
+                    "upload_bytes_last_round": s["rounds"][-1]["bytes_up_per_client"],
+                    "ratio_vs_dense_fp32": s["dense_fp32_bytes"] / s["upload_bytes_per_client_round"],
+                    "download_bytes_per_client_round": s["bytes_down_total"] / (args.rounds * args.clients),
+                    "round_wall_s": s["round_wall_s"],
+                    "total_wall_s": round(wall, 2),
+                    "run_internal_wall_s": s["total_wall_s"],
+                    "dense_fp32_bytes": s["dense_fp32_bytes"],
+                    "rounds": args.rounds,
+                    "clients": args.clients,
+                }
+            )
             log(f"   accuracy {s['final_accuracy']:.4f}, {results[-1]['ratio_vs_dense_fp32']:.1f}x, {wall:.1f} s")
     if args.no_plain:
         print(json.dumps(results, indent=2))
         return 0
     wall, plain_result = plain_run()
     plain_walls.append(wall)
-    plain = {"configuration": "plain_single_process_loop", "total_wall_s": round(sum(plain_walls) / 2, 2),
-             "total_wall_s_before": round(plain_walls[0], 2), "total_wall_s_after": round(plain_walls[1], 2),
-             **plain_result}
+    plain = {
+        "configuration": "plain_single_process_loop",
+        "total_wall_s": round(sum(plain_walls) / 2, 2),
+        "total_wall_s_before": round(plain_walls[0], 2),
+        "total_wall_s_after": round(plain_walls[1], 2),
+        **plain_result,
+    }
 
     dense = next((r for r in results if r["sparsity"] == 0.0), None)
     reference = dense or plain  # the plain loop runs the same dense FedAvg when --sparsities has no 0
@@ -137,24 +184,36 @@ def main() -> int:
             r["target_met"] = r["wall_ratio_vs_plain_loop"] <= MAX_WALL_RATIO_DENSE_VS_PLAIN
         elif target:
             r["target"] = target
-            r["target_met"] = (r["accuracy_gap_pts"] <= target["max_accuracy_gap_pts"]
-                               and r["ratio_vs_dense_fp32"] >= target["min_ratio_vs_dense_fp32"])
+            r["target_met"] = (
+                r["accuracy_gap_pts"] <= target["max_accuracy_gap_pts"]
+                and r["ratio_vs_dense_fp32"] >= target["min_ratio_vs_dense_fp32"]
+            )
     out_rows = results + [plain]
     if args.json:
         print(json.dumps(out_rows, indent=2))
         return 0
-    print(f"\nfl_pruning: digits, {args.clients} agents, Dirichlet alpha {args.alpha}, {args.rounds} rounds x "
-          f"{args.epochs} local epochs, seed {args.seed}; machine: {machine()}")
-    print(f"{'sparsity':>8} {'accuracy':>9} {'gap pts':>8} {'up B/client-round':>18} {'vs dense fp32':>14} "
-          f"{'round s':>8} {'total s':>8}  target")
+    print(
+        f"\nfl_pruning: digits, {args.clients} agents, Dirichlet alpha {args.alpha}, {args.rounds} rounds x "
+        f"{args.epochs} local epochs, seed {args.seed}; machine: {machine()}"
+    )
+    print(
+        f"{'sparsity':>8} {'accuracy':>9} {'gap pts':>8} {'up B/client-round':>18} {'vs dense fp32':>14} "
+        f"{'round s':>8} {'total s':>8}  target"
+    )
     for r in results:
-        print(f"{r['sparsity']:>8.0%} {r['final_accuracy'] * 100:>8.2f}% {r['accuracy_gap_pts']:>8.2f} "
-              f"{r['upload_bytes_per_client_round']:>18,.0f} {r['ratio_vs_dense_fp32']:>13.1f}x {r['round_wall_s']:>8.2f} "
-              f"{r['total_wall_s']:>8.1f}  {'met' if r.get('target_met') else 'MISSED'} {r.get('target')}")
-    print(f"{'plain':>8} {plain['final_accuracy'] * 100:>8.2f}% {'':>8} {'':>18} {'':>14} {'':>8} {plain['total_wall_s']:>8.1f}")
+        print(
+            f"{r['sparsity']:>8.0%} {r['final_accuracy'] * 100:>8.2f}% {r['accuracy_gap_pts']:>8.2f} "
+            f"{r['upload_bytes_per_client_round']:>18,.0f} {r['ratio_vs_dense_fp32']:>13.1f}x {r['round_wall_s']:>8.2f} "
+            f"{r['total_wall_s']:>8.1f}  {'met' if r.get('target_met') else 'MISSED'} {r.get('target')}"
+        )
+    print(
+        f"{'plain':>8} {plain['final_accuracy'] * 100:>8.2f}% {'':>8} {'':>18} {'':>14} {'':>8} {plain['total_wall_s']:>8.1f}"
+    )
     if dense:
-        print(f"dense edgeprune / plain loop wall time: {dense['wall_ratio_vs_plain_loop']:.2f}x "
-              f"(target <= {MAX_WALL_RATIO_DENSE_VS_PLAIN}x)")
+        print(
+            f"dense edgeprune / plain loop wall time: {dense['wall_ratio_vs_plain_loop']:.2f}x "
+            f"(target <= {MAX_WALL_RATIO_DENSE_VS_PLAIN}x)"
+        )
     return 0
 
 

@@ -82,11 +82,10 @@ def pruning_only_bytes(row_sparsity_per_tensor: dict, tensors: list[dict]) -> fl
 
 
 def run_config(url: str, fleet: str, sparsity: float, a, work: Path, say) -> dict:
+    from coordinator.progress import Reporter
     from coordinator.session import Session
     from coordinator.store import Store
     from coordinator.train import TrainConfig, train
-
-    from coordinator.progress import Reporter
 
     class Progress(Reporter):  # one line per round with an ETA, to stderr
         def __init__(self):
@@ -97,21 +96,35 @@ def run_config(url: str, fleet: str, sparsity: float, a, work: Path, say) -> dic
             done = row["round"]
             eta = (time.monotonic() - self.t0) / done * (a.rounds - done)
             acc = row.get("accuracy")
-            say(f"  sparsity {sparsity:.0%} round {done}/{a.rounds}: accuracy "
+            say(
+                f"  sparsity {sparsity:.0%} round {done}/{a.rounds}: accuracy "
                 f"{f'{acc * 100:.2f}%' if acc is not None else '(not evaluated)'}, "
                 f"{row['clients_ok']}/{row['clients_selected']} "
-                f"clients, {row['wall_s']:.1f} s; config ETA {eta / 60:.1f} min")
+                f"clients, {row['wall_s']:.1f} s; config ETA {eta / 60:.1f} min"
+            )
 
     store = Store(work / f"home-{sparsity}")
     s = Session(url, fleet, store, long_running=True, keepalive_s=30).start(20)
     try:
-        assert s.wait_for(lambda rows: sum(r["state"] in ("online", "busy") and r["caps"] is not None
-                                           for r in rows) >= a.devices, 120), \
-            f"only {len(s.online())} devices online"
-        cfg = TrainConfig(model="fmnist_cnn", rounds=a.rounds, sparsity=sparsity, clients_per_round=a.per_round,
-                          local_epochs=1, batch_size=32, lr=a.lr, eval_data="fashion-mnist", seed=a.seed,
-                          round_timeout_s=600, min_clients=max(1, a.per_round // 2), schedule=a.schedule,
-                          ramp_fraction=a.ramp, eval_every=a.eval_every)
+        assert s.wait_for(
+            lambda rows: sum(r["state"] in ("online", "busy") and r["caps"] is not None for r in rows) >= a.devices, 120
+        ), f"only {len(s.online())} devices online"
+        cfg = TrainConfig(
+            model="fmnist_cnn",
+            rounds=a.rounds,
+            sparsity=sparsity,
+            clients_per_round=a.per_round,
+            local_epochs=1,
+            batch_size=32,
+            lr=a.lr,
+            eval_data="fashion-mnist",
+            seed=a.seed,
+            round_timeout_s=600,
+            min_clients=max(1, a.per_round // 2),
+            schedule=a.schedule,
+            ramp_fraction=a.ramp,
+            eval_every=a.eval_every,
+        )
         t0 = time.monotonic()
         summary = train(cfg, s, store, Progress())
         wall = time.monotonic() - t0
@@ -130,16 +143,25 @@ def run_config(url: str, fleet: str, sparsity: float, a, work: Path, say) -> dic
     dense = rows[0]["dense_fp32_bytes"]
     return {
         "configuration": "dense FedAvg" if sparsity == 0 else f"{sparsity:.0%} sparsity",
-        "sparsity_target": sparsity, "run_id": summary["run_id"], "state": summary["state"], "rounds": len(rows),
-        "accuracy_last10": sum(acc[-10:]) / len(acc[-10:]), "final_accuracy": acc[-1], "best_accuracy": max(seen),
-        "final_sparsity": rows[-1]["sparsity"], "accuracy_per_round": acc,
-        "upload_bytes_per_client_round": sum(ups) / len(ups), "download_bytes_per_client_round":
-            sum(r["bytes_down_per_client"] for r in rows) / len(rows),
-        "upload_total": sum(r["bytes_up_total"] for r in rows), "download_total": sum(r["bytes_down_total"] for r in rows),
-        "cumulative_bytes": cum, "dense_fp32_bytes": dense,
+        "sparsity_target": sparsity,
+        "run_id": summary["run_id"],
+        "state": summary["state"],
+        "rounds": len(rows),
+        "accuracy_last10": sum(acc[-10:]) / len(acc[-10:]),
+        "final_accuracy": acc[-1],
+        "best_accuracy": max(seen),
+        "final_sparsity": rows[-1]["sparsity"],
+        "accuracy_per_round": acc,
+        "upload_bytes_per_client_round": sum(ups) / len(ups),
+        "download_bytes_per_client_round": sum(r["bytes_down_per_client"] for r in rows) / len(rows),
+        "upload_total": sum(r["bytes_up_total"] for r in rows),
+        "download_total": sum(r["bytes_down_total"] for r in rows),
+        "cumulative_bytes": cum,
+        "dense_fp32_bytes": dense,
         "upload_ratio_vs_dense_fp32": dense / (sum(ups) / len(ups)),
         "pruning_only_upload_ratio": dense / (sum(prune_only) / len(prune_only)),
-        "round_wall_s": sum(r["wall_s"] for r in rows) / len(rows), "train_wall_s": round(wall, 1),
+        "round_wall_s": sum(r["wall_s"] for r in rows) / len(rows),
+        "train_wall_s": round(wall, 1),
         "coordinator_peak_rss_mb": round(summary["peak_rss_bytes"]["coordinator"] / 2**20, 1),
         "model_worker_peak_rss_mb": round(summary["peak_rss_bytes"]["model_worker"] / 2**20, 1),
     }
@@ -154,8 +176,12 @@ def figure(rows: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=120)
     for r in rows:
         pts = [(b, x) for b, x in zip(r["cumulative_bytes"], r["accuracy_per_round"]) if x is not None]
-        ax.plot([b / 1e9 for b, _ in pts], [x * 100 for _, x in pts],
-                label=f"{r['configuration']} (last-10 {r['accuracy_last10'] * 100:.1f}%)", linewidth=1.4)
+        ax.plot(
+            [b / 1e9 for b, _ in pts],
+            [x * 100 for _, x in pts],
+            label=f"{r['configuration']} (last-10 {r['accuracy_last10'] * 100:.1f}%)",
+            linewidth=1.4,
+        )
     ax.set_xlabel("cumulative bytes, upload + download (GB)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("Fashion-MNIST, 100 devices, Dirichlet 0.1, 10 per round")
@@ -188,11 +214,35 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="edgeprune-realistic-"))
     b = broker_mod.start("mosquitto", "127.0.0.1", 0, work / "broker", log_file=work / "broker.log")
     fleet = "fmnist"
-    sim = subprocess.Popen([str(BIN / "edgeprune"), "simulate", "--broker", b.url, "--fleet", fleet,
-                            "--devices", str(a.devices), "--trainer", "tf", "--workers", str(a.workers),
-                            "--data", "fashion-mnist", "--partition", f"dirichlet:{a.alpha}", "--data-seed",
-                            str(a.seed), "--heartbeat-s", "10", "--json", "--state-dir", str(work / "sim")],
-                           stdout=subprocess.PIPE, text=True)
+    sim = subprocess.Popen(
+        [
+            str(BIN / "edgeprune"),
+            "simulate",
+            "--broker",
+            b.url,
+            "--fleet",
+            fleet,
+            "--devices",
+            str(a.devices),
+            "--trainer",
+            "tf",
+            "--workers",
+            str(a.workers),
+            "--data",
+            "fashion-mnist",
+            "--partition",
+            f"dirichlet:{a.alpha}",
+            "--data-seed",
+            str(a.seed),
+            "--heartbeat-s",
+            "10",
+            "--json",
+            "--state-dir",
+            str(work / "sim"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     t_start = time.monotonic()
     rows = []
     try:
@@ -232,25 +282,39 @@ def main() -> int:
     Path(a.figure).parent.mkdir(parents=True, exist_ok=True)
     figure(rows, Path(a.figure))
     total_min = (time.monotonic() - t_start) / 60
-    rows.append({"configuration": "run", "total_minutes": round(total_min, 1), "devices": a.devices,
-                 "per_round": a.per_round, "rounds": a.rounds, "alpha": a.alpha, "workers": a.workers,
-                 "figure": str(Path(a.figure).relative_to(ROOT)) if Path(a.figure).is_relative_to(ROOT) else a.figure,
-                 "target": {"max_total_minutes": 60}, "target_met": total_min <= 60})
+    rows.append(
+        {
+            "configuration": "run",
+            "total_minutes": round(total_min, 1),
+            "devices": a.devices,
+            "per_round": a.per_round,
+            "rounds": a.rounds,
+            "alpha": a.alpha,
+            "workers": a.workers,
+            "figure": str(Path(a.figure).relative_to(ROOT)) if Path(a.figure).is_relative_to(ROOT) else a.figure,
+            "target": {"max_total_minutes": 60},
+            "target_met": total_min <= 60,
+        }
+    )
     rows.append({"configuration": "machine", **machine()})
     if a.json:
         for r in rows:
             print(json.dumps({k: v for k, v in r.items()}))
     else:
-        print(f"{'configuration':<14} {'last10':>7} {'final':>7} {'best':>7} {'gap':>6} {'up/client':>10} "
-              f"{'up ratio':>8} {'pruning-only':>12} {'down/client':>11} {'round':>6}  target")
+        print(
+            f"{'configuration':<14} {'last10':>7} {'final':>7} {'best':>7} {'gap':>6} {'up/client':>10} "
+            f"{'up ratio':>8} {'pruning-only':>12} {'down/client':>11} {'round':>6}  target"
+        )
         for r in rows:
             if "accuracy_last10" not in r:
                 continue
-            print(f"{r['configuration']:<14} {r['accuracy_last10'] * 100:>6.2f}% {r['final_accuracy'] * 100:>6.2f}% "
-                  f"{r['best_accuracy'] * 100:>6.2f}% {r.get('gap_to_dense_last10_pts', 0):>6.2f} "
-                  f"{r['upload_bytes_per_client_round'] / 1e3:>8.1f}KB {r['upload_ratio_vs_dense_fp32']:>7.1f}x "
-                  f"{r['pruning_only_upload_ratio']:>11.1f}x {r['download_bytes_per_client_round'] / 1e6:>9.2f}MB "
-                  f"{r['round_wall_s']:>5.1f}s  {'met' if r.get('target_met') else 'MISSED'}")
+            print(
+                f"{r['configuration']:<14} {r['accuracy_last10'] * 100:>6.2f}% {r['final_accuracy'] * 100:>6.2f}% "
+                f"{r['best_accuracy'] * 100:>6.2f}% {r.get('gap_to_dense_last10_pts', 0):>6.2f} "
+                f"{r['upload_bytes_per_client_round'] / 1e3:>8.1f}KB {r['upload_ratio_vs_dense_fp32']:>7.1f}x "
+                f"{r['pruning_only_upload_ratio']:>11.1f}x {r['download_bytes_per_client_round'] / 1e6:>9.2f}MB "
+                f"{r['round_wall_s']:>5.1f}s  {'met' if r.get('target_met') else 'MISSED'}"
+            )
         print(f"total {total_min:.1f} min; figure {a.figure}")
     return 0 if all(r.get("target_met", True) for r in rows) else 1
 

@@ -21,7 +21,6 @@ import json
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -59,19 +58,39 @@ def measure(n: int, processes: int, delay: float, work: Path) -> dict:
     from coordinator.session import Session
     from coordinator.store import Store
 
-    b = broker_mod.start("mosquitto", "127.0.0.1", 0, work / f"broker{n}", log_file=work / f"broker{n}.log",
-                         sys_interval_s=1)
+    b = broker_mod.start(
+        "mosquitto", "127.0.0.1", 0, work / f"broker{n}", log_file=work / f"broker{n}.log", sys_interval_s=1
+    )
     fleet = f"scale{n}"
     sim = None
     try:
         registry = Session(b.url, fleet, Store(work / f"registry{n}")).start(10)
         t0 = time.perf_counter()
-        sim = subprocess.Popen([str(BIN / "edgeprune"), "simulate", "--broker", b.url, "--fleet", fleet,
-                                "--devices", str(n), "--processes", str(processes), "--delay", str(delay), "--json",
-                                "--state-dir", str(work / f"sim{n}")], stdout=subprocess.PIPE, text=True)
+        sim = subprocess.Popen(
+            [
+                str(BIN / "edgeprune"),
+                "simulate",
+                "--broker",
+                b.url,
+                "--fleet",
+                fleet,
+                "--devices",
+                str(n),
+                "--processes",
+                str(processes),
+                "--delay",
+                str(delay),
+                "--json",
+                "--state-dir",
+                str(work / f"sim{n}"),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         ready = json.loads(sim.stdout.readline())
-        ok = registry.wait_for(lambda rows: sum(r["state"] == "online" and r["caps"] is not None for r in rows) >= n,
-                               120 + n * 0.2)
+        ok = registry.wait_for(
+            lambda rows: sum(r["state"] == "online" and r["caps"] is not None for r in rows) >= n, 120 + n * 0.2
+        )
         online_s = time.perf_counter() - t0
         registry.close()
         if not ok:
@@ -79,11 +98,40 @@ def measure(n: int, processes: int, delay: float, work: Path) -> dict:
         counters = BrokerCounters(b.url)
         before = counters.snapshot()
         t1 = time.perf_counter()
-        out = subprocess.run([str(BIN / "edgeprune"), "train", "--broker", b.url, "--fleet", fleet,
-                              "--home", str(work / f"coord{n}"), "--rounds", "1", "--sparsity", "0.5",
-                              "--schedule", "constant", "--eval-data", "none", "--input-shape", "8", "8", "1",
-                              "--num-classes", "10", "--wait-for", str(n), "--round-timeout", "1200",
-                              "--json"], capture_output=True, text=True, timeout=3600)
+        out = subprocess.run(
+            [
+                str(BIN / "edgeprune"),
+                "train",
+                "--broker",
+                b.url,
+                "--fleet",
+                fleet,
+                "--home",
+                str(work / f"coord{n}"),
+                "--rounds",
+                "1",
+                "--sparsity",
+                "0.5",
+                "--schedule",
+                "constant",
+                "--eval-data",
+                "none",
+                "--input-shape",
+                "8",
+                "8",
+                "1",
+                "--num-classes",
+                "10",
+                "--wait-for",
+                str(n),
+                "--round-timeout",
+                "1200",
+                "--json",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=3600,
+        )
         train_s = time.perf_counter() - t1
         after = counters.snapshot()
         counters.close()
@@ -94,13 +142,19 @@ def measure(n: int, processes: int, delay: float, work: Path) -> dict:
         delta = {k.replace("/", "_"): after.get(k, 0) - before.get(k, 0) for k in SYS_TOPICS}
         rss = summary["peak_rss_bytes"]
         return {
-            "configuration": f"N={n}", "devices": n, "simulator_processes": ready["processes"],
+            "configuration": f"N={n}",
+            "devices": n,
+            "simulator_processes": ready["processes"],
             "synthetic_round_s": delay,
-            "online_s": round(online_s, 3), "simulator_connect_s": ready["ready_s"],
-            "clients_ok": row["clients_ok"], "round_complete": row["clients_ok"] == n,
-            "round_wall_s": row["wall_s"], "round_phases_s": row["timing_s"],
+            "online_s": round(online_s, 3),
+            "simulator_connect_s": ready["ready_s"],
+            "clients_ok": row["clients_ok"],
+            "round_complete": row["clients_ok"] == n,
+            "round_wall_s": row["wall_s"],
+            "round_phases_s": row["timing_s"],
             "train_command_s": round(train_s, 2),
-            "model_dense_fp32_bytes": row["dense_fp32_bytes"], "model_broadcast_bytes": row["bytes_down_per_client"],
+            "model_dense_fp32_bytes": row["dense_fp32_bytes"],
+            "model_broadcast_bytes": row["bytes_down_per_client"],
             "update_bytes_per_client": row["bytes_up_per_client"],
             "coordinator_peak_rss_mb": round(rss["coordinator"] / 2**20, 1),
             "model_worker_peak_rss_mb": round(rss["model_worker"] / 2**20, 1),
@@ -108,8 +162,11 @@ def measure(n: int, processes: int, delay: float, work: Path) -> dict:
             "aggregator_bytes": row["aggregator_bytes"],
             "broker": delta,
             "target": {"round_complete": True, "max_coordinator_peak_rss_mb": MAX_COORDINATOR_RSS_MB}
-            if n >= 1000 else {"round_complete": True},
-            "target_met": (row["clients_ok"] == n and (n < 1000 or rss["coordinator"] / 2**20 <= MAX_COORDINATOR_RSS_MB)),
+            if n >= 1000
+            else {"round_complete": True},
+            "target_met": (
+                row["clients_ok"] == n and (n < 1000 or rss["coordinator"] / 2**20 <= MAX_COORDINATOR_RSS_MB)
+            ),
         }
     finally:
         if sim is not None:
@@ -128,7 +185,9 @@ def growth(rows: list[dict]) -> dict:
     out = {"configuration": f"growth N={a['devices']}->{z['devices']}", "devices_ratio": z["devices"] / a["devices"]}
     for key in ("online_s", "round_wall_s", "coordinator_peak_rss_mb", "aggregator_bytes"):
         out[f"{key}_ratio"] = round(z[key] / a[key], 2) if a[key] else None
-    out["coordinator_rss_kb_per_device"] = round((z["coordinator_peak_rss_mb"] - a["coordinator_peak_rss_mb"]) * 1024 / dn, 1)
+    out["coordinator_rss_kb_per_device"] = round(
+        (z["coordinator_peak_rss_mb"] - a["coordinator_peak_rss_mb"]) * 1024 / dn, 1
+    )
     out["round_ms_per_device"] = round((z["round_wall_s"] - a["round_wall_s"]) * 1000 / dn, 2)
     out["broker_bytes_sent_ratio"] = round(z["broker"]["bytes_sent"] / max(1, a["broker"]["bytes_sent"]), 1)
     out["aggregation_memory_independent_of_n"] = len({r["aggregator_bytes"] for r in rows}) == 1
@@ -160,23 +219,29 @@ def main() -> int:
         for r in rows:
             print(json.dumps(r))
         return 0
-    print(f"{'N':>6} {'online':>8} {'round':>8} {'ok':>6} {'coord RSS':>10} {'TF worker':>10} {'agg MB':>7} "
-          f"{'msgs in/out':>17} {'MB in/out':>15}  target")
+    print(
+        f"{'N':>6} {'online':>8} {'round':>8} {'ok':>6} {'coord RSS':>10} {'TF worker':>10} {'agg MB':>7} "
+        f"{'msgs in/out':>17} {'MB in/out':>15}  target"
+    )
     for r in rows:
         if "devices" not in r:
             continue
         br = r["broker"]
-        print(f"{r['devices']:>6} {r['online_s']:>7.2f}s {r['round_wall_s']:>7.2f}s {r['clients_ok']:>6} "
-              f"{r['coordinator_peak_rss_mb']:>8.1f}MB {r['model_worker_peak_rss_mb']:>8.1f}MB "
-              f"{r['aggregator_bytes'] / 2**20:>7.1f} {br['messages_received']:>8}/{br['messages_sent']:<8} "
-              f"{br['bytes_received'] / 2**20:>7.1f}/{br['bytes_sent'] / 2**20:<7.1f}  "
-              f"{'met' if r['target_met'] else 'MISSED'}")
+        print(
+            f"{r['devices']:>6} {r['online_s']:>7.2f}s {r['round_wall_s']:>7.2f}s {r['clients_ok']:>6} "
+            f"{r['coordinator_peak_rss_mb']:>8.1f}MB {r['model_worker_peak_rss_mb']:>8.1f}MB "
+            f"{r['aggregator_bytes'] / 2**20:>7.1f} {br['messages_received']:>8}/{br['messages_sent']:<8} "
+            f"{br['bytes_received'] / 2**20:>7.1f}/{br['bytes_sent'] / 2**20:<7.1f}  "
+            f"{'met' if r['target_met'] else 'MISSED'}"
+        )
     g = next((r for r in rows if r["configuration"].startswith("growth")), None)
     if g:
-        print(f"\n{g['configuration']} (x{g['devices_ratio']:.0f} devices): online time x{g['online_s_ratio']}, "
-              f"round wall x{g['round_wall_s_ratio']} ({g['round_ms_per_device']} ms per added device), coordinator "
-              f"RSS x{g['coordinator_peak_rss_mb_ratio']} ({g['coordinator_rss_kb_per_device']} KB per added device), "
-              f"aggregator memory x{g['aggregator_bytes_ratio']}, broker bytes out x{g['broker_bytes_sent_ratio']}")
+        print(
+            f"\n{g['configuration']} (x{g['devices_ratio']:.0f} devices): online time x{g['online_s_ratio']}, "
+            f"round wall x{g['round_wall_s_ratio']} ({g['round_ms_per_device']} ms per added device), coordinator "
+            f"RSS x{g['coordinator_peak_rss_mb_ratio']} ({g['coordinator_rss_kb_per_device']} KB per added device), "
+            f"aggregator memory x{g['aggregator_bytes_ratio']}, broker bytes out x{g['broker_bytes_sent_ratio']}"
+        )
     return 0 if all(r.get("target_met", True) for r in rows) else 1
 
 

@@ -48,11 +48,20 @@ def breakdown(row: dict) -> dict:
     other = row["wall_s"] - sum(named.values()) - sum(t.get(k, 0.0) for k in CLIENT_PHASES)
     coord = sum(named.values()) + max(0.0, other)
     cpu = sum(row.get("cpu_s", {}).get(k, 0.0) for k in COORDINATOR_PHASES)
-    return {"coordinator_cpu_s": round(cpu, 4),"round": row["round"], "wall_s": row["wall_s"], "clients_ok": row["clients_ok"],
-            "clients_and_network_s": round(sum(t.get(k, 0.0) for k in CLIENT_PHASES), 4),
-            "coordinator_s": round(coord, 4), "overhead": round(coord / row["wall_s"], 4),
-            "phases_s": {**{k: round(v, 4) for k, v in named.items()}, "other": round(max(0.0, other), 4),
-                         **{k: round(t.get(k, 0.0), 4) for k in CLIENT_PHASES}}}
+    return {
+        "coordinator_cpu_s": round(cpu, 4),
+        "round": row["round"],
+        "wall_s": row["wall_s"],
+        "clients_ok": row["clients_ok"],
+        "clients_and_network_s": round(sum(t.get(k, 0.0) for k in CLIENT_PHASES), 4),
+        "coordinator_s": round(coord, 4),
+        "overhead": round(coord / row["wall_s"], 4),
+        "phases_s": {
+            **{k: round(v, 4) for k, v in named.items()},
+            "other": round(max(0.0, other), 4),
+            **{k: round(t.get(k, 0.0), 4) for k in CLIENT_PHASES},
+        },
+    }
 
 
 def main() -> int:
@@ -65,14 +74,40 @@ def main() -> int:
     a = p.parse_args()
     n = a.clients
     shard = lambda i: ["--data-shard", f"{i}/{n}"]  # noqa: E731
-    with local_fleet(n, "overhead", ["--data", "digits", "--train-threads", "1"], per_agent=shard,
-                     nice=a.nice) as (b, work):
-        out = subprocess.run([str(BIN / "edgeprune"), "train", "--broker", b.url, "--fleet", "overhead", "--home",
-                              str(Path(work) / "coord"), "--rounds", str(a.rounds), "--sparsity", "0.8",
-                              "--local-epochs", str(a.epochs), "--wait-for", str(n), "--wait-timeout", "300",
-                              "--json"], capture_output=True, text=True, timeout=3600)
+    with local_fleet(n, "overhead", ["--data", "digits", "--train-threads", "1"], per_agent=shard, nice=a.nice) as (
+        b,
+        work,
+    ):
+        out = subprocess.run(
+            [
+                str(BIN / "edgeprune"),
+                "train",
+                "--broker",
+                b.url,
+                "--fleet",
+                "overhead",
+                "--home",
+                str(Path(work) / "coord"),
+                "--rounds",
+                str(a.rounds),
+                "--sparsity",
+                "0.8",
+                "--local-epochs",
+                str(a.epochs),
+                "--wait-for",
+                str(n),
+                "--wait-timeout",
+                "300",
+                "--json",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=3600,
+        )
     if out.returncode != 0:
-        print(f"edgeprune train failed ({out.returncode}):\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}", file=sys.stderr)
+        print(
+            f"edgeprune train failed ({out.returncode}):\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}", file=sys.stderr
+        )
         return 1
     summary = json.loads(out.stdout)
     rows = [breakdown(r) for r in summary["rounds"]]
@@ -80,15 +115,23 @@ def main() -> int:
     wall = sum(r["wall_s"] for r in steady)
     coord = sum(r["coordinator_s"] for r in steady)
     phases = {k: round(sum(r["phases_s"][k] for r in steady) / len(steady), 4) for k in steady[0]["phases_s"]}
-    result = {"configuration": f"{n} clients, rounds {steady[0]['round']}-{steady[-1]['round']}", "clients": n,
-              "rounds": len(steady), "round_wall_s": round(wall / len(steady), 3),
-              "coordinator_s_per_round": round(coord / len(steady), 4), "overhead": round(coord / wall, 4),
-              "coordinator_cpu_s_per_round": round(sum(r["coordinator_cpu_s"] for r in steady) / len(steady), 4),
-              "cpu_overhead": round(sum(r["coordinator_cpu_s"] for r in steady) / wall, 4), "agents_nice": a.nice,
-              "phases_s_per_round": phases, "final_accuracy": summary["final_accuracy"],
-              "coordinator_peak_rss_mb": round(summary["peak_rss_bytes"]["coordinator"] / 2**20, 1),
-              "model_worker_peak_rss_mb": round(summary["peak_rss_bytes"]["model_worker"] / 2**20, 1),
-              "target": {"max_overhead": MAX_OVERHEAD}, "target_met": coord / wall <= MAX_OVERHEAD}
+    result = {
+        "configuration": f"{n} clients, rounds {steady[0]['round']}-{steady[-1]['round']}",
+        "clients": n,
+        "rounds": len(steady),
+        "round_wall_s": round(wall / len(steady), 3),
+        "coordinator_s_per_round": round(coord / len(steady), 4),
+        "overhead": round(coord / wall, 4),
+        "coordinator_cpu_s_per_round": round(sum(r["coordinator_cpu_s"] for r in steady) / len(steady), 4),
+        "cpu_overhead": round(sum(r["coordinator_cpu_s"] for r in steady) / wall, 4),
+        "agents_nice": a.nice,
+        "phases_s_per_round": phases,
+        "final_accuracy": summary["final_accuracy"],
+        "coordinator_peak_rss_mb": round(summary["peak_rss_bytes"]["coordinator"] / 2**20, 1),
+        "model_worker_peak_rss_mb": round(summary["peak_rss_bytes"]["model_worker"] / 2**20, 1),
+        "target": {"max_overhead": MAX_OVERHEAD},
+        "target_met": coord / wall <= MAX_OVERHEAD,
+    }
     if a.json:
         for r in rows:
             print(json.dumps({"configuration": f"round {r['round']}", **r}))
@@ -98,13 +141,18 @@ def main() -> int:
         cols = list(rows[0]["phases_s"])
         print(f"{'round':>5} {'wall':>7} " + " ".join(f"{c:>9}" for c in cols) + f" {'coord':>7} {'share':>6}")
         for r in rows:
-            print(f"{r['round']:>5} {r['wall_s']:>6.2f}s " + " ".join(f"{r['phases_s'][c]:>8.3f}s" for c in cols)
-                  + f" {r['coordinator_s']:>6.3f}s {r['overhead']:>6.1%}")
-        print(f"\nsteady state ({result['configuration']}): coordinator {result['coordinator_s_per_round']:.3f} s of "
-              f"{result['round_wall_s']:.2f} s per round = {result['overhead']:.2%} (target <= {MAX_OVERHEAD:.0%}) "
-              f"{'met' if result['target_met'] else 'MISSED'}; the round-loop thread's CPU time in those phases "
-              f"{result['coordinator_cpu_s_per_round']:.3f} s = {result['cpu_overhead']:.2%}; agents at nice {a.nice}; "
-              f"accuracy {summary['final_accuracy']:.2%}")
+            print(
+                f"{r['round']:>5} {r['wall_s']:>6.2f}s "
+                + " ".join(f"{r['phases_s'][c]:>8.3f}s" for c in cols)
+                + f" {r['coordinator_s']:>6.3f}s {r['overhead']:>6.1%}"
+            )
+        print(
+            f"\nsteady state ({result['configuration']}): coordinator {result['coordinator_s_per_round']:.3f} s of "
+            f"{result['round_wall_s']:.2f} s per round = {result['overhead']:.2%} (target <= {MAX_OVERHEAD:.0%}) "
+            f"{'met' if result['target_met'] else 'MISSED'}; the round-loop thread's CPU time in those phases "
+            f"{result['coordinator_cpu_s_per_round']:.3f} s = {result['cpu_overhead']:.2%}; agents at nice {a.nice}; "
+            f"accuracy {summary['final_accuracy']:.2%}"
+        )
     return 0 if result["target_met"] else 1
 
 

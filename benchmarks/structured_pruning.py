@@ -28,7 +28,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-
 from common import BIN, local_fleet, machine
 
 FRACTIONS = (0.0, 0.25, 0.5, 0.75)
@@ -38,9 +37,29 @@ MIN_UPLOAD_RATIO = 3.0
 
 
 def fed_run(url: str, home: Path, rounds: int, structured: float, sparsity: float) -> dict:
-    cmd = [str(BIN / "edgeprune"), "train", "--broker", url, "--fleet", "sp", "--home", str(home), "--rounds",
-           str(rounds), "--sparsity", f"{sparsity:.4f}", "--update-format", "fp32", "--wait-for", "4",
-           "--wait-timeout", "300", "--seed", "1", "--json"]
+    cmd = [
+        str(BIN / "edgeprune"),
+        "train",
+        "--broker",
+        url,
+        "--fleet",
+        "sp",
+        "--home",
+        str(home),
+        "--rounds",
+        str(rounds),
+        "--sparsity",
+        f"{sparsity:.4f}",
+        "--update-format",
+        "fp32",
+        "--wait-for",
+        "4",
+        "--wait-timeout",
+        "300",
+        "--seed",
+        "1",
+        "--json",
+    ]
     if structured:
         cmd += ["--structured", str(structured), "--structured-every", "2"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
@@ -63,8 +82,10 @@ def mobilenet_shrunk(fraction: float):
         arch = model.to_json()
         shrinkable = surgery.report(arch)["shrinkable"]
         by_name = dict(zip(names, weights))
-        score = {k: np.abs(by_name[f"{k}/kernel"]).sum(axis=tuple(range(by_name[f"{k}/kernel"].ndim - 1)))
-                 for k in shrinkable}
+        score = {
+            k: np.abs(by_name[f"{k}/kernel"]).sum(axis=tuple(range(by_name[f"{k}/kernel"].ndim - 1)))
+            for k in shrinkable
+        }
         keep = surgery.keep_top(score, shrinkable, shrinkable, fraction)
         new_arch, cuts = surgery.shrink(arch, names, keep)
         model = models.from_json(new_arch)
@@ -81,7 +102,8 @@ def main() -> int:
     a = p.parse_args()
     log = (lambda *x: None) if a.json else (lambda *x: print(*x, file=sys.stderr, flush=True))
 
-    from coordinator import bench as bench_mod, export
+    from coordinator import bench as bench_mod
+    from coordinator import export
     from coordinator.progress import Reporter
     from coordinator.session import Session
     from coordinator.store import Store
@@ -99,8 +121,15 @@ def main() -> int:
         dense = configs[0]["summary"]
         same = 1.0 - p50["num_params"] / dense["num_params"]
         log(f"== digits: unstructured pruning at {same:.1%} (as many weights as the 50% model) ...")
-        configs.append({"model": "digits_cnn", "kind": "unstructured", "removed": None, "sparsity": same,
-                        "summary": fed_run(b.url, work / "coord", a.rounds, 0.0, round(same, 4))})
+        configs.append(
+            {
+                "model": "digits_cnn",
+                "kind": "unstructured",
+                "removed": None,
+                "sparsity": same,
+                "summary": fed_run(b.url, work / "coord", a.rounds, 0.0, round(same, 4)),
+            }
+        )
         for c in configs:
             model = models.load_file(str(Path(c["summary"]["run_dir"]) / "model.keras"))
             tag = f"digits-{c['kind']}-{c['removed'] if c['removed'] is not None else 'u'}"
@@ -110,17 +139,38 @@ def main() -> int:
             log(f"== mobilenet_tiny: {frac:.0%} of filters removed (L1 norm, untrained weights) ...")
             model, params, fl, units = mobilenet_shrunk(frac)
             tag = f"mobilenet-{int(frac * 100)}"
-            configs.append({"model": "mobilenet_tiny", "kind": "structured", "removed": frac, "params": params,
-                            "flops": fl, "architecture": units,
-                            "artifacts": export.export(model, ["dense"], work / "art" / tag, prefix=tag)})
+            configs.append(
+                {
+                    "model": "mobilenet_tiny",
+                    "kind": "structured",
+                    "removed": frac,
+                    "params": params,
+                    "flops": fl,
+                    "architecture": units,
+                    "artifacts": export.export(model, ["dense"], work / "art" / tag, prefix=tag),
+                }
+            )
 
         store = Store(work / "bench-home")
         session = Session(b.url, "sp", store, long_running=True).start()
         session.wait_online(4, 30)
         arts = [x for c in configs for x in c["artifacts"]]
         log(f"== benchmarking {len(arts)} artifacts on dev000 ({a.runs} runs each, interleaved) ...")
-        res = bench_mod.bench(session, store, arts, ["dev000"], run_id=None, threads=1, runs=a.runs, duration_s=None,
-                              warmup=20, budget_s=900, runtime="auto", parallel=False, reporter=Reporter(quiet=True))
+        res = bench_mod.bench(
+            session,
+            store,
+            arts,
+            ["dev000"],
+            run_id=None,
+            threads=1,
+            runs=a.runs,
+            duration_s=None,
+            warmup=20,
+            budget_s=900,
+            runtime="auto",
+            parallel=False,
+            reporter=Reporter(quiet=True),
+        )
         session.close()
     lat = {r["artifact"]: r["latency_ms"]["p50"] for r in res["devices"]["dev000"]["artifacts"]}
 
@@ -128,21 +178,35 @@ def main() -> int:
     for c in configs:
         s = c.get("summary") or {}
         for art in c["artifacts"]:
-            rows.append({
-                "model": c["model"], "kind": c["kind"], "units_removed": c["removed"], "sparsity": c.get("sparsity"),
-                "variant": art["format"], "params": s.get("num_params", c.get("params")),
-                "nonzero_params": (round(s["num_params"] * (1 - (s.get("final_sparsity_overall") or 0.0)))
-                                   if s else c.get("params")),
-                "flops": s.get("flops", c.get("flops")), "architecture": s.get("architecture", c.get("architecture")),
-                "tflite_bytes": art["bytes"], "p50_ms": lat[art["name"]],
-                "accuracy": s.get("final_accuracy"),
-                "upload_bytes_last_round": s["rounds"][-1]["bytes_up_per_client"] if s else None,
-                "upload_bytes_avg_per_round": s.get("upload_bytes_per_client_round"),
-                "upload_encoding": ("fp32, plain" if c["kind"] == "structured" else "fp32 values + masks, zstd")
-                if s else None,
-            })
+            rows.append(
+                {
+                    "model": c["model"],
+                    "kind": c["kind"],
+                    "units_removed": c["removed"],
+                    "sparsity": c.get("sparsity"),
+                    "variant": art["format"],
+                    "params": s.get("num_params", c.get("params")),
+                    "nonzero_params": (
+                        round(s["num_params"] * (1 - (s.get("final_sparsity_overall") or 0.0)))
+                        if s
+                        else c.get("params")
+                    ),
+                    "flops": s.get("flops", c.get("flops")),
+                    "architecture": s.get("architecture", c.get("architecture")),
+                    "tflite_bytes": art["bytes"],
+                    "p50_ms": lat[art["name"]],
+                    "accuracy": s.get("final_accuracy"),
+                    "upload_bytes_last_round": s["rounds"][-1]["bytes_up_per_client"] if s else None,
+                    "upload_bytes_avg_per_round": s.get("upload_bytes_per_client_round"),
+                    "upload_encoding": ("fp32, plain" if c["kind"] == "structured" else "fp32 values + masks, zstd")
+                    if s
+                    else None,
+                }
+            )
     for r in rows:
-        base = next(x for x in rows if x["model"] == r["model"] and x["units_removed"] == 0.0 and x["variant"] == "dense")
+        base = next(
+            x for x in rows if x["model"] == r["model"] and x["units_removed"] == 0.0 and x["variant"] == "dense"
+        )
         r["speedup_vs_dense"] = round(base["p50_ms"] / r["p50_ms"], 3)
         r["flops_ratio_vs_dense"] = round(base["flops"] / r["flops"], 3) if r["flops"] else None
         r["params_ratio_vs_dense"] = round(base["params"] / r["params"], 3)
@@ -150,13 +214,20 @@ def main() -> int:
             r["accuracy_gap_pts"] = round((base["accuracy"] - r["accuracy"]) * 100, 2)
             if r["upload_bytes_last_round"]:  # once the model has its final size, and over the whole run
                 r["upload_ratio_vs_dense"] = round(base["upload_bytes_last_round"] / r["upload_bytes_last_round"], 2)
-                r["upload_ratio_vs_dense_avg"] = round(base["upload_bytes_avg_per_round"]
-                                                       / r["upload_bytes_avg_per_round"], 2)
+                r["upload_ratio_vs_dense_avg"] = round(
+                    base["upload_bytes_avg_per_round"] / r["upload_bytes_avg_per_round"], 2
+                )
         if r["units_removed"] == 0.5 and r["model"] == "digits_cnn":
-            r["target"] = {"min_speedup": MIN_SPEEDUP, "max_accuracy_gap_pts": MAX_ACC_GAP_PTS,
-                           "min_upload_ratio": MIN_UPLOAD_RATIO}
-            r["target_met"] = (r["speedup_vs_dense"] >= MIN_SPEEDUP and r["accuracy_gap_pts"] <= MAX_ACC_GAP_PTS
-                               and r.get("upload_ratio_vs_dense", 0) >= MIN_UPLOAD_RATIO)
+            r["target"] = {
+                "min_speedup": MIN_SPEEDUP,
+                "max_accuracy_gap_pts": MAX_ACC_GAP_PTS,
+                "min_upload_ratio": MIN_UPLOAD_RATIO,
+            }
+            r["target_met"] = (
+                r["speedup_vs_dense"] >= MIN_SPEEDUP
+                and r["accuracy_gap_pts"] <= MAX_ACC_GAP_PTS
+                and r.get("upload_ratio_vs_dense", 0) >= MIN_UPLOAD_RATIO
+            )
         elif r["units_removed"] == 0.5:
             r["target"] = {"min_speedup": MIN_SPEEDUP}
             r["target_met"] = r["speedup_vs_dense"] >= MIN_SPEEDUP
@@ -165,17 +236,21 @@ def main() -> int:
         for r in rows:
             print(json.dumps(r))
     else:
-        print(f"{'model':<15} {'kind':<12} {'removed':>7} {'variant':<7} {'params':>8} {'MFLOPs':>7} {'TFLite B':>9} "
-              f"{'p50 ms':>7} {'speedup':>7} {'acc':>7} {'gap':>6} {'upload':>7}  target")
+        print(
+            f"{'model':<15} {'kind':<12} {'removed':>7} {'variant':<7} {'params':>8} {'MFLOPs':>7} {'TFLite B':>9} "
+            f"{'p50 ms':>7} {'speedup':>7} {'acc':>7} {'gap':>6} {'upload':>7}  target"
+        )
         for r in rows[:-1]:
             acc = f"{r['accuracy'] * 100:.2f}%" if r.get("accuracy") is not None else "-"
             gap = f"{r['accuracy_gap_pts']:.2f}" if r.get("accuracy_gap_pts") is not None else "-"
             up = f"{r['upload_ratio_vs_dense']:.2f}x" if r.get("upload_ratio_vs_dense") else "-"
             removed = f"{r['units_removed']:.0%}" if r["units_removed"] is not None else f"u{r['sparsity']:.0%}"
             met = {True: "met", False: "MISSED"}.get(r.get("target_met"), "")
-            print(f"{r['model']:<15} {r['kind']:<12} {removed:>7} {r['variant']:<7} {r['params']:>8,} "
-                  f"{(r['flops'] or 0) / 1e6:>7.2f} {r['tflite_bytes']:>9,} {r['p50_ms']:>7.3f} "
-                  f"{r['speedup_vs_dense']:>6.2f}x {acc:>7} {gap:>6} {up:>7}  {met}")
+            print(
+                f"{r['model']:<15} {r['kind']:<12} {removed:>7} {r['variant']:<7} {r['params']:>8,} "
+                f"{(r['flops'] or 0) / 1e6:>7.2f} {r['tflite_bytes']:>9,} {r['p50_ms']:>7.3f} "
+                f"{r['speedup_vs_dense']:>6.2f}x {acc:>7} {gap:>6} {up:>7}  {met}"
+            )
     return 0 if all(r.get("target_met", True) for r in rows) else 1
 
 

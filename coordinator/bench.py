@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .train import new_run_id
 from .session import Session
 from .store import Store
+from .train import new_run_id
 
 
 def collect_artifacts(store: Store, ref: str, formats: list[str], reporter) -> tuple[list[dict], str | None]:
@@ -44,13 +44,34 @@ def collect_artifacts(store: Store, ref: str, formats: list[str], reporter) -> t
     return recs, run_id
 
 
-def bench(session: Session, store: Store, artifacts: list[dict], devices: list[str], *, run_id: str | None,
-          threads: int, runs: int | None, duration_s: float | None, warmup: int, budget_s: float, runtime: str,
-          parallel: bool, reporter) -> dict[str, Any]:
+def bench(
+    session: Session,
+    store: Store,
+    artifacts: list[dict],
+    devices: list[str],
+    *,
+    run_id: str | None,
+    threads: int,
+    runs: int | None,
+    duration_s: float | None,
+    warmup: int,
+    budget_s: float,
+    runtime: str,
+    parallel: bool,
+    reporter,
+) -> dict[str, Any]:
     bench_id = new_run_id()
-    config = {"run_id": run_id, "devices": devices, "threads": threads, "runs": runs, "duration_s": duration_s,
-              "warmup": warmup, "budget_s": budget_s, "runtime": runtime,
-              "artifacts": [{k: a[k] for k in ("name", "format", "sha256", "bytes", "sparsity")} for a in artifacts]}
+    config = {
+        "run_id": run_id,
+        "devices": devices,
+        "threads": threads,
+        "runs": runs,
+        "duration_s": duration_s,
+        "warmup": warmup,
+        "budget_s": budget_s,
+        "runtime": runtime,
+        "artifacts": [{k: a[k] for k in ("name", "format", "sha256", "bytes", "sparsity")} for a in artifacts],
+    }
     store.create_run(bench_id, session.fleet, "bench", config)
     refs = []
     for a in artifacts:
@@ -70,6 +91,7 @@ def bench(session: Session, store: Store, artifacts: list[dict], devices: list[s
             r = reply.result or {}
             what = r.get("artifact") or (f"{r['done']}/{r['total']} timed" if r.get("total") else r.get("phase", ""))
             reporter.say(f"  {dev}: {r.get('phase', '')} {what}".rstrip())
+
         return show
 
     def one(dev: str):
@@ -90,13 +112,23 @@ def bench(session: Session, store: Store, artifacts: list[dict], devices: list[s
             continue
         results[dev] = reply.result
         for r in reply.result["artifacts"]:
-            store.save_bench_result(bench_id, run_id, dev, {**r, "device": {
-                k: reply.result.get(k) for k in ("board", "threads_requested", "order", "wall_s")},
-                "thermal": reply.result.get("thermal")})
+            store.save_bench_result(
+                bench_id,
+                run_id,
+                dev,
+                {
+                    **r,
+                    "device": {k: reply.result.get(k) for k in ("board", "threads_requested", "order", "wall_s")},
+                    "thermal": reply.result.get("thermal"),
+                },
+            )
         session.submit(dev, "ack", {"ids": [reply.id]})  # stored: the device may drop it from its outbox
     for ref in refs:
         session.clear_blob(ref["sha256"])
     summary = {"bench_id": bench_id, "run_id": run_id, "devices": results, "wall_s": round(time.perf_counter() - t0, 3)}
-    store.finish_run(bench_id, "done" if all("error" not in r for r in results.values()) else "partial",
-                     {"run_id": run_id, "devices": sorted(results)})
+    store.finish_run(
+        bench_id,
+        "done" if all("error" not in r for r in results.values()) else "partial",
+        {"run_id": run_id, "devices": sorted(results)},
+    )
     return summary

@@ -63,8 +63,15 @@ def wait_for_port(host: str, port: int, timeout_s: float = 10.0) -> bool:
     return False
 
 
-def mosquitto_config(host: str, port: int, workdir: Path, persistence: bool = False, pki_dir: Path | None = None,
-                     sys_interval_s: int | None = None, password_file: Path | None = None) -> str:
+def mosquitto_config(
+    host: str,
+    port: int,
+    workdir: Path,
+    persistence: bool = False,
+    pki_dir: Path | None = None,
+    sys_interval_s: int | None = None,
+    password_file: Path | None = None,
+) -> str:
     """A Mosquitto 2.0 config for one listener: plain, or TLS with client certificates and the fleet ACL.
 
     Queues are raised from the defaults because a coordinator receiving replies
@@ -89,7 +96,7 @@ def mosquitto_config(host: str, port: int, workdir: Path, persistence: bool = Fa
             f"cafile {pki_dir / 'ca.crt'}",
             f"certfile {pki_dir / 'broker.crt'}",
             f"keyfile {pki_dir / 'broker.key'}",
-            "require_certificate true",       # no certificate from our CA, no connection
+            "require_certificate true",  # no certificate from our CA, no connection
             "use_identity_as_username true",  # the certificate's CN is the user the ACL names
             "allow_anonymous false",
             f"acl_file {acl}",
@@ -152,14 +159,24 @@ class BrokerProcess:
 
 def warn_if_exposed(host: str) -> None:
     if host not in LOOPBACK:
-        log.warning("broker listens on %s without TLS: anyone on that network can join the fleet; "
-                    "use it for local demos only", host)
+        log.warning(
+            "broker listens on %s without TLS: anyone on that network can join the fleet; "
+            "use it for local demos only",
+            host,
+        )
 
 
-def start(kind: str = "auto", host: str = "127.0.0.1", port: int = 0, workdir: str | os.PathLike | None = None,
-          persistence: bool = False, log_file: str | os.PathLike | None = None,
-          pki_dir: str | os.PathLike | None = None, sys_interval_s: int | None = None,
-          users: dict[str, str] | None = None) -> BrokerProcess:
+def start(
+    kind: str = "auto",
+    host: str = "127.0.0.1",
+    port: int = 0,
+    workdir: str | os.PathLike | None = None,
+    persistence: bool = False,
+    log_file: str | os.PathLike | None = None,
+    pki_dir: str | os.PathLike | None = None,
+    sys_interval_s: int | None = None,
+    users: dict[str, str] | None = None,
+) -> BrokerProcess:
     """Start a broker child process and wait until it accepts connections.
 
     ``kind``: ``mosquitto``, ``embedded`` or ``auto`` (Mosquitto if installed).
@@ -182,13 +199,21 @@ def start(kind: str = "auto", host: str = "127.0.0.1", port: int = 0, workdir: s
             passwords.write_text("")
             os.chmod(passwords, 0o600)
             for user, password in users.items():  # mosquitto_passwd stores salted hashes, never the password
-                subprocess.run([shutil.which("mosquitto_passwd") or "mosquitto_passwd", "-b", str(passwords), user,
-                                password], check=True, capture_output=True)
-        conf.write_text(mosquitto_config(host, port, work, persistence, Path(pki_dir) if pki_dir else None,
-                                         sys_interval_s, passwords))
+                subprocess.run(
+                    [shutil.which("mosquitto_passwd") or "mosquitto_passwd", "-b", str(passwords), user, password],
+                    check=True,
+                    capture_output=True,
+                )
+        conf.write_text(
+            mosquitto_config(
+                host, port, work, persistence, Path(pki_dir) if pki_dir else None, sys_interval_s, passwords
+            )
+        )
         cmd = [exe, "-c", str(conf)]
     elif pki_dir is not None or users:
-        raise RuntimeError("a secure broker (TLS, client certificates, ACL) needs Mosquitto (apt-get install mosquitto)")
+        raise RuntimeError(
+            "a secure broker (TLS, client certificates, ACL) needs Mosquitto (apt-get install mosquitto)"
+        )
     elif kind == "embedded":
         cmd = [sys.executable, "-m", "coordinator.broker", "--host", host, "--port", str(port)]
     else:
@@ -197,8 +222,9 @@ def start(kind: str = "auto", host: str = "127.0.0.1", port: int = 0, workdir: s
     if not wait_for_port(host, port, 20.0):
         proc.kill()
         raise RuntimeError(f"{kind} broker did not start listening on {host}:{port}: {' '.join(cmd)}")
-    return BrokerProcess(kind, host, port, proc, work, tls=pki_dir is not None,
-                         log_file=Path(log_file) if log_file else None)
+    return BrokerProcess(
+        kind, host, port, proc, work, tls=pki_dir is not None, log_file=Path(log_file) if log_file else None
+    )
 
 
 def run_embedded(host: str, port: int) -> None:

@@ -33,8 +33,15 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SOURCE_PARTS = ("pyproject.toml", "README.md", "edge_agent", "coordinator")
 
 # manylinux tags pip may pick for each machine, oldest first; filtered by the device's glibc.
-_MANYLINUX_ARCH = {"aarch64": "aarch64", "arm64": "aarch64", "x86_64": "x86_64", "amd64": "x86_64",
-                   "armv7l": "armv7l", "armv6l": "armv6l", "riscv64": "riscv64"}
+_MANYLINUX_ARCH = {
+    "aarch64": "aarch64",
+    "arm64": "aarch64",
+    "x86_64": "x86_64",
+    "amd64": "x86_64",
+    "armv7l": "armv7l",
+    "armv6l": "armv6l",
+    "riscv64": "riscv64",
+}
 DEFAULT_GLIBC = (2, 36)  # Debian 12 Bookworm = Raspberry Pi OS Bookworm
 
 
@@ -48,15 +55,17 @@ class BundleError(RuntimeError):
 
 @dataclass(frozen=True)
 class Platform:
-    arch: str          # as `uname -m` prints it, normalised (aarch64, x86_64, armv7l...)
-    python: str        # "3.11"
+    arch: str  # as `uname -m` prints it, normalised (aarch64, x86_64, armv7l...)
+    python: str  # "3.11"
     glibc: tuple[int, int] = DEFAULT_GLIBC
 
     @classmethod
     def parse(cls, arch: str, python: str, glibc: str | tuple[int, int] | None = None) -> "Platform":
         machine = _MANYLINUX_ARCH.get(arch.lower())
         if machine is None:
-            raise BundleError(f"unknown architecture {arch!r}; known: {', '.join(sorted(set(_MANYLINUX_ARCH.values())))}")
+            raise BundleError(
+                f"unknown architecture {arch!r}; known: {', '.join(sorted(set(_MANYLINUX_ARCH.values())))}"
+            )
         if not re.fullmatch(r"3\.\d{1,2}", python):
             raise BundleError(f"--python must look like 3.11, not {python!r}")
         if isinstance(glibc, str):
@@ -81,7 +90,8 @@ class Platform:
 def wheel_cache(platform: Platform) -> Path:
     """Downloaded device wheels, shared by every coordinator home [env EDGEPRUNE_WHEEL_CACHE]."""
     base = os.environ.get("EDGEPRUNE_WHEEL_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "edgeprune", "wheels")
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "edgeprune", "wheels"
+    )
     return Path(base) / platform.tag
 
 
@@ -90,8 +100,13 @@ def source_digest(root: Path = PROJECT_ROOT) -> str:
     h = hashlib.sha256()
     for part in SOURCE_PARTS:
         path = root / part
-        files = [path] if path.is_file() else sorted(p for p in path.rglob("*")
-                                                      if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc")
+        files = (
+            [path]
+            if path.is_file()
+            else sorted(
+                p for p in path.rglob("*") if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc"
+            )
+        )
         for f in files:
             h.update(str(f.relative_to(root)).encode())
             h.update(f.read_bytes())
@@ -99,8 +114,9 @@ def source_digest(root: Path = PROJECT_ROOT) -> str:
 
 
 def _run_pip(args: list[str], what: str) -> str:
-    proc = subprocess.run([sys.executable, "-m", "pip", *args, "--disable-pip-version-check"],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", *args, "--disable-pip-version-check"], capture_output=True, text=True
+    )
     if proc.returncode != 0:
         raise _PipFailed(what, proc.stdout + proc.stderr)
     return proc.stdout
@@ -116,8 +132,10 @@ class _PipFailed(Exception):
 def build_project_wheel(dest: Path, root: Path = PROJECT_ROOT) -> Path:
     """Build the edgeprune wheel from a clean copy of the source (keeps build/ out of the tree)."""
     if not (root / "pyproject.toml").is_file():
-        raise BundleError(f"edgeprune's source is not at {root}: flashing builds the agent wheel from a source "
-                          "checkout (git clone ... && ./scripts/demo)")
+        raise BundleError(
+            f"edgeprune's source is not at {root}: flashing builds the agent wheel from a source "
+            "checkout (git clone ... && ./scripts/demo)"
+        )
     with tempfile.TemporaryDirectory(prefix="edgeprune-wheel-") as tmp:
         src = Path(tmp) / "src"
         src.mkdir()
@@ -129,7 +147,10 @@ def build_project_wheel(dest: Path, root: Path = PROJECT_ROOT) -> Path:
                 shutil.copy2(p, src / part)
         try:
             # no build isolation: setuptools comes with the coordinator extra, so this works offline
-            _run_pip(["wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dest), str(src)], "build the edgeprune wheel")
+            _run_pip(
+                ["wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dest), str(src)],
+                "build the edgeprune wheel",
+            )
         except _PipFailed as exc:
             raise BundleError(f"building the edgeprune wheel failed:\n{_tail(exc.output)}") from None
     wheels = sorted(dest.glob("edgeprune-*.whl"))
@@ -147,8 +168,9 @@ def _missing_package(output: str) -> str | None:
     return m.group(1) if m else None
 
 
-def download_wheels(project_wheel: Path, extras: list[str], platform: Platform, cache: Path,
-                    dest: Path, offline: bool) -> None:
+def download_wheels(
+    project_wheel: Path, extras: list[str], platform: Platform, cache: Path, dest: Path, offline: bool
+) -> None:
     """Resolve ``edgeprune[extras]`` for the device's platform into ``dest`` (pip decides what).
 
     Tries the wheel cache alone first; goes to the index only for what is missing,
@@ -156,9 +178,21 @@ def download_wheels(project_wheel: Path, extras: list[str], platform: Platform, 
     """
     cache.mkdir(parents=True, exist_ok=True)
     req = f"{project_wheel}[{','.join(extras)}]" if extras else str(project_wheel)
-    base = ["download", "-q", "--only-binary=:all:", "--implementation", "cp",
-            "--python-version", platform.python, "-d", str(dest), "--find-links", str(cache),
-            "--find-links", str(project_wheel.parent)]
+    base = [
+        "download",
+        "-q",
+        "--only-binary=:all:",
+        "--implementation",
+        "cp",
+        "--python-version",
+        platform.python,
+        "-d",
+        str(dest),
+        "--find-links",
+        str(cache),
+        "--find-links",
+        str(project_wheel.parent),
+    ]
     for tag in platform.pip_platforms():
         base += ["--platform", tag]
     targets = [req, "pip"]  # pip's own wheel: installs into a venv made --without-pip (no python3-venv needed)
@@ -171,7 +205,9 @@ def download_wheels(project_wheel: Path, extras: list[str], platform: Platform, 
                 f"no {platform.arch} / Python {platform.python} wheel of {missing or 'a dependency'} in the wheel cache "
                 f"{cache} and offline mode is on. Build the bundle once with network access "
                 f"(edgeprune flash --bundle OUT --arch {platform.arch} --python {platform.python}), "
-                f"or put the wheel in the cache.", code="no_wheels") from None
+                f"or put the wheel in the cache.",
+                code="no_wheels",
+            ) from None
         try:
             _run_pip([*base, *targets], "download wheels")
         except _PipFailed as exc:
@@ -181,7 +217,9 @@ def download_wheels(project_wheel: Path, extras: list[str], platform: Platform, 
                     f"no wheel of {missing} exists for {platform.arch} / CPython {platform.python} "
                     f"(glibc {platform.glibc[0]}.{platform.glibc[1]}): pip found no binary for that platform. "
                     f"Use a 64-bit OS on the device (Raspberry Pi OS Bookworm 64-bit = aarch64, Python 3.11), "
-                    f"or put a wheel you built for it into {cache}.", code="no_wheels") from None
+                    f"or put a wheel you built for it into {cache}.",
+                    code="no_wheels",
+                ) from None
             raise BundleError(f"pip download failed for {platform.tag}:\n{_tail(exc.output)}") from None
     for whl in dest.glob("*.whl"):
         if whl.name.startswith("edgeprune-"):
@@ -203,8 +241,16 @@ def bundle_name(platform: Platform, train: bool, version: str = __version__) -> 
     return f"edgeprune-agent-{version}-{platform.tag}{'-train' if train else ''}"
 
 
-def build(platform: Platform, out: Path, *, train: bool = False, cache: Path | None = None, offline: bool = False,
-          say=lambda msg: None, source_root: Path = PROJECT_ROOT) -> dict:
+def build(
+    platform: Platform,
+    out: Path,
+    *,
+    train: bool = False,
+    cache: Path | None = None,
+    offline: bool = False,
+    say=lambda msg: None,
+    source_root: Path = PROJECT_ROOT,
+) -> dict:
     """Write the bundle to ``out`` and return its manifest."""
     extras = ["agent"] + (["train"] if train else [])
     cache = cache or wheel_cache(platform)
@@ -223,9 +269,15 @@ def build(platform: Platform, out: Path, *, train: bool = False, cache: Path | N
         bundle_id = hashlib.sha256("".join(e["sha256"] for e in entries).encode()).hexdigest()[:16]
         version = project.name.split("-")[1]
         manifest = {
-            "format": BUNDLE_FORMAT, "edgeprune": version, "bundle_id": bundle_id,
-            "arch": platform.arch, "python": platform.python, "glibc": "%d.%d" % platform.glibc,
-            "extras": extras, "wheels": entries, "wheel_bytes": sum(e["bytes"] for e in entries),
+            "format": BUNDLE_FORMAT,
+            "edgeprune": version,
+            "bundle_id": bundle_id,
+            "arch": platform.arch,
+            "python": platform.python,
+            "glibc": "%d.%d" % platform.glibc,
+            "extras": extras,
+            "wheels": entries,
+            "wheel_bytes": sum(e["bytes"] for e in entries),
         }
         name = bundle_name(platform, train, version)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -250,8 +302,9 @@ def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes, mode: int) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def cached_build(platform: Platform, home: Path, *, train: bool = False, offline: bool = False,
-                 say=lambda msg: None) -> dict:
+def cached_build(
+    platform: Platform, home: Path, *, train: bool = False, offline: bool = False, say=lambda msg: None
+) -> dict:
     """Reuse the bundle for this platform + source if it exists, else build it."""
     key = f"{bundle_name(platform, train)}-glibc{platform.glibc[0]}.{platform.glibc[1]}-{source_digest()}"
     path = home / "bundles" / f"{key}.tar.gz"

@@ -52,8 +52,14 @@ def latency_model(name: str, sparsity: float, policy: str = "all", granularity: 
     models.compile_model(wrapped)
     rng = np.random.default_rng(seed)
     x = rng.random((64, *shape), dtype=np.float32)
-    wrapped.fit(x, rng.integers(0, classes, 64), batch_size=32, epochs=1, verbose=0,
-                callbacks=[t.tfmot.sparsity.keras.UpdatePruningStep()])
+    wrapped.fit(
+        x,
+        rng.integers(0, classes, 64),
+        batch_size=32,
+        epochs=1,
+        verbose=0,
+        callbacks=[t.tfmot.sparsity.keras.UpdatePruningStep()],
+    )
     stripped = t.tfmot.sparsity.keras.strip_pruning(wrapped)
     pruned = [w for layer in stripped.layers if layer.name in report["pruned"] for w in layer.get_weights()[:1]]
     achieved = 1.0 - sum(int(np.count_nonzero(w)) for w in pruned) / max(1, sum(w.size for w in pruned))
@@ -83,8 +89,10 @@ def resolve_model(store, ref: str, prune: float = 0.0, policy: str = "all", gran
     except RunNotFound as exc:
         if "matches" in str(exc):  # an ambiguous run id: name the candidates
             raise ValueError(str(exc)) from None
-    raise ValueError(f"{ref!r} is neither a run id (see `edgeprune runs`), a model file "
-                     f"(no such file), nor a built-in model ({', '.join(models.BUILTIN)})")
+    raise ValueError(
+        f"{ref!r} is neither a run id (see `edgeprune runs`), a model file "
+        f"(no such file), nor a built-in model ({', '.join(models.BUILTIN)})"
+    )
 
 
 def _converter(model, fmt: str, calibration: np.ndarray | None):
@@ -122,10 +130,14 @@ def qat_model(model, x: np.ndarray, y: np.ndarray, epochs: int = 2, lr: float = 
     tfmot = t.tfmot
     annotated = tfmot.quantization.keras.quantize_annotate_model(model)
     qat = tfmot.quantization.keras.quantize_apply(
-        annotated, tfmot.experimental.combine.Default8BitPrunePreserveQuantizeScheme())
+        annotated, tfmot.experimental.combine.Default8BitPrunePreserveQuantizeScheme()
+    )
     softmax_out = model.layers[-1].get_config().get("activation") == "softmax"
-    qat.compile(optimizer=t.keras.optimizers.Adam(lr),
-                loss=t.keras.losses.SparseCategoricalCrossentropy(from_logits=not softmax_out), metrics=["accuracy"])
+    qat.compile(
+        optimizer=t.keras.optimizers.Adam(lr),
+        loss=t.keras.losses.SparseCategoricalCrossentropy(from_logits=not softmax_out),
+        metrics=["accuracy"],
+    )
     qat.fit(x, y, epochs=epochs, batch_size=32, verbose=0)
     return qat
 
@@ -133,14 +145,27 @@ def qat_model(model, x: np.ndarray, y: np.ndarray, epochs: int = 2, lr: float = 
 def record(data: bytes, name: str, fmt: str, path: Path) -> dict[str, Any]:
     info = tflite_info.weight_sparsity(data)
     return {
-        "name": name, "format": fmt, "path": str(path), "sha256": hashlib.sha256(data).hexdigest(),
-        "bytes": len(data), "gzip_bytes": len(gzip.compress(data, 9)), "sparsity": info["sparsity"],
-        "weights": info["weights"], "tensors": info["tensors"],
+        "name": name,
+        "format": fmt,
+        "path": str(path),
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "bytes": len(data),
+        "gzip_bytes": len(gzip.compress(data, 9)),
+        "sparsity": info["sparsity"],
+        "weights": info["weights"],
+        "tensors": info["tensors"],
     }
 
 
-def export(model, formats: list[str], out_dir: Path, calibration=None, qat_data=None, prefix: str = "model",
-           progress=lambda msg: None) -> list[dict[str, Any]]:
+def export(
+    model,
+    formats: list[str],
+    out_dir: Path,
+    calibration=None,
+    qat_data=None,
+    prefix: str = "model",
+    progress=lambda msg: None,
+) -> list[dict[str, Any]]:
     """Convert ``model`` to each format, write ``out_dir/<prefix>-<format>.tflite``, return records."""
     from edge_agent.ml import tfenv
 

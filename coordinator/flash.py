@@ -65,11 +65,24 @@ class Target:
 
 
 class Ssh:
-    def __init__(self, target: Target, identity: str | None = None, options: list[str] | None = None,
-                 connect_timeout: float = 10.0):
+    def __init__(
+        self,
+        target: Target,
+        identity: str | None = None,
+        options: list[str] | None = None,
+        connect_timeout: float = 10.0,
+    ):
         self.target = target
-        opts = ["-o", "BatchMode=yes", "-o", f"ConnectTimeout={int(connect_timeout)}",
-                "-o", "StrictHostKeyChecking=accept-new", "-o", "ServerAliveInterval=15"]
+        opts = [
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            f"ConnectTimeout={int(connect_timeout)}",
+            "-o",
+            "StrictHostKeyChecking=accept-new",
+            "-o",
+            "ServerAliveInterval=15",
+        ]
         if identity:
             if not Path(identity).expanduser().is_file():
                 raise FlashError("usage", f"--identity {identity}: no such key file")
@@ -79,14 +92,20 @@ class Ssh:
         self.opts = opts
 
     def _ssh(self) -> list[str]:
-        return ["ssh", *self.opts] + (["-p", str(self.target.port)] if self.target.port else []) + [self.target.destination]
+        return (
+            ["ssh", *self.opts]
+            + (["-p", str(self.target.port)] if self.target.port else [])
+            + [self.target.destination]
+        )
 
-    def run(self, script: str, args: list[str] = (), timeout: float = 120.0,
-            on_line: Callable[[str], None] | None = None) -> tuple[int, str, str]:
+    def run(
+        self, script: str, args: list[str] = (), timeout: float = 120.0, on_line: Callable[[str], None] | None = None
+    ) -> tuple[int, str, str]:
         """Run a POSIX sh script on the device (sent on stdin); stream stdout lines to ``on_line``."""
         remote = "sh -s -- " + " ".join(shlex.quote(a) for a in args)
-        proc = subprocess.Popen([*self._ssh(), remote], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [*self._ssh(), remote], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
         assert proc.stdin and proc.stdout and proc.stderr
         out_lines: list[str] = []
         err_parts: list[str] = []
@@ -97,8 +116,10 @@ class Ssh:
                 if on_line:
                     on_line(line.rstrip("\n"))
 
-        readers = [threading.Thread(target=pump_out, daemon=True),
-                   threading.Thread(target=lambda: err_parts.append(proc.stderr.read()), daemon=True)]
+        readers = [
+            threading.Thread(target=pump_out, daemon=True),
+            threading.Thread(target=lambda: err_parts.append(proc.stderr.read()), daemon=True),
+        ]
         for r in readers:
             r.start()
         try:
@@ -121,37 +142,60 @@ class Ssh:
         return proc.returncode, "".join(out_lines), err
 
     def copy(self, local: Path, remote: str, timeout: float = 600.0) -> None:
-        cmd = ["scp", "-q", *self.opts] + (["-P", str(self.target.port)] if self.target.port else []) \
+        cmd = (
+            ["scp", "-q", *self.opts]
+            + (["-P", str(self.target.port)] if self.target.port else [])
             + [str(local), f"{self.target.destination}:{remote}"]
+        )
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
         if proc.returncode != 0:
             err = proc.stderr
             if any(s in err for s in _UNREACHABLE + _AUTH):
                 raise ssh_error(self.target, err)
             if "No space left" in err:
-                raise FlashError("disk", f"{self.target}: no space left on the device while copying the bundle; "
-                                         f"free some space and flash again")
+                raise FlashError(
+                    "disk",
+                    f"{self.target}: no space left on the device while copying the bundle; "
+                    f"free some space and flash again",
+                )
             raise FlashError("copy", f"scp to {self.target} failed: {err.strip()}")
 
 
-_UNREACHABLE = ("Connection refused", "Connection timed out", "No route to host", "Could not resolve hostname",
-                "Network is unreachable", "Connection closed by", "Connection reset", "timed out during banner")
+_UNREACHABLE = (
+    "Connection refused",
+    "Connection timed out",
+    "No route to host",
+    "Could not resolve hostname",
+    "Network is unreachable",
+    "Connection closed by",
+    "Connection reset",
+    "timed out during banner",
+)
 _AUTH = ("Permission denied", "Too many authentication failures")
 
 
 def ssh_error(target: Target, stderr: str) -> FlashError:
     err = stderr.strip().splitlines()[-1] if stderr.strip() else "ssh failed"
     if any(s in stderr for s in _AUTH):
-        return FlashError("auth", f"SSH authentication to {target} failed ({err}). flash logs in with a key, never "
-                                  f"a password: pass --identity KEYFILE, or install your key with "
-                                  f"`ssh-copy-id {target.destination}`, and check the user name")
+        return FlashError(
+            "auth",
+            f"SSH authentication to {target} failed ({err}). flash logs in with a key, never "
+            f"a password: pass --identity KEYFILE, or install your key with "
+            f"`ssh-copy-id {target.destination}`, and check the user name",
+        )
     if "Host key verification failed" in stderr or "HOST IDENTIFICATION HAS CHANGED" in stderr:
-        return FlashError("host_key", f"{target}'s SSH host key changed or is unknown ({err}). If the device was "
-                                      f"re-imaged: ssh-keygen -R {target.host}")
+        return FlashError(
+            "host_key",
+            f"{target}'s SSH host key changed or is unknown ({err}). If the device was "
+            f"re-imaged: ssh-keygen -R {target.host}",
+        )
     if any(s in stderr for s in _UNREACHABLE):
-        return FlashError("unreachable", f"cannot reach {target} over SSH ({err}). Is the device powered, on this "
-                                         f"network, and running an SSH server? (Raspberry Pi OS: enable SSH in "
-                                         f"Raspberry Pi Imager or `sudo raspi-config`)")
+        return FlashError(
+            "unreachable",
+            f"cannot reach {target} over SSH ({err}). Is the device powered, on this "
+            f"network, and running an SSH server? (Raspberry Pi OS: enable SSH in "
+            f"Raspberry Pi Imager or `sudo raspi-config`)",
+        )
     return FlashError("ssh", f"ssh to {target} failed: {err}")
 
 
@@ -210,27 +254,38 @@ def check(info: dict, target: Target, python: str, broker_url: str) -> None:
     """Refuse what cannot work, before anything is copied or installed."""
     version = info.get("python") or ""
     if not version:
-        raise FlashError("no_python", f"{target} has no {python}" + (f" ({info['python_error']})" if info.get("python_error") else "")
-                         + ": install Python 3.10 or newer (Raspberry Pi OS / Debian: sudo apt install python3), "
-                           "or pass --remote-python PATH if it lives elsewhere")
+        raise FlashError(
+            "no_python",
+            f"{target} has no {python}"
+            + (f" ({info['python_error']})" if info.get("python_error") else "")
+            + ": install Python 3.10 or newer (Raspberry Pi OS / Debian: sudo apt install python3), "
+            "or pass --remote-python PATH if it lives elsewhere",
+        )
     if tuple(int(x) for x in version.split(".")[:2]) < MIN_PYTHON:
-        raise FlashError("old_python", f"{target} has Python {version}; edgeprune needs 3.10 or newer. Upgrade the OS "
-                                       f"(Raspberry Pi OS Bookworm has 3.11) or pass --remote-python PATH to a newer one")
+        raise FlashError(
+            "old_python",
+            f"{target} has Python {version}; edgeprune needs 3.10 or newer. Upgrade the OS "
+            f"(Raspberry Pi OS Bookworm has 3.11) or pass --remote-python PATH to a newer one",
+        )
     if info.get("broker") != "ok":
-        raise FlashError("broker_unreachable",
-                         f"{target} cannot reach the broker {broker_url} ({info.get('broker')}). --broker must be the "
-                         f"address as the *device* sees it (your laptop's LAN address, not 127.0.0.1 unless the broker "
-                         f"runs on the device), and the broker must listen on it: edgeprune broker --host 0.0.0.0")
+        raise FlashError(
+            "broker_unreachable",
+            f"{target} cannot reach the broker {broker_url} ({info.get('broker')}). --broker must be the "
+            f"address as the *device* sees it (your laptop's LAN address, not 127.0.0.1 unless the broker "
+            f"runs on the device), and the broker must listen on it: edgeprune broker --host 0.0.0.0",
+        )
 
 
 # -- flash ----------------------------------------------------------------------------------
+
 
 def _platform(info: dict) -> bundle.Platform:
     glibc = info.get("glibc") or None
     major_minor = ".".join(info["python"].split(".")[:2])
     try:
-        return bundle.Platform.parse(info.get("arch", "?"), major_minor,
-                                     glibc if glibc and re.fullmatch(r"\d+\.\d+", glibc) else None)
+        return bundle.Platform.parse(
+            info.get("arch", "?"), major_minor, glibc if glibc and re.fullmatch(r"\d+\.\d+", glibc) else None
+        )
     except bundle.BundleError as exc:
         raise FlashError("platform", str(exc)) from None
 
@@ -241,11 +296,25 @@ def _disk_needed_kb(manifest: dict, info: dict) -> int:
     return manifest["bundle_bytes"] * 2 // 1024 + install_kb  # the .tar.gz and its unpacked copy
 
 
-def flash(target: Target, ssh: Ssh, *, device_id: str, broker_url: str, fleet: str, home: Path,
-          python: str = "python3", data: str | None = None, train: bool = False, reinstall: bool = False,
-          offline: bool = False, from_bundle: Path | None = None, extra_settings: list[str] = (),
-          device_username: str | None = None, device_password_file: Path | None = None,
-          say: Callable[[str], None] = print) -> dict:
+def flash(
+    target: Target,
+    ssh: Ssh,
+    *,
+    device_id: str,
+    broker_url: str,
+    fleet: str,
+    home: Path,
+    python: str = "python3",
+    data: str | None = None,
+    train: bool = False,
+    reinstall: bool = False,
+    offline: bool = False,
+    from_bundle: Path | None = None,
+    extra_settings: list[str] = (),
+    device_username: str | None = None,
+    device_password_file: Path | None = None,
+    say: Callable[[str], None] = print,
+) -> dict:
     """Everything up to a running service on the device; waiting for it online is :func:`wait_online`."""
     try:
         b = parse_broker_url(broker_url)
@@ -268,9 +337,11 @@ def flash(target: Target, ssh: Ssh, *, device_id: str, broker_url: str, fleet: s
             raise FlashError("usage", str(exc)) from None
     say(f"[1/5] probing {target}")
     info = probe(ssh, python, b.host, b.port)
-    say(f"      {info.get('arch')}, {info.get('os', 'unknown OS')}, Python {info.get('python') or 'none'}, "
+    say(
+        f"      {info.get('arch')}, {info.get('os', 'unknown OS')}, Python {info.get('python') or 'none'}, "
         f"{'root' if info.get('uid') == 0 else 'user ' + str(info.get('user'))}, "
-        f"{'systemd' if info['systemd'] else 'no systemd'}, {(info.get('free_kb') or 0) // 1024} MB free")
+        f"{'systemd' if info['systemd'] else 'no systemd'}, {(info.get('free_kb') or 0) // 1024} MB free"
+    )
     check(info, target, python, broker_url)
     platform = _platform(info)
 
@@ -281,19 +352,27 @@ def flash(target: Target, ssh: Ssh, *, device_id: str, broker_url: str, fleet: s
         except bundle.BundleError as exc:
             raise FlashError("bundle", str(exc)) from None
         if (manifest["arch"], manifest["python"]) != (platform.arch, platform.python):
-            raise FlashError("bundle", f"{from_bundle} is for {manifest['arch']} / Python {manifest['python']}, "
-                                       f"the device is {platform.arch} / Python {platform.python}")
+            raise FlashError(
+                "bundle",
+                f"{from_bundle} is for {manifest['arch']} / Python {manifest['python']}, "
+                f"the device is {platform.arch} / Python {platform.python}",
+            )
     else:
         say(f"[2/5] offline bundle for {platform.arch} / Python {platform.python}{' + training' if train else ''}")
         try:
-            manifest = bundle.cached_build(platform, home, train=train, offline=offline, say=lambda m: say("      " + m))
+            manifest = bundle.cached_build(
+                platform, home, train=train, offline=offline, say=lambda m: say("      " + m)
+            )
         except bundle.BundleError as exc:
             raise FlashError(exc.code, str(exc)) from None
     need_kb = _disk_needed_kb(manifest, info)
     if info.get("free_kb") is not None and info["free_kb"] < need_kb:
-        raise FlashError("disk", f"not enough disk on {target}: {info['free_kb'] // 1024} MB free, about "
-                                 f"{need_kb // 1024 + 1} MB needed. Free some space (sudo apt clean; remove old "
-                                 f"files) or use a bigger SD card, then flash again")
+        raise FlashError(
+            "disk",
+            f"not enough disk on {target}: {info['free_kb'] // 1024} MB free, about "
+            f"{need_kb // 1024 + 1} MB needed. Free some space (sudo apt clean; remove old "
+            f"files) or use a bigger SD card, then flash again",
+        )
 
     size_mb = manifest["bundle_bytes"] / 1e6
     say(f"[3/5] copying {Path(manifest['path']).name} ({size_mb:.1f} MB)")
@@ -307,8 +386,12 @@ def flash(target: Target, ssh: Ssh, *, device_id: str, broker_url: str, fleet: s
     if b.tls:  # a secure fleet: the device gets its own certificate (CN = device id) and the CA
         args += ["--tls", _send_identity(ssh, home, device_id, say)]
     if device_password_file is not None:  # password authentication: the file travels like the keys
-        args += ["--set", f"username={device_username}", "--password-file",
-                 _send_private(ssh, {"mqtt.password": Path(device_password_file).read_bytes()})]
+        args += [
+            "--set",
+            f"username={device_username}",
+            "--password-file",
+            _send_private(ssh, {"mqtt.password": Path(device_password_file).read_bytes()}),
+        ]
     say(f"[4/5] installing on {target}")
     if data:
         args += ["--data", data]
@@ -316,24 +399,33 @@ def flash(target: Target, ssh: Ssh, *, device_id: str, broker_url: str, fleet: s
         args += ["--set", kv]
     if reinstall:
         args.append("--reinstall")
-    script = (f'set -e; cd "$HOME/{REMOTE_DIR}"; rm -rf "{manifest["dir"]}"; '
-              f'tar xzf "{Path(remote_tar).name}"; rc=0; sh "{manifest["dir"]}/install.sh" "$@" || rc=$?; '
-              f'rm -rf "$HOME/{REMOTE_DIR}/tls" "$HOME/{REMOTE_DIR}"/*.tar.gz; '  # never leave keys behind
-              f'[ $rc = 0 ] && rm -rf "$HOME/{REMOTE_DIR}"; exit $rc')  # on failure the unpacked bundle and pip.log stay
+    script = (
+        f'set -e; cd "$HOME/{REMOTE_DIR}"; rm -rf "{manifest["dir"]}"; '
+        f'tar xzf "{Path(remote_tar).name}"; rc=0; sh "{manifest["dir"]}/install.sh" "$@" || rc=$?; '
+        f'rm -rf "$HOME/{REMOTE_DIR}/tls" "$HOME/{REMOTE_DIR}"/*.tar.gz; '  # never leave keys behind
+        f'[ $rc = 0 ] && rm -rf "$HOME/{REMOTE_DIR}"; exit $rc'
+    )  # on failure the unpacked bundle and pip.log stay
     result: dict = {}
 
     def on_line(line: str) -> None:
         if line.startswith(RESULT_PREFIX):
-            result.update(json.loads(line[len(RESULT_PREFIX):]))
+            result.update(json.loads(line[len(RESULT_PREFIX) :]))
         elif line.strip():
             say("      " + line.removeprefix("==> "))
 
     rc, _, err = ssh.run(script, args, timeout=INSTALL_TIMEOUT_S, on_line=on_line)
     if rc != 0:
-        raise FlashError(_INSTALL_CODES.get(rc, "install"),
-                         f"installing on {target} failed (exit {rc}): {result.get('error') or err.strip()}")
-    return {"target": str(target), "device_id": device_id, "probe": info, "bundle": _bundle_summary(manifest),
-            "install": result}
+        raise FlashError(
+            _INSTALL_CODES.get(rc, "install"),
+            f"installing on {target} failed (exit {rc}): {result.get('error') or err.strip()}",
+        )
+    return {
+        "target": str(target),
+        "device_id": device_id,
+        "probe": info,
+        "bundle": _bundle_summary(manifest),
+        "install": result,
+    }
 
 
 def _send_private(ssh: Ssh, files: dict[str, bytes]) -> str:
@@ -359,17 +451,30 @@ def _send_identity(ssh: Ssh, home: Path, device_id: str, say) -> str:
 
     ident = pki.identity(home, device_id, device=True)
     if ident is not None and not (ident.sign_key.exists() and ident.coordinator_pub.exists()):
-        raise FlashError("pki", f"{device_id}'s certificate has no signing key (issued by an older version): "
-                                f"re-issue it with `edgeprune pki issue {device_id}`")
+        raise FlashError(
+            "pki",
+            f"{device_id}'s certificate has no signing key (issued by an older version): "
+            f"re-issue it with `edgeprune pki issue {device_id}`",
+        )
     if ident is None:
         try:
             ident = pki.issue(home, device_id)
         except pki.PkiError as exc:
             raise FlashError("pki", f"{exc} (a mqtts:// broker needs the fleet CA: edgeprune pki init)") from None
         say(f"      issued a certificate for {device_id}")
-    _send_private(ssh, {name: Path(src).read_bytes() for src, name in (
-        (ident.ca, "ca.crt"), (ident.cert, "device.crt"), (ident.key, "device.key"),
-        (ident.sign_key, "device.sign.key"), (ident.coordinator_pub, "coordinator.sign.pub"))})
+    _send_private(
+        ssh,
+        {
+            name: Path(src).read_bytes()
+            for src, name in (
+                (ident.ca, "ca.crt"),
+                (ident.cert, "device.crt"),
+                (ident.key, "device.key"),
+                (ident.sign_key, "device.sign.key"),
+                (ident.coordinator_pub, "coordinator.sign.pub"),
+            )
+        },
+    )
     return "tls"  # install.sh runs in ~/REMOTE_DIR
 
 
@@ -377,8 +482,10 @@ _INSTALL_CODES = {10: "platform", 11: "no_python", 12: "old_python", 13: "disk",
 
 
 def _bundle_summary(manifest: dict) -> dict:
-    return {k: manifest.get(k) for k in ("path", "bundle_id", "arch", "python", "extras", "bundle_bytes",
-                                         "wheel_bytes", "reused")} | {"wheels": len(manifest.get("wheels", []))}
+    return {
+        k: manifest.get(k)
+        for k in ("path", "bundle_id", "arch", "python", "extras", "bundle_bytes", "wheel_bytes", "reused")
+    } | {"wheels": len(manifest.get("wheels", []))}
 
 
 def wait_online(session, device_id: str, timeout_s: float = ONLINE_TIMEOUT_S) -> dict | None:
@@ -387,8 +494,12 @@ def wait_online(session, device_id: str, timeout_s: float = ONLINE_TIMEOUT_S) ->
 
     def live(rows: list[dict]) -> bool:
         view = session.views.get(device_id)
-        return bool(view and view.caps and view.last_heard is not None
-                    and any(r["device_id"] == device_id and r["state"] in ("online", "busy") for r in rows))
+        return bool(
+            view
+            and view.caps
+            and view.last_heard is not None
+            and any(r["device_id"] == device_id and r["state"] in ("online", "busy") for r in rows)
+        )
 
     if not session.wait_for(live, timeout_s):
         return None
@@ -399,14 +510,17 @@ def undo_after_timeout(ssh: Ssh, first_install: bool) -> str:
     """The agent is running but never came online: do not leave it like that."""
     cmd = "uninstall" if first_install else "rollback"
     lay = '"$HOME/.local/share/edgeprune"'
-    script = (f'P={lay}; [ "$(id -u)" = 0 ] && P=/opt/edgeprune; '
-              f'"$P/current/bin/python" -m edge_agent.service {cmd}')
+    script = f'P={lay}; [ "$(id -u)" = 0 ] && P=/opt/edgeprune; ' f'"$P/current/bin/python" -m edge_agent.service {cmd}'
     rc, out, err = ssh.run(script, timeout=300)
-    ok = any(line.startswith(RESULT_PREFIX) and json.loads(line[len(RESULT_PREFIX):]).get("ok")
-             for line in out.splitlines())
+    ok = any(
+        line.startswith(RESULT_PREFIX) and json.loads(line[len(RESULT_PREFIX) :]).get("ok") for line in out.splitlines()
+    )
     if rc != 0 or not ok:
-        raise FlashError("undo", f"could not {cmd} on {ssh.target} (exit {rc}): {err.strip()[-500:]}; "
-                                 f"run `edgeprune unflash {ssh.target}` to remove it")
+        raise FlashError(
+            "undo",
+            f"could not {cmd} on {ssh.target} (exit {rc}): {err.strip()[-500:]}; "
+            f"run `edgeprune unflash {ssh.target}` to remove it",
+        )
     return "removed the new installation" if first_install else "rolled back to the previous version and config"
 
 
@@ -416,8 +530,10 @@ def unflash(ssh: Ssh, keep_state: bool = False) -> dict:
     result = {}
     for line in out.splitlines():
         if line.startswith(RESULT_PREFIX):
-            result = json.loads(line[len(RESULT_PREFIX):])
+            result = json.loads(line[len(RESULT_PREFIX) :])
     if rc != 0 or not result.get("ok", False):
-        raise FlashError("uninstall", f"removing the agent from {ssh.target} failed (exit {rc}): "
-                                      f"{result.get('error') or err.strip()}")
+        raise FlashError(
+            "uninstall",
+            f"removing the agent from {ssh.target} failed (exit {rc}): " f"{result.get('error') or err.strip()}",
+        )
     return result

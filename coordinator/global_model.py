@@ -21,9 +21,9 @@ from edge_agent.ml import data as data_mod
 from edge_agent.protocol import codec
 
 from . import surgery
-from .strategy import TensorInfo
 from .masks import mbyn_mask
 from .model_worker import ModelWorker, ModelWorkerError
+from .strategy import TensorInfo
 
 log = logging.getLogger("coordinator.global_model")
 
@@ -44,8 +44,10 @@ def load_eval_data(spec: str | None):
         return data_mod.load_csv(spec)
     if path.is_dir():
         return data_mod.load_image_folder(spec)
-    raise ValueError(f"--eval-data {spec!r}: use {', '.join(repr(d) for d in data_mod.BUILTIN_DATASETS)}, a .npz, "
-                     "a .csv, an image folder or 'none'")
+    raise ValueError(
+        f"--eval-data {spec!r}: use {', '.join(repr(d) for d in data_mod.BUILTIN_DATASETS)}, a .npz, "
+        "a .csv, an image folder or 'none'"
+    )
 
 
 class GlobalModel:
@@ -59,13 +61,15 @@ class GlobalModel:
         self.layer_report: dict = info["layer_report"]
         self.spec = info["spec"]
         kinds = self.layer_report["pruned"]
-        self.infos = [TensorInfo(s["name"], kinds.get(s["layer"]) if (s["prunable"] and pruning_on) else None)
-                      for s in self.spec]
+        self.infos = [
+            TensorInfo(s["name"], kinds.get(s["layer"]) if (s["prunable"] and pruning_on) else None) for s in self.spec
+        ]
         self.names = [s["name"] for s in self.spec]
         self.shapes = [tuple(s["shape"]) for s in self.spec]
         self.weights: list[np.ndarray] = info["weights"]
-        self.masks: list[np.ndarray | None] = [np.ones(sh, bool) if i.kind else None
-                                               for i, sh in zip(self.infos, self.shapes)]
+        self.masks: list[np.ndarray | None] = [
+            np.ones(sh, bool) if i.kind else None for i, sh in zip(self.infos, self.shapes)
+        ]
         if pruning_on and granularity == "2:4":  # the 2:4 pattern is fixed from the start (TF-MOT sets it at step 1)
             self.masks = [mbyn_mask(np.abs(w)) if m is not None else None for w, m in zip(self.weights, self.masks)]
             self.weights = [w * m if m is not None else w for w, m in zip(self.weights, self.masks)]
@@ -78,17 +82,34 @@ class GlobalModel:
         self.has_eval = False
 
     @classmethod
-    def create(cls, model_ref: str, input_shape: tuple | None, num_classes: int | None, granularity: str,
-               pruning_on: bool, seed: int, eval_set=None, arch_json: str | None = None,
-               training: dict | None = None) -> "GlobalModel":
+    def create(
+        cls,
+        model_ref: str,
+        input_shape: tuple | None,
+        num_classes: int | None,
+        granularity: str,
+        pruning_on: bool,
+        seed: int,
+        eval_set=None,
+        arch_json: str | None = None,
+        training: dict | None = None,
+    ) -> "GlobalModel":
         """Build the model in a fresh model worker (ValueError when it cannot be built); ``arch_json``
         (a structured run's shrunk architecture) replaces ``model_ref``."""
-        worker = ModelWorker({"model_ref": model_ref, "arch_json": arch_json, "input_shape": input_shape,
-                              "num_classes": num_classes,
-                              "granularity": granularity, "pruning_on": pruning_on, "seed": seed,
-                              "training": training,
-                              "eval_x": None if eval_set is None else eval_set.x,
-                              "eval_y": None if eval_set is None else eval_set.y})
+        worker = ModelWorker(
+            {
+                "model_ref": model_ref,
+                "arch_json": arch_json,
+                "input_shape": input_shape,
+                "num_classes": num_classes,
+                "granularity": granularity,
+                "pruning_on": pruning_on,
+                "seed": seed,
+                "training": training,
+                "eval_x": None if eval_set is None else eval_set.x,
+                "eval_y": None if eval_set is None else eval_set.y,
+            }
+        )
         try:
             gm = cls(worker, granularity, pruning_on)
         except ModelWorkerError as exc:
@@ -110,8 +131,15 @@ class GlobalModel:
     def encode(self, meta: dict[str, Any]) -> bytes:
         """The global model for the agents: exact fp32 values; bitmap masks when pruning."""
         if self.pruning_on:
-            return codec.encode(self.weights, names=self.names, masks=self.masks, kind="model", values="fp32",
-                                compression="zstd", meta=meta)
+            return codec.encode(
+                self.weights,
+                names=self.names,
+                masks=self.masks,
+                kind="model",
+                values="fp32",
+                compression="zstd",
+                meta=meta,
+            )
         return codec.encode(self.weights, names=self.names, kind="model", values="fp32", compression="none", meta=meta)
 
     def load(self, path: Path) -> None:
@@ -151,8 +179,10 @@ class GlobalModel:
         """Remove every unit not in ``keep`` (per layer) and rebuild: the surviving weights and masks
         are copied exactly. SurgeryError (naming the layer) leaves this model as it was."""
         if self.pruning_on and self.granularity in ("2:4", "block"):
-            raise surgery.SurgeryError("model", f"{self.granularity} sparsity groups input channels; it cannot be "
-                                                "combined with structured pruning")
+            raise surgery.SurgeryError(
+                "model",
+                f"{self.granularity} sparsity groups input channels; it cannot be " "combined with structured pruning",
+            )
         arch, slices = surgery.shrink(self.arch_json, self.names, keep)
         weights = surgery.apply(slices, self.names, self.weights)
         masks = surgery.apply(slices, self.names, self.masks)

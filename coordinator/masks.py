@@ -28,6 +28,7 @@ SPARSITY_TOLERANCE = 0.005
 MIN_DENSITY = 0.01
 BLOCK = (16, 1)  # as edge_agent.ml.pruning.BLOCK_SHAPE: 16 consecutive inputs of one output
 
+
 def _topk_mask(score: np.ndarray, keep: int) -> np.ndarray:
     flat = score.reshape(-1)
     mask = np.zeros(flat.size, dtype=bool)
@@ -123,7 +124,6 @@ def check_mask(mask: np.ndarray, kind: str, sparsity: float) -> str | None:
     return None
 
 
-
 def _units(score: np.ndarray, kind: str):
     """Selection units of a tensor: (scores, sizes, expand) for elements or blocks."""
     if kind.startswith("block"):
@@ -133,12 +133,17 @@ def _units(score: np.ndarray, kind: str):
         def expand(keep):
             full = np.repeat(np.repeat(keep.reshape(pooled.shape), BLOCK[0], axis=0), BLOCK[1], axis=1)
             return full[: score.shape[0], : score.shape[1]]
+
         return pooled.reshape(-1), counts.reshape(-1), expand
     return score.reshape(-1), np.ones(score.size, dtype=np.int64), lambda keep: keep.reshape(score.shape)
 
 
-def global_magnitude_masks(scores: list[np.ndarray | None], kinds: list[str | None], sparsity: float,
-                           within: list[np.ndarray | None] | None = None) -> list[np.ndarray | None]:
+def global_magnitude_masks(
+    scores: list[np.ndarray | None],
+    kinds: list[str | None],
+    sparsity: float,
+    within: list[np.ndarray | None] | None = None,
+) -> list[np.ndarray | None]:
     """One threshold across all pruned tensors so that ``sparsity`` of their weights is pruned.
 
     2:4 tensors keep their own pattern and stay out of the budget. Each tensor keeps at
@@ -168,8 +173,8 @@ def global_magnitude_masks(scores: list[np.ndarray | None], kinds: list[str | No
     keep = np.zeros(all_scores.size, dtype=bool)
     keep[chosen] = True
     offset = 0
-    for j, (i, unit_scores, unit_sizes, expand, size) in enumerate(parts):
-        k = keep[offset: offset + unit_scores.size]
+    for i, unit_scores, _unit_sizes, expand, _size in parts:
+        k = keep[offset : offset + unit_scores.size]
         floor_units = max(1, math.ceil(MIN_DENSITY * unit_scores.size))
         if k.sum() < floor_units:
             valid = np.flatnonzero(unit_scores >= 0)
@@ -181,18 +186,19 @@ def global_magnitude_masks(scores: list[np.ndarray | None], kinds: list[str | No
     return out
 
 
-def round_targets(weights: list[np.ndarray], masks: list[np.ndarray | None], kinds: list[str | None],
-                  policy: str, sparsity: float) -> list[float]:
+def round_targets(
+    weights: list[np.ndarray], masks: list[np.ndarray | None], kinds: list[str | None], policy: str, sparsity: float
+) -> list[float]:
     """The sparsity each client prunes each tensor to this round.
 
     ``global``: the per-tensor split of a global-magnitude mask previewed on the
     current global weights (inside the current mask, so nothing regrows); else
     the same sparsity everywhere. 2:4 tensors are 50% by construction."""
     if policy == "global":
-        preview = global_magnitude_masks([np.abs(w) if k else None for w, k in zip(weights, kinds)],
-                                         kinds, sparsity, masks)
-        return [0.0 if k is None else 0.5 if k == "2:4" else 1.0 - float(m.mean())
-                for m, k in zip(preview, kinds)]
+        preview = global_magnitude_masks(
+            [np.abs(w) if k else None for w, k in zip(weights, kinds)], kinds, sparsity, masks
+        )
+        return [0.0 if k is None else 0.5 if k == "2:4" else 1.0 - float(m.mean()) for m, k in zip(preview, kinds)]
     return [0.0 if k is None else 0.5 if k == "2:4" else sparsity for k in kinds]
 
 
@@ -206,5 +212,8 @@ def sparsity_report(masks: list[np.ndarray | None], names: list[str], shapes: li
         zeros += m.size - int(m.sum())
         pruned_total += m.size
     params = sum(int(np.prod(s)) for s in shapes)
-    return {"per_tensor": per, "prunable": round(zeros / pruned_total, 5) if pruned_total else 0.0,
-            "overall": round(zeros / params, 5) if params else 0.0}
+    return {
+        "per_tensor": per,
+        "prunable": round(zeros / pruned_total, 5) if pruned_total else 0.0,
+        "overall": round(zeros / params, 5) if params else 0.0,
+    }

@@ -104,8 +104,17 @@ def main(conn) -> None:
                 classifier = models.is_classifier(training)
                 if msg.get("eval_x") is not None:
                     eval_xy = (msg["eval_x"].reshape((-1, *model.input_shape[1:])), msg["eval_y"])
-                conn.send({"ok": True, "arch_json": model.to_json(), "spec": spec, "layer_report": report,
-                           "weights": pruning.get_weights(model), "flops": flops(model), "training": training})
+                conn.send(
+                    {
+                        "ok": True,
+                        "arch_json": model.to_json(),
+                        "spec": spec,
+                        "layer_report": report,
+                        "weights": pruning.get_weights(model),
+                        "flops": flops(model),
+                        "training": training,
+                    }
+                )
             elif op == "evaluate":
                 if eval_xy is None:
                     conn.send({"ok": True})
@@ -175,13 +184,14 @@ def _evaluate(model, x, y, batch: int = 1024, classifier: bool = True) -> dict[s
         from edge_agent.ml.tfenv import load
 
         keras = load().keras
-        metrics = [keras.metrics.get(m) if isinstance(m, str) else m
-                   for m in (model.compiled_metrics._user_metrics or [])]
+        metrics = [
+            keras.metrics.get(m) if isinstance(m, str) else m for m in (model.compiled_metrics._user_metrics or [])
+        ]
         sums = [0.0] * len(metrics)
         loss_sum = 0.0
         tf = load().tf
         for i in range(0, len(x), batch):
-            out, yb = fwd(x[i:i + batch]), tf.constant(y[i:i + batch])
+            out, yb = fwd(x[i : i + batch]), tf.constant(y[i : i + batch])
             if yb.shape.rank == out.shape.rank - 1 and out.shape[-1] == 1:  # targets (N,) for outputs (N, 1)
                 yb = tf.expand_dims(yb, -1)
             loss_sum += float(loss_fn(yb, out)) * len(out)
@@ -191,9 +201,9 @@ def _evaluate(model, x, y, batch: int = 1024, classifier: bool = True) -> dict[s
         return {"loss": loss_sum / len(x), **{n: s / len(x) for n, s in zip(names, sums)}}
     loss_sum, correct = 0.0, 0
     for i in range(0, len(x), batch):
-        out = fwd(x[i:i + batch])
-        loss_sum += float(loss_fn(y[i:i + batch], out)) * len(out)
-        correct += int(np.sum(np.argmax(out, axis=-1) == y[i:i + batch]))
+        out = fwd(x[i : i + batch])
+        loss_sum += float(loss_fn(y[i : i + batch], out)) * len(out)
+        correct += int(np.sum(np.argmax(out, axis=-1) == y[i : i + batch]))
     return {"accuracy": correct / len(x), "loss": loss_sum / len(x)}
 
 
@@ -203,6 +213,8 @@ def _build(msg: dict[str, Any], models):
     if os.path.exists(msg["model_ref"]):
         return models.load_file(msg["model_ref"])
     if msg["input_shape"] is None or msg["num_classes"] is None:
-        raise ValueError(f"built-in model {msg['model_ref']!r} needs an input shape and class count "
-                         "(from --eval-data, or --input-shape/--num-classes)")
+        raise ValueError(
+            f"built-in model {msg['model_ref']!r} needs an input shape and class count "
+            "(from --eval-data, or --input-shape/--num-classes)"
+        )
     return models.build(msg["model_ref"], tuple(msg["input_shape"]), msg["num_classes"], msg["seed"])

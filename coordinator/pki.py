@@ -45,8 +45,13 @@ class Identity:
         return self.ca.parent / f"{COORDINATOR_CN}.sign.pub"
 
     def as_settings(self) -> dict[str, str]:
-        return {"tls_ca": str(self.ca), "tls_cert": str(self.cert), "tls_key": str(self.key),
-                "sign_key": str(self.sign_key), "coordinator_key": str(self.coordinator_pub)}
+        return {
+            "tls_ca": str(self.ca),
+            "tls_cert": str(self.cert),
+            "tls_key": str(self.key),
+            "sign_key": str(self.sign_key),
+            "coordinator_key": str(self.coordinator_pub),
+        }
 
 
 def pki_dir(home: Path) -> Path:
@@ -62,8 +67,9 @@ def _key():
 def _key_pem(key) -> bytes:
     from cryptography.hazmat.primitives import serialization
 
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def _load(directory: Path):
@@ -85,16 +91,20 @@ def _sign(ca_cert, ca_key, cn: str, *, days: int, server_names: list[str] = (), 
 
     key = _key()
     now = dt.datetime.now(dt.timezone.utc)
-    builder = (x509.CertificateBuilder()
-               .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
-               .issuer_name(ca_cert.subject)
-               .public_key(key.public_key())
-               .serial_number(x509.random_serial_number())
-               .not_valid_before(now - dt.timedelta(minutes=5))
-               .not_valid_after(now + dt.timedelta(days=days))
-               .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-               .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH] if client
-                                                    else [ExtendedKeyUsageOID.SERVER_AUTH]), critical=False))
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH] if client else [ExtendedKeyUsageOID.SERVER_AUTH]),
+            critical=False,
+        )
+    )
     if server_names:
         sans = []
         for name in server_names:
@@ -125,14 +135,31 @@ def init(home: Path, broker_names: list[str] = (), force: bool = False) -> dict:
     ca_key = _key()
     now = dt.datetime.now(dt.timezone.utc)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"edgeprune fleet CA ({socket.gethostname()})")])
-    ca_cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(ca_key.public_key())
-               .serial_number(x509.random_serial_number())
-               .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=CA_DAYS))
-               .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-               .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
-                                            data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                                            crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
-               .sign(ca_key, hashes.SHA256()))
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=CA_DAYS))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
     write_private(d / "ca.key", _key_pem(ca_key))
     (d / "ca.crt").write_bytes(_pem(ca_cert))
     names = list(dict.fromkeys(["localhost", "127.0.0.1", "::1", socket.gethostname(), *broker_names]))
@@ -213,17 +240,19 @@ def mosquitto_acl() -> str:
     commands, the coordinator's status and broadcast blobs. Only the coordinator
     identity writes commands, blobs and the coordinator status.
     """
-    return "\n".join([
-        f"user {COORDINATOR_CN}",
-        "topic readwrite edgeprune/#",
-        "",
-        "pattern write edgeprune/v1/+/device/%u/status",
-        "pattern write edgeprune/v1/+/device/%u/caps",
-        "pattern write edgeprune/v1/+/device/%u/reply",
-        "pattern write edgeprune/v1/+/device/%u/data",
-        "pattern write edgeprune/v1/+/device/%u/want",
-        "pattern read edgeprune/v1/+/device/%u/cmd",
-        "pattern read edgeprune/v1/+/coordinator/status",
-        "pattern read edgeprune/v1/+/blob/#",
-        "",
-    ])
+    return "\n".join(
+        [
+            f"user {COORDINATOR_CN}",
+            "topic readwrite edgeprune/#",
+            "",
+            "pattern write edgeprune/v1/+/device/%u/status",
+            "pattern write edgeprune/v1/+/device/%u/caps",
+            "pattern write edgeprune/v1/+/device/%u/reply",
+            "pattern write edgeprune/v1/+/device/%u/data",
+            "pattern write edgeprune/v1/+/device/%u/want",
+            "pattern read edgeprune/v1/+/device/%u/cmd",
+            "pattern read edgeprune/v1/+/coordinator/status",
+            "pattern read edgeprune/v1/+/blob/#",
+            "",
+        ]
+    )

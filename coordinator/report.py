@@ -26,7 +26,9 @@ def gather(store, run: dict) -> dict[str, Any]:
     rid = train_run["run_id"] if train_run else None
     benches = store.bench_results(bench_id=bench_id) if bench_id else (store.bench_results(run_id=rid) if rid else [])
     return {
-        "run": train_run or run, "bench_id": bench_id, "generated": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "run": train_run or run,
+        "bench_id": bench_id,
+        "generated": time.strftime("%Y-%m-%d %H:%M:%S"),
         "rounds": store.rounds(rid) if train_run and train_run["kind"] == "train" else [],
         "artifacts": store.artifacts(rid) if rid else [],
         "bench": benches,
@@ -53,14 +55,37 @@ def print_bench(results: list[dict]) -> None:
     for r in _latest_per_device_artifact(results):
         lat = r.get("latency_ms") or {}
         mem = r.get("memory") or {}
-        rows.append([r["device_id"], r["artifact"], r.get("status"),
-                     (r.get("runtime") or {}).get("name", "-") + (" (no delegate)" if r.get("fallback") else ""),
-                     f"{lat['p50']:.3f}" if lat else "-", f"{lat['p90']:.3f}/{lat['p99']:.3f}" if lat else "-",
-                     f"{r['harness_vs_independent']:.3f}" if r.get("harness_vs_independent") else "-",
-                     output.human_bytes(mem.get("rss_increase_bytes")) if mem else "-",
-                     _energy_text(r.get("energy")), r.get("error") or ""])
-    output.table("on-device benchmark", ["device", "artifact", "status", "runtime", "p50 ms", "p90/p99 ms",
-                                         "harness/indep.", "RSS +", "energy/inference", "note"], rows, keep=(0, 1))
+        rows.append(
+            [
+                r["device_id"],
+                r["artifact"],
+                r.get("status"),
+                (r.get("runtime") or {}).get("name", "-") + (" (no delegate)" if r.get("fallback") else ""),
+                f"{lat['p50']:.3f}" if lat else "-",
+                f"{lat['p90']:.3f}/{lat['p99']:.3f}" if lat else "-",
+                f"{r['harness_vs_independent']:.3f}" if r.get("harness_vs_independent") else "-",
+                output.human_bytes(mem.get("rss_increase_bytes")) if mem else "-",
+                _energy_text(r.get("energy")),
+                r.get("error") or "",
+            ]
+        )
+    output.table(
+        "on-device benchmark",
+        [
+            "device",
+            "artifact",
+            "status",
+            "runtime",
+            "p50 ms",
+            "p90/p99 ms",
+            "harness/indep.",
+            "RSS +",
+            "energy/inference",
+            "note",
+        ],
+        rows,
+        keep=(0, 1),
+    )
 
 
 def print_summary(data: dict) -> None:
@@ -69,19 +94,33 @@ def print_summary(data: dict) -> None:
     print(f"run {run['run_id']} ({run['kind']}, {run['state']}), fleet {run['fleet']}")
     if data["rounds"]:
         last = data["rounds"][-1]
-        print(f"  {len(data['rounds'])} rounds; final accuracy {last['accuracy'] * 100:.2f}%, "
-              f"sparsity {last['sparsity']:.2%}; upload {output.human_bytes(s.get('upload_bytes_per_client_round'))}"
-              f"/client-round ({(s.get('ratio_vs_dense_fp32') or 0):.1f}x below dense fp32)")
+        print(
+            f"  {len(data['rounds'])} rounds; final accuracy {last['accuracy'] * 100:.2f}%, "
+            f"sparsity {last['sparsity']:.2%}; upload {output.human_bytes(s.get('upload_bytes_per_client_round'))}"
+            f"/client-round ({(s.get('ratio_vs_dense_fp32') or 0):.1f}x below dense fp32)"
+        )
     if data["artifacts"]:
         dense = next((a["bytes"] for a in data["artifacts"] if a["format"] == "dense"), None)
-        output.table("artifacts", ["variant", "bytes", "gzip", "vs dense", "sparsity (read back)"],
-                     [[a["format"], f"{a['bytes']:,}", f"{a['gzip_bytes']:,}",
-                       f"{dense / a['bytes']:.1f}x" if dense else "-", f"{a['sparsity']:.2%}"] for a in data["artifacts"]])
+        output.table(
+            "artifacts",
+            ["variant", "bytes", "gzip", "vs dense", "sparsity (read back)"],
+            [
+                [
+                    a["format"],
+                    f"{a['bytes']:,}",
+                    f"{a['gzip_bytes']:,}",
+                    f"{dense / a['bytes']:.1f}x" if dense else "-",
+                    f"{a['sparsity']:.2%}",
+                ]
+                for a in data["artifacts"]
+            ],
+        )
     if data["bench"]:
         print_bench(data["bench"])
 
 
 # -- HTML ----------------------------------------------------------------------
+
 
 def _png(fig) -> str:
     buf = io.BytesIO()
@@ -110,8 +149,14 @@ def _figures(data: dict) -> list[tuple[str, str, str]]:
         ax2 = ax.twinx()
         ax2.plot(x, [r["sparsity"] * 100 for r in rounds], "s--", color="tab:red", label="sparsity")
         ax2.set_ylabel("sparsity % of prunable weights", color="tab:red")
-        figs.append(("Accuracy and sparsity per round", "Accuracy of the global model on the coordinator's held-out "
-                     "data after each round; sparsity of its pruned weights.", _png(fig)))
+        figs.append(
+            (
+                "Accuracy and sparsity per round",
+                "Accuracy of the global model on the coordinator's held-out "
+                "data after each round; sparsity of its pruned weights.",
+                _png(fig),
+            )
+        )
         fig, ax = plt.subplots(figsize=(7, 3.2))
         ax.plot(x, [r.get("bytes_up_per_client") or 0 for r in rounds], "o-", label="upload per client")
         ax.plot(x, [r.get("bytes_down_per_client") or 0 for r in rounds], "s-", label="download per client")
@@ -120,8 +165,13 @@ def _figures(data: dict) -> list[tuple[str, str, str]]:
         ax.set_xlabel("round")
         ax.set_ylabel("bytes (payload)")
         ax.legend(fontsize=8)
-        figs.append(("Bytes per round", "Exact payload bytes each client downloaded (global model) and uploaded "
-                     "(sparse update) per round.", _png(fig)))
+        figs.append(
+            (
+                "Bytes per round",
+                "Exact payload bytes each client downloaded (global model) and uploaded " "(sparse update) per round.",
+                _png(fig),
+            )
+        )
     arts = data["artifacts"]
     if arts:
         fig, ax = plt.subplots(figsize=(7, 3.2))
@@ -140,25 +190,46 @@ def _figures(data: dict) -> list[tuple[str, str, str]]:
         p99 = [r["latency_ms"]["p99"] for r in bench]
         fig, ax = plt.subplots(figsize=(max(7, len(bench) * 1.1), 3.6))
         ax.bar(range(len(bench)), p50, color="tab:green", label="p50")
-        ax.errorbar(range(len(bench)), p50, yerr=[[0] * len(bench), [b - a for a, b in zip(p50, p90)]],
-                    fmt="none", ecolor="black", capsize=4, label="p90")
+        ax.errorbar(
+            range(len(bench)),
+            p50,
+            yerr=[[0] * len(bench), [b - a for a, b in zip(p50, p90)]],
+            fmt="none",
+            ecolor="black",
+            capsize=4,
+            label="p90",
+        )
         ax.plot(range(len(bench)), p99, "k_", markersize=14, label="p99")
         ax.set_xticks(range(len(bench)), labels, fontsize=7)
         ax.set_ylabel("latency ms")
         ax.legend(fontsize=8)
-        figs.append(("Latency per variant per device", "Median (bar), p90 (whisker) and p99 (tick) of timed "
-                     "inferences after warm-up, measured on each device in interleaved blocks.", _png(fig)))
+        figs.append(
+            (
+                "Latency per variant per device",
+                "Median (bar), p90 (whisker) and p99 (tick) of timed "
+                "inferences after warm-up, measured on each device in interleaved blocks.",
+                _png(fig),
+            )
+        )
         with_energy = [r for r in bench if (r.get("energy") or {}).get("per_inference_mj") is not None]
         if with_energy:
             fig, ax = plt.subplots(figsize=(max(7, len(with_energy) * 1.1), 3.2))
             colors = ["tab:orange" if r["energy"]["label"] == "measured" else "tab:grey" for r in with_energy]
             ax.bar(range(len(with_energy)), [r["energy"]["per_inference_mj"] for r in with_energy], color=colors)
-            ax.set_xticks(range(len(with_energy)),
-                          [f"{r['device_id']}\n{r['artifact']}\n({r['energy']['label']})" for r in with_energy],
-                          fontsize=7)
+            ax.set_xticks(
+                range(len(with_energy)),
+                [f"{r['device_id']}\n{r['artifact']}\n({r['energy']['label']})" for r in with_energy],
+                fontsize=7,
+            )
             ax.set_ylabel("mJ per inference")
-            figs.append(("Energy per inference", "Orange: measured with the device's power sensor; grey: "
-                         "estimated with the named board power model.", _png(fig)))
+            figs.append(
+                (
+                    "Energy per inference",
+                    "Orange: measured with the device's power sensor; grey: "
+                    "estimated with the named board power model.",
+                    _png(fig),
+                )
+            )
     return figs
 
 
@@ -170,59 +241,143 @@ th{background:#f3f3f3}figure{margin:1.5em 0}figcaption{font-size:13px;color:#555
 
 def _table(headers: list[str], rows: list[list[Any]]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape('-' if v is None else str(v))}</td>" for v in row) + "</tr>"
-                   for row in rows)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape('-' if v is None else str(v))}</td>" for v in row) + "</tr>" for row in rows
+    )
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
 def write_html(data: dict, path: str) -> None:
     run = data["run"]
     cfg = run.get("config") or {}
-    parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>edgeprune report {html.escape(run['run_id'])}"
-             f"</title><style>{_CSS}</style></head><body>",
-             f"<h1>edgeprune report: {html.escape(run['run_id'])}</h1>",
-             f"<p class='note'>{html.escape(run['kind'])} run on fleet {html.escape(str(run['fleet']))}, state "
-             f"{html.escape(run['state'])}; report generated {data['generated']}.</p>"]
+    parts = [
+        f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>edgeprune report {html.escape(run['run_id'])}"
+        f"</title><style>{_CSS}</style></head><body>",
+        f"<h1>edgeprune report: {html.escape(run['run_id'])}</h1>",
+        f"<p class='note'>{html.escape(run['kind'])} run on fleet {html.escape(str(run['fleet']))}, state "
+        f"{html.escape(run['state'])}; report generated {data['generated']}.</p>",
+    ]
     if run["kind"] == "train":
         parts.append("<h2>Training</h2>")
-        parts.append(_table(["setting", "value"], [[k, cfg.get(k)] for k in (
-            "model", "rounds", "sparsity", "schedule", "granularity", "mask_policy", "local_epochs", "batch_size", "lr",
-            "num_params", "dense_fp32_bytes")]))
+        parts.append(
+            _table(
+                ["setting", "value"],
+                [
+                    [k, cfg.get(k)]
+                    for k in (
+                        "model",
+                        "rounds",
+                        "sparsity",
+                        "schedule",
+                        "granularity",
+                        "mask_policy",
+                        "local_epochs",
+                        "batch_size",
+                        "lr",
+                        "num_params",
+                        "dense_fp32_bytes",
+                    )
+                ],
+            )
+        )
     for title, caption, uri in _figures(data):
-        parts.append(f"<figure><h3>{html.escape(title)}</h3><img alt='{html.escape(title)}' src='{uri}'>"
-                     f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+        parts.append(
+            f"<figure><h3>{html.escape(title)}</h3><img alt='{html.escape(title)}' src='{uri}'>"
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+        )
     if data["rounds"]:
-        parts.append("<h2>Rounds</h2>" + _table(
-            ["round", "clients ok/selected", "accuracy", "sparsity", "upload B/client", "download B/client", "failures"],
-            [[r["round"], f"{r['clients_ok']}/{r['clients_selected']}",
-              f"{r['accuracy'] * 100:.2f}%" if r.get("accuracy") is not None else None, f"{r['sparsity']:.2%}",
-              f"{r['bytes_up_per_client']:,.0f}" if r.get("bytes_up_per_client") else None,
-              f"{r['bytes_down_per_client']:,}", "; ".join(f"{k}: {v}" for k, v in r["failure_reasons"].items())]
-             for r in data["rounds"]]))
+        parts.append(
+            "<h2>Rounds</h2>"
+            + _table(
+                [
+                    "round",
+                    "clients ok/selected",
+                    "accuracy",
+                    "sparsity",
+                    "upload B/client",
+                    "download B/client",
+                    "failures",
+                ],
+                [
+                    [
+                        r["round"],
+                        f"{r['clients_ok']}/{r['clients_selected']}",
+                        f"{r['accuracy'] * 100:.2f}%" if r.get("accuracy") is not None else None,
+                        f"{r['sparsity']:.2%}",
+                        f"{r['bytes_up_per_client']:,.0f}" if r.get("bytes_up_per_client") else None,
+                        f"{r['bytes_down_per_client']:,}",
+                        "; ".join(f"{k}: {v}" for k, v in r["failure_reasons"].items()),
+                    ]
+                    for r in data["rounds"]
+                ],
+            )
+        )
     if data["artifacts"]:
         dense = next((a["bytes"] for a in data["artifacts"] if a["format"] == "dense"), None)
-        parts.append("<h2>Artifacts</h2><p class='note'>Sparsity is read back from each .tflite file's weight "
-                     "tensors, not taken from the training config.</p>" + _table(
-                         ["variant", "bytes", "gzip bytes", "vs dense fp32", "sparsity", "sha256"],
-                         [[a["format"], f"{a['bytes']:,}", f"{a['gzip_bytes']:,}",
-                           f"{dense / a['bytes']:.1f}x" if dense else None, f"{a['sparsity']:.2%}", a["sha256"][:16]]
-                          for a in data["artifacts"]]))
+        parts.append(
+            "<h2>Artifacts</h2><p class='note'>Sparsity is read back from each .tflite file's weight "
+            "tensors, not taken from the training config.</p>"
+            + _table(
+                ["variant", "bytes", "gzip bytes", "vs dense fp32", "sparsity", "sha256"],
+                [
+                    [
+                        a["format"],
+                        f"{a['bytes']:,}",
+                        f"{a['gzip_bytes']:,}",
+                        f"{dense / a['bytes']:.1f}x" if dense else None,
+                        f"{a['sparsity']:.2%}",
+                        a["sha256"][:16],
+                    ]
+                    for a in data["artifacts"]
+                ],
+            )
+        )
     if data["bench"]:
         rows = []
         for r in _latest_per_device_artifact(data["bench"]):
             lat, th = r.get("latency_ms") or {}, (r.get("thermal") or {})
             before, after = th.get("before") or {}, th.get("after") or {}
-            temp = (f"{before.get('temp_c')} → {after.get('temp_c')} °C" if before.get("temp_c") is not None
-                    else "not available")
-            rows.append([r["device_id"], r["artifact"], r.get("status"), (r.get("runtime") or {}).get("name"),
-                         (r.get("fallback") or {}).get("reason", "")[:80] or "no",
-                         f"{lat['p50']:.3f}" if lat else None, f"{lat['p90']:.3f} / {lat['p99']:.3f}" if lat else None,
-                         _energy_text(r.get("energy")), (r.get("energy") or {}).get("model") or "",
-                         temp, {True: "yes", False: "no", None: "not available"}[th.get("throttled_during_run")],
-                         r.get("error") or ""])
-        parts.append("<h2>On-device benchmark</h2>" + _table(
-            ["device", "artifact", "status", "runtime", "delegate fallback", "p50 ms", "p90 / p99 ms",
-             "energy/inference", "energy model", "temperature", "throttled", "error"], rows))
+            temp = (
+                f"{before.get('temp_c')} → {after.get('temp_c')} °C"
+                if before.get("temp_c") is not None
+                else "not available"
+            )
+            rows.append(
+                [
+                    r["device_id"],
+                    r["artifact"],
+                    r.get("status"),
+                    (r.get("runtime") or {}).get("name"),
+                    (r.get("fallback") or {}).get("reason", "")[:80] or "no",
+                    f"{lat['p50']:.3f}" if lat else None,
+                    f"{lat['p90']:.3f} / {lat['p99']:.3f}" if lat else None,
+                    _energy_text(r.get("energy")),
+                    (r.get("energy") or {}).get("model") or "",
+                    temp,
+                    {True: "yes", False: "no", None: "not available"}[th.get("throttled_during_run")],
+                    r.get("error") or "",
+                ]
+            )
+        parts.append(
+            "<h2>On-device benchmark</h2>"
+            + _table(
+                [
+                    "device",
+                    "artifact",
+                    "status",
+                    "runtime",
+                    "delegate fallback",
+                    "p50 ms",
+                    "p90 / p99 ms",
+                    "energy/inference",
+                    "energy model",
+                    "temperature",
+                    "throttled",
+                    "error",
+                ],
+                rows,
+            )
+        )
     parts.append("</body></html>")
     with open(path, "w", encoding="utf-8") as f:
         f.write("\n".join(parts))

@@ -14,8 +14,9 @@ SCHEDULES = ("polynomial", "constant")
 DEFAULT_RAMP_FRACTION = 0.8
 
 
-def sparsity_at(rnd: int, rounds: int, target: float, kind: str = "polynomial",
-                ramp_fraction: float = DEFAULT_RAMP_FRACTION) -> float:
+def sparsity_at(
+    rnd: int, rounds: int, target: float, kind: str = "polynomial", ramp_fraction: float = DEFAULT_RAMP_FRACTION
+) -> float:
     """Target sparsity after round ``rnd`` (1-based; round 0 is the dense start)."""
     if not 0.0 <= target < 1.0:
         raise ValueError(f"sparsity must be in [0, 1), got {target}")

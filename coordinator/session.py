@@ -32,15 +32,14 @@ from edge_agent.common.link import Link, Will
 from edge_agent.protocol import serde, signing, topics
 from edge_agent.protocol.constants import CHUNK_IDLE_S, DEFAULT_CHUNK_BYTES, DEFAULT_STALE_AFTER_BEATS, RESEND_MIN_S
 from edge_agent.protocol.errors import ErrorCode, ProtocolError
-from edge_agent.protocol.messages import (BlobWant, Capabilities, Command, CoordinatorStatus, Reply, Status,
-                                          error_dict)
+from edge_agent.protocol.messages import BlobWant, Capabilities, Command, CoordinatorStatus, Reply, Status, error_dict
 
 from .store import Store
 
 log = logging.getLogger("coordinator.session")
 
 OFFLINE_GRACE_S = 15.0  # a device that went offline may come back and re-send finished results
-RESETTLE_S = 3.0        # after it comes back: time for its outbox to arrive before older requests fail
+RESETTLE_S = 3.0  # after it comes back: time for its outbox to arrive before older requests fail
 
 
 def new_id(prefix: str = "") -> str:
@@ -115,8 +114,8 @@ class Stats:
     bytes_in: int = 0
     rejected_in: int = 0
     late_replies: int = 0
-    wants_in: int = 0        # blob_want messages: devices that missed broadcast chunks
-    resent_chunks: int = 0   # broadcast chunks re-sent as ordinary messages in answer
+    wants_in: int = 0  # blob_want messages: devices that missed broadcast chunks
+    resent_chunks: int = 0  # broadcast chunks re-sent as ordinary messages in answer
     rejected_reasons: dict[str, int] = field(default_factory=dict)
 
 
@@ -128,12 +127,25 @@ class Session:
     non-retained probe and leave the retained status alone.
     """
 
-    def __init__(self, broker_url: str, fleet: str, store: Store | None = None, *, long_running: bool = False,
-                 stale_after_beats: int = DEFAULT_STALE_AFTER_BEATS, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                 max_concurrent_uploads: int = 8, keepalive_s: int = 15,
-                 tls_files: tuple[str, str, str] | None = None, sign_key=None,
-                 device_keys: Callable[[str], Any] | None = None, offline_grace_s: float = OFFLINE_GRACE_S,
-                 username: str | None = None, password: str | None = None, force_plain_password: bool = False):
+    def __init__(
+        self,
+        broker_url: str,
+        fleet: str,
+        store: Store | None = None,
+        *,
+        long_running: bool = False,
+        stale_after_beats: int = DEFAULT_STALE_AFTER_BEATS,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        max_concurrent_uploads: int = 8,
+        keepalive_s: int = 15,
+        tls_files: tuple[str, str, str] | None = None,
+        sign_key=None,
+        device_keys: Callable[[str], Any] | None = None,
+        offline_grace_s: float = OFFLINE_GRACE_S,
+        username: str | None = None,
+        password: str | None = None,
+        force_plain_password: bool = False,
+    ):
         self.fleet = topics.validate_id(fleet, "fleet")
         self.store = store
         self.long_running = long_running
@@ -168,10 +180,19 @@ class Session:
         self._offline_since: dict[str, float] = {}
         self._other_fleets: dict[str, set[str]] = {}
         self._grace_timers: dict[str, threading.Timer] = {}
-        self.link = Link(broker_url, client_id=f"ep-{self.fleet}-{self.coordinator_id}", on_message=self._on_message,
-                         on_connect=self._on_connect, will=will, keepalive_s=keepalive_s, name="coordinator",
-                         tls_files=tls_files, username=username, password=password,
-                         force_plain_password=force_plain_password)
+        self.link = Link(
+            broker_url,
+            client_id=f"ep-{self.fleet}-{self.coordinator_id}",
+            on_message=self._on_message,
+            on_connect=self._on_connect,
+            will=will,
+            keepalive_s=keepalive_s,
+            name="coordinator",
+            tls_files=tls_files,
+            username=username,
+            password=password,
+            force_plain_password=force_plain_password,
+        )
         for channel in ("status", "caps", "reply", "data", "want"):
             self.link.subscribe(topics.device_filter(fleet, channel))
 
@@ -179,12 +200,17 @@ class Session:
     def start(self, timeout_s: float = 10.0) -> "Session":
         problems = self.link.probe(min(3.0, timeout_s))
         if all(problems.values()):  # no broker reachable at all: say why now, not after the timeout
-            raise ConnectionError("cannot reach the MQTT broker: " + "; ".join(
-                f"{url}: {why}" for url, why in problems.items()) + " (start one with `edgeprune broker`)")
+            raise ConnectionError(
+                "cannot reach the MQTT broker: "
+                + "; ".join(f"{url}: {why}" for url, why in problems.items())
+                + " (start one with `edgeprune broker`)"
+            )
         if not self.link.start(wait_s=timeout_s):
             self.link.stop()
-            raise ConnectionError(f"the MQTT broker at {self.link.urls} did not accept the connection within "
-                                  f"{timeout_s:.0f} s (wrong credentials or TLS files? the broker's log says why)")
+            raise ConnectionError(
+                f"the MQTT broker at {self.link.urls} did not accept the connection within "
+                f"{timeout_s:.0f} s (wrong credentials or TLS files? the broker's log says why)"
+            )
         return self
 
     def close(self) -> None:
@@ -274,8 +300,15 @@ class Session:
             with self._pending_lock:
                 pending = self._pending.pop(reply.id, None) if reply.id else None
             if pending is not None and pending.device_id == reply.device_id and not pending.future.done():
-                pending.future.set_result(Reply(id=reply.id, device_id=reply.device_id, kind="error", ts=time.time(),
-                                                error=error_dict(exc.code, exc.message)))
+                pending.future.set_result(
+                    Reply(
+                        id=reply.id,
+                        device_id=reply.device_id,
+                        kind="error",
+                        ts=time.time(),
+                        error=error_dict(exc.code, exc.message),
+                    )
+                )
             raise
 
     @staticmethod
@@ -311,16 +344,24 @@ class Session:
             view.process_start = status.ts - status.uptime_s
         self._heard(device_id, retained)
         if self.store is not None:
-            self.store.upsert_device(self.fleet, device_id, self.state_of(view), status=asdict(status),
-                                     seen=view.last_seen_wall if not retained else None)
+            self.store.upsert_device(
+                self.fleet,
+                device_id,
+                self.state_of(view),
+                status=asdict(status),
+                seen=view.last_seen_wall if not retained else None,
+            )
         if not retained:
             if status.state == "offline":
                 # not failed at once: a restarted agent re-sends finished results from its outbox
                 self._offline_since.setdefault(device_id, time.monotonic())
                 self._arm(device_id, self.offline_grace_s)
             elif device_id in self._offline_since:
-                same = (previous_start is not None and view.process_start is not None
-                        and abs(view.process_start - previous_start) < 2.0)
+                same = (
+                    previous_start is not None
+                    and view.process_start is not None
+                    and abs(view.process_start - previous_start) < 2.0
+                )
                 if same:  # the same agent process (same start time): the network broke, not the device
                     timer = self._grace_timers.pop(device_id, None)
                     if timer is not None:
@@ -348,8 +389,9 @@ class Session:
                 log.warning("error reply from %s for request %s: %s", reply.device_id, reply.id, reply.error_message)
             elif reply.kind == "result":
                 self.stats.late_replies += 1
-                log.info("late result from %s for request %s (its round or call is over): ignored",
-                         reply.device_id, reply.id)
+                log.info(
+                    "late result from %s for request %s (its round or call is over): ignored", reply.device_id, reply.id
+                )
                 if reply.id:  # nobody will use it: let the device drop it from its outbox
                     self.submit(reply.device_id, "ack", {"ids": [reply.id]})
             return
@@ -372,7 +414,9 @@ class Session:
     def _on_want(self, want: BlobWant) -> None:
         data = self._published.get(want.sha256)
         if data is None:
-            log.info("%s asked for blob %s, which this coordinator is not broadcasting", want.device_id, want.sha256[:12])
+            log.info(
+                "%s asked for blob %s, which this coordinator is not broadcasting", want.device_id, want.sha256[:12]
+            )
             return
         self.stats.wants_in += 1
         self._resender.submit(self._resend, want.sha256, data, want.chunks)
@@ -382,8 +426,11 @@ class Session:
         skipped, so a fleet asking for the same chunks costs one re-send, not one per device."""
         now = time.monotonic()
         wanted = set(chunks) if chunks is not None else None
-        frames = [f for f in split(data, self.chunk_bytes, sha256=sha)
-                  if (wanted is None or f.index in wanted) and now - self._resent.get((sha, f.index), -1e9) >= RESEND_MIN_S]
+        frames = [
+            f
+            for f in split(data, self.chunk_bytes, sha256=sha)
+            if (wanted is None or f.index in wanted) and now - self._resent.get((sha, f.index), -1e9) >= RESEND_MIN_S
+        ]
         for f in frames:
             self._resent[(sha, f.index)] = now
         try:
@@ -405,8 +452,11 @@ class Session:
         deadline = self._probe_deadline
         with self._changed:
             while time.monotonic() < deadline:
-                pending = [v for v in list(self.views.values())
-                           if v.status is not None and v.status.state != "offline" and v.last_heard is None]
+                pending = [
+                    v
+                    for v in list(self.views.values())
+                    if v.status is not None and v.status.state != "offline" and v.last_heard is None
+                ]
                 if self.views and not pending and time.monotonic() > deadline - wait_s + 0.3:
                     break
                 self._changed.wait(min(0.1, max(0.0, deadline - time.monotonic())))
@@ -421,18 +471,20 @@ class Session:
             views = sorted(list(self.views.values()), key=lambda v: v.device_id)
         for v in views:
             caps = v.caps or {}
-            rows.append({
-                "device_id": v.device_id,
-                "state": self.state_of(v),
-                "arch": caps.get("arch"),
-                "runtime": next(iter(caps.get("runtimes") or {}), None),
-                "runtimes": caps.get("runtimes") or {},
-                "can_train": caps.get("can_train"),
-                "has_data": caps.get("has_data"),
-                "last_seen": v.last_seen_wall,
-                "task": v.status.task if v.status else None,
-                "caps": v.caps,
-            })
+            rows.append(
+                {
+                    "device_id": v.device_id,
+                    "state": self.state_of(v),
+                    "arch": caps.get("arch"),
+                    "runtime": next(iter(caps.get("runtimes") or {}), None),
+                    "runtimes": caps.get("runtimes") or {},
+                    "can_train": caps.get("can_train"),
+                    "has_data": caps.get("has_data"),
+                    "last_seen": v.last_seen_wall,
+                    "task": v.status.task if v.status else None,
+                    "caps": v.caps,
+                }
+            )
         return rows
 
     def fleets_seen(self, wait_s: float = 1.5) -> dict[str, int]:
@@ -464,10 +516,20 @@ class Session:
                 row["last_seen"] = row["last_seen"] or old["last_seen"]
                 continue
             caps = old["caps"] or {}
-            rows.append({"device_id": old["device_id"], "state": "offline" if old["state"] != "unknown" else "unknown",
-                         "arch": caps.get("arch"), "runtimes": caps.get("runtimes") or {},
-                         "runtime": next(iter(caps.get("runtimes") or {}), None), "can_train": caps.get("can_train"),
-                         "has_data": caps.get("has_data"), "last_seen": old["last_seen"], "task": None, "caps": old["caps"]})
+            rows.append(
+                {
+                    "device_id": old["device_id"],
+                    "state": "offline" if old["state"] != "unknown" else "unknown",
+                    "arch": caps.get("arch"),
+                    "runtimes": caps.get("runtimes") or {},
+                    "runtime": next(iter(caps.get("runtimes") or {}), None),
+                    "can_train": caps.get("can_train"),
+                    "has_data": caps.get("has_data"),
+                    "last_seen": old["last_seen"],
+                    "task": None,
+                    "caps": old["caps"],
+                }
+            )
         return sorted(rows, key=lambda r: r["device_id"])
 
     def online(self) -> list[str]:
@@ -489,8 +551,14 @@ class Session:
         return self.online()
 
     # -- commands --------------------------------------------------------
-    def submit(self, device_id: str, cmd: str, args: dict | None = None,
-               on_progress: Callable[[Reply], None] | None = None, timeout_s: float | None = None) -> tuple[str, Future]:
+    def submit(
+        self,
+        device_id: str,
+        cmd: str,
+        args: dict | None = None,
+        on_progress: Callable[[Reply], None] | None = None,
+        timeout_s: float | None = None,
+    ) -> tuple[str, Future]:
         """Send a command; the future resolves to the final :class:`Reply` (result or error)."""
         topics.validate_id(device_id, "device id")
         request_id = new_id("r")
@@ -507,16 +575,27 @@ class Session:
         with self._pending_lock:
             self._pending.pop(request_id, None)
 
-    def call(self, device_id: str, cmd: str, args: dict | None = None, timeout_s: float = 10.0,
-             on_progress: Callable[[Reply], None] | None = None) -> Reply:
+    def call(
+        self,
+        device_id: str,
+        cmd: str,
+        args: dict | None = None,
+        timeout_s: float = 10.0,
+        on_progress: Callable[[Reply], None] | None = None,
+    ) -> Reply:
         """Send a command and wait for its final reply; a timeout comes back as an error reply."""
         request_id, future = self.submit(device_id, cmd, args, on_progress, timeout_s)
         try:
             return future.result(timeout_s)
         except TimeoutError:
             self.forget(request_id)
-            return Reply(id=request_id, device_id=device_id, kind="error", ts=time.time(),
-                         error=error_dict(ErrorCode.TIMEOUT, f"no reply to {cmd} within {timeout_s:.1f} s"))
+            return Reply(
+                id=request_id,
+                device_id=device_id,
+                kind="error",
+                ts=time.time(),
+                error=error_dict(ErrorCode.TIMEOUT, f"no reply to {cmd} within {timeout_s:.1f} s"),
+            )
 
     def _arm(self, device_id: str, delay_s: float) -> None:
         old = self._grace_timers.pop(device_id, None)
@@ -535,19 +614,33 @@ class Session:
             return
         view = self.views.get(device_id)
         gone = view is None or view.status is None or view.status.state == "offline"
-        self._fail_pending(device_id, ErrorCode.TIMEOUT, "device went offline" if gone else
-                           "device restarted and the request was lost with it", before=since)
+        self._fail_pending(
+            device_id,
+            ErrorCode.TIMEOUT,
+            "device went offline" if gone else "device restarted and the request was lost with it",
+            before=since,
+        )
 
     def _fail_pending(self, device_id: str, code: ErrorCode, message: str, before: float | None = None) -> None:
         with self._pending_lock:
-            failed = [(rid, p) for rid, p in self._pending.items()
-                      if p.device_id == device_id and (before is None or p.sent < before)]
+            failed = [
+                (rid, p)
+                for rid, p in self._pending.items()
+                if p.device_id == device_id and (before is None or p.sent < before)
+            ]
             for rid, _ in failed:
                 del self._pending[rid]
         for rid, p in failed:
             if not p.future.done():
-                p.future.set_result(Reply(id=rid, device_id=device_id, kind="error", ts=time.time(),
-                                          error=error_dict(code, f"{p.cmd}: {message}")))
+                p.future.set_result(
+                    Reply(
+                        id=rid,
+                        device_id=device_id,
+                        kind="error",
+                        ts=time.time(),
+                        error=error_dict(code, f"{p.cmd}: {message}"),
+                    )
+                )
         for pull in list(self._pulls.get(device_id, ())):
             pull.expire(f"blob {pull.sha256[:12]}: {message}", code)
 
@@ -560,7 +653,9 @@ class Session:
         if sha not in self._published:
             self._published[sha] = data  # before the first chunk: a device may ask for what it missed at once
             try:
-                transfer.send_frames(self.link, frames, lambda f: topics.blob_chunk(self.fleet, sha, f.index), retain=True)
+                transfer.send_frames(
+                    self.link, frames, lambda f: topics.blob_chunk(self.fleet, sha, f.index), retain=True
+                )
             except ProtocolError:
                 self._published.pop(sha, None)
                 raise
@@ -587,8 +682,9 @@ class Session:
         if self.store is not None:
             self.store.delete_device(self.fleet, device_id)
 
-    def fetch_blob(self, device_id: str, sha256: str, timeout_s: float = 60.0,
-                   expected_bytes: int | None = None) -> bytes:
+    def fetch_blob(
+        self, device_id: str, sha256: str, timeout_s: float = 60.0, expected_bytes: int | None = None
+    ) -> bytes:
         """Pull a blob (an update, a result) from a device. At most N pulls run at once.
 
         ``expected_bytes`` (from the device's result) bounds the pull. Chunks that stop
@@ -639,5 +735,6 @@ class Session:
         """A blob_get the device could not serve ends the pull, unless it only timed out publishing
         (its broker connection dropped): then the missing chunks are asked for again."""
         if not reply.ok and reply.error_code != ErrorCode.TIMEOUT.value:
-            pull.expire(f"blob {pull.sha256[:12]} from {pull.source}: {reply.error_message}",
-                        ErrorCode.coerce(reply.error_code))
+            pull.expire(
+                f"blob {pull.sha256[:12]} from {pull.source}: {reply.error_message}", ErrorCode.coerce(reply.error_code)
+            )

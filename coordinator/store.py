@@ -121,23 +121,37 @@ class Store:
             return list(self._db.execute(sql, params))
 
     # -- devices ---------------------------------------------------------
-    def upsert_device(self, fleet: str, device_id: str, state: str, *, status: dict | None = None,
-                      caps: dict | None = None, seen: float | None = None) -> None:
+    def upsert_device(
+        self,
+        fleet: str,
+        device_id: str,
+        state: str,
+        *,
+        status: dict | None = None,
+        caps: dict | None = None,
+        seen: float | None = None,
+    ) -> None:
         now = time.time()
         with self._lock, self._db:
             self._db.execute(
                 "INSERT INTO devices(fleet, device_id, state, first_seen) VALUES (?,?,?,?) "
-                "ON CONFLICT(fleet, device_id) DO NOTHING", (fleet, device_id, state, now))
+                "ON CONFLICT(fleet, device_id) DO NOTHING",
+                (fleet, device_id, state, now),
+            )
             self._db.execute("UPDATE devices SET state=? WHERE fleet=? AND device_id=?", (state, fleet, device_id))
             if status is not None:
-                self._db.execute("UPDATE devices SET status_json=? WHERE fleet=? AND device_id=?",
-                                 (json.dumps(status), fleet, device_id))
+                self._db.execute(
+                    "UPDATE devices SET status_json=? WHERE fleet=? AND device_id=?",
+                    (json.dumps(status), fleet, device_id),
+                )
             if caps is not None:
-                self._db.execute("UPDATE devices SET caps_json=? WHERE fleet=? AND device_id=?",
-                                 (json.dumps(caps), fleet, device_id))
+                self._db.execute(
+                    "UPDATE devices SET caps_json=? WHERE fleet=? AND device_id=?", (json.dumps(caps), fleet, device_id)
+                )
             if seen is not None:
-                self._db.execute("UPDATE devices SET last_seen=? WHERE fleet=? AND device_id=?",
-                                 (seen, fleet, device_id))
+                self._db.execute(
+                    "UPDATE devices SET last_seen=? WHERE fleet=? AND device_id=?", (seen, fleet, device_id)
+                )
 
     def delete_device(self, fleet: str, device_id: str) -> None:
         with self._lock, self._db:
@@ -147,25 +161,33 @@ class Store:
         rows = self._query("SELECT * FROM devices WHERE fleet=? ORDER BY device_id", (fleet,))
         out = []
         for r in rows:
-            out.append({
-                "device_id": r["device_id"], "state": r["state"], "first_seen": r["first_seen"],
-                "last_seen": r["last_seen"],
-                "status": json.loads(r["status_json"]) if r["status_json"] else None,
-                "caps": json.loads(r["caps_json"]) if r["caps_json"] else None,
-            })
+            out.append(
+                {
+                    "device_id": r["device_id"],
+                    "state": r["state"],
+                    "first_seen": r["first_seen"],
+                    "last_seen": r["last_seen"],
+                    "status": json.loads(r["status_json"]) if r["status_json"] else None,
+                    "caps": json.loads(r["caps_json"]) if r["caps_json"] else None,
+                }
+            )
         return out
 
     # -- runs ------------------------------------------------------------
     def create_run(self, run_id: str, fleet: str, kind: str, config: dict) -> None:
-        self._exec("INSERT INTO runs(run_id, fleet, kind, state, created, config_json) VALUES (?,?,?,?,?,?)",
-                   (run_id, fleet, kind, "running", time.time(), json.dumps(config)))
+        self._exec(
+            "INSERT INTO runs(run_id, fleet, kind, state, created, config_json) VALUES (?,?,?,?,?,?)",
+            (run_id, fleet, kind, "running", time.time(), json.dumps(config)),
+        )
 
     def set_run_state(self, run_id: str, state: str) -> None:
         self._exec("UPDATE runs SET state=? WHERE run_id=?", (state, run_id))
 
     def finish_run(self, run_id: str, state: str, summary: dict) -> None:
-        self._exec("UPDATE runs SET state=?, finished=?, summary_json=? WHERE run_id=?",
-                   (state, time.time(), json.dumps(summary), run_id))
+        self._exec(
+            "UPDATE runs SET state=?, finished=?, summary_json=? WHERE run_id=?",
+            (state, time.time(), json.dumps(summary), run_id),
+        )
 
     def runs(self, kind: str | None = None) -> list[dict[str, Any]]:
         sql = "SELECT * FROM runs" + (" WHERE kind=?" if kind else "") + " ORDER BY created DESC"
@@ -181,8 +203,10 @@ class Store:
     def resolve_run(self, ref: str, kind: str | None = None) -> dict[str, Any]:
         """A run by id, unique prefix or suffix, or ``latest``; :class:`RunNotFound` says which runs
         matched when the reference is ambiguous, and how to list them when none does."""
-        sql, params = "SELECT * FROM runs" + (" WHERE kind=?" if kind else "") + " ORDER BY created DESC", \
-            ((kind,) if kind else ())
+        sql, params = (
+            "SELECT * FROM runs" + (" WHERE kind=?" if kind else "") + " ORDER BY created DESC",
+            ((kind,) if kind else ()),
+        )
         rows = self._query(sql, params)
         what = f"{kind} run" if kind else "run"
         if ref == "latest":
@@ -206,52 +230,122 @@ class Store:
     @staticmethod
     def _run_dict(r: sqlite3.Row) -> dict[str, Any]:
         return {
-            "run_id": r["run_id"], "fleet": r["fleet"], "kind": r["kind"], "state": r["state"],
-            "created": r["created"], "finished": r["finished"], "config": json.loads(r["config_json"]),
+            "run_id": r["run_id"],
+            "fleet": r["fleet"],
+            "kind": r["kind"],
+            "state": r["state"],
+            "created": r["created"],
+            "finished": r["finished"],
+            "config": json.loads(r["config_json"]),
             "summary": json.loads(r["summary_json"]) if r["summary_json"] else None,
         }
 
     # -- rounds ----------------------------------------------------------
     def save_round(self, run_id: str, rnd: int, started: float, metrics: dict) -> None:
-        self._exec("INSERT OR REPLACE INTO rounds(run_id, round, started, finished, metrics_json) VALUES (?,?,?,?,?)",
-                   (run_id, rnd, started, time.time(), json.dumps(metrics)))
+        self._exec(
+            "INSERT OR REPLACE INTO rounds(run_id, round, started, finished, metrics_json) VALUES (?,?,?,?,?)",
+            (run_id, rnd, started, time.time(), json.dumps(metrics)),
+        )
 
     def rounds(self, run_id: str) -> list[dict[str, Any]]:
         rows = self._query("SELECT * FROM rounds WHERE run_id=? ORDER BY round", (run_id,))
-        return [{"round": r["round"], "started": r["started"], "finished": r["finished"],
-                 **json.loads(r["metrics_json"] or "{}")} for r in rows]
+        return [
+            {
+                "round": r["round"],
+                "started": r["started"],
+                "finished": r["finished"],
+                **json.loads(r["metrics_json"] or "{}"),
+            }
+            for r in rows
+        ]
 
-    def save_client_round(self, run_id: str, rnd: int, device_id: str, ok: bool, bytes_down: int | None,
-                          bytes_up: int | None, metrics: dict | None, error: str | None) -> None:
-        self._exec("INSERT OR REPLACE INTO client_rounds VALUES (?,?,?,?,?,?,?,?)",
-                   (run_id, rnd, device_id, int(ok), bytes_down, bytes_up,
-                    json.dumps(metrics) if metrics is not None else None, error))
+    def save_client_round(
+        self,
+        run_id: str,
+        rnd: int,
+        device_id: str,
+        ok: bool,
+        bytes_down: int | None,
+        bytes_up: int | None,
+        metrics: dict | None,
+        error: str | None,
+    ) -> None:
+        self._exec(
+            "INSERT OR REPLACE INTO client_rounds VALUES (?,?,?,?,?,?,?,?)",
+            (
+                run_id,
+                rnd,
+                device_id,
+                int(ok),
+                bytes_down,
+                bytes_up,
+                json.dumps(metrics) if metrics is not None else None,
+                error,
+            ),
+        )
 
     def client_rounds(self, run_id: str) -> list[dict[str, Any]]:
         rows = self._query("SELECT * FROM client_rounds WHERE run_id=? ORDER BY round, device_id", (run_id,))
-        return [{"round": r["round"], "device_id": r["device_id"], "ok": bool(r["ok"]), "bytes_down": r["bytes_down"],
-                 "bytes_up": r["bytes_up"], "metrics": json.loads(r["metrics_json"]) if r["metrics_json"] else None,
-                 "error": r["error"]} for r in rows]
+        return [
+            {
+                "round": r["round"],
+                "device_id": r["device_id"],
+                "ok": bool(r["ok"]),
+                "bytes_down": r["bytes_down"],
+                "bytes_up": r["bytes_up"],
+                "metrics": json.loads(r["metrics_json"]) if r["metrics_json"] else None,
+                "error": r["error"],
+            }
+            for r in rows
+        ]
 
     # -- artifacts and benchmark results ---------------------------------
     def save_artifact(self, run_id: str, rec: dict) -> None:
-        self._exec("INSERT OR REPLACE INTO artifacts VALUES (?,?,?,?,?,?,?,?,?,?)",
-                   (run_id, rec["name"], rec["format"], rec["path"], rec["sha256"], rec["bytes"], rec["gzip_bytes"],
-                    rec["sparsity"], json.dumps(rec), time.time()))
+        self._exec(
+            "INSERT OR REPLACE INTO artifacts VALUES (?,?,?,?,?,?,?,?,?,?)",
+            (
+                run_id,
+                rec["name"],
+                rec["format"],
+                rec["path"],
+                rec["sha256"],
+                rec["bytes"],
+                rec["gzip_bytes"],
+                rec["sparsity"],
+                json.dumps(rec),
+                time.time(),
+            ),
+        )
 
     def artifacts(self, run_id: str) -> list[dict[str, Any]]:
         rows = self._query("SELECT info_json FROM artifacts WHERE run_id=? ORDER BY created, name", (run_id,))
         return [json.loads(r["info_json"]) for r in rows]
 
     def save_bench_result(self, bench_id: str, run_id: str | None, device_id: str, result: dict) -> None:
-        self._exec("INSERT OR REPLACE INTO bench_results VALUES (?,?,?,?,?,?,?)",
-                   (bench_id, run_id, device_id, result["artifact"], result.get("sha256") or "", json.dumps(result),
-                    time.time()))
+        self._exec(
+            "INSERT OR REPLACE INTO bench_results VALUES (?,?,?,?,?,?,?)",
+            (
+                bench_id,
+                run_id,
+                device_id,
+                result["artifact"],
+                result.get("sha256") or "",
+                json.dumps(result),
+                time.time(),
+            ),
+        )
 
     def bench_results(self, run_id: str | None = None, bench_id: str | None = None) -> list[dict[str, Any]]:
         if bench_id is not None:
             rows = self._query("SELECT * FROM bench_results WHERE bench_id=? ORDER BY created", (bench_id,))
         else:
             rows = self._query("SELECT * FROM bench_results WHERE run_id=? ORDER BY created", (run_id,))
-        return [{"bench_id": r["bench_id"], "run_id": r["run_id"], "device_id": r["device_id"],
-                 **json.loads(r["result_json"])} for r in rows]
+        return [
+            {
+                "bench_id": r["bench_id"],
+                "run_id": r["run_id"],
+                "device_id": r["device_id"],
+                **json.loads(r["result_json"]),
+            }
+            for r in rows
+        ]

@@ -29,9 +29,25 @@ import numpy as np
 
 PRODUCERS = {"Dense": "units", "Conv2D": "filters"}
 CHANNELWISE = {"BatchNormalization", "DepthwiseConv2D"}
-PASS = {"Activation", "ReLU", "LeakyReLU", "ELU", "Softmax", "Dropout", "SpatialDropout2D", "GaussianNoise",
-        "GaussianDropout", "MaxPooling2D", "AveragePooling2D", "ZeroPadding2D", "Cropping2D", "UpSampling2D",
-        "GlobalAveragePooling2D", "GlobalMaxPooling2D", "ActivityRegularization"}
+PASS = {
+    "Activation",
+    "ReLU",
+    "LeakyReLU",
+    "ELU",
+    "Softmax",
+    "Dropout",
+    "SpatialDropout2D",
+    "GaussianNoise",
+    "GaussianDropout",
+    "MaxPooling2D",
+    "AveragePooling2D",
+    "ZeroPadding2D",
+    "Cropping2D",
+    "UpSampling2D",
+    "GlobalAveragePooling2D",
+    "GlobalMaxPooling2D",
+    "ActivityRegularization",
+}
 MERGES = {"Add", "Subtract", "Multiply", "Average", "Maximum", "Minimum", "Concatenate", "Dot"}
 
 
@@ -76,12 +92,15 @@ def parse(arch_json: str) -> Graph:
         for layer in cfg["layers"]:
             inbound = layer.get("inbound_nodes") or []
             names = [x[0] for x in inbound[0]] if inbound else []
-            nodes[layer["name"]] = Node(layer["name"], layer["class_name"], layer["config"], names,
-                                        shared=len(inbound) > 1)
+            nodes[layer["name"]] = Node(
+                layer["name"], layer["class_name"], layer["config"], names, shared=len(inbound) > 1
+            )
         outputs = {o[0] for o in cfg["output_layers"]}
     else:
-        raise SurgeryError(str(raw.get("config", {}).get("name", "model")),
-                           f"a {kind} model: the surgery reads Sequential and Functional models")
+        raise SurgeryError(
+            str(raw.get("config", {}).get("name", "model")),
+            f"a {kind} model: the surgery reads Sequential and Functional models",
+        )
     for node in nodes.values():
         for src in node.inbound:
             nodes[src].outbound.append(node.name)
@@ -91,6 +110,7 @@ def parse(arch_json: str) -> Graph:
 @dataclass
 class Plan:
     """What cutting a producer's channels touches: channel-wise layers, and consumers (flattened or not)."""
+
     producer: str
     channelwise: list[str]
     consumers: list[tuple[str, bool]]  # (layer, after a Flatten)
@@ -160,8 +180,9 @@ def _plan(graph: Graph, producer: Node) -> Plan:
             elif n.cls in MERGES:
                 raise SurgeryError(producer.name, f"its channels reach {n.cls} {nxt}, which needs its inputs aligned")
             else:
-                raise SurgeryError(producer.name, f"its channels reach {n.cls} {nxt}, a layer the surgery does not "
-                                                  "understand")
+                raise SurgeryError(
+                    producer.name, f"its channels reach {n.cls} {nxt}, a layer the surgery does not " "understand"
+                )
     if not plan.consumers:
         raise SurgeryError(producer.name, "no layer consumes its channels")
     plan.measure_at = chain
@@ -173,8 +194,9 @@ def units(graph: Graph) -> dict[str, int]:
     return {n.name: int(n.config[PRODUCERS[n.cls]]) for n in graph.nodes.values() if n.cls in PRODUCERS}
 
 
-def keep_top(importance: dict[str, np.ndarray], current: dict[str, int], original: dict[str, int],
-             removed_fraction: float) -> dict[str, np.ndarray]:
+def keep_top(
+    importance: dict[str, np.ndarray], current: dict[str, int], original: dict[str, int], removed_fraction: float
+) -> dict[str, np.ndarray]:
     """Per layer, the indices of the most important units so that ``removed_fraction`` of the
     layer's *original* units are gone (never more than it has now). SurgeryError if none would stay."""
     keep = {}
@@ -253,8 +275,9 @@ def apply(slices: dict[str, list], names: list[str], arrays: list[np.ndarray | N
                 else:  # rows of a Dense after Flatten: position-major, channel-minor
                     _, channels, keep = idx
                     if a.shape[0] % channels:
-                        raise SurgeryError(name.rsplit("/", 1)[0],
-                                           f"{a.shape[0]} inputs are not a multiple of {channels} channels")
+                        raise SurgeryError(
+                            name.rsplit("/", 1)[0], f"{a.shape[0]} inputs are not a multiple of {channels} channels"
+                        )
                     rows = (np.arange(a.shape[0] // channels)[:, None] * channels + keep[None, :]).ravel()
                     a = a[rows]
             a = np.ascontiguousarray(a)
@@ -268,5 +291,8 @@ def report(arch_json: str) -> dict[str, Any]:
     graph = parse(arch_json)
     plans, whole = analyse(graph)
     u = units(graph)
-    return {"shrinkable": {k: u[k] for k in plans}, "measure_at": {k: p.measure_at for k, p in plans.items()},
-            "whole": whole}
+    return {
+        "shrinkable": {k: u[k] for k in plans},
+        "measure_at": {k: p.measure_at for k, p in plans.items()},
+        "whole": whole,
+    }

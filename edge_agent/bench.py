@@ -30,14 +30,15 @@ from typing import Any
 import numpy as np
 
 from . import energy, sensors
-from .protocol.errors import ErrorCode, ProtocolError
 from .ml.tflite_info import is_tflite
+from .protocol.errors import ErrorCode, ProtocolError
 
 RUNTIMES = ("litert", "tflite_runtime", "tf.lite")
 LOAD_TIMEOUT_S = 120.0
 
 
 # -- child process ---------------------------------------------------------------
+
 
 def _rss_bytes(field: str = "VmRSS:") -> int:
     with open("/proc/self/status") as f:
@@ -54,23 +55,39 @@ def _import_runtime(prefer: str):
     for name in order:
         try:
             if name == "litert":
+                import importlib.metadata as md
+
                 from ai_edge_litert import interpreter as mod
-                import importlib.metadata as md
 
-                return name, md.version("ai-edge-litert"), mod.Interpreter, {
-                    "experimental_op_resolver_type": mod.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES}
+                return (
+                    name,
+                    md.version("ai-edge-litert"),
+                    mod.Interpreter,
+                    {"experimental_op_resolver_type": mod.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES},
+                )
             if name == "tflite_runtime":
-                from tflite_runtime import interpreter as mod
                 import importlib.metadata as md
 
-                return name, md.version("tflite-runtime"), mod.Interpreter, {
-                    "experimental_op_resolver_type": mod.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES}
+                from tflite_runtime import interpreter as mod
+
+                return (
+                    name,
+                    md.version("tflite-runtime"),
+                    mod.Interpreter,
+                    {"experimental_op_resolver_type": mod.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES},
+                )
             if name == "tf.lite":
                 from .ml.tfenv import load
 
                 tf = load().tf
-                return name, tf.__version__, tf.lite.Interpreter, {
-                    "experimental_op_resolver_type": tf.lite.experimental.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES}
+                return (
+                    name,
+                    tf.__version__,
+                    tf.lite.Interpreter,
+                    {
+                        "experimental_op_resolver_type": tf.lite.experimental.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+                    },
+                )
         except Exception as exc:  # ImportError, or tflite_runtime's SystemError under numpy 2
             errors.append(f"{name}: {type(exc).__name__}: {exc}")
     raise RuntimeError("no TFLite runtime works here: " + "; ".join(errors))
@@ -108,9 +125,17 @@ def child_main(conn, path: str, threads: int, runtime: str) -> None:
         except (RuntimeError, ValueError) as exc:  # e.g. XNNPACK failing to prepare a sparse int8 graph
             fallback = {"delegate": "none (builtin kernels only)", "reason": str(exc).strip().splitlines()[0][:500]}
             interp, load_s, first_ms = _load(Interpreter, path, threads, **no_delegate)
-        conn.send({"ok": True, "runtime": {"name": name, "version": version}, "fallback": fallback,
-                   "load_s": round(load_s, 6), "first_inference_ms": round(first_ms, 4),
-                   "rss_baseline_bytes": baseline, "rss_after_load_bytes": _rss_bytes()})
+        conn.send(
+            {
+                "ok": True,
+                "runtime": {"name": name, "version": version},
+                "fallback": fallback,
+                "load_s": round(load_s, 6),
+                "first_inference_ms": round(first_ms, 4),
+                "rss_baseline_bytes": baseline,
+                "rss_after_load_bytes": _rss_bytes(),
+            }
+        )
     except Exception as exc:
         conn.send({"ok": False, "error": f"{type(exc).__name__}: {str(exc).strip()[:1000]}"})
         return
@@ -143,19 +168,27 @@ def child_main(conn, path: str, threads: int, runtime: str) -> None:
 
 # -- parent (agent job) ----------------------------------------------------------
 
+
 def latency_stats(ns: list[int]) -> dict[str, float]:
     ms = np.asarray(ns, dtype=np.float64) / 1e6
-    return {"mean": float(ms.mean()), "std": float(ms.std()), "min": float(ms.min()),
-            "p50": float(np.percentile(ms, 50)), "p90": float(np.percentile(ms, 90)),
-            "p99": float(np.percentile(ms, 99)), "n": int(ms.size)}
+    return {
+        "mean": float(ms.mean()),
+        "std": float(ms.std()),
+        "min": float(ms.min()),
+        "p50": float(np.percentile(ms, 50)),
+        "p90": float(np.percentile(ms, 90)),
+        "p99": float(np.percentile(ms, 99)),
+        "n": int(ms.size),
+    }
 
 
 class _Child:
     def __init__(self, ctx, name: str, path: str, threads: int, runtime: str, budget_s: float):
         self.name, self.path, self.budget_s = name, path, budget_s
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=child_main, args=(child, path, threads, runtime), daemon=True,
-                                name=f"edgeprune-bench-{name}")
+        self.proc = ctx.Process(
+            target=child_main, args=(child, path, threads, runtime), daemon=True, name=f"edgeprune-bench-{name}"
+        )
         self.proc.start()
         child.close()
         self.started = time.monotonic()
@@ -219,13 +252,27 @@ class PowerSampler(threading.Thread):
 
 
 def thermal_snapshot(root: str) -> dict[str, Any]:
-    return {"temp_c": sensors.cpu_temp_c(root), "freq_mhz": sensors.cpu_freq_mhz(root),
-            "throttled_flags": sensors.vcgencmd_throttled()}
+    return {
+        "temp_c": sensors.cpu_temp_c(root),
+        "freq_mhz": sensors.cpu_freq_mhz(root),
+        "throttled_flags": sensors.vcgencmd_throttled(),
+    }
 
 
-def run(artifacts: list[dict[str, Any]], *, threads: int, runs: int | None, duration_s: float | None, warmup: int,
-        budget_s: float, runtime: str, board: str | None, sysfs_root: str, progress=lambda **kw: None,
-        blocks: int = 10) -> dict[str, Any]:
+def run(
+    artifacts: list[dict[str, Any]],
+    *,
+    threads: int,
+    runs: int | None,
+    duration_s: float | None,
+    warmup: int,
+    budget_s: float,
+    runtime: str,
+    board: str | None,
+    sysfs_root: str,
+    progress=lambda **kw: None,
+    blocks: int = 10,
+) -> dict[str, Any]:
     """Benchmark ``artifacts`` ([{name, path, sha256, bytes}]) interleaved; return per-artifact results."""
     ctx = multiprocessing.get_context("spawn")
     before = thermal_snapshot(sysfs_root)
@@ -274,27 +321,38 @@ def run(artifacts: list[dict[str, Any]], *, threads: int, runs: int | None, dura
                 out = c.ask((op, n)) if c.alive else None
                 if out is not None:
                     (c.latencies if op == "time" else c.independent_s).extend(out)
-        progress(phase="timing", done=sum(len(c.latencies) for c in children),
-                 total=(runs or 0) * len(children) or None)
+        progress(
+            phase="timing", done=sum(len(c.latencies) for c in children), total=(runs or 0) * len(children) or None
+        )
     sampler.stop()
     after = thermal_snapshot(sysfs_root)
     for c in children:
-        res: dict[str, Any] = {"status": c.status, "error": c.error, "threads": threads, **{
-            k: c.info.get(k) for k in ("runtime", "fallback", "load_s", "first_inference_ms")}}
+        res: dict[str, Any] = {
+            "status": c.status,
+            "error": c.error,
+            "threads": threads,
+            **{k: c.info.get(k) for k in ("runtime", "fallback", "load_s", "first_inference_ms")},
+        }
         if c.alive and c.latencies:
             stats = latency_stats(c.latencies)
             fin = c.ask(("finish", 0))
             res.update({"latency_ms": stats, "warmup": warmup, "runs": len(c.latencies)})
             if c.independent_s:
                 indep_ms = statistics.median(c.independent_s) * 1000
-                res["independent_loop_ms"] = {"median": indep_ms, "mean": statistics.fmean(c.independent_s) * 1000,
-                                              "n": len(c.independent_s)}
+                res["independent_loop_ms"] = {
+                    "median": indep_ms,
+                    "mean": statistics.fmean(c.independent_s) * 1000,
+                    "n": len(c.independent_s),
+                }
                 res["harness_vs_independent"] = round(stats["p50"] / indep_ms, 4)
             if fin:
                 base = c.info["rss_baseline_bytes"]
-                res["memory"] = {"rss_baseline_bytes": base, "rss_after_load_bytes": c.info["rss_after_load_bytes"],
-                                 "rss_peak_bytes": fin["rss_peak_bytes"],
-                                 "rss_increase_bytes": fin["rss_end_bytes"] - base}
+                res["memory"] = {
+                    "rss_baseline_bytes": base,
+                    "rss_after_load_bytes": c.info["rss_after_load_bytes"],
+                    "rss_peak_bytes": fin["rss_peak_bytes"],
+                    "rss_increase_bytes": fin["rss_end_bytes"] - base,
+                }
             if sampler.samples:
                 res["energy"] = energy.measured(sampler.samples, stats["mean"], sampler.source or "sensor")
             else:
@@ -306,18 +364,27 @@ def run(artifacts: list[dict[str, Any]], *, threads: int, runs: int | None, dura
             c.kill(c.status, c.error or "")
         results[c.name] = res
     for a in artifacts:
-        results[a["name"]].update({"artifact": a["name"], "sha256": a["sha256"], "bytes": a["bytes"],
-                                   "cached": a.get("cached", False)})
+        results[a["name"]].update(
+            {"artifact": a["name"], "sha256": a["sha256"], "bytes": a["bytes"], "cached": a.get("cached", False)}
+        )
     throttled = None
     if before["throttled_flags"] is not None and after["throttled_flags"] is not None:
         # bits 0-3: throttling now; 16-19: since boot. New sticky bits mean it happened during the run.
-        throttled = bool(after["throttled_flags"] & 0xF) or (after["throttled_flags"] & ~before["throttled_flags"] & 0xF0000) != 0
+        throttled = (
+            bool(after["throttled_flags"] & 0xF)
+            or (after["throttled_flags"] & ~before["throttled_flags"] & 0xF0000) != 0
+        )
     return {
         "artifacts": [results[a["name"]] for a in artifacts],
         "order": "interleaved blocks" if len(children) > 1 else "single",
-        "thermal": {"before": before, "after": after, "throttled_during_run": throttled,
-                    "temp_sensor": "available" if before["temp_c"] is not None else "not available"},
-        "board": board, "wall_s": round(time.monotonic() - t_start, 3),
+        "thermal": {
+            "before": before,
+            "after": after,
+            "throttled_during_run": throttled,
+            "temp_sensor": "available" if before["temp_c"] is not None else "not available",
+        },
+        "board": board,
+        "wall_s": round(time.monotonic() - t_start, 3),
     }
 
 
@@ -336,5 +403,9 @@ def check_resources(total_bytes: int, state_dir: str) -> None:
 
 
 def describe_device(state_dir: str, sysfs_root: str) -> dict[str, Any]:
-    return {"cpu_count": os.cpu_count(), "board": sensors.board_model(), "state_dir": state_dir,
-            "sysfs_root": sysfs_root}
+    return {
+        "cpu_count": os.cpu_count(),
+        "board": sensors.board_model(),
+        "state_dir": state_dir,
+        "sysfs_root": sysfs_root,
+    }

@@ -77,7 +77,9 @@ def _cpu_model() -> str:
                     fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return fields.get("model name") or fields.get("Model") or fields.get("Hardware") or platform.processor() or "unknown"
+    return (
+        fields.get("model name") or fields.get("Model") or fields.get("Hardware") or platform.processor() or "unknown"
+    )
 
 
 def collect(device_id: str, state_dir: str, sysfs_root: str = "/sys") -> Capabilities:

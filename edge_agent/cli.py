@@ -8,7 +8,8 @@ import logging
 import signal
 import sys
 
-from . import __version__, settings as settings_mod
+from . import __version__
+from . import settings as settings_mod
 
 DESCRIPTION = """\
 The edgeprune device agent. It connects to the fleet's MQTT broker, announces
@@ -70,21 +71,29 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 def _cmd_settings(args: argparse.Namespace) -> int:
     if args.json:
-        print(json.dumps([{"name": s.name, "env": s.env, "default": s.default, "help": s.help}
-                          for s in settings_mod.SETTINGS], indent=2))
+        print(
+            json.dumps(
+                [{"name": s.name, "env": s.env, "default": s.default, "help": s.help} for s in settings_mod.SETTINGS],
+                indent=2,
+            )
+        )
     else:
         print(settings_mod.markdown_table())
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="edgeprune-agent", description=DESCRIPTION,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="edgeprune-agent", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--version", action="version", version=f"edgeprune-agent {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="connect to the broker and serve the coordinator",
-                         description="Run the agent until SIGTERM/SIGINT; it publishes 'offline' on the way out.")
+    run = sub.add_parser(
+        "run",
+        help="connect to the broker and serve the coordinator",
+        description="Run the agent until SIGTERM/SIGINT; it publishes 'offline' on the way out.",
+    )
     run.add_argument("--config", help="TOML file with agent settings [env EDGEPRUNE_CONFIG]")
     settings_mod.add_arguments(run)
     run.set_defaults(func=_cmd_run)

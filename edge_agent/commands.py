@@ -21,7 +21,9 @@ def _arg(cmd: Command, name: str, kind, default=None, required: bool = False):
     if value is None and required:
         raise ProtocolError(ErrorCode.BAD_ARGS, f"{cmd.cmd}: missing argument {name!r}")
     if value is not None and (not isinstance(value, kind) or (kind in (int, float) and isinstance(value, bool))):
-        raise ProtocolError(ErrorCode.BAD_ARGS, f"{cmd.cmd}: argument {name!r} must be {getattr(kind, '__name__', kind)}")
+        raise ProtocolError(
+            ErrorCode.BAD_ARGS, f"{cmd.cmd}: argument {name!r} must be {getattr(kind, '__name__', kind)}"
+        )
     return value
 
 
@@ -32,8 +34,11 @@ def _trainer(agent: Agent):
     from .trainer import Trainer
 
     if not tfenv.available():
-        raise ProtocolError(ErrorCode.UNSUPPORTED, "this device cannot train: TensorFlow, tf-keras and "
-                                                   "tensorflow-model-optimization are not installed (edgeprune[train])")
+        raise ProtocolError(
+            ErrorCode.UNSUPPORTED,
+            "this device cannot train: TensorFlow, tf-keras and "
+            "tensorflow-model-optimization are not installed (edgeprune[train])",
+        )
     if not agent.settings.get("data"):
         raise ProtocolError(ErrorCode.UNSUPPORTED, "this device has no training data configured (--data)")
     agent.trainer = Trainer(agent.settings)
@@ -55,15 +60,22 @@ def check_training_fits(agent: Agent, model_bytes: int) -> None:
 
     free_disk = shutil.disk_usage(agent.state_dir).free
     if model_bytes * 2 > free_disk:  # the model and its update, in the blob cache
-        raise ProtocolError(ErrorCode.RESOURCES, f"model of {model_bytes:,} bytes: this device has {free_disk:,} bytes "
-                                                 f"of disk free for it and its update")
-    need = model_bytes * TRAIN_MEMORY_FACTOR + (0 if agent.trainer is not None and agent.trainer.alive
-                                                else TF_RUNTIME_BYTES)
+        raise ProtocolError(
+            ErrorCode.RESOURCES,
+            f"model of {model_bytes:,} bytes: this device has {free_disk:,} bytes "
+            f"of disk free for it and its update",
+        )
+    need = model_bytes * TRAIN_MEMORY_FACTOR + (
+        0 if agent.trainer is not None and agent.trainer.alive else TF_RUNTIME_BYTES
+    )
     free_ram = psutil.virtual_memory().available
     if need > free_ram:
-        raise ProtocolError(ErrorCode.RESOURCES, f"training a model of {model_bytes / 1e6:.1f} MB needs about "
-                                                 f"{need / 1e6:,.0f} MB of RAM (estimate), {free_ram / 1e6:,.0f} MB "
-                                                 f"available: use a smaller model or prune it structurally first")
+        raise ProtocolError(
+            ErrorCode.RESOURCES,
+            f"training a model of {model_bytes / 1e6:.1f} MB needs about "
+            f"{need / 1e6:,.0f} MB of RAM (estimate), {free_ram / 1e6:,.0f} MB "
+            f"available: use a smaller model or prune it structurally first",
+        )
 
 
 @command("train_prepare", mode="io", help="Start the training worker early (TensorFlow import, data) for a run.")
@@ -79,13 +91,20 @@ def _train_begin(agent: Agent, cmd: Command) -> dict[str, Any]:
     arch = _arg(cmd, "arch", dict, required=True)
     trainer = _trainer(agent)
     agent.progress(cmd.id, phase="fetching model architecture")
-    arch_json = agent.fetch_blob(topics.validate_sha256(arch.get("sha256")), 120.0, *blob_expectation(arch)).decode("utf-8")
+    arch_json = agent.fetch_blob(topics.validate_sha256(arch.get("sha256")), 120.0, *blob_expectation(arch)).decode(
+        "utf-8"
+    )
     agent.progress(cmd.id, phase="starting training worker")
     msg = {k: cmd.args[k] for k in ("pruning", "granularity", "lr", "optimizer", "training") if k in cmd.args}
     return trainer.begin(run_id, {**msg, "arch": arch_json})
 
 
-@command("train_round", mode="job", durable=True, help="Train one round on local data; keep the sparse update for the coordinator.")
+@command(
+    "train_round",
+    mode="job",
+    durable=True,
+    help="Train one round on local data; keep the sparse update for the coordinator.",
+)
 def _train_round(agent: Agent, cmd: Command) -> dict[str, Any]:
     run_id = topics.validate_id(_arg(cmd, "run_id", str, required=True), "run id")
     rnd = _arg(cmd, "round", int, required=True)
@@ -95,13 +114,17 @@ def _train_round(agent: Agent, cmd: Command) -> dict[str, Any]:
         check_training_fits(agent, size)  # before fetching it or starting TensorFlow
     trainer = _trainer(agent)
     t0 = time.perf_counter()
-    blob = agent.fetch_blob(topics.validate_sha256(model.get("sha256")), float(cmd.args.get("fetch_timeout_s", 300.0)),
-                            *blob_expectation(model))
+    blob = agent.fetch_blob(
+        topics.validate_sha256(model.get("sha256")),
+        float(cmd.args.get("fetch_timeout_s", 300.0)),
+        *blob_expectation(model),
+    )
     fetch_s = time.perf_counter() - t0
     agent.progress(cmd.id, phase="training", round=rnd)
     keys = ("epochs", "batch_size", "lr", "targets", "seed", "update_format", "regrow", "importance")
-    reply = trainer.round(run_id, {**{k: cmd.args[k] for k in keys if k in cmd.args},
-                                   "run_id": run_id, "round": rnd, "model": blob})
+    reply = trainer.round(
+        run_id, {**{k: cmd.args[k] for k in keys if k in cmd.args}, "run_id": run_id, "round": rnd, "model": blob}
+    )
     update = reply["update"]
     sha = agent.blobs.put(update)  # kept until the coordinator pulls it (blob_get)
     metrics = {**reply["metrics"], "fetch_s": round(fetch_s, 4), "model_bytes": len(blob)}
@@ -148,17 +171,30 @@ def _bench(agent: Agent, cmd: Command) -> dict[str, Any]:
         try:  # the hash is checked on arrival: a corrupted artifact never reaches the runtime
             agent.fetch_blob(a["sha256"], float(cmd.args.get("fetch_timeout_s", 300.0)), a["bytes"])
         except ProtocolError as exc:
-            failed[a["name"]] = {"artifact": a["name"], "sha256": a["sha256"], "bytes": a["bytes"],
-                                 "status": "error", "error": f"refused before loading: {exc}"}
+            failed[a["name"]] = {
+                "artifact": a["name"],
+                "sha256": a["sha256"],
+                "bytes": a["bytes"],
+                "status": "error",
+                "error": f"refused before loading: {exc}",
+            }
             continue
         ready.append({**a, "path": str(agent.blobs.path(a["sha256"])), "cached": cached})
     root = agent.settings.get("sysfs_root", "/sys")
     board = agent.settings.get("board") or sensors.board_model()
     threads = _arg(cmd, "threads", int, 0)
-    result = bench.run(ready, threads=threads, runs=runs, duration_s=duration, warmup=_arg(cmd, "warmup", int, 10),
-                       budget_s=float(_arg(cmd, "budget_s", (int, float), agent.settings["bench_budget_s"])),
-                       runtime=_arg(cmd, "runtime", str, "auto"), board=board, sysfs_root=root,
-                       progress=lambda **kw: agent.progress(cmd.id, **kw))
+    result = bench.run(
+        ready,
+        threads=threads,
+        runs=runs,
+        duration_s=duration,
+        warmup=_arg(cmd, "warmup", int, 10),
+        budget_s=float(_arg(cmd, "budget_s", (int, float), agent.settings["bench_budget_s"])),
+        runtime=_arg(cmd, "runtime", str, "auto"),
+        board=board,
+        sysfs_root=root,
+        progress=lambda **kw: agent.progress(cmd.id, **kw),
+    )
     by_name = {r["artifact"]: r for r in result["artifacts"]}
     result["artifacts"] = [by_name.get(a["name"]) or failed[a["name"]] for a in artifacts]
     result["device_id"] = agent.device_id

@@ -38,8 +38,8 @@ from .common import transfer
 from .common.blobs import BlobStore, split
 from .common.link import Link, Will
 from .protocol import serde, topics
-from .protocol.errors import ErrorCode, ProtocolError
 from .protocol.constants import BROADCAST_WAIT_S, MAX_WANTED_CHUNKS
+from .protocol.errors import ErrorCode, ProtocolError
 from .protocol.messages import BlobWant, Command, CoordinatorStatus, Reply, Status, error_dict
 
 log = logging.getLogger("edge_agent")
@@ -60,10 +60,11 @@ COMMANDS: dict[str, CommandSpec] = {}
 
 def command(name: str, mode: str = "inline", help: str = "", durable: bool = False):
     """Register a command handler. Handlers return a result dict or raise ProtocolError."""
+
     def deco(fn: Handler) -> Handler:
-        COMMANDS[name] = CommandSpec(fn, mode, help or next(iter((fn.__doc__ or "").strip().splitlines()), ""),
-                                     durable)
+        COMMANDS[name] = CommandSpec(fn, mode, help or next(iter((fn.__doc__ or "").strip().splitlines()), ""), durable)
         return fn
+
     return deco
 
 
@@ -111,7 +112,7 @@ class Agent:
             if settings.get("coordinator_key"):
                 self._verify_key = signing.load_public(settings["coordinator_key"])
                 if self._seen_file.exists():
-                    self._seen_ids = set(self._seen_file.read_text().split()[-self.SEEN_KEEP:])
+                    self._seen_ids = set(self._seen_file.read_text().split()[-self.SEEN_KEEP :])
         self.t = {
             "status": topics.device(self.fleet, self.device_id, "status"),
             "caps": topics.device(self.fleet, self.device_id, "caps"),
@@ -226,9 +227,10 @@ class Agent:
         self.publish_status()
 
     def capabilities(self):
-        return dataclasses.replace(caps.collect(self.device_id, str(self.state_dir),
-                                                self.settings.get("sysfs_root", "/sys")),
-                                   has_data=bool(self.settings.get("data")))
+        return dataclasses.replace(
+            caps.collect(self.device_id, str(self.state_dir), self.settings.get("sysfs_root", "/sys")),
+            has_data=bool(self.settings.get("data")),
+        )
 
     def _heartbeat_loop(self) -> None:
         while not self._stop.wait(self.settings["heartbeat_s"]):
@@ -280,8 +282,11 @@ class Agent:
                 self._replies.popitem(last=False)
         spec = COMMANDS.get(cmd.cmd)
         if spec is None:
-            self.reply_error(cmd.id, ErrorCode.UNKNOWN_COMMAND,
-                             f"unknown command {cmd.cmd!r}; this agent knows: {', '.join(sorted(COMMANDS))}")
+            self.reply_error(
+                cmd.id,
+                ErrorCode.UNKNOWN_COMMAND,
+                f"unknown command {cmd.cmd!r}; this agent knows: {', '.join(sorted(COMMANDS))}",
+            )
         elif spec.mode == "inline":
             self._execute(cmd, spec)
         elif spec.mode == "io":
@@ -304,11 +309,16 @@ class Agent:
         try:
             signing.verify(cmd, self._verify_key, f"command {cmd.cmd}")
             if cmd.to != self.device_id:
-                raise ProtocolError(ErrorCode.REJECTED, f"command {cmd.id} is addressed to {cmd.to!r}, not to this device")
+                raise ProtocolError(
+                    ErrorCode.REJECTED, f"command {cmd.id} is addressed to {cmd.to!r}, not to this device"
+                )
             age = time.time() - cmd.ts
             if abs(age) > self.settings["max_command_age_s"]:
-                raise ProtocolError(ErrorCode.REPLAYED, f"command {cmd.id} is {age:.0f} s old (limit "
-                                                        f"{self.settings['max_command_age_s']:.0f} s; check the clocks)")
+                raise ProtocolError(
+                    ErrorCode.REPLAYED,
+                    f"command {cmd.id} is {age:.0f} s old (limit "
+                    f"{self.settings['max_command_age_s']:.0f} s; check the clocks)",
+                )
             with self._replies_lock:
                 if cmd.id in self._seen_ids:
                     if cmd.id in self._replies and self._replies[cmd.id] is None:
@@ -349,8 +359,9 @@ class Agent:
             self.reply(cmd.id, "result", result, durable=spec.durable)
 
     # -- outgoing --------------------------------------------------------
-    def reply(self, request_id: str | None, kind: str, result: dict[str, Any] | None = None,
-              durable: bool = False) -> None:
+    def reply(
+        self, request_id: str | None, kind: str, result: dict[str, Any] | None = None, durable: bool = False
+    ) -> None:
         reply = Reply(id=request_id, device_id=self.device_id, kind=kind, ts=time.time(), result=result)
         if durable and request_id is not None:  # on disk before it goes out: a crash after this loses nothing
             path = self.outbox / f"{request_id}.json"
@@ -360,8 +371,12 @@ class Agent:
         self._publish_reply(reply, remember=kind == "result")
 
     def reply_error(self, request_id: str | None, code: ErrorCode, message: str) -> None:
-        self._publish_reply(Reply(id=request_id, device_id=self.device_id, kind="error", ts=time.time(),
-                                  error=error_dict(code, message)), remember=True)
+        self._publish_reply(
+            Reply(
+                id=request_id, device_id=self.device_id, kind="error", ts=time.time(), error=error_dict(code, message)
+            ),
+            remember=True,
+        )
 
     def _publish_reply(self, reply: Reply, remember: bool) -> None:
         if remember and reply.id is not None:
@@ -389,8 +404,9 @@ class Agent:
         transfer.send_frames(self.link, frames, self.t["data"])
         return len(data)
 
-    def fetch_blob(self, sha256: str, timeout_s: float, expected_bytes: int | None = None,
-                   expected_chunks: int | None = None) -> bytes:
+    def fetch_blob(
+        self, sha256: str, timeout_s: float, expected_bytes: int | None = None, expected_chunks: int | None = None
+    ) -> bytes:
         """A blob the coordinator broadcast (retained chunks), from the cache when we have it.
 
         Chunks that do not arrive within a short wait (a broker that replays no retained
@@ -408,14 +424,25 @@ class Agent:
         deadline = time.monotonic() + timeout_s
         try:
             for attempt in (1, 2):
-                pull = self.receiver.open(sha256, "broadcast", expected_bytes=expected_bytes,
-                                          expected_chunks=expected_chunks, deadline_s=timeout_s, broadcast=True)
+                pull = self.receiver.open(
+                    sha256,
+                    "broadcast",
+                    expected_bytes=expected_bytes,
+                    expected_chunks=expected_chunks,
+                    deadline_s=timeout_s,
+                    broadcast=True,
+                )
                 try:
                     if attempt == 2:
                         self._want(sha256, None)
-                    data = transfer.wait(pull, max(0.1, deadline - time.monotonic()),
-                                         lambda missing: self._want(sha256, missing),
-                                         first_ask_s=BROADCAST_WAIT_S, idle_s=2 * BROADCAST_WAIT_S, max_idle_s=30.0)
+                    data = transfer.wait(
+                        pull,
+                        max(0.1, deadline - time.monotonic()),
+                        lambda missing: self._want(sha256, missing),
+                        first_ask_s=BROADCAST_WAIT_S,
+                        idle_s=2 * BROADCAST_WAIT_S,
+                        max_idle_s=30.0,
+                    )
                     break
                 except ProtocolError as exc:
                     if exc.code != ErrorCode.INTEGRITY or attempt == 2:
@@ -466,6 +493,7 @@ class Agent:
 
 # -- built-in commands ----------------------------------------------------
 
+
 @command("ping", help="Answer at once; the coordinator measures the round trip.")
 def _ping(agent: Agent, cmd: Command) -> dict[str, Any]:
     return {"agent_ts": time.time(), "sent_ts": cmd.ts}
@@ -490,16 +518,23 @@ def _ack(agent: Agent, cmd: Command) -> dict[str, Any]:
     return {"removed": agent.acknowledge(ids)}
 
 
-@command("blob_get", mode="io", help="Upload a stored blob (an update or result), or only the listed `chunks`, "
-                                    "as chunks on the data topic.")
+@command(
+    "blob_get",
+    mode="io",
+    help="Upload a stored blob (an update or result), or only the listed `chunks`, " "as chunks on the data topic.",
+)
 def _blob_get(agent: Agent, cmd: Command) -> dict[str, Any]:
     sha = cmd.args.get("sha256")
     topics.validate_sha256(sha)
     chunks = cmd.args.get("chunks")
-    if chunks is not None and (not isinstance(chunks, list) or len(chunks) > MAX_WANTED_CHUNKS or not all(
-            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in chunks)):
-        raise ProtocolError(ErrorCode.BAD_ARGS, f"blob_get: chunks must be a list of at most {MAX_WANTED_CHUNKS} "
-                                                f"chunk indices")
+    if chunks is not None and (
+        not isinstance(chunks, list)
+        or len(chunks) > MAX_WANTED_CHUNKS
+        or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in chunks)
+    ):
+        raise ProtocolError(
+            ErrorCode.BAD_ARGS, f"blob_get: chunks must be a list of at most {MAX_WANTED_CHUNKS} " f"chunk indices"
+        )
     size = agent.upload_blob(sha, cmd.id, chunks)
     return {"sha256": sha, "bytes": size, "chunks": len(chunks) if chunks is not None else "all"}
 

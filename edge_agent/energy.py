@@ -22,9 +22,9 @@ PIDRAMBLE = "https://www.pidramble.com/wiki/benchmarks/power-consumption"
 
 @dataclass(frozen=True)
 class BoardPower:
-    match: str          # substring of /proc/device-tree/model
+    match: str  # substring of /proc/device-tree/model
     idle_w: float
-    load_w: float       # all cores busy (stress --cpu 4)
+    load_w: float  # all cores busy (stress --cpu 4)
     cores: int
     source: str
 
@@ -46,16 +46,28 @@ def board_power(board: str | None) -> BoardPower | None:
 def estimate(board: str | None, threads: int, latency_ms: float) -> dict[str, Any]:
     model = board_power(board)
     if model is None:
-        return {"label": "not available", "per_inference_mj": None,
-                "reason": f"no power sensor and no power model for board {board or 'unknown'}"}
+        return {
+            "label": "not available",
+            "per_inference_mj": None,
+            "reason": f"no power sensor and no power model for board {board or 'unknown'}",
+        }
     busy = min(max(threads, 1), model.cores) / model.cores
     watts = model.idle_w + (model.load_w - model.idle_w) * busy
-    return {"label": "estimated", "per_inference_mj": round(watts * latency_ms, 6), "power_w": round(watts, 3),
-            "model": f"{model.match}: idle {model.idle_w} W, {model.cores}-core load {model.load_w} W, "
-                     f"linear in busy cores ({model.source})"}
+    return {
+        "label": "estimated",
+        "per_inference_mj": round(watts * latency_ms, 6),
+        "power_w": round(watts, 3),
+        "model": f"{model.match}: idle {model.idle_w} W, {model.cores}-core load {model.load_w} W, "
+        f"linear in busy cores ({model.source})",
+    }
 
 
 def measured(power_samples_w: list[float], latency_ms: float, source: str) -> dict[str, Any]:
     watts = sum(power_samples_w) / len(power_samples_w)
-    return {"label": "measured", "per_inference_mj": round(watts * latency_ms, 6), "power_w": round(watts, 4),
-            "samples": len(power_samples_w), "sensor": source}
+    return {
+        "label": "measured",
+        "per_inference_mj": round(watts * latency_ms, 6),
+        "power_w": round(watts, 4),
+        "samples": len(power_samples_w),
+        "sensor": source,
+    }

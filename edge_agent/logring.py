@@ -55,5 +55,8 @@ class LogRing(logging.Handler):
                 break
             out.append(ln)
         out.reverse()
-        return {"lines": [{"seq": n, "ts": ts, "level": lvl, "text": t} for n, ts, lvl, t in out], "next": last,
-                "dropped": max(0, first - seq - 1) if seq else 0}
+        return {
+            "lines": [{"seq": n, "ts": ts, "level": lvl, "text": t} for n, ts, lvl, t in out],
+            "next": last,
+            "dropped": max(0, first - seq - 1) if seq else 0,
+        }

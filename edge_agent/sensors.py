@@ -40,8 +40,13 @@ def thermal_zones(root: str = "/sys") -> list[dict[str, Any]]:
         milli = _read_int(os.path.join(zone, "temp"))
         if milli is None:
             continue
-        zones.append({"zone": os.path.basename(zone), "type": _read(os.path.join(zone, "type")) or "unknown",
-                      "temp_c": milli / 1000.0})
+        zones.append(
+            {
+                "zone": os.path.basename(zone),
+                "type": _read(os.path.join(zone, "type")) or "unknown",
+                "temp_c": milli / 1000.0,
+            }
+        )
     return zones
 
 

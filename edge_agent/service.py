@@ -39,7 +39,7 @@ INSTALLER_DIR = Path(__file__).with_name("installer")  # install.sh / uninstall.
 UNIT_NAME = "edgeprune-agent.service"
 CRON_MARK = "# edgeprune-agent"
 RESULT_PREFIX = "EDGEPRUNE_RESULT "
-STAY_UP_S = 4.0       # a new agent must survive this long after start (settings errors exit at once)
+STAY_UP_S = 4.0  # a new agent must survive this long after start (settings errors exit at once)
 STOP_TIMEOUT_S = 15.0  # graceful stop before SIGKILL
 RESTART_DELAY_S = (1.0, 30.0)  # fallback supervisor: first and longest delay between restarts
 
@@ -76,14 +76,25 @@ class Layout:
 def layout(root: bool | None = None, home: Path | None = None) -> Layout:
     root = os.geteuid() == 0 if root is None else root
     if root:
-        return Layout(True, Path("/opt/edgeprune"), Path("/etc/edgeprune/agent.toml"), Path("/var/lib/edgeprune"),
-                      Path("/etc/systemd/system") / UNIT_NAME)
+        return Layout(
+            True,
+            Path("/opt/edgeprune"),
+            Path("/etc/edgeprune/agent.toml"),
+            Path("/var/lib/edgeprune"),
+            Path("/etc/systemd/system") / UNIT_NAME,
+        )
     home = home or Path.home()
-    return Layout(False, home / ".local/share/edgeprune", home / ".config/edgeprune/agent.toml",
-                  home / ".local/state/edgeprune", home / ".config/systemd/user" / UNIT_NAME)
+    return Layout(
+        False,
+        home / ".local/share/edgeprune",
+        home / ".config/edgeprune/agent.toml",
+        home / ".local/state/edgeprune",
+        home / ".config/systemd/user" / UNIT_NAME,
+    )
 
 
 # -- config --------------------------------------------------------------------------------------
+
 
 def toml_dumps(table: dict) -> str:
     """Scalars only (all agent settings are): no TOML writer in the standard library."""
@@ -113,8 +124,10 @@ def merged_config(existing: dict, updates: dict) -> dict:
     """Re-flashing keeps the device's identity: a different device id is refused, not silently applied."""
     old_id, new_id = existing.get("device_id"), updates.get("device_id")
     if old_id and new_id and old_id != new_id:
-        raise InstallError(f"this device is already flashed as {old_id!r}; flash it with --device-id {old_id}, "
-                           f"or `edgeprune unflash` it first to give it a new identity")
+        raise InstallError(
+            f"this device is already flashed as {old_id!r}; flash it with --device-id {old_id}, "
+            f"or `edgeprune unflash` it first to give it a new identity"
+        )
     return {**existing, **{k: v for k, v in updates.items() if v is not None}}
 
 
@@ -152,30 +165,33 @@ def write_config(path: Path, table: dict) -> None:
 
 # -- service managers ----------------------------------------------------------------------------
 
+
 def has_systemd() -> bool:
     return os.path.isdir("/run/systemd/system") and shutil.which("systemctl") is not None
 
 
 def unit_text(lay: Layout) -> str:
-    return "\n".join([
-        "[Unit]",
-        "Description=edgeprune device agent (federated pruning-aware training, on-device benchmarks)",
-        "After=network-online.target",
-        "Wants=network-online.target",
-        "StartLimitIntervalSec=0",
-        "",
-        "[Service]",
-        "Type=simple",
-        f"ExecStart={lay.current}/bin/python -m edge_agent.cli run --config {lay.config}",
-        "Restart=on-failure",
-        "RestartSec=5",
-        "RestartPreventExitStatus=2",  # bad settings or keys: restarting cannot help
-        "Environment=PYTHONUNBUFFERED=1",
-        "",
-        "[Install]",
-        f"WantedBy={'multi-user.target' if lay.root else 'default.target'}",
-        "",
-    ])
+    return "\n".join(
+        [
+            "[Unit]",
+            "Description=edgeprune device agent (federated pruning-aware training, on-device benchmarks)",
+            "After=network-online.target",
+            "Wants=network-online.target",
+            "StartLimitIntervalSec=0",
+            "",
+            "[Service]",
+            "Type=simple",
+            f"ExecStart={lay.current}/bin/python -m edge_agent.cli run --config {lay.config}",
+            "Restart=on-failure",
+            "RestartSec=5",
+            "RestartPreventExitStatus=2",  # bad settings or keys: restarting cannot help
+            "Environment=PYTHONUNBUFFERED=1",
+            "",
+            "[Install]",
+            f"WantedBy={'multi-user.target' if lay.root else 'default.target'}",
+            "",
+        ]
+    )
 
 
 def _systemctl(lay: Layout, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -203,8 +219,10 @@ class Systemd:
             user = os.environ.get("USER") or str(os.getuid())
             linger = subprocess.run(["loginctl", "enable-linger", user], capture_output=True, text=True)
             if linger.returncode != 0:
-                notes.append(f"could not enable lingering for {user} ({linger.stderr.strip()}): the agent runs "
-                             f"only while {user} is logged in; as root run `loginctl enable-linger {user}`")
+                notes.append(
+                    f"could not enable lingering for {user} ({linger.stderr.strip()}): the agent runs "
+                    f"only while {user} is logged in; as root run `loginctl enable-linger {user}`"
+                )
         _systemctl(self.lay, "daemon-reload")
         _systemctl(self.lay, "enable", UNIT_NAME)
         return notes
@@ -226,8 +244,10 @@ class Systemd:
 
     def describe(self) -> str:
         scope = "system" if self.lay.root else "user"
-        return (f"systemd {scope} unit {self.lay.unit} (restart on failure); logs: "
-                f"journalctl {'' if self.lay.root else '--user '}-u {UNIT_NAME}")
+        return (
+            f"systemd {scope} unit {self.lay.unit} (restart on failure); logs: "
+            f"journalctl {'' if self.lay.root else '--user '}-u {UNIT_NAME}"
+        )
 
 
 class Supervisor:
@@ -250,13 +270,21 @@ class Supervisor:
         return pid if _alive(pid) else None
 
     def _cmd(self, action: str) -> list[str]:
-        return [str(self.lay.current / "bin" / "python"), "-m", "edge_agent.service", action,
-                "--layout", "root" if self.lay.root else "user"]
+        return [
+            str(self.lay.current / "bin" / "python"),
+            "-m",
+            "edge_agent.service",
+            action,
+            "--layout",
+            "root" if self.lay.root else "user",
+        ]
 
     def install(self) -> list[str]:
         if shutil.which("crontab") is None:
-            return [f"no systemd and no cron here: the agent will not start at boot; add "
-                    f"`{' '.join(self._cmd('start'))}` to the boot scripts"]
+            return [
+                f"no systemd and no cron here: the agent will not start at boot; add "
+                f"`{' '.join(self._cmd('start'))}` to the boot scripts"
+            ]
         line = f"@reboot {' '.join(self._cmd('start'))} {CRON_MARK}"
         current = subprocess.run(["crontab", "-l"], capture_output=True, text=True).stdout
         kept = [ln for ln in current.splitlines() if CRON_MARK not in ln]
@@ -267,9 +295,15 @@ class Supervisor:
         self.stop()
         self.lay.state.mkdir(parents=True, exist_ok=True)
         with open(self.lay.log, "ab") as log:
-            proc = subprocess.Popen(self._cmd("supervise"),
-                             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=self.lay.state,
-                             start_new_session=True, close_fds=True)  # cwd: the installer's directory is deleted
+            proc = subprocess.Popen(
+                self._cmd("supervise"),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.lay.state,
+                start_new_session=True,
+                close_fds=True,
+            )  # cwd: the installer's directory is deleted
         deadline = time.monotonic() + 30  # Python start-up on a slow or emulated device
         while self._pid() is None and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -303,8 +337,10 @@ class Supervisor:
                 subprocess.run(["crontab", "-"], input="\n".join(kept) + "\n", text=True, check=False)
 
     def describe(self) -> str:
-        return (f"no systemd: supervisor process (pid file {self.lay.pidfile}, restarts the agent on failure); "
-                f"logs: {self.lay.log}")
+        return (
+            f"no systemd: supervisor process (pid file {self.lay.pidfile}, restarts the agent on failure); "
+            f"logs: {self.lay.log}"
+        )
 
 
 def _alive(pid: int) -> bool:
@@ -356,7 +392,9 @@ def supervise(lay: Layout) -> int:
             if stopping or rc == 0:
                 return 0
             if rc == 2:  # bad settings or keys (the agent said why above): restarting cannot help
-                print("edgeprune supervisor: the agent cannot start with this configuration; not restarting", flush=True)
+                print(
+                    "edgeprune supervisor: the agent cannot start with this configuration; not restarting", flush=True
+                )
                 return 2
             delay = RESTART_DELAY_S[0] if time.monotonic() - started > 60 else min(delay * 2, RESTART_DELAY_S[1])
             print(f"edgeprune supervisor: agent exited with {rc}; restarting in {delay:.0f} s", flush=True)
@@ -370,6 +408,7 @@ def supervise(lay: Layout) -> int:
 
 
 # -- install / uninstall -------------------------------------------------------------------------
+
 
 def _read_record(lay: Layout) -> dict:
     try:
@@ -404,8 +443,13 @@ def _log_tail(lay: Layout, mgr) -> str:
         return ""
 
 
-SECURITY_FILES = (("tls_ca", "ca.crt"), ("tls_cert", "device.crt"), ("tls_key", "device.key"),
-                  ("sign_key", "device.sign.key"), ("coordinator_key", "coordinator.sign.pub"))
+SECURITY_FILES = (
+    ("tls_ca", "ca.crt"),
+    ("tls_cert", "device.crt"),
+    ("tls_key", "device.key"),
+    ("sign_key", "device.sign.key"),
+    ("coordinator_key", "coordinator.sign.pub"),
+)
 PASSWORD_FILE = ("password_file", "mqtt.password")  # MQTT password authentication, kept with the keys
 PRIVATE_FILES = (*SECURITY_FILES, PASSWORD_FILE)
 
@@ -447,8 +491,14 @@ def install_tls(lay: Layout, tls_dir: Path) -> None:
         write_private(dest / name, (tls_dir / name).read_bytes())
 
 
-def install(venv: Path, bundle_id: str, updates: dict, lay: Layout | None = None, tls_dir: Path | None = None,
-            password_file: Path | None = None) -> dict:
+def install(
+    venv: Path,
+    bundle_id: str,
+    updates: dict,
+    lay: Layout | None = None,
+    tls_dir: Path | None = None,
+    password_file: Path | None = None,
+) -> dict:
     """Point ``current`` at ``venv``, write the config (and keys), (re)start the service; undo on failure.
 
     Everything is checked before anything is touched; what was there before is kept in
@@ -502,15 +552,26 @@ def install(venv: Path, bundle_id: str, updates: dict, lay: Layout | None = None
         if old.name not in kept:
             shutil.rmtree(old, ignore_errors=True)
     result = {
-        "device_id": table.get("device_id"), "bundle_id": bundle_id, "venv": str(venv),
+        "device_id": table.get("device_id"),
+        "bundle_id": bundle_id,
+        "venv": str(venv),
         "previous_bundle_id": record.get("bundle_id") if not first and record.get("bundle_id") != bundle_id else None,
-        "upgraded": not first and record.get("bundle_id") != bundle_id, "first_install": first,
-        "config": str(lay.config), "state_dir": table["state_dir"], "service": mgr.name,
-        "service_detail": mgr.describe(), "notes": notes, "root": lay.root,
+        "upgraded": not first and record.get("bundle_id") != bundle_id,
+        "first_install": first,
+        "config": str(lay.config),
+        "state_dir": table["state_dir"],
+        "service": mgr.name,
+        "service_detail": mgr.describe(),
+        "notes": notes,
+        "root": lay.root,
         "installed_at": time.time(),
     }
-    lay.record.write_text(json.dumps({**result, "previous": str(previous) if previous else None,
-                                      "previous_bundle": record.get("bundle_id")}, indent=2))
+    lay.record.write_text(
+        json.dumps(
+            {**result, "previous": str(previous) if previous else None, "previous_bundle": record.get("bundle_id")},
+            indent=2,
+        )
+    )
     return result
 
 
@@ -543,8 +604,12 @@ def rollback(lay: Layout | None = None) -> dict:
         _restore(lay, {str(p.relative_to(rb)): p.read_bytes() for p in rb.rglob("*") if p.is_file()})
     _switch(lay, Path(prev))
     mgr.start()
-    lay.record.write_text(json.dumps({**record, "bundle_id": record.get("previous_bundle"), "previous": None,
-                                      "rolled_back_at": time.time()}, indent=2))
+    lay.record.write_text(
+        json.dumps(
+            {**record, "bundle_id": record.get("previous_bundle"), "previous": None, "rolled_back_at": time.time()},
+            indent=2,
+        )
+    )
     return {"rolled_back_to": prev, "service": mgr.name}
 
 
@@ -575,34 +640,47 @@ def uninstall(lay: Layout | None = None, keep_state: bool = False) -> dict:
 def status(lay: Layout | None = None) -> dict:
     lay = lay or layout()
     mgr = manager(lay)
-    return {"installed": lay.current.exists(), "running": mgr.running(), "service": mgr.name,
-            "record": _read_record(lay), "layout": {k: str(v) for k, v in asdict(lay).items()}}
+    return {
+        "installed": lay.current.exists(),
+        "running": mgr.running(),
+        "service": mgr.name,
+        "record": _read_record(lay),
+        "layout": {k: str(v) for k, v in asdict(lay).items()},
+    }
 
 
 # -- command line (device side) ------------------------------------------------------------------
+
 
 def _emit(obj: dict) -> None:
     print(RESULT_PREFIX + json.dumps(obj), flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m edge_agent.service",
-                                description="Install, start, stop or remove the edgeprune agent service on this device.")
+    p = argparse.ArgumentParser(
+        prog="python -m edge_agent.service",
+        description="Install, start, stop or remove the edgeprune agent service on this device.",
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
     i = sub.add_parser("install", help="switch to a venv, write the config, (re)start the service")
     i.add_argument("--venv", required=True)
     i.add_argument("--bundle-id", required=True)
     i.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="agent setting for the config")
     i.add_argument("--tls-dir", help="directory with ca.crt, device.crt, device.key to install for mqtts://")
-    i.add_argument("--password-file", help="file with the MQTT password (mode 0600) to install for username/password "
-                                           "authentication")
+    i.add_argument(
+        "--password-file",
+        help="file with the MQTT password (mode 0600) to install for username/password " "authentication",
+    )
     u = sub.add_parser("uninstall", help="stop and remove the service, the venvs, the config and the state")
     u.add_argument("--keep-state", action="store_true")
     for name in ("start", "stop", "status", "rollback", "supervise"):
         sub.add_parser(name)
     for sp in sub.choices.values():
-        sp.add_argument("--layout", choices=["root", "user"],
-                        help="root (/opt, /etc, system unit) or user (~/.local, user unit); default: by who runs it")
+        sp.add_argument(
+            "--layout",
+            choices=["root", "user"],
+            help="root (/opt, /etc, system unit) or user (~/.local, user unit); default: by who runs it",
+        )
     args = p.parse_args(argv)
     from . import settings
 
@@ -620,9 +698,19 @@ def main(argv: list[str] | None = None) -> int:
                     updates[key] = settings.convert(settings.BY_NAME[key], value, f"--set {key}")
                 except settings.SettingsError as exc:
                     raise InstallError(str(exc)) from None
-            _emit({"ok": True, **install(Path(args.venv), args.bundle_id, updates, lay,
-                                         Path(args.tls_dir) if args.tls_dir else None,
-                                         Path(args.password_file) if args.password_file else None)})
+            _emit(
+                {
+                    "ok": True,
+                    **install(
+                        Path(args.venv),
+                        args.bundle_id,
+                        updates,
+                        lay,
+                        Path(args.tls_dir) if args.tls_dir else None,
+                        Path(args.password_file) if args.password_file else None,
+                    ),
+                }
+            )
         elif args.cmd == "uninstall":
             _emit({"ok": True, **uninstall(lay, args.keep_state)})
         elif args.cmd == "start":

@@ -54,46 +54,126 @@ class Setting:
 
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("broker", "mqtt://127.0.0.1:1883", str, "MQTT broker URL, mqtt://HOST:PORT (or mqtts:// for TLS); several, "
-                                                    "comma-separated (a TOML list also works), are tried in order for failover"),
-    Setting("username", "", str, "MQTT user name sent in CONNECT (brokers with password authentication: EMQX, HiveMQ, "
-                                 "RabbitMQ, ejabberd, Mosquitto password_file)"),
-    Setting("password", "", str, "MQTT password; only from the TOML file or the environment, never a flag "
-                                 "(prefer password_file)", flag_ok=False),
-    Setting("password_file", "", str, "file holding the MQTT password (first line; must not be readable by group or others)"),
-    Setting("plain_password", False, bool, "allow sending the password over plain TCP (mqtt://) to a non-loopback "
-                                           "broker; without it the agent refuses: use mqtts://"),
+    Setting(
+        "broker",
+        "mqtt://127.0.0.1:1883",
+        str,
+        "MQTT broker URL, mqtt://HOST:PORT (or mqtts:// for TLS); several, "
+        "comma-separated (a TOML list also works), are tried in order for failover",
+    ),
+    Setting(
+        "username",
+        "",
+        str,
+        "MQTT user name sent in CONNECT (brokers with password authentication: EMQX, HiveMQ, "
+        "RabbitMQ, ejabberd, Mosquitto password_file)",
+    ),
+    Setting(
+        "password",
+        "",
+        str,
+        "MQTT password; only from the TOML file or the environment, never a flag " "(prefer password_file)",
+        flag_ok=False,
+    ),
+    Setting(
+        "password_file", "", str, "file holding the MQTT password (first line; must not be readable by group or others)"
+    ),
+    Setting(
+        "plain_password",
+        False,
+        bool,
+        "allow sending the password over plain TCP (mqtt://) to a non-loopback "
+        "broker; without it the agent refuses: use mqtts://",
+    ),
     Setting("fleet", "default", str, "fleet name: one topic level, [A-Za-z0-9_-]"),
     Setting("tls_ca", "", str, "mqtts:// only: the fleet CA certificate (PEM) the broker's certificate must chain to"),
     Setting("tls_cert", "", str, "mqtts:// only: this device's client certificate (PEM; its CN is the device id)"),
     Setting("tls_key", "", str, "mqtts:// only: this device's private key (PEM, keep it 0600)"),
     Setting("sign_key", "", str, "this device's Ed25519 private key (PEM): every reply is signed with it"),
-    Setting("coordinator_key", "", str, "the coordinator's Ed25519 public key (PEM): when set, only signed, fresh, "
-                                        "never-seen commands are run"),
-    Setting("max_command_age_s", 300.0, float, "with coordinator_key: commands older (or newer) than this are refused as replays"),
+    Setting(
+        "coordinator_key",
+        "",
+        str,
+        "the coordinator's Ed25519 public key (PEM): when set, only signed, fresh, " "never-seen commands are run",
+    ),
+    Setting(
+        "max_command_age_s",
+        300.0,
+        float,
+        "with coordinator_key: commands older (or newer) than this are refused as replays",
+    ),
     Setting("device_id", None, str, "this device's id, [A-Za-z0-9_-] (default: the host name)"),
-    Setting("state_dir", None, str, "where the agent keeps its blob cache and outbox (default: ~/.local/state/edgeprune/agent-<device_id>)"),
+    Setting(
+        "state_dir",
+        None,
+        str,
+        "where the agent keeps its blob cache and outbox (default: ~/.local/state/edgeprune/agent-<device_id>)",
+    ),
     Setting("heartbeat_s", DEFAULT_HEARTBEAT_S, float, "seconds between heartbeats (retained status re-published)"),
-    Setting("keepalive_s", DEFAULT_KEEPALIVE_S, int, "MQTT keepalive; the broker publishes the Will after about 1.5x this"),
+    Setting(
+        "keepalive_s", DEFAULT_KEEPALIVE_S, int, "MQTT keepalive; the broker publishes the Will after about 1.5x this"
+    ),
     Setting("reconnect_min_s", 0.5, float, "first reconnect delay; doubles with jitter up to reconnect_max_s"),
     Setting("reconnect_max_s", 30.0, float, "longest reconnect delay"),
-    Setting("max_message_bytes", MAX_CONTROL_BYTES, int, "largest control message accepted; larger ones get a too_large error reply"),
-    Setting("chunk_bytes", DEFAULT_CHUNK_BYTES, int, "payload bytes per chunk when uploading blobs (keep under the broker's message limit)"),
-    Setting("blob_cache_bytes", 512 << 20, int, "disk space for cached models/artifacts before least-recently-used ones are evicted"),
-    Setting("data", "", str, f"local training data: built in ({' or '.join(repr(d) for d in BUILTIN_DATASETS)}; "
-                             f"fashion-mnist needs the Debian package {FASHION_MNIST_PACKAGE}), a .npz (x, y), "
-                             "a .csv (label column) or an image folder"),
-    Setting("data_shard", "0/1", str, "for built-in data: which shard of the training split this device holds, as INDEX/COUNT"),
-    Setting("data_partition", "iid", str, f"for built-in data: how shards are drawn: {PARTITION_FORMS} (C classes "
-                                          "per device); shards are disjoint and cover the training split"),
-    Setting("data_alpha", 0.5, float, "Dirichlet concentration for data_partition = dirichlet (smaller = more skewed); "
-                                      "dirichlet:ALPHA overrides it"),
+    Setting(
+        "max_message_bytes",
+        MAX_CONTROL_BYTES,
+        int,
+        "largest control message accepted; larger ones get a too_large error reply",
+    ),
+    Setting(
+        "chunk_bytes",
+        DEFAULT_CHUNK_BYTES,
+        int,
+        "payload bytes per chunk when uploading blobs (keep under the broker's message limit)",
+    ),
+    Setting(
+        "blob_cache_bytes",
+        512 << 20,
+        int,
+        "disk space for cached models/artifacts before least-recently-used ones are evicted",
+    ),
+    Setting(
+        "data",
+        "",
+        str,
+        f"local training data: built in ({' or '.join(repr(d) for d in BUILTIN_DATASETS)}; "
+        f"fashion-mnist needs the Debian package {FASHION_MNIST_PACKAGE}), a .npz (x, y), "
+        "a .csv (label column) or an image folder",
+    ),
+    Setting(
+        "data_shard",
+        "0/1",
+        str,
+        "for built-in data: which shard of the training split this device holds, as INDEX/COUNT",
+    ),
+    Setting(
+        "data_partition",
+        "iid",
+        str,
+        f"for built-in data: how shards are drawn: {PARTITION_FORMS} (C classes "
+        "per device); shards are disjoint and cover the training split",
+    ),
+    Setting(
+        "data_alpha",
+        0.5,
+        float,
+        "Dirichlet concentration for data_partition = dirichlet (smaller = more skewed); "
+        "dirichlet:ALPHA overrides it",
+    ),
     Setting("data_seed", 0, int, "seed for the built-in data partition (the same on every device of a fleet)"),
     Setting("data_label_column", "label", str, "label column for CSV data"),
     Setting("train_threads", 0, int, "TensorFlow intra-op threads in the training worker (0 = TensorFlow's default)"),
     Setting("worker_idle_s", 600.0, float, "the training worker (TensorFlow) exits after this many idle seconds"),
-    Setting("board", "", str, "board name for the energy model when /proc/device-tree/model is missing (e.g. 'Raspberry Pi 4 Model B')"),
-    Setting("sysfs_root", "/sys", str, "where to read thermal, cpufreq and power sensors (tests point it at a fake tree)"),
+    Setting(
+        "board",
+        "",
+        str,
+        "board name for the energy model when /proc/device-tree/model is missing (e.g. 'Raspberry Pi 4 Model B')",
+    ),
+    Setting(
+        "sysfs_root", "/sys", str, "where to read thermal, cpufreq and power sensors (tests point it at a fake tree)"
+    ),
     Setting("bench_budget_s", 600.0, float, "longest a benchmark may run per artifact before it is stopped"),
     Setting("log_level", "info", str, "logging level", ("debug", "info", "warning", "error")),
 )
@@ -122,8 +202,10 @@ def convert(setting: Setting, value: Any, source: str) -> Any:
         return None
     if not isinstance(value, str) and not _typed_ok(setting, value):
         expected = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}[setting.type]
-        raise SettingsError(f"setting {setting.name} from {source}: {value!r} is {type(value).__name__}, "
-                            f"expected {expected}" + (' (quote it: "..." )' if setting.type is str else ""))
+        raise SettingsError(
+            f"setting {setting.name} from {source}: {value!r} is {type(value).__name__}, "
+            f"expected {expected}" + (' (quote it: "..." )' if setting.type is str else "")
+        )
     try:
         if setting.type is bool and isinstance(value, str):
             converted = value.strip().lower() in ("1", "true", "yes", "on")
@@ -134,9 +216,13 @@ def convert(setting: Setting, value: Any, source: str) -> Any:
         else:
             converted = setting.type(value)
     except (TypeError, ValueError):
-        raise SettingsError(f"setting {setting.name} from {source}: {value!r} is not a valid {setting.type.__name__}") from None
+        raise SettingsError(
+            f"setting {setting.name} from {source}: {value!r} is not a valid {setting.type.__name__}"
+        ) from None
     if setting.choices and converted not in setting.choices:
-        raise SettingsError(f"setting {setting.name} from {source}: {converted!r} is not one of {', '.join(setting.choices)}")
+        raise SettingsError(
+            f"setting {setting.name} from {source}: {converted!r} is not one of {', '.join(setting.choices)}"
+        )
     return converted
 
 
@@ -144,8 +230,9 @@ def default_config_paths() -> list[Path]:
     return [Path("/etc/edgeprune/agent.toml"), Path.home() / ".config" / "edgeprune" / "agent.toml"]
 
 
-def load(cli: dict[str, Any] | None = None, config_path: str | None = None,
-         environ: dict[str, str] | None = None) -> dict[str, Any]:
+def load(
+    cli: dict[str, Any] | None = None, config_path: str | None = None, environ: dict[str, str] | None = None
+) -> dict[str, Any]:
     """Resolve every setting from defaults, TOML, environment and CLI; validate."""
     environ = dict(os.environ if environ is None else environ)
     cli = {k: v for k, v in (cli or {}).items() if v is not None}
@@ -230,8 +317,9 @@ def read_secret(path: str, what: str) -> str:
     try:
         mode = os.stat(path).st_mode
         if mode & 0o077:
-            raise SettingsError(f"setting {what}: {path} is readable by group or others (mode {mode & 0o777:o}); "
-                                f"chmod 600 {path}")
+            raise SettingsError(
+                f"setting {what}: {path} is readable by group or others (mode {mode & 0o777:o}); " f"chmod 600 {path}"
+            )
         with open(path, encoding="utf-8") as f:
             secret = f.readline().rstrip("\r\n")
     except OSError as exc:
@@ -251,7 +339,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for s in SETTINGS:
         if not s.flag_ok:
             continue
-        kwargs: dict[str, Any] = {"dest": s.name, "default": None, "help": f"{s.help} [env {s.env}; default {s.default!r}]"}
+        kwargs: dict[str, Any] = {
+            "dest": s.name,
+            "default": None,
+            "help": f"{s.help} [env {s.env}; default {s.default!r}]",
+        }
         if s.choices:
             kwargs["choices"] = s.choices
         parser.add_argument(s.flag, **kwargs)

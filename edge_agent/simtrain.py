@@ -161,8 +161,9 @@ class PoolTrainer:
         t0 = time.perf_counter()
         begin_key = f"{run_id}:{hash(repr(sorted(msg.items())))}"
         self.pool.begins[run_id] = msg
-        reply = self.pool.request({"op": "begin", "run_id": run_id, "begin": msg, "begin_key": begin_key,
-                                   "data": self.data}, BEGIN_TIMEOUT_S)
+        reply = self.pool.request(
+            {"op": "begin", "run_id": run_id, "begin": msg, "begin_key": begin_key, "data": self.data}, BEGIN_TIMEOUT_S
+        )
         self.run_id, self._begin_key = run_id, begin_key
         reply.pop("ok", None)
         return {**reply, "begin_s": round(time.perf_counter() - t0, 3), "worker_pid": None, "pooled": True}
@@ -170,8 +171,17 @@ class PoolTrainer:
     def round(self, run_id: str, msg: dict[str, Any]) -> dict[str, Any]:
         if run_id != self.run_id:
             raise ProtocolError(ErrorCode.BAD_ARGS, f"run {run_id} has not begun on this device (send train_begin)")
-        reply = self.pool.request({"op": "round", "run_id": run_id, "begin": self.pool.begins[run_id],
-                                   "begin_key": self._begin_key, "data": self.data, "round": msg}, ROUND_TIMEOUT_S)
+        reply = self.pool.request(
+            {
+                "op": "round",
+                "run_id": run_id,
+                "begin": self.pool.begins[run_id],
+                "begin_key": self._begin_key,
+                "data": self.data,
+                "round": msg,
+            },
+            ROUND_TIMEOUT_S,
+        )
         reply.pop("ok", None)
         reply["metrics"]["worker_restarted"] = False
         return reply

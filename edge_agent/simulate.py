@@ -63,8 +63,12 @@ class UpdateCache:
     def get(self, msg: dict[str, Any]) -> bytes:
         import hashlib
 
-        key = (hashlib.sha256(msg["model"]).hexdigest(), msg.get("round"), msg.get("update_format"),
-               json.dumps(msg.get("targets") or {}, sort_keys=True))
+        key = (
+            hashlib.sha256(msg["model"]).hexdigest(),
+            msg.get("round"),
+            msg.get("update_format"),
+            json.dumps(msg.get("targets") or {}, sort_keys=True),
+        )
         with self._lock:
             if key != self._key:
                 self._update, self._key = synthetic_update(msg), key
@@ -100,9 +104,19 @@ def synthetic_update(msg: dict[str, Any]) -> bytes:
     meta = {"run_id": msg.get("run_id"), "round": msg.get("round")}
     fmt = msg.get("update_format", "int8")
     if any(m is not None for m in masks) or fmt != "fp32":
-        return codec.encode(weights, names=glob.names, masks=masks, kind="update", reference=glob.tensors,
-                            reference_masks=glob.masks, values=fmt, delta=True, compression="zstd", meta=meta,
-                            seed=int(msg.get("seed", 0)))
+        return codec.encode(
+            weights,
+            names=glob.names,
+            masks=masks,
+            kind="update",
+            reference=glob.tensors,
+            reference_masks=glob.masks,
+            values=fmt,
+            delta=True,
+            compression="zstd",
+            meta=meta,
+            seed=int(msg.get("seed", 0)),
+        )
     return codec.encode(weights, names=glob.names, kind="update", values="fp32", compression="none", meta=meta)
 
 
@@ -136,19 +150,30 @@ class SyntheticTrainer:
 
     def begin(self, run_id: str, msg: dict[str, Any]) -> dict[str, Any]:
         if msg.get("granularity", "unstructured") != "unstructured":
-            raise ProtocolError(ErrorCode.UNSUPPORTED, f"simulated devices make unstructured masks only, not "
-                                                       f"{msg.get('granularity')}")
+            raise ProtocolError(
+                ErrorCode.UNSUPPORTED,
+                f"simulated devices make unstructured masks only, not " f"{msg.get('granularity')}",
+            )
         self.run_id = run_id
-        return {"num_samples": self.num_samples, "dataset": "synthetic", "synthetic": True, "begin_s": 0.0,
-                "worker_pid": None}
+        return {
+            "num_samples": self.num_samples,
+            "dataset": "synthetic",
+            "synthetic": True,
+            "begin_s": 0.0,
+            "worker_pid": None,
+        }
 
     def round(self, run_id: str, msg: dict[str, Any]) -> dict[str, Any]:
         if run_id != self.run_id:
             raise ProtocolError(ErrorCode.BAD_ARGS, f"run {run_id} has not begun on this device (send train_begin)")
         t0 = time.perf_counter()
         update = self.cache.get(msg)
-        metrics = {"num_samples": self.num_samples, "synthetic": True, "update_bytes": len(update),
-                   "worker_restarted": False}
+        metrics = {
+            "num_samples": self.num_samples,
+            "synthetic": True,
+            "update_bytes": len(update),
+            "worker_restarted": False,
+        }
         if msg.get("importance"):  # structured steps: the L1 norm of each unit's weights stands in
             metrics["importance"] = synthetic_importance(msg["model"], msg["importance"].get("layers") or [])
         time.sleep(max(0.0, self.delay_s - (time.perf_counter() - t0)))
@@ -164,14 +189,21 @@ class SyntheticTrainer:
 
 class SimulatedAgent(Agent):
     KEEP_LOGS = False
+
     def __init__(self, settings: dict[str, Any], trainer: SyntheticTrainer, base_caps):
         super().__init__(settings)
         self.trainer = trainer
         self._base_caps = base_caps
 
     def capabilities(self):
-        return dataclasses.replace(self._base_caps, device_id=self.device_id, can_train=True, has_data=True,
-                                   train_stack={"synthetic": "simulated (edge_agent.simulate)"}, ts=time.time())
+        return dataclasses.replace(
+            self._base_caps,
+            device_id=self.device_id,
+            can_train=True,
+            has_data=True,
+            train_stack={"synthetic": "simulated (edge_agent.simulate)"},
+            ts=time.time(),
+        )
 
 
 def raise_fd_limit() -> int:
@@ -197,8 +229,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--heartbeat-s", type=float, default=None)
     p.add_argument("--keepalive-s", type=int, default=SIM_KEEPALIVE_S)
     p.add_argument("--username", default=None, help="MQTT user name; the password comes from EDGEPRUNE_PASSWORD")
-    p.add_argument("--trainer", choices=("synthetic", "tf"), default="synthetic",
-                   help="synthetic updates (no TensorFlow), or real TF-MOT training in a pool of --workers")
+    p.add_argument(
+        "--trainer",
+        choices=("synthetic", "tf"),
+        default="synthetic",
+        help="synthetic updates (no TensorFlow), or real TF-MOT training in a pool of --workers",
+    )
     p.add_argument("--workers", type=int, default=1, help="tf: TensorFlow workers shared by this process's devices")
     p.add_argument("--total", type=int, default=None, help="tf: devices in the whole simulated fleet (shard count)")
     p.add_argument("--data", default="digits", help="tf: built-in data set the devices' shards come from")
@@ -209,8 +245,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     fds = raise_fd_limit()
     if fds < 3 * a.count + 64:
-        print(f"simulate: {a.count} agents need ~{3 * a.count} file descriptors, the limit is {fds}; "
-              "use more --processes", file=sys.stderr)
+        print(
+            f"simulate: {a.count} agents need ~{3 * a.count} file descriptors, the limit is {fds}; "
+            "use more --processes",
+            file=sys.stderr,
+        )
         return 2
     cache = UpdateCache()
     pool = None
@@ -229,14 +268,27 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     for i in range(a.first, a.first + a.count):
         device = f"{a.prefix}-{i:05d}"
-        values = settings_mod.validate({**defaults, "broker": a.broker, "fleet": a.fleet, "device_id": device,
-                                        "state_dir": str(Path(a.state_root) / device), **cli})
+        values = settings_mod.validate(
+            {
+                **defaults,
+                "broker": a.broker,
+                "fleet": a.fleet,
+                "device_id": device,
+                "state_dir": str(Path(a.state_root) / device),
+                **cli,
+            }
+        )
         if base is None:
             base = caps.collect(device, values["state_dir"])
         if pool is not None:  # this device's own shard of the data, trained for real in the shared pool
-            data = {"data": a.data, "data_shard": f"{i}/{total}", "data_partition": a.partition,
-                    "data_seed": a.data_seed, "data_alpha": values["data_alpha"],
-                    "data_label_column": values["data_label_column"]}
+            data = {
+                "data": a.data,
+                "data_shard": f"{i}/{total}",
+                "data_partition": a.partition,
+                "data_seed": a.data_seed,
+                "data_alpha": values["data_alpha"],
+                "data_label_column": values["data_label_column"],
+            }
             trainer = PoolTrainer(pool, data)
         else:
             trainer = SyntheticTrainer(a.delay, a.samples, cache)
@@ -247,8 +299,17 @@ def main(argv: list[str] | None = None) -> int:
     while time.monotonic() < deadline and not all(ag.link.connected.is_set() for ag in agents):
         time.sleep(0.05)
     connected = sum(ag.link.connected.is_set() for ag in agents)
-    print(json.dumps({"pid": os.getpid(), "agents": a.count, "connected": connected,
-                      "connect_s": round(time.perf_counter() - t0, 3)}), flush=True)
+    print(
+        json.dumps(
+            {
+                "pid": os.getpid(),
+                "agents": a.count,
+                "connected": connected,
+                "connect_s": round(time.perf_counter() - t0, 3),
+            }
+        ),
+        flush=True,
+    )
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

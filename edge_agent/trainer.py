@@ -48,10 +48,15 @@ class Trainer:
         return self._child.pid if self.alive else None
 
     def _spawn(self) -> None:
-        worker_settings = {k: self.settings.get(k) for k in
-                           ("data", "data_shard", "data_partition", "data_alpha", "data_seed", "data_label_column")}
-        self._child = Child(_worker_main, (worker_settings, float(self.settings["worker_idle_s"]),
-                                           int(self.settings["train_threads"])), "edgeprune-train-worker")
+        worker_settings = {
+            k: self.settings.get(k)
+            for k in ("data", "data_shard", "data_partition", "data_alpha", "data_seed", "data_label_column")
+        }
+        self._child = Child(
+            _worker_main,
+            (worker_settings, float(self.settings["worker_idle_s"]), int(self.settings["train_threads"])),
+            "edgeprune-train-worker",
+        )
         log.info("training worker started (pid %s)", self._child.pid)
 
     def _request(self, msg: dict[str, Any], timeout_s: float) -> dict[str, Any]:
@@ -61,13 +66,16 @@ class Trainer:
             reply = self._child.request(msg, timeout_s)
         except ChildTimeout:
             self._close_locked(kill=True)
-            raise ProtocolError(ErrorCode.TIMEOUT, f"training worker did not answer within {timeout_s:.0f} s; killed") from None
+            raise ProtocolError(
+                ErrorCode.TIMEOUT, f"training worker did not answer within {timeout_s:.0f} s; killed"
+            ) from None
         except ChildGone as exc:
             if exc.before_send:
                 raise ProtocolError(ErrorCode.INTERNAL, f"training worker is gone (exit code {exc.exitcode})") from None
             self._child = None
-            raise ProtocolError(ErrorCode.INTERNAL, f"training worker died (exit code {exc.exitcode}); the agent is "
-                                                    "still up") from None
+            raise ProtocolError(
+                ErrorCode.INTERNAL, f"training worker died (exit code {exc.exitcode}); the agent is " "still up"
+            ) from None
         if not reply.get("ok"):
             raise ProtocolError(ErrorCode.coerce(reply.get("code")), reply.get("message", "worker error"))
         return reply

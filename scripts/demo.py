@@ -66,7 +66,9 @@ def run(*args: str) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("action", nargs="?", default="run", choices=["run", "stop"])
-    parser.add_argument("--embedded", action="store_true", help="use the embedded broker even if Mosquitto is installed")
+    parser.add_argument(
+        "--embedded", action="store_true", help="use the embedded broker even if Mosquitto is installed"
+    )
     args = parser.parse_args()
     stop_previous()
     if args.action == "stop":
@@ -86,11 +88,29 @@ def main() -> int:
 
     step(f"starting {len(DEVICES)} agents, each with its own shard of the digits data")
     for i, dev in enumerate(DEVICES):
-        cmd = [str(BIN / "edgeprune-agent"), "run", "--broker", broker.url, "--fleet", FLEET, "--device-id", dev,
-               "--state-dir", str(DEMO / "agents" / dev), "--data", "digits", "--data-shard", f"{i}/{len(DEVICES)}",
-               "--heartbeat-s", "5", "--train-threads", "1"]
-        proc = subprocess.Popen(cmd, stdout=open(DEMO / f"{dev}.log", "ab"), stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        cmd = [
+            str(BIN / "edgeprune-agent"),
+            "run",
+            "--broker",
+            broker.url,
+            "--fleet",
+            FLEET,
+            "--device-id",
+            dev,
+            "--state-dir",
+            str(DEMO / "agents" / dev),
+            "--data",
+            "digits",
+            "--data-shard",
+            f"{i}/{len(DEVICES)}",
+            "--heartbeat-s",
+            "5",
+            "--train-threads",
+            "1",
+        ]
+        proc = subprocess.Popen(
+            cmd, stdout=open(DEMO / f"{dev}.log", "ab"), stderr=subprocess.STDOUT, start_new_session=True
+        )
         pids["agents"].append(proc.pid)
         print(f"  {dev}: pid {proc.pid}, log .demo/{dev}.log")
     PIDS.write_text(json.dumps(pids))
@@ -102,8 +122,22 @@ def main() -> int:
         return rc
 
     step("federated pruning-aware training: 80% sparsity, each agent trains on its own digits shard")
-    rc = run("edgeprune", "train", "--broker", broker.url, "--fleet", FLEET, "--model", "digits_cnn",
-             "--rounds", "8", "--sparsity", "0.8", "--wait-for", str(len(DEVICES)))
+    rc = run(
+        "edgeprune",
+        "train",
+        "--broker",
+        broker.url,
+        "--fleet",
+        FLEET,
+        "--model",
+        "digits_cnn",
+        "--rounds",
+        "8",
+        "--sparsity",
+        "0.8",
+        "--wait-for",
+        str(len(DEVICES)),
+    )
     if rc != 0:
         return rc
     run_id = latest_run()

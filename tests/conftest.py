@@ -9,9 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 import paho.mqtt.client as mqtt
+import pytest
 
 from coordinator import broker as broker_mod
 from coordinator.session import Session
@@ -68,17 +67,50 @@ def agents(tmp_path):
     """Factory: start real `edgeprune-agent run` processes; all are stopped at teardown."""
     started: list[AgentProcess] = []
 
-    def start(broker_url: str, device_id: str, fleet: str = "test", *extra: str, env: dict | None = None,
-              module: str = "edge_agent") -> AgentProcess:
+    def start(
+        broker_url: str,
+        device_id: str,
+        fleet: str = "test",
+        *extra: str,
+        env: dict | None = None,
+        module: str = "edge_agent",
+    ) -> AgentProcess:
         state = tmp_path / f"agent-{device_id}"
         log = tmp_path / f"agent-{device_id}.log"
-        args = [sys.executable, "-m", module, "run", "--broker", broker_url, "--fleet", fleet,
-                "--device-id", device_id, "--state-dir", str(state), "--heartbeat-s", "0.5",
-                "--keepalive-s", "2", "--reconnect-min-s", "0.1", "--reconnect-max-s", "1", "--log-level", "debug", *extra]
+        args = [
+            sys.executable,
+            "-m",
+            module,
+            "run",
+            "--broker",
+            broker_url,
+            "--fleet",
+            fleet,
+            "--device-id",
+            device_id,
+            "--state-dir",
+            str(state),
+            "--heartbeat-s",
+            "0.5",
+            "--keepalive-s",
+            "2",
+            "--reconnect-min-s",
+            "0.1",
+            "--reconnect-max-s",
+            "1",
+            "--log-level",
+            "debug",
+            *extra,
+        ]
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         full_env.pop("EDGEPRUNE_CONFIG", None)
-        proc = subprocess.Popen(args, stdout=open(log, "ab"), stderr=subprocess.STDOUT, env=full_env,
-                                cwd=Path(__file__).resolve().parent.parent)
+        proc = subprocess.Popen(
+            args,
+            stdout=open(log, "ab"),
+            stderr=subprocess.STDOUT,
+            env=full_env,
+            cwd=Path(__file__).resolve().parent.parent,
+        )
         a = AgentProcess(proc, device_id, log, args)
         started.append(a)
         return a

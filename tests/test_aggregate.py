@@ -3,10 +3,18 @@
 import numpy as np
 import pytest
 
-from coordinator.strategy import MaskedFedAvg, TensorInfo, UpdateRejected
-from coordinator.masks import (MIN_DENSITY, block_mask, check_mask, global_magnitude_masks, magnitude_mask, mbyn_mask,
-                               round_targets, sparsity_report)
+from coordinator.masks import (
+    MIN_DENSITY,
+    block_mask,
+    check_mask,
+    global_magnitude_masks,
+    magnitude_mask,
+    mbyn_mask,
+    round_targets,
+    sparsity_report,
+)
 from coordinator.schedule import sparsity_at
+from coordinator.strategy import MaskedFedAvg, TensorInfo, UpdateRejected
 
 INFOS = [TensorInfo("k", "unstructured"), TensorInfo("b", None)]
 SHAPES = [(4,), (2,)]
@@ -61,16 +69,19 @@ def test_memory_is_independent_of_client_count():
     assert agg.count == 50
 
 
-@pytest.mark.parametrize("tensors,masks,why", [
-    ([np.array([np.nan, 0, 0, 1.0]), np.zeros(2)], [np.array([1, 0, 0, 1], bool), None], "NaN"),
-    ([np.array([np.inf, 0, 0, 1.0]), np.zeros(2)], [np.array([1, 0, 0, 1], bool), None], "NaN or Inf"),
-    ([np.zeros(5), np.zeros(2)], [np.zeros(5, bool), None], "shape"),
-    ([np.zeros(4), np.zeros(2)], [np.ones(4, bool), None], "below the round's target"),
-    ([np.zeros(4), np.zeros(2)], [None, None], "without a mask"),
-    ([np.zeros(4), np.zeros(2)], [np.zeros(4, bool), np.ones(2, bool)], "not pruned"),
-    ([np.zeros(4)], [np.zeros(4, bool)], "tensors"),
-    ([np.zeros(4), np.zeros(2)], [np.array([1, 1, 0, 0], bool), None], None),  # exactly at target: accepted
-])
+@pytest.mark.parametrize(
+    "tensors,masks,why",
+    [
+        ([np.array([np.nan, 0, 0, 1.0]), np.zeros(2)], [np.array([1, 0, 0, 1], bool), None], "NaN"),
+        ([np.array([np.inf, 0, 0, 1.0]), np.zeros(2)], [np.array([1, 0, 0, 1], bool), None], "NaN or Inf"),
+        ([np.zeros(5), np.zeros(2)], [np.zeros(5, bool), None], "shape"),
+        ([np.zeros(4), np.zeros(2)], [np.ones(4, bool), None], "below the round's target"),
+        ([np.zeros(4), np.zeros(2)], [None, None], "without a mask"),
+        ([np.zeros(4), np.zeros(2)], [np.zeros(4, bool), np.ones(2, bool)], "not pruned"),
+        ([np.zeros(4)], [np.zeros(4, bool)], "tensors"),
+        ([np.zeros(4), np.zeros(2)], [np.array([1, 1, 0, 0], bool), None], None),  # exactly at target: accepted
+    ],
+)
 def test_bad_updates_rejected(tensors, masks, why):
     if why is None:
         MaskedFedAvg(INFOS, SHAPES).validate(tensors, masks, [0.5, 0.0])
@@ -129,7 +140,7 @@ def test_schedules():
 
 
 def test_global_magnitude_one_threshold_across_tensors():
-    small = np.array([[5.0, 4.0], [3.0, 0.1]])          # 4 weights, mostly large
+    small = np.array([[5.0, 4.0], [3.0, 0.1]])  # 4 weights, mostly large
     big = np.arange(1, 13, dtype=float).reshape(3, 4) / 10  # 12 weights, all small
     m = global_magnitude_masks([small, big], ["unstructured", "unstructured"], 0.5)
     # keep 8 of 16: the three large ones in `small`, then the five largest of `big`
@@ -164,8 +175,11 @@ def test_global_policy_result_hits_sparsity():
     shapes = [(30, 30), (5, 5), (7,)]
     agg = MaskedFedAvg(infos, shapes)
     for _ in range(3):
-        agg.add([rng.normal(size=(30, 30)) * 0.1, rng.normal(size=(5, 5)), rng.normal(size=7)],
-                [np.ones((30, 30), bool), np.ones((5, 5), bool), None], 1.0)
+        agg.add(
+            [rng.normal(size=(30, 30)) * 0.1, rng.normal(size=(5, 5)), rng.normal(size=7)],
+            [np.ones((30, 30), bool), np.ones((5, 5), bool), None],
+            1.0,
+        )
     w, m = agg.result("global", 0.8, [np.ones((30, 30), bool), np.ones((5, 5), bool), None])
     kept = m[0].sum() + m[1].sum()
     assert abs(kept - round(925 * 0.2)) <= 1

@@ -38,8 +38,21 @@ def test_bench_results_fallback_sensors_and_cache(mosquitto, agents, session_fac
     s = session_factory(mosquitto.url, "b", long_running=True)
     assert online(s, 2)
     arts = [artifacts["dense"], artifacts["sparse-int8"]]
-    summary = bench_mod.bench(s, s.store, arts, ["pi4", "bare"], run_id=None, threads=1, runs=1000, duration_s=None,
-                              warmup=20, budget_s=120, runtime="auto", parallel=False, reporter=Reporter(quiet=True))
+    summary = bench_mod.bench(
+        s,
+        s.store,
+        arts,
+        ["pi4", "bare"],
+        run_id=None,
+        threads=1,
+        runs=1000,
+        duration_s=None,
+        warmup=20,
+        budget_s=120,
+        runtime="auto",
+        parallel=False,
+        reporter=Reporter(quiet=True),
+    )
     for dev in ("pi4", "bare"):
         res = {r["artifact"]: r for r in summary["devices"][dev]["artifacts"]}
         dense, sparse = res[artifacts["dense"]["name"]], res[artifacts["sparse-int8"]["name"]]
@@ -65,8 +78,21 @@ def test_bench_results_fallback_sensors_and_cache(mosquitto, agents, session_fac
     assert bare["artifacts"][0]["energy"]["label"] == "not available"
     assert bare["thermal"]["temp_sensor"] == "not available" and bare["thermal"]["before"]["temp_c"] is None
     assert len(s.store.bench_results(bench_id=summary["bench_id"])) == 4
-    again = bench_mod.bench(s, s.store, arts[:1], ["pi4"], run_id=None, threads=1, runs=20, duration_s=None, warmup=2,
-                            budget_s=60, runtime="auto", parallel=False, reporter=Reporter(quiet=True))
+    again = bench_mod.bench(
+        s,
+        s.store,
+        arts[:1],
+        ["pi4"],
+        run_id=None,
+        threads=1,
+        runs=20,
+        duration_s=None,
+        warmup=2,
+        budget_s=60,
+        runtime="auto",
+        parallel=False,
+        reporter=Reporter(quiet=True),
+    )
     assert again["devices"]["pi4"]["artifacts"][0]["cached"] is True  # crossed the network once
 
 
@@ -96,14 +122,19 @@ def test_bench_bad_inputs_are_results_and_the_agent_stays_up(mosquitto, agents, 
     for f in split(good[:-1] + b"\x00", 65536, sha256=sha):  # clear the bad retained chunks
         s.link.publish(topics.blob_chunk("b", sha, f.index), b"", retain=True).wait_for_publish(5)
 
-    too_big = s.call("pi", "bench", {"artifacts": [{"name": "huge", "sha256": "ab" * 32, "bytes": 10 ** 15}]},
-                     timeout_s=30)
+    too_big = s.call(
+        "pi", "bench", {"artifacts": [{"name": "huge", "sha256": "ab" * 32, "bytes": 10**15}]}, timeout_s=30
+    )
     assert too_big.error_code == "resources" and "bytes of disk" in too_big.error_message
 
     ref = s.publish_blob(good)
     t0 = time.monotonic()
-    slow = s.call("pi", "bench", {"artifacts": [{"name": "dense", "sha256": ref.sha256, "bytes": ref.bytes}],
-                                  "runs": 50_000_000, "budget_s": 3}, timeout_s=120)
+    slow = s.call(
+        "pi",
+        "bench",
+        {"artifacts": [{"name": "dense", "sha256": ref.sha256, "bytes": ref.bytes}], "runs": 50_000_000, "budget_s": 3},
+        timeout_s=120,
+    )
     assert slow.ok
     r = slow.result["artifacts"][0]
     assert r["status"] == "timeout" and "budget" in r["error"]

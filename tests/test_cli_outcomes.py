@@ -44,16 +44,19 @@ def test_every_subcommand_answers_a_bad_argument_with_the_json_error_shape(capsy
         assert err["code"] == "usage" and "\n" not in err["message"], (words, out)
 
 
-@pytest.mark.parametrize("argv, needle", [
-    (["devices", "--broker", "http://x"], "unsupported broker URL scheme"),
-    (["devices", "--broker", "mqtt://h:99999"], "invalid port"),
-    (["devices", "--broker", "mqtt//host"], "path or query"),
-    (["devices", "--fleet", "de mo"], "invalid fleet"),
-    (["ping", "--device", "pi/1"], "invalid device id"),
-    (["train", "--model", "./nope/model.keras", "--broker", "mqtt://127.0.0.1:9"], "no such file"),
-    (["train", "--model", "resnet9000", "--broker", "mqtt://127.0.0.1:9"], "unknown built-in model"),
-    (["train", "--schedule", "linear"], "invalid choice"),
-])
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["devices", "--broker", "http://x"], "unsupported broker URL scheme"),
+        (["devices", "--broker", "mqtt://h:99999"], "invalid port"),
+        (["devices", "--broker", "mqtt//host"], "path or query"),
+        (["devices", "--fleet", "de mo"], "invalid fleet"),
+        (["ping", "--device", "pi/1"], "invalid device id"),
+        (["train", "--model", "./nope/model.keras", "--broker", "mqtt://127.0.0.1:9"], "no such file"),
+        (["train", "--model", "resnet9000", "--broker", "mqtt://127.0.0.1:9"], "unknown built-in model"),
+        (["train", "--schedule", "linear"], "invalid choice"),
+    ],
+)
 def test_usage_errors_are_one_line_and_exit_2(argv, needle, capsys):
     assert cli.main([*argv, "--json"]) == 2
     err = json.loads(capsys.readouterr().out)["error"]
@@ -96,22 +99,41 @@ def test_help_comes_from_the_concepts_constants():
     from edge_agent.ml.models import BUILTIN
     from edge_agent.ml.pruning import BLOCK_SHAPE
 
-    text = subprocess.run([sys.executable, "-m", "coordinator", "train", "--help"], capture_output=True,
-                          text=True).stdout
+    text = subprocess.run(
+        [sys.executable, "-m", "coordinator", "train", "--help"], capture_output=True, text=True
+    ).stdout
     flat = " ".join(text.split())
     assert all(name in flat for name in BUILTIN)
     assert f"{BLOCK_SHAPE[1]}x{BLOCK_SHAPE[0]} blocks" in flat and "1x4" not in flat
-    sim = " ".join(subprocess.run([sys.executable, "-m", "coordinator", "simulate", "--help"], capture_output=True,
-                                  text=True).stdout.split())
+    sim = " ".join(
+        subprocess.run(
+            [sys.executable, "-m", "coordinator", "simulate", "--help"], capture_output=True, text=True
+        ).stdout.split()
+    )
     assert "default sim" in sim and "default default" not in sim
 
 
 def test_tables_keep_ids_whole_at_80_columns(monkeypatch, capsys):
     monkeypatch.setenv("COLUMNS", "80")
     ids = [f"20261201-2{i:05d}-ab{i:02d}" for i in range(4)]
-    output.table("runs", ["run", "kind", "fleet", "state", "created", "rounds", "accuracy", "sparsity", "note"],
-                 [[r, "train", "a-long-fleet-name", "done", "2026-12-01 20:00", 10, "97.22%", "80.0%",
-                   "a long device-supplied note " * 3] for r in ids])
+    output.table(
+        "runs",
+        ["run", "kind", "fleet", "state", "created", "rounds", "accuracy", "sparsity", "note"],
+        [
+            [
+                r,
+                "train",
+                "a-long-fleet-name",
+                "done",
+                "2026-12-01 20:00",
+                10,
+                "97.22%",
+                "80.0%",
+                "a long device-supplied note " * 3,
+            ]
+            for r in ids
+        ],
+    )
     out = capsys.readouterr().out
     assert all(r in out for r in ids), out
     assert max(len(line) for line in out.splitlines()) <= 80
@@ -127,8 +149,18 @@ def test_device_text_is_never_markup(monkeypatch, capsys):
     r = Reporter()
     r.say(evil)
     r.warn(evil)
-    r.round_done({"round": 1, "clients_ok": 0, "clients_selected": 1, "sparsity": 0.0, "wall_s": 1.0,
-                  "failures": 1, "failure_reasons": {"pi1": evil}, "applied": False})
+    r.round_done(
+        {
+            "round": 1,
+            "clients_ok": 0,
+            "clients_selected": 1,
+            "sparsity": 0.0,
+            "wall_s": 1.0,
+            "failures": 1,
+            "failure_reasons": {"pi1": evil},
+            "applied": False,
+        }
+    )
     err = capsys.readouterr().err
     assert err.count("[/x]") == 3 and "NOT APPLIED" in err
     output.table("client failures", ["round", "device", "error"], [[1, "pi1", evil]])
@@ -155,8 +187,12 @@ def test_resume_refuses_flags_that_contradict_the_run(tmp_path, capsys):
     from coordinator.train import TrainConfig
 
     store = Store(tmp_path / "home")
-    store.create_run("20261201-100000-abcd", "lab", "train",
-                     {**asdict(TrainConfig(rounds=4, sparsity=0.5)), "broker": "mqtt://127.0.0.1:9"})
+    store.create_run(
+        "20261201-100000-abcd",
+        "lab",
+        "train",
+        {**asdict(TrainConfig(rounds=4, sparsity=0.5)), "broker": "mqtt://127.0.0.1:9"},
+    )
     store.set_run_state("20261201-100000-abcd", "interrupted")
     home = ["--home", str(tmp_path / "home")]
     assert cli.main(["train", "--resume", "abcd", "--rounds", "10", "--json", *home]) == 2
@@ -173,9 +209,11 @@ def test_settings_file_and_toml_types(tmp_path, monkeypatch, capsys):
     from edge_agent import settings
 
     bad = tmp_path / "agent.toml"
-    for body, needle in (('fleet = 7\n', "7 is int, expected a string"),
-                         ('keepalive_s = 2.5\n', "2.5 is float, expected an integer"),
-                         ('broker = "mqtt//host"\n', "path or query")):
+    for body, needle in (
+        ("fleet = 7\n", "7 is int, expected a string"),
+        ("keepalive_s = 2.5\n", "2.5 is float, expected an integer"),
+        ('broker = "mqtt//host"\n', "path or query"),
+    ):
         bad.write_text(body)
         with pytest.raises(settings.SettingsError, match=needle):
             settings.load({}, str(bad), environ={})
@@ -192,16 +230,28 @@ def test_settings_file_and_toml_types(tmp_path, monkeypatch, capsys):
 
 def test_completion_script_is_valid_bash():
     script = cli.completion_script(cli.build_parser(), "bash")
-    proc = subprocess.run(["bash", "-c", script + '\nCOMP_WORDS=(edgeprune train --res); COMP_CWORD=2; _edgeprune; '
-                                                  'echo "${COMPREPLY[@]}"'], capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            "bash",
+            "-c",
+            script + "\nCOMP_WORDS=(edgeprune train --res); COMP_CWORD=2; _edgeprune; " 'echo "${COMPREPLY[@]}"',
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0 and proc.stdout.split() == ["--resume"], proc.stderr
 
 
 # -- against a real fleet ------------------------------------------------------------------
 
+
 def _edgeprune(home, *args, timeout=120):
-    return subprocess.run([sys.executable, "-m", "coordinator", *args, "--home", str(home)], capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "coordinator", *args, "--home", str(home)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_a_fleet_that_cannot_train_stops_at_once(mosquitto, agents, tmp_path):
@@ -211,8 +261,11 @@ def test_a_fleet_that_cannot_train_stops_at_once(mosquitto, agents, tmp_path):
     agents(mosquitto.url, "pi2", "demo")
     home = tmp_path / "home"
     url = ["--broker", mosquitto.url]
-    assert wait_until(lambda: json.loads(_edgeprune(home, "devices", *url, "--fleet", "demo", "--json").stdout)
-                      ["devices"].__len__() == 2, 20)
+    assert wait_until(
+        lambda: json.loads(_edgeprune(home, "devices", *url, "--fleet", "demo", "--json").stdout)["devices"].__len__()
+        == 2,
+        20,
+    )
     t0 = time.monotonic()
     out = _edgeprune(home, "train", *url, "--fleet", "dmeo", "--rounds", "1", "--json")
     assert out.returncode == 1 and time.monotonic() - t0 < 30
@@ -242,13 +295,49 @@ def test_wait_for_waits_once_and_a_run_without_an_applied_round_fails(mosquitto,
     once, then goes on (min-clients allows it); a round whose updates miss --round-timeout is not applied,
     and a run where no round applied ends failed with exit 1."""
     home = tmp_path / "home"
-    sim = subprocess.Popen([sys.executable, "-m", "coordinator", "simulate", "--broker", mosquitto.url, "--fleet",
-                            "sim", "--devices", "2", "--processes", "1", "--delay", "4", "--heartbeat-s", "1",
-                            "--json"], stdout=subprocess.PIPE, text=True)
+    sim = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "coordinator",
+            "simulate",
+            "--broker",
+            mosquitto.url,
+            "--fleet",
+            "sim",
+            "--devices",
+            "2",
+            "--processes",
+            "1",
+            "--delay",
+            "4",
+            "--heartbeat-s",
+            "1",
+            "--json",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert json.loads(sim.stdout.readline())["connected"] == 2
-        common = ["--broker", mosquitto.url, "--fleet", "sim", "--eval-data", "none", "--input-shape", "8", "8", "1",
-                  "--num-classes", "10", "--sparsity", "0.5", "--schedule", "constant"]
+        common = [
+            "--broker",
+            mosquitto.url,
+            "--fleet",
+            "sim",
+            "--eval-data",
+            "none",
+            "--input-shape",
+            "8",
+            "8",
+            "1",
+            "--num-classes",
+            "10",
+            "--sparsity",
+            "0.5",
+            "--schedule",
+            "constant",
+        ]
         t0 = time.monotonic()
         out = _edgeprune(home, "train", *common, "--rounds", "2", "--wait-for", "3", "--wait-timeout", "3", timeout=300)
         took = time.monotonic() - t0

@@ -11,9 +11,8 @@ import threading
 import uuid
 from pathlib import Path
 
-import pytest
-
 import paho.mqtt.client as mqtt
+import pytest
 
 from tests.conftest import wait_until
 from tests.helpers.clusters import cluster_command, cluster_unavailable, running_cluster
@@ -23,8 +22,12 @@ pytestmark = pytest.mark.cluster
 # (publishing node, receiving node) pairs, per kind: across the cluster, and both ways across the bridge
 ROUTES = {
     "aedes": {"nodes": 3, "live": [("C", "B")], "retained": [("A", "C")], "will": [("C", "A")]},
-    "bridge": {"nodes": 2, "live": [("A", "B"), ("B", "A")], "retained": [("A", "B"), ("B", "A")],
-               "will": [("B", "A")]},
+    "bridge": {
+        "nodes": 2,
+        "live": [("A", "B"), ("B", "A")],
+        "retained": [("A", "B"), ("B", "A")],
+        "will": [("B", "A")],
+    },
 }
 
 
@@ -49,8 +52,12 @@ class Client:
         host, port = url.split("//")[1].split(":")
         self.messages: list[mqtt.MQTTMessage] = []
         self.subscribed = threading.Event()
-        self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"{name}-{uuid.uuid4().hex[:8]}",
-                             protocol=mqtt.MQTTv311, clean_session=clean)
+        self.c = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=f"{name}-{uuid.uuid4().hex[:8]}",
+            protocol=mqtt.MQTTv311,
+            clean_session=clean,
+        )
         self.c.on_message = lambda _c, _u, m: self.messages.append(m)
         self.c.on_subscribe = lambda *_a: self.subscribed.set()
         self.c.connect(host, int(port), keepalive=10)
@@ -119,7 +126,11 @@ def test_will_of_a_killed_client_crosses_nodes(cluster):
         host, port = cluster.url(src).split("//")[1].split(":")
         watcher = Client(cluster.url(dst), "watcher")
         watcher.subscribe(topic)
-        victim = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        victim = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                textwrap.dedent(f"""
             import sys, time
             import paho.mqtt.client as mqtt
             c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="victim", protocol=mqtt.MQTTv311)
@@ -127,7 +138,11 @@ def test_will_of_a_killed_client_crosses_nodes(cluster):
             c.on_connect = lambda *a: print("connected", flush=True)
             c.connect({host!r}, {port}, keepalive=10)
             c.loop_forever()
-            """)], stdout=subprocess.PIPE, text=True)
+            """),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         try:
             assert select.select([victim.stdout], [], [], 15)[0], "the victim client did not connect"
             assert victim.stdout.readline().strip() == "connected"
@@ -196,7 +211,9 @@ def test_stop_leaves_no_process_behind(kind, tmp_path):
     _skip_unless_available(kind)
     with running_cluster(kind, ROUTES[kind]["nodes"], tmp_path) as c:
         state = c.status()
-        pids = [n["pid"] for n in state["nodes"]] + [v["pid"] for v in state.values() if isinstance(v, dict) and "pid" in v]
+        pids = [n["pid"] for n in state["nodes"]] + [
+            v["pid"] for v in state.values() if isinstance(v, dict) and "pid" in v
+        ]
         assert len(pids) == ROUTES[kind]["nodes"] + (1 if kind == "aedes" else 0)  # aedes: + redis-server
         assert all(_pid_running(p) for p in pids)
         stopped = c.stop()

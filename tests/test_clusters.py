@@ -16,9 +16,9 @@ import time
 import pytest
 
 from coordinator.progress import Reporter
-from coordinator.train import TrainConfig, train
 from coordinator.session import Session
 from coordinator.store import Store
+from coordinator.train import TrainConfig, train
 from edge_agent.protocol import topics
 
 from .conftest import raw_client, wait_until
@@ -41,15 +41,24 @@ def _creds(cluster) -> tuple[list[str], dict]:
 
 
 def _session(url: str, tmp_path, cluster, **kw) -> Session:
-    return Session(url, "cl", Store(tmp_path / "home"), long_running=True, offline_grace_s=60,
-                   username=cluster.username, password=cluster.password, **kw).start(20)
+    return Session(
+        url,
+        "cl",
+        Store(tmp_path / "home"),
+        long_running=True,
+        offline_grace_s=60,
+        username=cluster.username,
+        password=cluster.password,
+        **kw,
+    ).start(20)
 
 
 def _contract(s: Session, agents_by_id: dict, cluster, coordinator_url: str) -> None:
     """Presence, commands, garbage, blob broadcast and a Will, across nodes."""
     ids = sorted(agents_by_id)
-    assert s.wait_for(lambda rows: sum(r["state"] == "online" and r["caps"] is not None for r in rows) >= len(ids),
-                      60), {d: a.log_text()[-1500:] for d, a in agents_by_id.items()}
+    assert s.wait_for(
+        lambda rows: sum(r["state"] == "online" and r["caps"] is not None for r in rows) >= len(ids), 60
+    ), {d: a.log_text()[-1500:] for d, a in agents_by_id.items()}
     for dev in ids:
         reply = s.call(dev, "ping", timeout_s=10)
         assert reply.ok, (dev, reply.error)
@@ -109,20 +118,33 @@ def test_aedes_cluster_fleet_and_a_round_that_survives_losing_a_node(tmp_path, a
         try:
             assert s.wait_for(lambda rows: sum(r["state"] == "online" for r in rows) == 3, 60)
             result: dict = {}
-            worker = threading.Thread(target=lambda: result.update(train(
-                TrainConfig(rounds=2, sparsity=0.5, local_epochs=3, seed=3, round_timeout_s=240, eval_data="digits"),
-                s, s.store, Reporter(quiet=True))), daemon=True)
+            worker = threading.Thread(
+                target=lambda: result.update(
+                    train(
+                        TrainConfig(
+                            rounds=2, sparsity=0.5, local_epochs=3, seed=3, round_timeout_s=240, eval_data="digits"
+                        ),
+                        s,
+                        s.store,
+                        Reporter(quiet=True),
+                    )
+                ),
+                daemon=True,
+            )
             worker.start()
-            assert wait_until(lambda: all(s.views[d].status and s.views[d].status.task == "train_round"
-                                          for d in members), 180), {d: p.log_text()[-1500:] for d, p in procs.items()}
+            assert wait_until(
+                lambda: all(s.views[d].status and s.views[d].status.task == "train_round" for d in members), 180
+            ), {d: p.log_text()[-1500:] for d, p in procs.items()}
             t_kill = time.monotonic()
             cl.kill("A")  # the coordinator's node, mid-round, with a device on it too
             assert wait_until(lambda: s.link.connected.is_set() and s.link.address.url == b, 30)
             failover_s = time.monotonic() - t_kill
             worker.join(600)
             _round_checks(s, result, devices=3, rounds=2)
-            print(f"\naedes: coordinator back on node B {failover_s:.1f} s after node A was killed; "
-                  f"agent on A failovers: see its log")
+            print(
+                f"\naedes: coordinator back on node B {failover_s:.1f} s after node A was killed; "
+                f"agent on A failovers: see its log"
+            )
             assert "connection lost to " + a in procs["pa"].log_text() or "cannot reach " + a in procs["pa"].log_text()
             cl.restart("A")
             _contract(s, {d: procs[d] for d in ("pb", "pc")}, cl, b)
@@ -139,8 +161,12 @@ def test_bridged_site_broker(tmp_path, agents):
         s = _session(laptop, tmp_path, cl)
         try:
             assert s.wait_for(lambda rows: sum(r["state"] == "online" for r in rows) == 2, 60)
-            result = train(TrainConfig(rounds=1, sparsity=0.5, local_epochs=2, seed=4, round_timeout_s=240),
-                           s, s.store, Reporter(quiet=True))
+            result = train(
+                TrainConfig(rounds=1, sparsity=0.5, local_epochs=2, seed=4, round_timeout_s=240),
+                s,
+                s.store,
+                Reporter(quiet=True),
+            )
             _round_checks(s, result, devices=2, rounds=1)
             _contract(s, procs, cl, laptop)
         finally:
@@ -157,10 +183,15 @@ def test_rabbitmq_cluster_with_passwords(tmp_path, agents):
         procs = _start_agents(agents, {"rb": b, "rc": c}, env, train=True)
         s = _session(a, tmp_path, cl)
         try:
-            assert s.wait_for(lambda rows: sum(r["state"] == "online" for r in rows) == 2, 90), \
-                {d: p.log_text()[-1500:] for d, p in procs.items()}
-            result = train(TrainConfig(rounds=1, sparsity=0.5, local_epochs=2, seed=4, round_timeout_s=240),
-                           s, s.store, Reporter(quiet=True))
+            assert s.wait_for(lambda rows: sum(r["state"] == "online" for r in rows) == 2, 90), {
+                d: p.log_text()[-1500:] for d, p in procs.items()
+            }
+            result = train(
+                TrainConfig(rounds=1, sparsity=0.5, local_epochs=2, seed=4, round_timeout_s=240),
+                s,
+                s.store,
+                Reporter(quiet=True),
+            )
             _round_checks(s, result, devices=2, rounds=1)
             assert any("asking for" in p.log_text() for p in procs.values())  # the broadcast needed blob_want
             _contract(s, procs, cl, a)

@@ -2,7 +2,8 @@
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from edge_agent.protocol import codec
@@ -26,8 +27,15 @@ def test_hand_computed_vector():
     # mask bits 0110 -> packbits (big bit order) -> 0b01100000 = 0x60, then two fp32 values
     assert body[:1] == b"\x60"
     assert np.frombuffer(body[1:], "<f4").tolist() == [1.5, -2.0]
-    assert header["tensors"][0] == {"name": "w", "shape": [2, 2], "mask": "bitmap", "values": "fp32",
-                                    "scale": None, "nnz": 2, "delta": False}
+    assert header["tensors"][0] == {
+        "name": "w",
+        "shape": [2, 2],
+        "mask": "bitmap",
+        "values": "fp32",
+        "scale": None,
+        "nnz": 2,
+        "delta": False,
+    }
 
 
 def test_model_round_trip_is_exact():
@@ -45,10 +53,18 @@ def test_relative_mask_and_int8_delta_update():
     base, base_masks = rand_model()
     rng = np.random.default_rng(1)
     client_mask = base_masks[0] & (rng.random(base_masks[0].shape) > 0.1)  # prunes 10% more
-    trained = [(base[0] + rng.normal(scale=0.01, size=base[0].shape).astype(np.float32)) * client_mask,
-               base[1] + 0.01]
-    data = codec.encode(trained, names=["k", "b"], masks=[client_mask, None], kind="update",
-                        reference=base, reference_masks=base_masks, values="int8", delta=True, seed=5)
+    trained = [(base[0] + rng.normal(scale=0.01, size=base[0].shape).astype(np.float32)) * client_mask, base[1] + 0.01]
+    data = codec.encode(
+        trained,
+        names=["k", "b"],
+        masks=[client_mask, None],
+        kind="update",
+        reference=base,
+        reference_masks=base_masks,
+        values="int8",
+        delta=True,
+        seed=5,
+    )
     b = codec.decode(data, reference=base, reference_masks=base_masks)
     np.testing.assert_array_equal(b.masks[0], client_mask)
     assert np.all(b.tensors[0][~client_mask] == 0)
@@ -71,8 +87,16 @@ def test_unchanged_mask_costs_almost_nothing():
     base, base_masks = rand_model(sparsity=0.9)
     big = [np.tile(base[0], (8, 8)), base[1]]
     big_mask = [np.tile(base_masks[0], (8, 8)), None]
-    same = codec.encode(big, names=["k", "b"], masks=big_mask, kind="update", reference=big,
-                        reference_masks=big_mask, values="int8", delta=True)
+    same = codec.encode(
+        big,
+        names=["k", "b"],
+        masks=big_mask,
+        kind="update",
+        reference=big,
+        reference_masks=big_mask,
+        values="int8",
+        delta=True,
+    )
     nnz = int(big_mask[0].sum()) + 32
     assert len(same) < nnz * 1.0 + 1000  # ~1 byte per kept value, the mask nearly free
     bitmap = codec.encode(big, names=["k", "b"], masks=big_mask, kind="update", values="int8")
@@ -80,10 +104,15 @@ def test_unchanged_mask_costs_almost_nothing():
 
 
 @settings(max_examples=60, deadline=None)
-@given(arr=hnp.arrays(np.float32, hnp.array_shapes(min_dims=1, max_dims=4, max_side=7),
-                      elements=st.floats(-1e3, 1e3, width=32)),
-       density=st.floats(0, 1), values=st.sampled_from(["fp32", "fp16", "int8", "int6", "int4"]),
-       compression=st.sampled_from(["zstd", "none"]), seed=st.integers(0, 100))
+@given(
+    arr=hnp.arrays(
+        np.float32, hnp.array_shapes(min_dims=1, max_dims=4, max_side=7), elements=st.floats(-1e3, 1e3, width=32)
+    ),
+    density=st.floats(0, 1),
+    values=st.sampled_from(["fp32", "fp16", "int8", "int6", "int4"]),
+    compression=st.sampled_from(["zstd", "none"]),
+    seed=st.integers(0, 100),
+)
 def test_property_round_trip(arr, density, values, compression, seed):
     rng = np.random.default_rng(seed)
     mask = rng.random(arr.shape) < density
@@ -103,16 +132,22 @@ def test_property_round_trip(arr, density, values, compression, seed):
 
 
 @settings(max_examples=40, deadline=None)
-@given(shape=hnp.array_shapes(min_dims=1, max_dims=3, max_side=9), seed=st.integers(0, 1000),
-       p_ref=st.floats(0, 1), p_keep=st.floats(0, 1), p_regrow=st.sampled_from([0.0, 0.1]))
+@given(
+    shape=hnp.array_shapes(min_dims=1, max_dims=3, max_side=9),
+    seed=st.integers(0, 1000),
+    p_ref=st.floats(0, 1),
+    p_keep=st.floats(0, 1),
+    p_regrow=st.sampled_from([0.0, 0.1]),
+)
 def test_property_relative_and_xor_masks(shape, seed, p_ref, p_keep, p_regrow):
     rng = np.random.default_rng(seed)
     ref_mask = rng.random(shape) < p_ref
     ref = (rng.normal(size=shape) * ref_mask).astype(np.float32)
     mask = (ref_mask & (rng.random(shape) < p_keep)) | (rng.random(shape) < p_regrow)
     t = (ref + rng.normal(size=shape).astype(np.float32)) * mask
-    data = codec.encode([t], names=["t"], masks=[mask], kind="update", reference=[ref], reference_masks=[ref_mask],
-                        delta=True)
+    data = codec.encode(
+        [t], names=["t"], masks=[mask], kind="update", reference=[ref], reference_masks=[ref_mask], delta=True
+    )
     b = codec.decode(data, reference=[ref], reference_masks=[ref_mask])
     np.testing.assert_array_equal(b.masks[0], mask)
     np.testing.assert_allclose(b.tensors[0], t, atol=1e-5)
@@ -123,8 +158,9 @@ def test_regrown_positions_use_xor_masks():
     ref = np.arange(8, dtype=np.float32) * ref_mask
     mask = np.array([1, 1, 0, 1, 0, 0, 1, 0], bool)  # regrew position 1, pruned position 2
     t = (np.arange(8, dtype=np.float32) + 0.5) * mask
-    data = codec.encode([t], names=["t"], masks=[mask], kind="update", reference=[ref], reference_masks=[ref_mask],
-                        delta=True)
+    data = codec.encode(
+        [t], names=["t"], masks=[mask], kind="update", reference=[ref], reference_masks=[ref_mask], delta=True
+    )
     header, _ = codec.read_header(data)
     assert header["tensors"][0]["mask"] == "xor"
     b = codec.decode(data, reference=[ref], reference_masks=[ref_mask])
@@ -151,8 +187,9 @@ def test_fewer_levels_compress_smaller():
 
 
 def test_integer_value_out_of_range_refused():
-    data = bytearray(codec.encode([np.array([1.0, -1.0], np.float32)], names=["x"], kind="update", values="int4",
-                                  compression="none"))
+    data = bytearray(
+        codec.encode([np.array([1.0, -1.0], np.float32)], names=["x"], kind="update", values="int4", compression="none")
+    )
     data[-1] = 100  # int4 values must stay in -7..7
     with pytest.raises(ProtocolError) as e:
         codec.decode(bytes(data))
@@ -177,21 +214,25 @@ def rewrite_header(data, fn):
 def _set(key, value, tensor=None):
     def fn(h):
         (h["tensors"][tensor] if tensor is not None else h)[key] = value
+
     return fn
 
 
-@pytest.mark.parametrize("mutate,code", [
-    (lambda d: b"NOPE" + d[4:], ErrorCode.MALFORMED),
-    (lambda d: d[:5], ErrorCode.MALFORMED),
-    (lambda d: d[:-10], ErrorCode.MALFORMED),               # truncated body
-    (lambda d: d[:8] + b"[" + d[9:], ErrorCode.MALFORMED),  # header not JSON
-    (lambda d: rewrite_header(d, _set("v", 7)), ErrorCode.BAD_VERSION),
-    (lambda d: rewrite_header(d, _set("nnz", 3, 0)), ErrorCode.BAD_FIELD),
-    (lambda d: rewrite_header(d, _set("mask", "weird", 0)), ErrorCode.MALFORMED),
-    (lambda d: rewrite_header(d, _set("compression", "lz4")), ErrorCode.MALFORMED),
-    (lambda d: rewrite_header(d, _set("body_bytes", -1)), ErrorCode.TOO_LARGE),
-    (lambda d: rewrite_header(d, _set("shape", [64, 33], 0)), ErrorCode.BAD_FIELD),
-])
+@pytest.mark.parametrize(
+    "mutate,code",
+    [
+        (lambda d: b"NOPE" + d[4:], ErrorCode.MALFORMED),
+        (lambda d: d[:5], ErrorCode.MALFORMED),
+        (lambda d: d[:-10], ErrorCode.MALFORMED),  # truncated body
+        (lambda d: d[:8] + b"[" + d[9:], ErrorCode.MALFORMED),  # header not JSON
+        (lambda d: rewrite_header(d, _set("v", 7)), ErrorCode.BAD_VERSION),
+        (lambda d: rewrite_header(d, _set("nnz", 3, 0)), ErrorCode.BAD_FIELD),
+        (lambda d: rewrite_header(d, _set("mask", "weird", 0)), ErrorCode.MALFORMED),
+        (lambda d: rewrite_header(d, _set("compression", "lz4")), ErrorCode.MALFORMED),
+        (lambda d: rewrite_header(d, _set("body_bytes", -1)), ErrorCode.TOO_LARGE),
+        (lambda d: rewrite_header(d, _set("shape", [64, 33], 0)), ErrorCode.BAD_FIELD),
+    ],
+)
 def test_corrupted_bundles_refused(mutate, code):
     data, _, _ = good_bundle()
     with pytest.raises(ProtocolError) as e:

@@ -44,8 +44,13 @@ def fake_sysfs(root, temp_milli=48500, micro_w=3_250_000, battery=True):
     if battery:
         b = root / "class/power_supply/BAT0"
         b.mkdir(parents=True)
-        for k, v in {"type": "Battery", "status": "Discharging", "capacity": "87", "voltage_now": "3900000",
-                     "current_now": "500000"}.items():
+        for k, v in {
+            "type": "Battery",
+            "status": "Discharging",
+            "capacity": "87",
+            "voltage_now": "3900000",
+            "current_now": "500000",
+        }.items():
             (b / k).write_text(v + "\n")
     return root
 
@@ -58,7 +63,9 @@ def test_sensor_readers_on_a_fake_sysfs(tmp_path):
     bat = sensors.power_supplies(root)[0]
     assert bat["capacity_pct"] == 87 and bat["power_w"] == pytest.approx(1.95)
     inv = sensors.inventory(root)
-    assert inv["thermal_zones"] == ["cpu-thermal"] and inv["power_sensors"] == ["ina219"] and inv["batteries"] == ["BAT0"]
+    assert (
+        inv["thermal_zones"] == ["cpu-thermal"] and inv["power_sensors"] == ["ina219"] and inv["batteries"] == ["BAT0"]
+    )
 
 
 def test_no_sensors_means_none_not_zero(tmp_path):

@@ -16,8 +16,9 @@ def test_variants_sizes_and_readback(tmp_path):
     from edge_agent.ml import data
 
     model = export.latency_model("digits_cnn", 0.8)
-    recs = {r["format"]: r for r in export.export(model, list(export.FORMATS), tmp_path,
-                                                   calibration=data.digits_split()[1])}
+    recs = {
+        r["format"]: r for r in export.export(model, list(export.FORMATS), tmp_path, calibration=data.digits_split()[1])
+    }
     for r in recs.values():
         assert abs(r["sparsity"] - 0.8) < 0.005, r  # read from the .tflite, not from the config
         data_bytes = Path(r["path"]).read_bytes()

@@ -15,12 +15,15 @@ from coordinator import bundle
 from coordinator.flash import FlashError, Target, check, ssh_error
 
 
-@pytest.mark.parametrize("text,user,host,port", [
-    ("pi@raspberrypi.local", "pi", "raspberrypi.local", None),
-    ("ssh://pi@10.0.0.5:2222", "pi", "10.0.0.5", 2222),
-    ("ssh://root@[fe80::1]:22/", "root", "fe80::1", 22),
-    ("my-pi", None, "my-pi", None),  # a Host alias from ~/.ssh/config
-])
+@pytest.mark.parametrize(
+    "text,user,host,port",
+    [
+        ("pi@raspberrypi.local", "pi", "raspberrypi.local", None),
+        ("ssh://pi@10.0.0.5:2222", "pi", "10.0.0.5", 2222),
+        ("ssh://root@[fe80::1]:22/", "root", "fe80::1", 22),
+        ("my-pi", None, "my-pi", None),  # a Host alias from ~/.ssh/config
+    ],
+)
 def test_target_parse(text, user, host, port):
     t = Target.parse(text)
     assert (t.user, t.host, t.port) == (user, host, port)
@@ -33,13 +36,16 @@ def test_target_parse_refuses(bad):
     assert err.value.code == "usage"
 
 
-@pytest.mark.parametrize("stderr,code,hint", [
-    ("ssh: connect to host 10.0.0.9 port 22: Connection refused", "unreachable", "SSH server"),
-    ("ssh: Could not resolve hostname nope.local: Name or service not known", "unreachable", "network"),
-    ("ssh: connect to host 10.9.9.9 port 22: Connection timed out", "unreachable", "powered"),
-    ("pi@10.0.0.5: Permission denied (publickey,password).", "auth", "ssh-copy-id"),
-    ("Host key verification failed.", "host_key", "ssh-keygen -R"),
-])
+@pytest.mark.parametrize(
+    "stderr,code,hint",
+    [
+        ("ssh: connect to host 10.0.0.9 port 22: Connection refused", "unreachable", "SSH server"),
+        ("ssh: Could not resolve hostname nope.local: Name or service not known", "unreachable", "network"),
+        ("ssh: connect to host 10.9.9.9 port 22: Connection timed out", "unreachable", "powered"),
+        ("pi@10.0.0.5: Permission denied (publickey,password).", "auth", "ssh-copy-id"),
+        ("Host key verification failed.", "host_key", "ssh-keygen -R"),
+    ],
+)
 def test_ssh_errors_name_the_problem_and_the_fix(stderr, code, hint):
     err = ssh_error(Target.parse("pi@10.0.0.5"), stderr)
     assert err.code == code and hint in str(err)
@@ -49,9 +55,11 @@ def test_device_checks():
     t = Target.parse("pi@h")
     ok = {"python": "3.11.2", "broker": "ok"}
     check(ok, t, "python3", "mqtt://h:1883")
-    for info, code in [({"python": "", "broker": "ok"}, "no_python"),
-                       ({"python": "3.9.2", "broker": "ok"}, "old_python"),
-                       ({"python": "3.11.2", "broker": "[Errno 111] Connection refused"}, "broker_unreachable")]:
+    for info, code in [
+        ({"python": "", "broker": "ok"}, "no_python"),
+        ({"python": "3.9.2", "broker": "ok"}, "old_python"),
+        ({"python": "3.11.2", "broker": "[Errno 111] Connection refused"}, "broker_unreachable"),
+    ]:
         with pytest.raises(FlashError) as err:
             check(info, t, "python3", "mqtt://h:1883")
         assert err.value.code == code
@@ -71,10 +79,25 @@ def test_platform_tags_follow_the_device_glibc():
 def test_offline_bundle_without_cached_wheels_fails_clearly(tmp_path):
     """No network in tests: an empty wheel cache + --offline must say what is missing and how to fix it."""
     out = tmp_path / "b.tar.gz"
-    proc = subprocess.run([sys.executable, "-m", "coordinator.cli", "flash", "--bundle", str(out), "--arch", "armv7l",
-                           "--python", "3.11", "--offline", "--json"],
-                          capture_output=True, text=True, env={"EDGEPRUNE_WHEEL_CACHE": str(tmp_path / "cache"),
-                                                              "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "coordinator.cli",
+            "flash",
+            "--bundle",
+            str(out),
+            "--arch",
+            "armv7l",
+            "--python",
+            "3.11",
+            "--offline",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        env={"EDGEPRUNE_WHEEL_CACHE": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+    )
     assert proc.returncode == 1, proc.stderr
     err = json.loads(proc.stdout)["error"]
     assert err["code"] == "no_wheels" and "armv7l" in err["message"] and "offline" in err["message"]
@@ -82,8 +105,11 @@ def test_offline_bundle_without_cached_wheels_fails_clearly(tmp_path):
 
 
 def test_flash_usage_errors(tmp_path):
-    run = lambda *a: subprocess.run([sys.executable, "-m", "coordinator.cli", "flash", *a, "--json"],
-                                    capture_output=True, text=True)
+    def run(*a):
+        return subprocess.run(
+            [sys.executable, "-m", "coordinator.cli", "flash", *a, "--json"], capture_output=True, text=True
+        )
+
     proc = run("pi@h")
     assert proc.returncode == 2 and json.loads(proc.stdout)["error"]["code"] == "usage"
     proc = run("pi@h", "--bundle", str(tmp_path / "x.tar.gz"))

@@ -101,9 +101,13 @@ def cli(pi, mosquitto, tmp_path):
     home = tmp_path / "home"
 
     def run(*args: str, timeout: float = 900) -> tuple[int, dict]:
-        proc = subprocess.run([sys.executable, "-m", "coordinator.cli", *args, "--json", "--home", str(home)],
-                              capture_output=True, text=True, timeout=timeout,
-                              env={**os.environ, "EDGEPRUNE_BROKER": mosquitto.url, "EDGEPRUNE_FLEET": "emu"})
+        proc = subprocess.run(
+            [sys.executable, "-m", "coordinator.cli", *args, "--json", "--home", str(home)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env={**os.environ, "EDGEPRUNE_BROKER": mosquitto.url, "EDGEPRUNE_FLEET": "emu"},
+        )
         try:
             out = json.loads(proc.stdout) if proc.stdout.strip() else {"stderr": proc.stderr[-3000:]}
         except json.JSONDecodeError:
@@ -132,8 +136,11 @@ def test_refusals_leave_nothing_installed(cli, pi, tmp_path):
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(stray_key)], check=True)
     cases = [
         ("unreachable", [cli.target(port=_free_port()), *cli.ssh], "SSH server"),
-        ("auth", [cli.target(), "--identity", str(stray_key), "--ssh-option",
-                  f"UserKnownHostsFile={pi['known_hosts']}"], "ssh-copy-id"),
+        (
+            "auth",
+            [cli.target(), "--identity", str(stray_key), "--ssh-option", f"UserKnownHostsFile={pi['known_hosts']}"],
+            "ssh-copy-id",
+        ),
         ("no_python", [cli.target(), *cli.ssh, "--remote-python", "/usr/bin/python9"], "sudo apt install python3"),
         ("old_python", [cli.target(), *cli.ssh, "--remote-python", "/usr/local/bin/python3.7"], "needs 3.10"),
         ("broker_unreachable", [cli.target(), *cli.ssh, "--broker", "mqtt://127.0.0.1:1"], "edgeprune broker --host"),
@@ -164,7 +171,9 @@ def test_flash_bench_upgrade_unflash(cli, pi, mosquitto, tmp_path):
     assert rc == 0 and {"emu-pi": "online"}.items() <= {d["device_id"]: d["state"] for d in devices["devices"]}.items()
 
     # 2. the emulated device benchmarks a small TFLite model with LiteRT (aarch64 code under qemu)
-    rc, exported = cli("export", "mlp", "--formats", "dense,sparse-int8", "--prune", "0.8", "--out", str(tmp_path / "art"))
+    rc, exported = cli(
+        "export", "mlp", "--formats", "dense,sparse-int8", "--prune", "0.8", "--out", str(tmp_path / "art")
+    )
     assert rc == 0, exported
     rc, bench = cli("bench", "--model", str(tmp_path / "art"), "--devices", "emu-pi", "--runs", "30", "--warmup", "3")
     assert rc == 0, bench
@@ -220,11 +229,13 @@ def test_flash_as_root_into_a_secure_fleet(cli, pi, tmp_path):
     from coordinator import pki
 
     pki.init(cli.home)
-    secure = broker_mod.start("mosquitto", "127.0.0.1", 0, tmp_path / "sb", log_file=tmp_path / "sb.log",
-                              pki_dir=pki.pki_dir(cli.home))
+    secure = broker_mod.start(
+        "mosquitto", "127.0.0.1", 0, tmp_path / "sb", log_file=tmp_path / "sb.log", pki_dir=pki.pki_dir(cli.home)
+    )
     try:
-        rc, out = cli("flash", cli.target("root"), *cli.ssh, "--device-id", "emu-root", "--offline",
-                      "--broker", secure.url)
+        rc, out = cli(
+            "flash", cli.target("root"), *cli.ssh, "--device-id", "emu-root", "--offline", "--broker", secure.url
+        )
         assert rc == 0, out
         assert out["install"]["root"] and out["install"]["config"] == "/etc/edgeprune/agent.toml"
         assert out["caps"]["arch"] == "aarch64"

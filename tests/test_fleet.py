@@ -7,8 +7,6 @@ import os
 import threading
 import time
 
-import pytest
-
 from edge_agent.protocol import serde, topics
 from edge_agent.protocol.messages import Command, Reply
 from tests.conftest import raw_client, wait_until
@@ -26,8 +24,20 @@ def test_three_agents_come_online_with_capabilities(broker, agents, session_fact
     for row in s.device_table():
         caps = row["caps"]
         assert caps["device_id"] == row["device_id"]
-        for key in ("arch", "os_release", "cpu_model", "cpu_cores", "ram_total_bytes", "ram_available_bytes",
-                    "disk_free_bytes", "python_version", "runtimes", "can_train", "sensors", "agent_version"):
+        for key in (
+            "arch",
+            "os_release",
+            "cpu_model",
+            "cpu_cores",
+            "ram_total_bytes",
+            "ram_available_bytes",
+            "disk_free_bytes",
+            "python_version",
+            "runtimes",
+            "can_train",
+            "sensors",
+            "agent_version",
+        ):
             assert key in caps, key
         assert caps["cpu_cores"] >= 1 and caps["ram_total_bytes"] > 0
     registry = {d["device_id"]: d for d in s.store.devices("test")}
@@ -123,9 +133,15 @@ def test_coordinator_survives_garbage_from_devices(broker, agents, session_facto
     c = raw_client(broker.url)
     evil = [
         ("edgeprune/v1/test/device/spoof/status", b"{not json"),
-        ("edgeprune/v1/test/device/spoof/status", b'{"v":"1.0","type":"status","device_id":"good","state":"offline","ts":1}'),
+        (
+            "edgeprune/v1/test/device/spoof/status",
+            b'{"v":"1.0","type":"status","device_id":"good","state":"offline","ts":1}',
+        ),
         ("edgeprune/v1/test/device/spoof/caps", b'{"v":"1.0","type":"caps"}'),
-        ("edgeprune/v1/test/device/bad id/status", b'{"v":"1.0","type":"status","device_id":"bad id","state":"online","ts":1}'),
+        (
+            "edgeprune/v1/test/device/bad id/status",
+            b'{"v":"1.0","type":"status","device_id":"bad id","state":"online","ts":1}',
+        ),
         ("edgeprune/v1/test/device/x/status", b'{"v":"1.0","type":"status","device_id":"x","state":"exploded","ts":1}'),
         ("edgeprune/v1/test/device/x/reply", b'{"v":"9.0","type":"reply"}'),
         ("edgeprune/v1/test/device/x/data", b"EPF1\xff\xff\xff\xff"),
@@ -165,7 +181,9 @@ def test_duplicate_command_runs_once(broker, agents, session_factory):
     s = session_factory(broker.url)
     assert s.wait_for(lambda rows: online_count(s) == 1, 20)
     replies = []
-    c = raw_client(broker.url, lambda cl, u, m: m.topic.endswith("/reply") and replies.append(serde.decode(Reply, m.payload)))
+    c = raw_client(
+        broker.url, lambda cl, u, m: m.topic.endswith("/reply") and replies.append(serde.decode(Reply, m.payload))
+    )
     c.subscribe(topics.device("test", "pi1", "reply"), 1)
     time.sleep(0.3)
     raw = serde.encode(Command(id="dup1", cmd="sleep", ts=time.time(), args={"seconds": 0.5}))

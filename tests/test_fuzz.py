@@ -17,7 +17,8 @@ import time
 
 import numpy as np
 import paho.mqtt.client as mqtt
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from edge_agent.protocol import codec, serde, topics
 from edge_agent.protocol.constants import PROTOCOL_VERSION
@@ -27,9 +28,13 @@ from edge_agent.protocol.messages import Capabilities, ChunkFrame, Command, Coor
 from .conftest import wait_until
 
 # The same cases every run, so CI is reproducible; EDGEPRUNE_FUZZ_RANDOM=1 explores new ones.
-FUZZ = settings(max_examples=3000, deadline=None, database=None,
-                derandomize=os.environ.get("EDGEPRUNE_FUZZ_RANDOM") != "1",
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+FUZZ = settings(
+    max_examples=3000,
+    deadline=None,
+    database=None,
+    derandomize=os.environ.get("EDGEPRUNE_FUZZ_RANDOM") != "1",
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 COUNT: dict[str, int] = {}
 
 VALID = {
@@ -37,14 +42,29 @@ VALID = {
     Reply: serde.encode(Reply(id="r1", device_id="d", kind="result", ts=1.0, result={"ok": 1})),
     Status: serde.encode(Status(device_id="d", state="online", ts=1.0)),
     CoordinatorStatus: serde.encode(CoordinatorStatus(coordinator_id="c", state="online", ts=1.0)),
-    Capabilities: serde.encode(Capabilities(
-        device_id="d", agent_version="0", protocol_version=PROTOCOL_VERSION, os="Linux", os_release="x", arch="aarch64",
-        cpu_model="c", cpu_cores=4, python_version="3.11", ram_total_bytes=1, ram_available_bytes=1,
-        disk_free_bytes=1, ts=1.0)),
+    Capabilities: serde.encode(
+        Capabilities(
+            device_id="d",
+            agent_version="0",
+            protocol_version=PROTOCOL_VERSION,
+            os="Linux",
+            os_release="x",
+            arch="aarch64",
+            cpu_model="c",
+            cpu_cores=4,
+            python_version="3.11",
+            ram_total_bytes=1,
+            ram_available_bytes=1,
+            disk_free_bytes=1,
+            ts=1.0,
+        )
+    ),
 }
-JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=20),
-                    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
-                    max_leaves=12)
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
 
 
 def _typed(fn, *args, **kwargs):
@@ -63,7 +83,7 @@ def _mutate(data: bytes, rnd: random.Random, ops: int) -> bytes:
         if op == 0 and b:
             b[rnd.randrange(len(b))] = rnd.randrange(256)
         elif op == 1 and b:
-            del b[rnd.randrange(len(b)):]
+            del b[rnd.randrange(len(b)) :]
         elif op == 2:
             pos = rnd.randrange(len(b) + 1)
             b[pos:pos] = rnd.randbytes(rnd.randrange(1, 9))
@@ -92,7 +112,9 @@ def control_payloads(draw):
         obj.update(draw(st.dictionaries(st.text(max_size=8), JSON, max_size=3)))
         obj["v"] = draw(st.one_of(st.text(max_size=6), st.integers(), st.none()))
     else:  # valid JSON, then bytes mutated
-        return cls, _mutate(json.dumps(obj).encode(), random.Random(draw(st.integers(0, 2**32))), draw(st.integers(1, 4)))
+        return cls, _mutate(
+            json.dumps(obj).encode(), random.Random(draw(st.integers(0, 2**32))), draw(st.integers(1, 4))
+        )
     return cls, json.dumps(obj, allow_nan=True).encode()
 
 
@@ -133,8 +155,15 @@ def _bundle():
     mask = rng.random(kernel.shape) > 0.8
     bias = rng.normal(size=(8,)).astype(np.float32)
     ref = [kernel, bias]
-    data = codec.encode([kernel * mask, bias + 0.1], names=["k", "b"], masks=[mask, None], kind="update",
-                        values="int4", reference=ref, reference_masks=[mask, None])
+    data = codec.encode(
+        [kernel * mask, bias + 0.1],
+        names=["k", "b"],
+        masks=[mask, None],
+        kind="update",
+        values="int4",
+        reference=ref,
+        reference_masks=[mask, None],
+    )
     return data, ref, [mask, None]
 
 
@@ -159,8 +188,12 @@ def test_topics_1000():
     good = topics.device("f", "d", "reply")
 
     @settings(FUZZ, max_examples=1000)
-    @given(st.one_of(st.text(max_size=80), st.integers(0, 2**32).map(
-        lambda s: _mutate(good.encode(), random.Random(s), 3).decode("utf-8", "replace"))))
+    @given(
+        st.one_of(
+            st.text(max_size=80),
+            st.integers(0, 2**32).map(lambda s: _mutate(good.encode(), random.Random(s), 3).decode("utf-8", "replace")),
+        )
+    )
     def run(topic):
         COUNT["topic"] = COUNT.get("topic", 0) + 1
         assert isinstance(_typed(topics.parse, topic), (topics.Topic, ProtocolError))

@@ -14,8 +14,12 @@ pytestmark = [pytest.mark.slow, pytest.mark.tf]
 
 
 def cli(home, *args, timeout=900):
-    out = subprocess.run([sys.executable, "-m", "coordinator", *args, "--home", str(home)], capture_output=True,
-                         text=True, timeout=timeout)
+    out = subprocess.run(
+        [sys.executable, "-m", "coordinator", *args, "--home", str(home)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return out
 
@@ -25,8 +29,9 @@ def test_train_export_bench_report(mosquitto, agents, tmp_path):
         agents(mosquitto.url, f"pi{i}", "job", "--data", "digits", "--data-shard", f"{i}/2", "--train-threads", "1")
     home = tmp_path / "home"
     common = ["--broker", mosquitto.url, "--fleet", "job"]
-    run = json.loads(cli(home, "train", *common, "--rounds", "2", "--sparsity", "0.5", "--wait-for", "2",
-                         "--json").stdout)
+    run = json.loads(
+        cli(home, "train", *common, "--rounds", "2", "--sparsity", "0.5", "--wait-for", "2", "--json").stdout
+    )
     assert run["state"] == "done" and len(run["rounds"]) == 2
     exported = json.loads(cli(home, "export", run["run_id"], "--json").stdout)
     assert {a["format"] for a in exported["artifacts"]} == {"dense", "sparse", "sparse-int8", "fp16"}
@@ -50,9 +55,17 @@ def test_train_export_bench_report(mosquitto, agents, tmp_path):
 
     opts = webdriver.ChromeOptions()
     opts.binary_location = chromium
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
-                 f"--user-data-dir={tmp_path / 'chrome'}"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={tmp_path / 'chrome'}",
+    ):
         opts.add_argument(flag)
     opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(service=Service(driver_path), options=opts)
@@ -60,11 +73,16 @@ def test_train_export_bench_report(mosquitto, agents, tmp_path):
         driver.get(html_path.as_uri())
         assert "edgeprune report" in driver.title
         images = driver.execute_script(
-            "return Array.from(document.images).map(i => [i.alt, i.complete, i.naturalWidth])")
+            "return Array.from(document.images).map(i => [i.alt, i.complete, i.naturalWidth])"
+        )
         assert len(images) >= 4 and all(ok and width > 100 for _, ok, width in images), images
         headings = [h.text for h in driver.find_elements("tag name", "h3")]
-        for title in ("Accuracy and sparsity per round", "Bytes per round", "Size per variant",
-                      "Latency per variant per device"):
+        for title in (
+            "Accuracy and sparsity per round",
+            "Bytes per round",
+            "Size per variant",
+            "Latency per variant per device",
+        ):
             assert title in headings
         errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
         assert not errors, errors

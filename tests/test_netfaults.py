@@ -22,9 +22,9 @@ import pytest
 
 from coordinator import broker as broker_mod
 from coordinator.progress import Reporter
-from coordinator.train import TrainConfig, train
 from coordinator.session import Session
 from coordinator.store import Store
+from coordinator.train import TrainConfig, train
 
 from .conftest import wait_until
 from .helpers.brokerlog import abnormal_disconnects
@@ -72,15 +72,58 @@ def netns():
     _sh("ip", "netns", "exec", NS, "ip", "link", "set", "lo", "up")
     shaping = {}
     # shape what the devices send: a slow uplink always; delay and loss only where sch_netem exists
-    rate = _sh("ip", "netns", "exec", NS, "tc", "qdisc", "add", "dev", NS_IF, "root", "handle", "1:", "tbf",
-               "rate", "8mbit", "burst", "64kb", "latency", "200ms", check=False)
+    rate = _sh(
+        "ip",
+        "netns",
+        "exec",
+        NS,
+        "tc",
+        "qdisc",
+        "add",
+        "dev",
+        NS_IF,
+        "root",
+        "handle",
+        "1:",
+        "tbf",
+        "rate",
+        "8mbit",
+        "burst",
+        "64kb",
+        "latency",
+        "200ms",
+        check=False,
+    )
     shaping["tbf 8mbit uplink"] = rate.returncode == 0 or rate.stderr.strip()
-    netem = _sh("ip", "netns", "exec", NS, "tc", "qdisc", "add", "dev", NS_IF, "parent", "1:1", "handle", "10:",
-                "netem", "delay", "30ms", "10ms", "loss", "1%", check=False)
+    netem = _sh(
+        "ip",
+        "netns",
+        "exec",
+        NS,
+        "tc",
+        "qdisc",
+        "add",
+        "dev",
+        NS_IF,
+        "parent",
+        "1:1",
+        "handle",
+        "10:",
+        "netem",
+        "delay",
+        "30ms",
+        "10ms",
+        "loss",
+        "1%",
+        check=False,
+    )
     shaping["netem 30ms +-10ms, 1% loss"] = netem.returncode == 0 or netem.stderr.strip()
     if netem.returncode != 0:
-        print(f"\n[test_netfaults] netem delay/loss not applied: {netem.stderr.strip()} (this kernel has no "
-              f"sch_netem); rate limit and partition still run", file=sys.stderr)
+        print(
+            f"\n[test_netfaults] netem delay/loss not applied: {netem.stderr.strip()} (this kernel has no "
+            f"sch_netem); rate limit and partition still run",
+            file=sys.stderr,
+        )
     yield shaping
     _sh("ip", "netns", "del", NS, check=False)
     _sh("ip", "link", "del", HOST_IF, check=False)
@@ -88,11 +131,44 @@ def netns():
 
 def _agent(url: str, device_id: str, shard: str, tmp: Path) -> subprocess.Popen:
     log = open(tmp / f"agent-{device_id}.log", "ab")
-    return subprocess.Popen(["ip", "netns", "exec", NS, sys.executable, "-m", "edge_agent", "run", "--broker", url,
-                             "--fleet", "nf", "--device-id", device_id, "--state-dir", str(tmp / f"agent-{device_id}"),
-                             "--data", "digits", "--data-shard", shard, "--train-threads", "1", "--heartbeat-s", "1",
-                             "--keepalive-s", "3", "--reconnect-min-s", "0.2", "--reconnect-max-s", "2"],
-                            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return subprocess.Popen(
+        [
+            "ip",
+            "netns",
+            "exec",
+            NS,
+            sys.executable,
+            "-m",
+            "edge_agent",
+            "run",
+            "--broker",
+            url,
+            "--fleet",
+            "nf",
+            "--device-id",
+            device_id,
+            "--state-dir",
+            str(tmp / f"agent-{device_id}"),
+            "--data",
+            "digits",
+            "--data-shard",
+            shard,
+            "--train-threads",
+            "1",
+            "--heartbeat-s",
+            "1",
+            "--keepalive-s",
+            "3",
+            "--reconnect-min-s",
+            "0.2",
+            "--reconnect-max-s",
+            "2",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
 
 
 def test_rounds_survive_a_partition_on_a_shaped_link(netns, tmp_path):
@@ -100,12 +176,21 @@ def test_rounds_survive_a_partition_on_a_shaped_link(netns, tmp_path):
     procs = [_agent(b.url, f"ns{i}", f"{i}/2", tmp_path) for i in range(2)]
     s = Session(b.url, "nf", Store(tmp_path / "home"), long_running=True, offline_grace_s=60).start(10)
     try:
-        assert s.wait_for(lambda rows: sum(r["state"] == "online" and r["caps"] is not None for r in rows) == 2, 60), \
-            (tmp_path / "agent-ns0.log").read_text()[-2000:]
+        assert s.wait_for(lambda rows: sum(r["state"] == "online" and r["caps"] is not None for r in rows) == 2, 60), (
+            tmp_path / "agent-ns0.log"
+        ).read_text()[-2000:]
         result: dict = {}
-        worker = threading.Thread(target=lambda: result.update(train(
-            TrainConfig(rounds=3, sparsity=0.5, local_epochs=4, seed=5, round_timeout_s=300), s, s.store,
-            Reporter(quiet=True))), daemon=True)
+        worker = threading.Thread(
+            target=lambda: result.update(
+                train(
+                    TrainConfig(rounds=3, sparsity=0.5, local_epochs=4, seed=5, round_timeout_s=300),
+                    s,
+                    s.store,
+                    Reporter(quiet=True),
+                )
+            ),
+            daemon=True,
+        )
         worker.start()
         # cut the link while round 2 trains, for longer than 1.5 x keepalive: the broker drops the agents
         # (their Wills say offline), they keep training, and reconnect when the link heals

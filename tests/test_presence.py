@@ -89,7 +89,8 @@ def test_long_running_coordinator_status_retained_and_cleared(broker, session_fa
     host, port = broker.url.split("//")[1].split(":")
     c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
     c.on_message = lambda cl, u, m: m.topic == topics.coordinator_status("test") and got.append(
-        serde.decode(CoordinatorStatus, m.payload))
+        serde.decode(CoordinatorStatus, m.payload)
+    )
     c.connect(host, int(port))
     c.loop_start()
     c.subscribe(topics.coordinator_status("test"), 1)

@@ -22,8 +22,11 @@ def test_numpy_2of4_matches_tfmot(tfm):
     for shape in [(16, 8), (10, 3), (3, 3, 8, 6), (3, 3, 5, 4)]:
         w = rng.normal(size=shape).astype(np.float32)
         t = tfm.tf.constant(w)
-        ref = pu.m_by_n_sparsity_mask_prepare(pu.generate_m_by_n_mask(pu.weights_rearrange(t), (2, 4)),
-                                              t.shape).numpy().astype(bool)
+        ref = (
+            pu.m_by_n_sparsity_mask_prepare(pu.generate_m_by_n_mask(pu.weights_rearrange(t), (2, 4)), t.shape)
+            .numpy()
+            .astype(bool)
+        )
         np.testing.assert_array_equal(mbyn_mask(np.abs(w)), ref, err_msg=str(shape))
 
 

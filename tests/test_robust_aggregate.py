@@ -5,8 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from coordinator.strategy import (RobustFedAvg, TensorInfo, UpdateRejected, check_norm, clip_update,
-                                   make_aggregator, update_norm)
+from coordinator.strategy import (
+    RobustFedAvg,
+    TensorInfo,
+    UpdateRejected,
+    check_norm,
+    clip_update,
+    make_aggregator,
+    update_norm,
+)
 
 DENSE = [TensorInfo("bias", None)]
 PRUNED = [TensorInfo("kernel", "unstructured")]
@@ -16,15 +23,18 @@ def _run(method, values, trim=0.2, infos=DENSE, masks=None, weights=None):
     shape = np.asarray(values[0]).shape
     agg = make_aggregator(method, infos, [shape], trim)
     for i, v in enumerate(values):
-        agg.add([np.asarray(v, np.float32)], [None if masks is None else np.asarray(masks[i], bool)],
-                (weights or [1.0] * len(values))[i])
+        agg.add(
+            [np.asarray(v, np.float32)],
+            [None if masks is None else np.asarray(masks[i], bool)],
+            (weights or [1.0] * len(values))[i],
+        )
     w, m = agg.result("layer" if infos is PRUNED else "global", 0.0, None)
     return w[0], m[0]
 
 
 def test_one_outlier_dense():
     clients = [[1.0], [2.0], [3.0], [4.0], [1000.0]]
-    assert _run("fedavg", clients)[0] == pytest.approx([202.0])        # (1+2+3+4+1000)/5: the outlier wins
+    assert _run("fedavg", clients)[0] == pytest.approx([202.0])  # (1+2+3+4+1000)/5: the outlier wins
     assert _run("median", clients)[0] == pytest.approx([3.0])
     assert _run("trimmed-mean", clients, trim=0.2)[0] == pytest.approx([3.0])  # drop 1 and 1000: mean(2,3,4)
 

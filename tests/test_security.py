@@ -36,9 +36,14 @@ class Client:
         self.refused: str | None = None
         self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
         if tls:
-            self.c.tls_set(ca_certs=ca or (str(ident.ca) if ident else None),
-                           certfile=str(ident.cert) if ident else None, keyfile=str(ident.key) if ident else None)
-        self.c.on_connect = lambda c, u, f, rc, p=None: (self.connected.set() if rc == 0 else setattr(self, "refused", str(rc)))
+            self.c.tls_set(
+                ca_certs=ca or (str(ident.ca) if ident else None),
+                certfile=str(ident.cert) if ident else None,
+                keyfile=str(ident.key) if ident else None,
+            )
+        self.c.on_connect = lambda c, u, f, rc, p=None: (
+            self.connected.set() if rc == 0 else setattr(self, "refused", str(rc))
+        )
         self.c.on_message = lambda c, u, m: self.got.put((m.topic, m.payload))
         try:
             self.c.connect("127.0.0.1", port, keepalive=10)
@@ -118,8 +123,8 @@ def test_coordinator_commands_reach_their_device_only(fleet):
     cl["B"].sub(t("dev-B", "cmd"))
     cl["coord"].pub(t("dev-B", "cmd"), b"for-B")
     cl["coord"].pub(t("dev-A", "cmd"), b"for-A")
-    assert [p for _, p in cl["B"].until(b"for-B")] == [b"for-B"]               # coordinator -> B: delivered
-    assert [p for _, p in cl["A"].until(b"for-A")] == [b"for-A"]               # A never saw B's command
+    assert [p for _, p in cl["B"].until(b"for-B")] == [b"for-B"]  # coordinator -> B: delivered
+    assert [p for _, p in cl["A"].until(b"for-A")] == [b"for-A"]  # A never saw B's command
 
 
 def test_device_replies_and_updates_are_private(fleet):
@@ -129,9 +134,9 @@ def test_device_replies_and_updates_are_private(fleet):
     cl["B"].pub(t("dev-B", "reply"), b"B-reply")
     cl["B"].pub(t("dev-B", "data"), b"B-update")
     got = [p for _, p in cl["coord"].until(b"B-update")]
-    assert got == [b"B-reply", b"B-update"]                                   # the coordinator gets them
+    assert got == [b"B-reply", b"B-update"]  # the coordinator gets them
     cl["coord"].pub(t("dev-A", "cmd"), b"marker")
-    assert [p for _, p in cl["A"].until(b"marker")] == [b"marker"]            # A read none of B's
+    assert [p for _, p in cl["A"].until(b"marker")] == [b"marker"]  # A read none of B's
 
 
 def test_a_device_cannot_speak_for_others(fleet):
@@ -139,15 +144,15 @@ def test_a_device_cannot_speak_for_others(fleet):
     cl["coord"].sub(topics.device_filter(FLEET, "status"), topics.device_filter(FLEET, "reply"))
     cl["B"].sub(t("dev-B", "cmd"), topics.coordinator_status(FLEET), topics.blob_filter(FLEET, "0" * 64))
     forged = [
-        (t("dev-B", "status"), b"A-as-B-status"),         # as another device
+        (t("dev-B", "status"), b"A-as-B-status"),  # as another device
         (t("dev-B", "reply"), b"A-as-B-reply"),
-        (t("dev-B", "cmd"), b"A-commands-B"),            # as the coordinator
+        (t("dev-B", "cmd"), b"A-commands-B"),  # as the coordinator
         (topics.coordinator_status(FLEET), b"A-as-coordinator"),
         (topics.blob_chunk(FLEET, "0" * 64, 0), b"A-sends-a-model"),
     ]
     for topic, payload in forged:
         cl["A"].pub(topic, payload)
-    cl["A"].pub(t("dev-A", "status"), b"A-own-status")        # allowed, and sent last
+    cl["A"].pub(t("dev-A", "status"), b"A-own-status")  # allowed, and sent last
     got = [p for _, p in cl["coord"].until(b"A-own-status")]
     assert got == [b"A-own-status"]
     cl["coord"].pub(t("dev-B", "cmd"), b"real-cmd")
@@ -173,8 +178,17 @@ def test_agent_and_coordinator_work_over_tls(fleet, agents, tmp_path):
     from coordinator.session import Session
 
     b, ids, _ = fleet
-    a = agents(b.url, "dev-A", FLEET, "--tls-ca", str(ids["A"].ca), "--tls-cert", str(ids["A"].cert),
-               "--tls-key", str(ids["A"].key))
+    a = agents(
+        b.url,
+        "dev-A",
+        FLEET,
+        "--tls-ca",
+        str(ids["A"].ca),
+        "--tls-cert",
+        str(ids["A"].cert),
+        "--tls-key",
+        str(ids["A"].key),
+    )
     coord = ids["coord"]
     with Session(b.url, FLEET, tls_files=(str(coord.ca), str(coord.cert), str(coord.key))).start(10) as s:
         assert s.wait_online(1, 20) == ["dev-A"], a.log_text()[-2000:]
@@ -182,6 +196,7 @@ def test_agent_and_coordinator_work_over_tls(fleet, agents, tmp_path):
 
 
 # -- signatures and replays (independent of TLS: a plain Mosquitto here) ----------------------------
+
 
 def _raw(url_port: int):
     got: queue.Queue = queue.Queue()
@@ -228,8 +243,8 @@ def test_signed_commands_replies_and_replays(mosquitto, agents, tmp_path):
     unsigned = agents(mosquitto.url, "dev-U", FLEET)
     with Session(mosquitto.url, FLEET, sign_key=sign_key, device_keys=device_keys).start(10) as s:
         assert set(s.wait_online(3, 20)) == {"dev-S", "dev-W", "dev-U"}
-        assert s.call("dev-S", "ping", timeout_s=10).ok                       # signed both ways: works
-        for bad in ("dev-W", "dev-U"):                                         # replies that do not verify
+        assert s.call("dev-S", "ping", timeout_s=10).ok  # signed both ways: works
+        for bad in ("dev-W", "dev-U"):  # replies that do not verify
             r = s.call(bad, "ping", timeout_s=10)
             assert r.error_code == "bad_signature", r
         assert s.stats.rejected_reasons.get("bad_signature", 0) >= 2
@@ -241,19 +256,31 @@ def test_signed_commands_replies_and_replays(mosquitto, agents, tmp_path):
     good = signing.sign(Command(id="r-good", cmd="ping", ts=_t.time(), to="dev-S"), sign_key)
     cases = {
         "r-unsigned": (serde.encode(Command(id="r-unsigned", cmd="ping", ts=_t.time(), to="dev-S")), "bad_signature"),
-        "r-tampered": (serde.encode(signing.sign(Command(id="r-tampered", cmd="ping", ts=_t.time(), to="dev-S"),
-                                                 sign_key)).replace(b'"ping"', b'"bench"'), "bad_signature"),
-        "r-foreign": (serde.encode(signing.sign(Command(id="r-foreign", cmd="ping", ts=_t.time(), to="dev-S"),
-                                                signing.new_key())), "bad_signature"),
-        "r-old": (serde.encode(signing.sign(Command(id="r-old", cmd="ping", ts=_t.time() - 3600, to="dev-S"),
-                                            sign_key)), "replayed"),
+        "r-tampered": (
+            serde.encode(
+                signing.sign(Command(id="r-tampered", cmd="ping", ts=_t.time(), to="dev-S"), sign_key)
+            ).replace(b'"ping"', b'"bench"'),
+            "bad_signature",
+        ),
+        "r-foreign": (
+            serde.encode(
+                signing.sign(Command(id="r-foreign", cmd="ping", ts=_t.time(), to="dev-S"), signing.new_key())
+            ),
+            "bad_signature",
+        ),
+        "r-old": (
+            serde.encode(signing.sign(Command(id="r-old", cmd="ping", ts=_t.time() - 3600, to="dev-S"), sign_key)),
+            "replayed",
+        ),
         # a genuine command for another device, re-aimed at this one
-        "r-aimed": (serde.encode(signing.sign(Command(id="r-aimed", cmd="ping", ts=_t.time(), to="dev-W"),
-                                              sign_key)), "rejected"),
+        "r-aimed": (
+            serde.encode(signing.sign(Command(id="r-aimed", cmd="ping", ts=_t.time(), to="dev-W"), sign_key)),
+            "rejected",
+        ),
     }
     raw.publish(cmd_topic, serde.encode(good), qos=1)
     assert _error_for(got, "r-good").kind == "result"
-    raw.publish(cmd_topic, serde.encode(good), qos=1)                     # the same signed bytes again
+    raw.publish(cmd_topic, serde.encode(good), qos=1)  # the same signed bytes again
     assert _error_for(got, "r-good").error_code == "replayed"
     for rid, (payload, code) in cases.items():
         raw.publish(cmd_topic, payload, qos=1)

@@ -1,12 +1,13 @@
 import json
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from edge_agent.protocol import serde
 from edge_agent.protocol.constants import PROTOCOL_VERSION
 from edge_agent.protocol.errors import ErrorCode, ProtocolError
-from edge_agent.protocol.messages import (ChunkFrame, Command, CoordinatorStatus, Reply, Status, error_dict)
+from edge_agent.protocol.messages import ChunkFrame, Command, CoordinatorStatus, Reply, Status, error_dict
 
 
 def test_status_round_trip():
@@ -34,15 +35,18 @@ def test_wrong_major_version_refused(version):
     assert e.value.code == ErrorCode.BAD_VERSION
 
 
-@pytest.mark.parametrize("payload,code", [
-    (b"\xff\xfe", ErrorCode.MALFORMED),
-    (b"not json", ErrorCode.MALFORMED),
-    (b"[1, 2]", ErrorCode.MALFORMED),
-    (b'{"v":"1.0","type":"status","device_id":"a","state":"online"}', ErrorCode.BAD_FIELD),  # ts missing
-    (b'{"v":"1.0","type":"status","device_id":"a","state":"online","ts":"now"}', ErrorCode.BAD_FIELD),
-    (b'{"v":"1.0","type":"status","device_id":"a","state":"online","ts":1,"seq":true}', ErrorCode.BAD_FIELD),
-    (b'{"v":"1.0","type":"cmd","device_id":"a"}', ErrorCode.MALFORMED),  # wrong type for Status
-])
+@pytest.mark.parametrize(
+    "payload,code",
+    [
+        (b"\xff\xfe", ErrorCode.MALFORMED),
+        (b"not json", ErrorCode.MALFORMED),
+        (b"[1, 2]", ErrorCode.MALFORMED),
+        (b'{"v":"1.0","type":"status","device_id":"a","state":"online"}', ErrorCode.BAD_FIELD),  # ts missing
+        (b'{"v":"1.0","type":"status","device_id":"a","state":"online","ts":"now"}', ErrorCode.BAD_FIELD),
+        (b'{"v":"1.0","type":"status","device_id":"a","state":"online","ts":1,"seq":true}', ErrorCode.BAD_FIELD),
+        (b'{"v":"1.0","type":"cmd","device_id":"a"}', ErrorCode.MALFORMED),  # wrong type for Status
+    ],
+)
 def test_bad_status_payloads(payload, code):
     with pytest.raises(ProtocolError) as e:
         serde.decode(Status, payload)
@@ -87,18 +91,25 @@ def test_coordinator_status_round_trip():
     assert serde.decode(CoordinatorStatus, serde.encode(c)) == c
 
 
-@given(data=st.binary(max_size=2048), index=st.integers(0, 99), extra=st.integers(1, 50),
-       req=st.one_of(st.none(), st.from_regex(r"\A[A-Za-z0-9_-]{1,20}\Z")))
+@given(
+    data=st.binary(max_size=2048),
+    index=st.integers(0, 99),
+    extra=st.integers(1, 50),
+    req=st.one_of(st.none(), st.from_regex(r"\A[A-Za-z0-9_-]{1,20}\Z")),
+)
 def test_frame_round_trip(data, index, extra, req):
     f = ChunkFrame("cd" * 32, index, index + extra, 123456, data, req)
     assert serde.decode_frame(serde.encode_frame(f)) == f
 
 
-@pytest.mark.parametrize("mutate,code", [
-    (lambda b: b"XXXX" + b[4:], ErrorCode.MALFORMED),
-    (lambda b: b[:6], ErrorCode.MALFORMED),
-    (lambda b: b[:4] + (10**6).to_bytes(4, "big") + b[8:], ErrorCode.MALFORMED),
-])
+@pytest.mark.parametrize(
+    "mutate,code",
+    [
+        (lambda b: b"XXXX" + b[4:], ErrorCode.MALFORMED),
+        (lambda b: b[:6], ErrorCode.MALFORMED),
+        (lambda b: b[:4] + (10**6).to_bytes(4, "big") + b[8:], ErrorCode.MALFORMED),
+    ],
+)
 def test_bad_frames(mutate, code):
     good = serde.encode_frame(ChunkFrame("cd" * 32, 0, 1, 3, b"abc"))
     with pytest.raises(ProtocolError) as e:

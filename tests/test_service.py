@@ -7,16 +7,15 @@ runs on the emulated arm64 Pi in test_flash_emulated.py.
 
 from __future__ import annotations
 
-import os
 import site
 import stat
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import psutil
 import pytest
+import tomllib
 
 from coordinator.flash import wait_online
 from edge_agent import service
@@ -28,9 +27,16 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # -- pure logic ---------------------------------------------------------------------------------
 
+
 def test_toml_round_trip_and_escaping():
-    table = {"device_id": "pi-01", "broker": 'mqtt://h:1883', "data": 'C:\\x "quoted"\n', "heartbeat_s": 2.5,
-             "keepalive_s": 30, "flag": True}
+    table = {
+        "device_id": "pi-01",
+        "broker": "mqtt://h:1883",
+        "data": 'C:\\x "quoted"\n',
+        "heartbeat_s": 2.5,
+        "keepalive_s": 30,
+        "flag": True,
+    }
     assert tomllib.loads(service.toml_dumps(table)) == table
     with pytest.raises(service.InstallError):
         service.toml_dumps({"x": [1, 2]})
@@ -64,12 +70,15 @@ def test_layouts_and_unit():
     root = service.layout(root=True)
     assert root.config == Path("/etc/edgeprune/agent.toml") and root.prefix == Path("/opt/edgeprune")
     unit = service.unit_text(root)
-    assert "ExecStart=/opt/edgeprune/current/bin/python -m edge_agent.cli run --config /etc/edgeprune/agent.toml" in unit
+    assert (
+        "ExecStart=/opt/edgeprune/current/bin/python -m edge_agent.cli run --config /etc/edgeprune/agent.toml" in unit
+    )
     assert "Restart=on-failure" in unit and "WantedBy=multi-user.target" in unit
     assert "WantedBy=default.target" in service.unit_text(user)
 
 
 # -- the real thing: install, crash, upgrade, bad upgrades, uninstall ------------------------------
+
 
 def _venv(lay: service.Layout, name: str, importable: bool = True) -> Path:
     """A venv like install.sh makes; the project and its dependencies come from this test's venv via .pth."""
@@ -186,15 +195,26 @@ def test_install_with_a_password(tmp_path, session_factory, device_home):
     from coordinator import broker as broker_mod
 
     lay = device_home
-    b = broker_mod.start("mosquitto", "127.0.0.1", 0, tmp_path / "pw", log_file=tmp_path / "pw.log",
-                         users={"svc-2": "pi-pass", "coordinator": "c-pass"})
+    b = broker_mod.start(
+        "mosquitto",
+        "127.0.0.1",
+        0,
+        tmp_path / "pw",
+        log_file=tmp_path / "pw.log",
+        users={"svc-2": "pi-pass", "coordinator": "c-pass"},
+    )
     try:
         secret = tmp_path / "given.password"
         secret.write_text("pi-pass\n")
         secret.chmod(0o600)
         session = session_factory(b.url, username="coordinator", password="c-pass")
-        service.install(_venv(lay, "p1"), "p1", {"device_id": "svc-2", "broker": b.url, "fleet": "test",
-                                                  "heartbeat_s": 0.5, "username": "svc-2"}, lay, password_file=secret)
+        service.install(
+            _venv(lay, "p1"),
+            "p1",
+            {"device_id": "svc-2", "broker": b.url, "fleet": "test", "heartbeat_s": 0.5, "username": "svc-2"},
+            lay,
+            password_file=secret,
+        )
         installed = lay.config.parent / "tls" / "mqtt.password"
         config = tomllib.loads(lay.config.read_text())
         assert config["password_file"] == str(installed) and "password" not in config

@@ -18,14 +18,17 @@ def test_precedence_default_file_env_cli(tmp_path):
     assert v["fleet"] == "default" and v["keepalive_s"] == 15
 
 
-@pytest.mark.parametrize("cli,env,msg", [
-    ({"fleet": "bad fleet"}, {}, "fleet"),
-    ({"heartbeat_s": "-1"}, {}, "heartbeat_s"),
-    ({}, {"EDGEPRUNE_KEEPALIVE_S": "soon"}, "EDGEPRUNE_KEEPALIVE_S"),
-    ({"data_shard": "9/3"}, {}, "data_shard"),
-    ({"broker": "http://x"}, {}, "broker"),
-    ({"data_partition": "random"}, {}, "data_partition"),
-])
+@pytest.mark.parametrize(
+    "cli,env,msg",
+    [
+        ({"fleet": "bad fleet"}, {}, "fleet"),
+        ({"heartbeat_s": "-1"}, {}, "heartbeat_s"),
+        ({}, {"EDGEPRUNE_KEEPALIVE_S": "soon"}, "EDGEPRUNE_KEEPALIVE_S"),
+        ({"data_shard": "9/3"}, {}, "data_shard"),
+        ({"broker": "http://x"}, {}, "broker"),
+        ({"data_partition": "random"}, {}, "data_partition"),
+    ],
+)
 def test_bad_values_give_one_clear_message(cli, env, msg):
     with pytest.raises(settings.SettingsError) as e:
         settings.load(cli, None, env)
@@ -61,7 +64,7 @@ def test_backoff_is_jittered_bounded_and_resets():
 
     b = Backoff(0.5, 8.0, random.Random(1))
     delays = [b.next_delay() for _ in range(10)]
-    caps = [min(8.0, 0.5 * 2 ** i) for i in range(10)]
+    caps = [min(8.0, 0.5 * 2**i) for i in range(10)]
     assert all(c / 2 <= d <= c for d, c in zip(delays, caps))
     assert len({round(d, 6) for d in delays[5:]}) > 1  # jittered even once capped
     b.reset()

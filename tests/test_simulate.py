@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from coordinator.strategy import MaskedFedAvg, TensorInfo
 from coordinator.masks import check_mask
+from coordinator.strategy import MaskedFedAvg, TensorInfo
 from edge_agent.protocol import codec
 from edge_agent.simulate import SyntheticTrainer, UpdateCache, synthetic_update
 
@@ -26,8 +26,15 @@ def _model(rng, masks=True):
     weights = [rng.normal(size=s).astype(np.float32) for s in shapes]
     ms = [np.ones(s, bool) if len(s) > 1 and masks else None for s in shapes]
     names = ["conv/kernel", "conv/bias", "dense/kernel", "dense/bias"]
-    blob = codec.encode(weights, names=names, masks=ms if masks else None, kind="model", values="fp32",
-                        compression="zstd" if masks else "none", meta={})
+    blob = codec.encode(
+        weights,
+        names=names,
+        masks=ms if masks else None,
+        kind="model",
+        values="fp32",
+        compression="zstd" if masks else "none",
+        meta={},
+    )
     return names, shapes, weights, ms, blob
 
 
@@ -35,8 +42,9 @@ def test_synthetic_update_meets_targets_and_shapes():
     rng = np.random.default_rng(0)
     names, shapes, weights, ms, blob = _model(rng)
     targets = {"conv/kernel": 0.5, "dense/kernel": 0.75}
-    data = synthetic_update({"model": blob, "targets": targets, "update_format": "int4", "round": 3,
-                             "run_id": "r1", "seed": 7})
+    data = synthetic_update(
+        {"model": blob, "targets": targets, "update_format": "int4", "round": 3, "run_id": "r1", "seed": 7}
+    )
     upd = codec.decode(data, reference=weights, reference_masks=ms)
     assert upd.meta == {"run_id": "r1", "round": 3}
     assert [t.shape for t in upd.tensors] == shapes
@@ -79,16 +87,60 @@ def test_round_over_simulated_fleet(mosquitto, tmp_path):
     """30 simulated agents in 2 processes: all online, one round aggregates all 30 updates, and the
     coordinator process stays small (its TensorFlow is in the model worker, gone before the round)."""
     n = 30
-    sim = subprocess.Popen([str(BIN / "edgeprune"), "simulate", "--broker", mosquitto.url, "--fleet", "sim",
-                            "--devices", str(n), "--processes", "2", "--delay", "0.2", "--json"],
-                           stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    sim = subprocess.Popen(
+        [
+            str(BIN / "edgeprune"),
+            "simulate",
+            "--broker",
+            mosquitto.url,
+            "--fleet",
+            "sim",
+            "--devices",
+            str(n),
+            "--processes",
+            "2",
+            "--delay",
+            "0.2",
+            "--json",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
     try:
         ready = json.loads(sim.stdout.readline())
         assert ready["connected"] == n and ready["processes"] == 2
-        out = subprocess.run([str(BIN / "edgeprune"), "train", "--broker", mosquitto.url, "--fleet", "sim", "--home",
-                              str(tmp_path / "coord"), "--rounds", "2", "--sparsity", "0.5", "--eval-data", "none",
-                              "--input-shape", "8", "8", "1", "--num-classes", "10", "--wait-for", str(n), "--json"],
-                             capture_output=True, text=True, timeout=600, cwd=ROOT)
+        out = subprocess.run(
+            [
+                str(BIN / "edgeprune"),
+                "train",
+                "--broker",
+                mosquitto.url,
+                "--fleet",
+                "sim",
+                "--home",
+                str(tmp_path / "coord"),
+                "--rounds",
+                "2",
+                "--sparsity",
+                "0.5",
+                "--eval-data",
+                "none",
+                "--input-shape",
+                "8",
+                "8",
+                "1",
+                "--num-classes",
+                "10",
+                "--wait-for",
+                str(n),
+                "--json",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            cwd=ROOT,
+        )
         assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
         summary = json.loads(out.stdout)
         assert summary["state"] == "done" and len(summary["clients"]) == n
@@ -106,11 +158,16 @@ def test_round_over_simulated_fleet(mosquitto, tmp_path):
 
 
 def test_simulate_usage_errors(tmp_path):
-    out = subprocess.run([str(BIN / "edgeprune"), "simulate", "--devices", "0", "--json"], capture_output=True,
-                         text=True, cwd=ROOT)
+    out = subprocess.run(
+        [str(BIN / "edgeprune"), "simulate", "--devices", "0", "--json"], capture_output=True, text=True, cwd=ROOT
+    )
     assert out.returncode == 2 and json.loads(out.stdout)["error"]["code"] == "usage"
-    out = subprocess.run([str(BIN / "edgeprune"), "simulate", "--devices", "3", "--broker", "mqtt://127.0.0.1:1"],
-                         capture_output=True, text=True, cwd=ROOT)
+    out = subprocess.run(
+        [str(BIN / "edgeprune"), "simulate", "--devices", "3", "--broker", "mqtt://127.0.0.1:1"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert out.returncode == 1 and "cannot reach the broker" in out.stderr
 
 
@@ -140,15 +197,65 @@ def test_simulated_devices_that_really_train(mosquitto, tmp_path):
     write_idx(small / names["test"][0], tx[:1000])
     write_idx(small / names["test"][1], ty[:1000].astype(np.uint8))
     env = {**os.environ, data.FASHION_MNIST_DIR_ENV: str(small)}
-    sim = subprocess.Popen([sys.executable, "-m", "coordinator", "simulate", "--broker", mosquitto.url, "--fleet",
-                            "tfsim", "--devices", "6", "--trainer", "tf", "--workers", "1", "--data", "fashion-mnist",
-                            "--partition", "dirichlet:0.5", "--json"], stdout=subprocess.PIPE, text=True, env=env)
+    sim = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "coordinator",
+            "simulate",
+            "--broker",
+            mosquitto.url,
+            "--fleet",
+            "tfsim",
+            "--devices",
+            "6",
+            "--trainer",
+            "tf",
+            "--workers",
+            "1",
+            "--data",
+            "fashion-mnist",
+            "--partition",
+            "dirichlet:0.5",
+            "--json",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
         assert json.loads(sim.stdout.readline())["connected"] == 6
-        out = subprocess.run([sys.executable, "-m", "coordinator", "train", "--broker", mosquitto.url, "--fleet",
-                              "tfsim", "--model", "fmnist_cnn", "--eval-data", "fashion-mnist", "--rounds", "2",
-                              "--sparsity", "0.5", "--schedule", "constant", "--local-epochs", "2", "--json",
-                              "--home", str(tmp_path / "home")], capture_output=True, text=True, env=env, timeout=900)
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "coordinator",
+                "train",
+                "--broker",
+                mosquitto.url,
+                "--fleet",
+                "tfsim",
+                "--model",
+                "fmnist_cnn",
+                "--eval-data",
+                "fashion-mnist",
+                "--rounds",
+                "2",
+                "--sparsity",
+                "0.5",
+                "--schedule",
+                "constant",
+                "--local-epochs",
+                "2",
+                "--json",
+                "--home",
+                str(tmp_path / "home"),
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=900,
+        )
         assert out.returncode == 0, out.stderr[-3000:]
         run = json.loads(out.stdout)
         assert [r["clients_ok"] for r in run["rounds"]] == [6, 6]

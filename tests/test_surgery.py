@@ -12,42 +12,106 @@ from coordinator import surgery
 
 
 def _seq(*layers):
-    return json.dumps({"class_name": "Sequential", "config": {"name": "m", "layers": [
-        {"class_name": "InputLayer", "config": {"name": "in", "batch_input_shape": [None, 4, 4, 2]}},
-        *[{"class_name": c, "config": {"name": n, **cfg}} for c, n, cfg in layers]]}})
+    return json.dumps(
+        {
+            "class_name": "Sequential",
+            "config": {
+                "name": "m",
+                "layers": [
+                    {"class_name": "InputLayer", "config": {"name": "in", "batch_input_shape": [None, 4, 4, 2]}},
+                    *[{"class_name": c, "config": {"name": n, **cfg}} for c, n, cfg in layers],
+                ],
+            },
+        }
+    )
 
 
 def test_analysis_reports_why_a_layer_stays_whole():
-    arch = _seq(("Conv2D", "c1", {"filters": 8}), ("MyCustomLayer", "odd", {}), ("Conv2D", "c2", {"filters": 4}),
-                ("Flatten", "f", {}), ("Dense", "d1", {"units": 16}), ("Dense", "out", {"units": 3}))
+    arch = _seq(
+        ("Conv2D", "c1", {"filters": 8}),
+        ("MyCustomLayer", "odd", {}),
+        ("Conv2D", "c2", {"filters": 4}),
+        ("Flatten", "f", {}),
+        ("Dense", "d1", {"units": 16}),
+        ("Dense", "out", {"units": 3}),
+    )
     rep = surgery.report(arch)
     assert rep["shrinkable"] == {"c2": 4, "d1": 16}
     assert "MyCustomLayer odd" in rep["whole"]["c1"] and "model output" in rep["whole"]["out"]
-    odd = surgery.report(_seq(("Conv2D", "c1", {"filters": 8}), ("BatchNormalization", "bn", {"axis": 1}),
-                              ("Conv2D", "c2", {"filters": 4}), ("PReLU", "pr", {}), ("Conv2D", "c3", {"filters": 4}),
-                              ("Flatten", "f", {}), ("BatchNormalization", "bn2", {"axis": -1}),
-                              ("Dense", "out", {"units": 2})))
-    assert "not on the channel axis" in odd["whole"]["c1"]        # axis 1 of an image is its height
-    assert "PReLU pr" in odd["whole"]["c2"]                         # per-channel weights we do not cut
+    odd = surgery.report(
+        _seq(
+            ("Conv2D", "c1", {"filters": 8}),
+            ("BatchNormalization", "bn", {"axis": 1}),
+            ("Conv2D", "c2", {"filters": 4}),
+            ("PReLU", "pr", {}),
+            ("Conv2D", "c3", {"filters": 4}),
+            ("Flatten", "f", {}),
+            ("BatchNormalization", "bn2", {"axis": -1}),
+            ("Dense", "out", {"units": 2}),
+        )
+    )
+    assert "not on the channel axis" in odd["whole"]["c1"]  # axis 1 of an image is its height
+    assert "PReLU pr" in odd["whole"]["c2"]  # per-channel weights we do not cut
     assert "after a Flatten" in odd["whole"]["c3"] and odd["shrinkable"] == {}
-    func = {"class_name": "Functional", "config": {"name": "m", "layers": [
-        {"class_name": "InputLayer", "name": "in", "config": {"name": "in"}, "inbound_nodes": []},
-        {"class_name": "Conv2D", "name": "a", "config": {"name": "a", "filters": 4}, "inbound_nodes": [[["in", 0, 0, {}]]]},
-        {"class_name": "Conv2D", "name": "b", "config": {"name": "b", "filters": 4}, "inbound_nodes": [[["a", 0, 0, {}]]]},
-        {"class_name": "Add", "name": "add", "config": {"name": "add"}, "inbound_nodes": [[["a", 0, 0, {}], ["b", 0, 0, {}]]]},
-        {"class_name": "Conv2D", "name": "s", "config": {"name": "s", "filters": 4},
-         "inbound_nodes": [[["add", 0, 0, {}]], [["add", 0, 0, {}]]]},
-        {"class_name": "GlobalAveragePooling2D", "name": "gap", "config": {"name": "gap"}, "inbound_nodes": [[["s", 0, 0, {}]]]},
-        {"class_name": "Dense", "name": "out", "config": {"name": "out", "units": 2}, "inbound_nodes": [[["gap", 0, 0, {}]]]},
-    ], "input_layers": [["in", 0, 0]], "output_layers": [["out", 0, 0]]}}
+    func = {
+        "class_name": "Functional",
+        "config": {
+            "name": "m",
+            "layers": [
+                {"class_name": "InputLayer", "name": "in", "config": {"name": "in"}, "inbound_nodes": []},
+                {
+                    "class_name": "Conv2D",
+                    "name": "a",
+                    "config": {"name": "a", "filters": 4},
+                    "inbound_nodes": [[["in", 0, 0, {}]]],
+                },
+                {
+                    "class_name": "Conv2D",
+                    "name": "b",
+                    "config": {"name": "b", "filters": 4},
+                    "inbound_nodes": [[["a", 0, 0, {}]]],
+                },
+                {
+                    "class_name": "Add",
+                    "name": "add",
+                    "config": {"name": "add"},
+                    "inbound_nodes": [[["a", 0, 0, {}], ["b", 0, 0, {}]]],
+                },
+                {
+                    "class_name": "Conv2D",
+                    "name": "s",
+                    "config": {"name": "s", "filters": 4},
+                    "inbound_nodes": [[["add", 0, 0, {}]], [["add", 0, 0, {}]]],
+                },
+                {
+                    "class_name": "GlobalAveragePooling2D",
+                    "name": "gap",
+                    "config": {"name": "gap"},
+                    "inbound_nodes": [[["s", 0, 0, {}]]],
+                },
+                {
+                    "class_name": "Dense",
+                    "name": "out",
+                    "config": {"name": "out", "units": 2},
+                    "inbound_nodes": [[["gap", 0, 0, {}]]],
+                },
+            ],
+            "input_layers": [["in", 0, 0]],
+            "output_layers": [["out", 0, 0]],
+        },
+    }
     rep = surgery.report(json.dumps(func))
     assert "Add add" in rep["whole"]["a"] and "Add add" in rep["whole"]["b"]
     assert "shared" in rep["whole"]["s"] and rep["shrinkable"] == {}
 
 
 def test_cuts_follow_flatten_and_refuse_impossible_targets():
-    arch = _seq(("Conv2D", "c", {"filters": 3}), ("Flatten", "f", {}), ("Dense", "d", {"units": 5}),
-                ("Dense", "out", {"units": 2}))
+    arch = _seq(
+        ("Conv2D", "c", {"filters": 3}),
+        ("Flatten", "f", {}),
+        ("Dense", "d", {"units": 5}),
+        ("Dense", "out", {"units": 2}),
+    )
     names = ["c/kernel", "c/bias", "d/kernel", "d/bias", "out/kernel", "out/bias"]
     rng = np.random.default_rng(0)
     ws = [rng.normal(size=s) for s in [(1, 1, 2, 3), (3,), (4 * 3, 5), (5,), (5, 2), (2,)]]
@@ -156,10 +220,15 @@ def _run(gm):
 
 
 def test_mismatched_importance_is_ignored_by_name_and_a_failed_cut_keeps_the_architecture():
-    from coordinator.train.structured import fold_importance as _fold_importance, shrink as _shrink
+    from coordinator.train.structured import fold_importance as _fold_importance
+    from coordinator.train.structured import shrink as _shrink
 
-    arch = _seq(("Conv2D", "c", {"filters": 4}), ("Flatten", "f", {}), ("Dense", "d", {"units": 6}),
-                ("Dense", "out", {"units": 2}))
+    arch = _seq(
+        ("Conv2D", "c", {"filters": 4}),
+        ("Flatten", "f", {}),
+        ("Dense", "d", {"units": 6}),
+        ("Dense", "out", {"units": 2}),
+    )
     run = _run(_StubModel(arch))
     _fold_importance(run, "good", {"layers": {"c": [4, 3, 2, 1], "d": [1, 2, 3, 4, 5, 6]}}, 10)
     _fold_importance(run, "short", {"layers": {"c": [1, 2, 3], "d": [1, 2, 3, 4, 5, 6]}}, 10)
@@ -177,8 +246,10 @@ def test_mismatched_importance_is_ignored_by_name_and_a_failed_cut_keeps_the_arc
     failing = _run(_StubModel(arch, fail="the smaller model does not build"))
     _fold_importance(failing, "good", {"layers": {"c": [4, 3, 2, 1], "d": [1, 2, 3, 4, 5, 6]}}, 10)
     _shrink(failing, 1, 0.5)
-    assert "structured step skipped (c: the smaller model does not build); keeping the last good" \
+    assert (
+        "structured step skipped (c: the smaller model does not build); keeping the last good"
         in failing.reporter.warnings[-1]
+    )
     assert failing.begun  # nothing changed: the agents keep training the last good architecture
     everything = _run(_StubModel(arch))
     _fold_importance(everything, "good", {"layers": {"c": [4, 3, 2, 1], "d": [1, 2, 3, 4, 5, 6]}}, 10)

@@ -24,16 +24,19 @@ def test_invalid_ids_refused(bad):
     assert e.value.code == ErrorCode.BAD_TOPIC
 
 
-@pytest.mark.parametrize("topic", [
-    "edgeprune/v1/f/device/a b/status",
-    "edgeprune/v2/f/device/a/status",
-    "other/v1/f/device/a/status",
-    "edgeprune/v1/f/device/a/unknown",
-    "edgeprune/v1/f/device/a",
-    "edgeprune/v1/f/blob/notasha/0",
-    "edgeprune/v1/f/blob/" + SHA + "/x",
-    "edgeprune/v1/f/coordinator/other",
-])
+@pytest.mark.parametrize(
+    "topic",
+    [
+        "edgeprune/v1/f/device/a b/status",
+        "edgeprune/v2/f/device/a/status",
+        "other/v1/f/device/a/status",
+        "edgeprune/v1/f/device/a/unknown",
+        "edgeprune/v1/f/device/a",
+        "edgeprune/v1/f/blob/notasha/0",
+        "edgeprune/v1/f/blob/" + SHA + "/x",
+        "edgeprune/v1/f/coordinator/other",
+    ],
+)
 def test_parser_rejects_bad_topics(topic):
     with pytest.raises(ProtocolError) as e:
         topics.parse(topic)

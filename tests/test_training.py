@@ -6,7 +6,6 @@ import json
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +22,24 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def start_fleet(agents, url, n, fleet="fl"):
-    return [agents(url, f"pi{i}", fleet, "--data", "digits", "--data-shard", f"{i}/{n}", "--train-threads", "1",
-                   "--heartbeat-s", "1", "--keepalive-s", "5") for i in range(n)]
+    return [
+        agents(
+            url,
+            f"pi{i}",
+            fleet,
+            "--data",
+            "digits",
+            "--data-shard",
+            f"{i}/{n}",
+            "--train-threads",
+            "1",
+            "--heartbeat-s",
+            "1",
+            "--keepalive-s",
+            "5",
+        )
+        for i in range(n)
+    ]
 
 
 def test_federated_pruning_end_to_end(mosquitto, agents, session_factory, tmp_path):
@@ -62,8 +77,12 @@ def test_federated_pruning_end_to_end(mosquitto, agents, session_factory, tmp_pa
         assert wait_until(lambda: not s.call(p.device_id, "train_status", timeout_s=5).result["worker_alive"], 15)
         assert p.alive()
     # the CLI shows the run
-    out = subprocess.run([sys.executable, "-m", "coordinator", "show", summary["run_id"][:15], "--json",
-                          "--home", str(s.store.home)], capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "coordinator", "show", summary["run_id"][:15], "--json", "--home", str(s.store.home)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     shown = json.loads(out.stdout)
     assert shown["run_id"] == summary["run_id"] and len(shown["rounds"]) == 3
 
@@ -115,10 +134,25 @@ def test_resume_after_coordinator_kill9(mosquitto, agents, tmp_path):
 
     start_fleet(agents, mosquitto.url, 2, fleet="rs")
     home = tmp_path / "home"
-    base = [sys.executable, "-m", "coordinator", "train", "--broker", mosquitto.url, "--fleet", "rs",
-            "--home", str(home), "--json"]
-    coord = subprocess.Popen(base + ["--rounds", "4", "--sparsity", "0.5", "--local-epochs", "1", "--wait-for", "2",
-                                     "--seed", "3"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    base = [
+        sys.executable,
+        "-m",
+        "coordinator",
+        "train",
+        "--broker",
+        mosquitto.url,
+        "--fleet",
+        "rs",
+        "--home",
+        str(home),
+        "--json",
+    ]
+    coord = subprocess.Popen(
+        base + ["--rounds", "4", "--sparsity", "0.5", "--local-epochs", "1", "--wait-for", "2", "--seed", "3"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
+    )
     store = Store(home)
     run = wait_until(lambda: (store.runs("train") or [None])[0], 120)
     assert run, coord.stderr.read().decode()[-2000:] if coord.poll() is not None else "no run"
@@ -137,7 +171,7 @@ def test_resume_after_coordinator_kill9(mosquitto, agents, tmp_path):
     assert summary["run_id"] == run_id and summary["state"] == "done"
     rounds = store.rounds(run_id)
     assert [r["round"] for r in rounds] == [1, 2, 3, 4]  # none lost
-    assert [r["started"] for r in rounds[:len(before)]] == [r["started"] for r in before]  # none repeated
+    assert [r["started"] for r in rounds[: len(before)]] == [r["started"] for r in before]  # none repeated
     assert all(r["clients_ok"] == 2 for r in rounds)
     assert rounds[-1]["sparsity"] == pytest.approx(0.5, abs=0.002)
     first_resumed = done[-1] + 1
@@ -159,12 +193,21 @@ def test_finished_update_survives_broker_outage_and_agent_restart(mosquitto, age
     s = Session(mosquitto.url, "ob", Store(tmp_path / "home"), long_running=True, offline_grace_s=60).start(10)
     assert s.wait_for(lambda rows: sum(r["state"] == "online" and r["caps"] is not None for r in rows) == 2, 30)
     result: dict = {}
-    worker = threading.Thread(target=lambda: result.update(train(
-        TrainConfig(rounds=1, sparsity=0.5, local_epochs=6, seed=2, round_timeout_s=240), s, s.store,
-        Reporter(quiet=True))), daemon=True)
+    worker = threading.Thread(
+        target=lambda: result.update(
+            train(
+                TrainConfig(rounds=1, sparsity=0.5, local_epochs=6, seed=2, round_timeout_s=240),
+                s,
+                s.store,
+                Reporter(quiet=True),
+            )
+        ),
+        daemon=True,
+    )
     phases: list = []  # pi1's progress; "training" comes once it has fetched everything it needs
-    watcher = raw_client(mosquitto.url, lambda c, u, m: phases.append(
-        (serde.decode(Reply, m.payload).result or {}).get("phase")))
+    watcher = raw_client(
+        mosquitto.url, lambda c, u, m: phases.append((serde.decode(Reply, m.payload).result or {}).get("phase"))
+    )
     watcher.subscribe(topics.device("ob", "pi1", "reply"), 1)
     worker.start()
     assert wait_until(lambda: "training" in phases, 120), phases
@@ -172,11 +215,25 @@ def test_finished_update_survives_broker_outage_and_agent_restart(mosquitto, age
     mosquitto.stop()  # the broker goes away while pi1 trains
     assert wait_until(lambda: list(outbox.glob("*.json")), 120), "pi1 did not finish its round"
     procs[1].kill9()  # ... and pi1 dies before anyone heard its result
-    restarted = broker_mod.start("mosquitto", "127.0.0.1", mosquitto.port, tmp_path / "broker2",
-                                 log_file=tmp_path / "broker2.log")
+    restarted = broker_mod.start(
+        "mosquitto", "127.0.0.1", mosquitto.port, tmp_path / "broker2", log_file=tmp_path / "broker2.log"
+    )
     try:
-        agents(mosquitto.url, "pi1", "ob", "--data", "digits", "--data-shard", "1/2", "--train-threads", "1",
-               "--heartbeat-s", "1", "--keepalive-s", "5")
+        agents(
+            mosquitto.url,
+            "pi1",
+            "ob",
+            "--data",
+            "digits",
+            "--data-shard",
+            "1/2",
+            "--train-threads",
+            "1",
+            "--heartbeat-s",
+            "1",
+            "--keepalive-s",
+            "5",
+        )
         worker.join(300)
         assert result.get("state") == "done", result
         row = s.store.rounds(result["run_id"])[0]
@@ -196,18 +253,19 @@ def test_structured_pruning_across_the_fleet(mosquitto, agents, session_factory)
     start_fleet(agents, mosquitto.url, 2, fleet="st")
     s = session_factory(mosquitto.url, "st", long_running=True)
     assert s.wait_for(lambda rows: sum(r["state"] == "online" and r["caps"] is not None for r in rows) == 2, 30)
-    cfg = TrainConfig(rounds=3, sparsity=0.5, local_epochs=2, seed=3, structured=0.5, structured_every=1,
-                      schedule="constant")
+    cfg = TrainConfig(
+        rounds=3, sparsity=0.5, local_epochs=2, seed=3, structured=0.5, structured_every=1, schedule="constant"
+    )
     summary = train(cfg, s, s.store, Reporter(quiet=True))
     assert summary["state"] == "done", summary
     rounds = s.store.rounds(summary["run_id"])
     assert [r["clients_ok"] for r in rounds] == [2, 2, 2]
     archs = [r["architecture"] for r in rounds]
-    assert archs[0] == {"conv1": 24, "conv2": 48, "fc1": 192, "logits": 10}   # step 1: 25% of units gone
+    assert archs[0] == {"conv1": 24, "conv2": 48, "fc1": 192, "logits": 10}  # step 1: 25% of units gone
     assert archs[1] == archs[2] == {"conv1": 16, "conv2": 32, "fc1": 128, "logits": 10}  # step 2: 50%; then recovery
     assert rounds[0]["params"] > rounds[1]["params"] and rounds[1]["flops"] < rounds[0]["flops"]
     assert rounds[-1]["units_removed"] == pytest.approx(0.5 * (32 + 64 + 256) / (32 + 64 + 256 + 10), abs=1e-3)
-    assert rounds[-1]["sparsity"] == pytest.approx(0.5, abs=0.01)           # weight pruning on what remains
+    assert rounds[-1]["sparsity"] == pytest.approx(0.5, abs=0.01)  # weight pruning on what remains
     assert summary["final_accuracy"] > 0.8, summary
     final = codec.decode((Path(summary["run_dir"]) / "final.ept").read_bytes())  # resume points carry the architecture
     assert json.loads(final.meta["arch"])["config"]["layers"][1]["config"]["filters"] == 16

@@ -4,7 +4,8 @@ import random
 import threading
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from edge_agent.common import transfer
 from edge_agent.common.blobs import split
@@ -49,8 +50,15 @@ def test_hash_mismatch_and_foreign_bytes():
     pull = transfer.Pull(frames[0].blob_sha256, "dev")
     for f in frames[:-1]:
         pull.add(f)
-    pull.add(ChunkFrame(frames[-1].blob_sha256, frames[-1].index, frames[-1].count, frames[-1].total_bytes,
-                        b"\x40\x02\x00\x07" + frames[-1].data))
+    pull.add(
+        ChunkFrame(
+            frames[-1].blob_sha256,
+            frames[-1].index,
+            frames[-1].count,
+            frames[-1].total_bytes,
+            b"\x40\x02\x00\x07" + frames[-1].data,
+        )
+    )
     assert _failed(pull) == ErrorCode.INTEGRITY
 
 

@@ -22,9 +22,21 @@ from .helpers.brokerlog import abnormal_disconnects
 
 
 def _agent(url: str, tmp_path, **over) -> Agent:
-    values = agent_settings.load({"broker": url, "fleet": "t", "device_id": "pi1", "state_dir": str(tmp_path / "a"),
-                                  "heartbeat_s": 0.5, "keepalive_s": 5, "chunk_bytes": 32 * 1024,
-                                  "reconnect_min_s": 0.1, "reconnect_max_s": 0.5, **over}, environ={})
+    values = agent_settings.load(
+        {
+            "broker": url,
+            "fleet": "t",
+            "device_id": "pi1",
+            "state_dir": str(tmp_path / "a"),
+            "heartbeat_s": 0.5,
+            "keepalive_s": 5,
+            "chunk_bytes": 32 * 1024,
+            "reconnect_min_s": 0.1,
+            "reconnect_max_s": 0.5,
+            **over,
+        },
+        environ={},
+    )
     return Agent(values)
 
 
@@ -150,12 +162,19 @@ def test_an_update_not_yet_pulled_is_never_evicted(mosquitto, session_factory, t
 
 # -- credentials -------------------------------------------------------------
 
+
 @pytest.fixture
 def password_broker(tmp_path):
     if broker_mod.mosquitto_path() is None:
         pytest.skip("mosquitto not installed")
-    b = broker_mod.start("mosquitto", "127.0.0.1", 0, tmp_path / "pw", log_file=tmp_path / "pw.log",
-                         users={"pi1": "s3cret-pi", "coordinator": "s3cret-c"})
+    b = broker_mod.start(
+        "mosquitto",
+        "127.0.0.1",
+        0,
+        tmp_path / "pw",
+        log_file=tmp_path / "pw.log",
+        users={"pi1": "s3cret-pi", "coordinator": "s3cret-c"},
+    )
     yield b
     b.stop()
 
@@ -184,8 +203,9 @@ def test_passwords_are_refused_where_they_would_leak(tmp_path):
 
     with pytest.raises(ValueError, match="plain TCP"):
         Link("mqtt://10.9.8.7:1883", "c", on_message=lambda *a: None, username="u", password="p")
-    Link("mqtt://10.9.8.7:1883", "c", on_message=lambda *a: None, username="u", password="p",
-         force_plain_password=True)  # forced: allowed (a trusted network)
+    Link(
+        "mqtt://10.9.8.7:1883", "c", on_message=lambda *a: None, username="u", password="p", force_plain_password=True
+    )  # forced: allowed (a trusted network)
     Link("mqtts://10.9.8.7:8883", "c", on_message=lambda *a: None, username="u", password="p")
     loose = tmp_path / "pw"
     loose.write_text("p\n")
@@ -198,6 +218,7 @@ def test_passwords_are_refused_where_they_would_leak(tmp_path):
 
 
 # -- failover ------------------------------------------------------------------
+
 
 def test_agent_and_coordinator_fail_over_to_the_next_broker(tmp_path, session_factory, agents):
     if broker_mod.mosquitto_path() is None:

@@ -27,11 +27,20 @@ from .conftest import wait_until
 from .helpers.brokerlog import abnormal_disconnects
 
 
-
 def _agent(url: str, tmp_path, **over) -> Agent:
-    values = agent_settings.load({"broker": url, "fleet": "t", "device_id": "pi1", "state_dir": str(tmp_path / "a"),
-                                  "heartbeat_s": 0.05, "keepalive_s": 5, "chunk_bytes": 64 * 1024, **over},
-                                 environ={})
+    values = agent_settings.load(
+        {
+            "broker": url,
+            "fleet": "t",
+            "device_id": "pi1",
+            "state_dir": str(tmp_path / "a"),
+            "heartbeat_s": 0.05,
+            "keepalive_s": 5,
+            "chunk_bytes": 64 * 1024,
+            **over,
+        },
+        environ={},
+    )
     return Agent(values)
 
 
@@ -74,8 +83,8 @@ def test_exactly_one_thread_writes_each_socket(mosquitto, session_factory, tmp_p
         del watched_sends[:]  # from here on: after connect, every thread busy
         blobs = _exercise(s, agent)
         assert [hashlib.sha256(b).hexdigest() for b in blobs] == [
-            hashlib.sha256(agent.blobs.get(sha)).hexdigest() for sha in
-            (hashlib.sha256(b).hexdigest() for b in blobs)]
+            hashlib.sha256(agent.blobs.get(sha)).hexdigest() for sha in (hashlib.sha256(b).hexdigest() for b in blobs)
+        ]
     finally:
         agent.stop()
     writers: dict[tuple[str, int], set[str]] = defaultdict(set)
@@ -87,8 +96,7 @@ def test_exactly_one_thread_writes_each_socket(mosquitto, session_factory, tmp_p
         assert next(iter(threads)).startswith("paho-mqtt-client-"), threads
 
 
-def test_partial_sends_and_late_acknowledgements_keep_bytes_exact(mosquitto, session_factory, tmp_path,
-                                                                   monkeypatch):
+def test_partial_sends_and_late_acknowledgements_keep_bytes_exact(mosquitto, session_factory, tmp_path, monkeypatch):
     """A young TCP connection behind a slow link: every send() is partial, and a PUBACK is held back long
     enough that, with two writers, it would land inside a chunk (what corrupted blobs before)."""
     original = mqtt.Client._sock_send

@@ -24,8 +24,13 @@ def test_a_regression_model_trains_with_its_own_loss(mosquitto, agents, tmp_path
     from edge_agent.ml.tfenv import load
 
     keras = load().keras
-    model = keras.Sequential([keras.layers.Input(shape=(4,)), keras.layers.Dense(16, activation="relu", name="h"),
-                              keras.layers.Dense(1, name="out")])
+    model = keras.Sequential(
+        [
+            keras.layers.Input(shape=(4,)),
+            keras.layers.Dense(16, activation="relu", name="h"),
+            keras.layers.Dense(1, name="out"),
+        ]
+    )
     model.compile(optimizer="adam", loss="mse", metrics=["mae"])
     model_path = tmp_path / "regressor.keras"
     model.save(model_path)
@@ -33,10 +38,38 @@ def test_a_regression_model_trains_with_its_own_loss(mosquitto, agents, tmp_path
         _regression_data(tmp_path / f"d{i}.npz", 400, i)
         agents(mosquitto.url, f"r{i}", "reg", "--data", str(tmp_path / f"d{i}.npz"), "--train-threads", "1")
     _regression_data(tmp_path / "eval.npz", 300, 9)
-    out = subprocess.run([sys.executable, "-m", "coordinator", "train", "--broker", mosquitto.url, "--fleet", "reg",
-                          "--model", str(model_path), "--eval-data", str(tmp_path / "eval.npz"), "--rounds", "3",
-                          "--sparsity", "0", "--local-epochs", "3", "--lr", "0.01", "--wait-for", "2", "--json",
-                          "--home", str(tmp_path / "home")], capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "coordinator",
+            "train",
+            "--broker",
+            mosquitto.url,
+            "--fleet",
+            "reg",
+            "--model",
+            str(model_path),
+            "--eval-data",
+            str(tmp_path / "eval.npz"),
+            "--rounds",
+            "3",
+            "--sparsity",
+            "0",
+            "--local-epochs",
+            "3",
+            "--lr",
+            "0.01",
+            "--wait-for",
+            "2",
+            "--json",
+            "--home",
+            str(tmp_path / "home"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-3000:] + out.stdout[-2000:]
     run = json.loads(out.stdout)
     losses = [r["loss"] for r in run["rounds"]]

@@ -11,7 +11,7 @@ import os
 import sys
 
 from .. import __version__, output
-from . import artifacts, broker, completion, fleet, flashing, runs, simulate, train
+from . import artifacts, broker, completion, flashing, fleet, runs, simulate, train
 from .common import _CONFIG, DESCRIPTION, Parser, UsageError, _explicit, config_file
 from .completion import completion_script
 
@@ -41,8 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         return output.fail(str(exc), code="usage", as_json="--json" in argv, status=2)
     args.explicit = _explicit(parser, args, argv)
-    logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if getattr(args, "verbose", False) else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     try:
         rc = args.func(args)
     except KeyboardInterrupt:
@@ -53,8 +55,11 @@ def main(argv: list[str] | None = None) -> int:
         import traceback
 
         traceback.print_exc()
-        rc = output.fail(f"internal error: {type(exc).__name__}: {exc} (traceback above; please report it)",
-                         code="internal", as_json=getattr(args, "json", False))
+        rc = output.fail(
+            f"internal error: {type(exc).__name__}: {exc} (traceback above; please report it)",
+            code="internal",
+            as_json=getattr(args, "json", False),
+        )
     if "tensorflow" in sys.modules:
         # TensorFlow's interpreter teardown takes seconds and does nothing for us: every file,
         # the SQLite store and the MQTT session are closed by now. Skip it.

@@ -12,7 +12,6 @@ from .common import _common, _session, _store
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-
     from .. import export
     from ..global_model import load_eval_data
     from ..progress import Reporter
@@ -21,8 +20,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     bad = [f for f in formats if f not in export.FORMATS]
     if bad:
-        return output.fail(f"unknown format(s) {', '.join(bad)}; choose from {', '.join(export.FORMATS)}",
-                           code="bad_args", as_json=args.json, status=2)
+        return output.fail(
+            f"unknown format(s) {', '.join(bad)}; choose from {', '.join(export.FORMATS)}",
+            code="bad_args",
+            as_json=args.json,
+            status=2,
+        )
     store = _store(args)
     reporter = Reporter(quiet=args.json)
     try:
@@ -32,12 +35,19 @@ def cmd_export(args: argparse.Namespace) -> int:
     except ValueError as exc:
         return output.fail(str(exc), code="bad_args", as_json=args.json, status=2)
     run_id = run["run_id"] if run else new_run_id()
-    out = Path(args.out) if args.out else (Path(run["summary"]["run_dir"]) / "artifacts" if run
-                                           else store.home / "exports" / run_id)
+    out = (
+        Path(args.out)
+        if args.out
+        else (Path(run["summary"]["run_dir"]) / "artifacts" if run else store.home / "exports" / run_id)
+    )
     recs = export.export(model, formats, out, calibration=calib, qat_data=qat, progress=reporter.say)
     if run is None:
-        store.create_run(run_id, "-", "export", {"model": args.model, "formats": formats, "prune": args.prune,
-                                                 "prune_policy": args.prune_policy})
+        store.create_run(
+            run_id,
+            "-",
+            "export",
+            {"model": args.model, "formats": formats, "prune": args.prune, "prune_policy": args.prune_policy},
+        )
         store.finish_run(run_id, "done", {"run_dir": str(out)})
     for r in recs:
         store.save_artifact(run_id, r)
@@ -46,11 +56,22 @@ def cmd_export(args: argparse.Namespace) -> int:
         output.print_json({"run_id": run_id, "trained_sparsity": trained, "artifacts": recs})
         return 0
     dense = next((r["bytes"] for r in recs if r["format"] == "dense"), None)
-    output.table(f"artifacts of {run_id} in {out}", ["variant", "bytes", "gzip", "vs dense fp32", "sparsity read back",
-                                                     "trained sparsity", "sha256"],
-                 [[r["format"], f"{r['bytes']:,}", f"{r['gzip_bytes']:,}",
-                   f"{dense / r['bytes']:.1f}x" if dense else "-", f"{r['sparsity']:.2%}",
-                   f"{trained:.2%}" if trained is not None else "-", r["sha256"][:12]] for r in recs])
+    output.table(
+        f"artifacts of {run_id} in {out}",
+        ["variant", "bytes", "gzip", "vs dense fp32", "sparsity read back", "trained sparsity", "sha256"],
+        [
+            [
+                r["format"],
+                f"{r['bytes']:,}",
+                f"{r['gzip_bytes']:,}",
+                f"{dense / r['bytes']:.1f}x" if dense else "-",
+                f"{r['sparsity']:.2%}",
+                f"{trained:.2%}" if trained is not None else "-",
+                r["sha256"][:12],
+            ]
+            for r in recs
+        ],
+    )
     return 0
 
 
@@ -81,12 +102,25 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 why = f"none of {args.devices} is online in fleet {args.fleet!r}; online: {', '.join(online)}"
             else:
                 seen = session.fleets_seen()
-                why = (f"no online devices to benchmark in fleet {args.fleet!r}; fleets on this broker: "
-                       + (", ".join(f"{f} ({n})" for f, n in seen.items()) or "none"))
+                why = f"no online devices to benchmark in fleet {args.fleet!r}; fleets on this broker: " + (
+                    ", ".join(f"{f} ({n})" for f, n in seen.items()) or "none"
+                )
             return output.fail(why, code="no_devices", as_json=args.json)
-        summary = bench_mod.bench(session, store, artifacts, devices, run_id=run_id, threads=args.threads,
-                                  runs=args.runs, duration_s=args.duration, warmup=args.warmup, budget_s=args.budget,
-                                  runtime=args.runtime, parallel=args.parallel, reporter=reporter)
+        summary = bench_mod.bench(
+            session,
+            store,
+            artifacts,
+            devices,
+            run_id=run_id,
+            threads=args.threads,
+            runs=args.runs,
+            duration_s=args.duration,
+            warmup=args.warmup,
+            budget_s=args.budget,
+            runtime=args.runtime,
+            parallel=args.parallel,
+            reporter=reporter,
+        )
     finally:
         session.close()
     if args.json:
@@ -100,43 +134,88 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def add_parsers(sub) -> None:
-    p = sub.add_parser("export", help="turn a run's global model (or a tf-keras file) into TFLite artifacts",
-                       description="Convert a trained model into TFLite variants and record each with its sha256, "
-                                   "raw and gzip size, and the weight sparsity read back from the .tflite bytes. "
-                                   "Note: TFLite stores int8 sparsity compactly only in 1x16 blocks of FULLY_CONNECTED "
-                                   "weights; train with --granularity block for small sparse-int8 artifacts.")
-    p.add_argument("model", help="run id (prefix), a tf-keras model file (.keras, .h5, SavedModel dir), or a built-in "
-                                 "model name (digits_cnn, mlp, mobilenet_tiny) for a latency study with untrained weights")
-    p.add_argument("--prune", type=float, default=0.0, help="built-in model only: magnitude-prune to this sparsity with TF-MOT")
-    p.add_argument("--prune-policy", choices=["all", "xnnpack"], default="all",
-                   help="built-in model only: which layers --prune touches (xnnpack: 1x1 convolutions only)")
-    p.add_argument("--granularity", choices=["unstructured", "block", "2:4"], default="unstructured",
-                   help="built-in model only: pruning granularity for --prune")
-    p.add_argument("--formats", default="dense,sparse,sparse-int8,fp16", help="comma-separated: dense, sparse, sparse-int8, fp16")
-    p.add_argument("--qat", action="store_true", help="also make sparse-int8-qat: pruning-preserving quantisation-aware fine-tuning")
-    p.add_argument("--qat-data", default="digits", help="training data for --qat fine-tuning: 'digits', .npz or .csv (default digits)")
+    p = sub.add_parser(
+        "export",
+        help="turn a run's global model (or a tf-keras file) into TFLite artifacts",
+        description="Convert a trained model into TFLite variants and record each with its sha256, "
+        "raw and gzip size, and the weight sparsity read back from the .tflite bytes. "
+        "Note: TFLite stores int8 sparsity compactly only in 1x16 blocks of FULLY_CONNECTED "
+        "weights; train with --granularity block for small sparse-int8 artifacts.",
+    )
+    p.add_argument(
+        "model",
+        help="run id (prefix), a tf-keras model file (.keras, .h5, SavedModel dir), or a built-in "
+        "model name (digits_cnn, mlp, mobilenet_tiny) for a latency study with untrained weights",
+    )
+    p.add_argument(
+        "--prune", type=float, default=0.0, help="built-in model only: magnitude-prune to this sparsity with TF-MOT"
+    )
+    p.add_argument(
+        "--prune-policy",
+        choices=["all", "xnnpack"],
+        default="all",
+        help="built-in model only: which layers --prune touches (xnnpack: 1x1 convolutions only)",
+    )
+    p.add_argument(
+        "--granularity",
+        choices=["unstructured", "block", "2:4"],
+        default="unstructured",
+        help="built-in model only: pruning granularity for --prune",
+    )
+    p.add_argument(
+        "--formats", default="dense,sparse,sparse-int8,fp16", help="comma-separated: dense, sparse, sparse-int8, fp16"
+    )
+    p.add_argument(
+        "--qat",
+        action="store_true",
+        help="also make sparse-int8-qat: pruning-preserving quantisation-aware fine-tuning",
+    )
+    p.add_argument(
+        "--qat-data",
+        default="digits",
+        help="training data for --qat fine-tuning: 'digits', .npz or .csv (default digits)",
+    )
     p.add_argument("--calibration-data", help="representative data for int8 calibration (default: the run's eval data)")
     p.add_argument("--out", help="output directory (default: the run's artifacts/ folder)")
     _common(p, broker=False)
     p.set_defaults(func=cmd_export)
-    p = sub.add_parser("bench", help="benchmark a run's artifacts (or .tflite files) on devices",
-                       description="Send TFLite artifacts to devices (chunked, sha256-verified, cached by hash), "
-                                   "benchmark them interleaved on each device, and store the results.")
+    p = sub.add_parser(
+        "bench",
+        help="benchmark a run's artifacts (or .tflite files) on devices",
+        description="Send TFLite artifacts to devices (chunked, sha256-verified, cached by hash), "
+        "benchmark them interleaved on each device, and store the results.",
+    )
     _common(p)
-    p.add_argument("--model", required=True, help="run id (exported first if needed), a .tflite file, a folder of them, or a model file")
-    p.add_argument("--formats", default="dense,sparse,sparse-int8,fp16", help="variants to export when the run has none yet")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="run id (exported first if needed), a .tflite file, a folder of them, or a model file",
+    )
+    p.add_argument(
+        "--formats", default="dense,sparse,sparse-int8,fp16", help="variants to export when the run has none yet"
+    )
     p.add_argument("--devices", default="all", help="'all' or comma-separated device ids")
     p.add_argument("--threads", type=int, default=0, help="interpreter threads (0 = runtime default)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--runs", type=int, default=None, help="timed inferences per artifact (default 200)")
     g.add_argument("--duration", type=float, default=None, help="seconds of timed inferences per artifact instead")
     p.add_argument("--warmup", type=int, default=10, help="untimed inferences first (default 10)")
-    p.add_argument("--budget", type=float, default=600.0, help="seconds an artifact may take before it is stopped (default 600)")
-    p.add_argument("--runtime", default="auto", choices=["auto", "litert", "tflite_runtime", "tf.lite"],
-                   help="force a runtime (default: the best the device has)")
+    p.add_argument(
+        "--budget", type=float, default=600.0, help="seconds an artifact may take before it is stopped (default 600)"
+    )
+    p.add_argument(
+        "--runtime",
+        default="auto",
+        choices=["auto", "litert", "tflite_runtime", "tf.lite"],
+        help="force a runtime (default: the best the device has)",
+    )
     p.add_argument("--parallel", action="store_true", help="benchmark all devices at once (default: one after another)")
-    p.add_argument("--chunk-bytes", type=int, default=DEFAULT_CHUNK_BYTES,
-                   help=f"bytes per MQTT message when sending artifacts (default {DEFAULT_CHUNK_BYTES})")
+    p.add_argument(
+        "--chunk-bytes",
+        type=int,
+        default=DEFAULT_CHUNK_BYTES,
+        help=f"bytes per MQTT message when sending artifacts (default {DEFAULT_CHUNK_BYTES})",
+    )
     p.add_argument("--wait", type=float, default=2.0, help=argparse.SUPPRESS)
     p.add_argument("--connect-timeout", type=float, default=10.0, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_bench)

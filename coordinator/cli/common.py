@@ -11,7 +11,6 @@ from edge_agent.protocol.constants import DEFAULT_CHUNK_BYTES
 from .. import output
 from ..store import Store, default_home
 
-
 DESCRIPTION = """\
 edgeprune: pruning-aware federated learning and on-device benchmarking for
 fleets of Raspberry-Pi-class devices, over MQTT.
@@ -40,22 +39,41 @@ password_file) in the working directory or the home. Every command takes --json.
 
 def _common(p: argparse.ArgumentParser, broker: bool = True) -> None:
     if broker:
-        p.add_argument("--broker", type=_broker_urls, default=_default("broker", "EDGEPRUNE_BROKER", "mqtt://127.0.0.1:1883"),
-                       help="MQTT broker URL; several, comma-separated, are tried in order (failover) "
-                            "[env EDGEPRUNE_BROKER or edgeprune.toml; default %(default)s]")
-        p.add_argument("--username", default=_default("username", "EDGEPRUNE_USERNAME", None),
-                       help="MQTT user name [env EDGEPRUNE_USERNAME; default none]; the password comes from "
-                            "EDGEPRUNE_PASSWORD or --password-file, never from a flag")
-        p.add_argument("--password-file", default=_default("password_file", "EDGEPRUNE_PASSWORD_FILE", None),
-                       help="file whose first line is the MQTT password, mode 0600 [env EDGEPRUNE_PASSWORD_FILE; "
-                            "default none]")
-        p.add_argument("--plain-password", action="store_true",
-                       help="allow the password over plain TCP (mqtt://) to a non-loopback broker [default: refused]")
-        p.add_argument("--fleet", type=_fleet_id, default=_default("fleet", "EDGEPRUNE_FLEET", "default"),
-                       help="fleet name [env EDGEPRUNE_FLEET or edgeprune.toml; default %(default)s]")
-    p.add_argument("--home", default=_default("home", "EDGEPRUNE_HOME", None),
-                   help="coordinator home: database, runs, artifacts [env EDGEPRUNE_HOME or edgeprune.toml; "
-                        "default ~/.local/share/edgeprune]")
+        p.add_argument(
+            "--broker",
+            type=_broker_urls,
+            default=_default("broker", "EDGEPRUNE_BROKER", "mqtt://127.0.0.1:1883"),
+            help="MQTT broker URL; several, comma-separated, are tried in order (failover) "
+            "[env EDGEPRUNE_BROKER or edgeprune.toml; default %(default)s]",
+        )
+        p.add_argument(
+            "--username",
+            default=_default("username", "EDGEPRUNE_USERNAME", None),
+            help="MQTT user name [env EDGEPRUNE_USERNAME; default none]; the password comes from "
+            "EDGEPRUNE_PASSWORD or --password-file, never from a flag",
+        )
+        p.add_argument(
+            "--password-file",
+            default=_default("password_file", "EDGEPRUNE_PASSWORD_FILE", None),
+            help="file whose first line is the MQTT password, mode 0600 [env EDGEPRUNE_PASSWORD_FILE; " "default none]",
+        )
+        p.add_argument(
+            "--plain-password",
+            action="store_true",
+            help="allow the password over plain TCP (mqtt://) to a non-loopback broker [default: refused]",
+        )
+        p.add_argument(
+            "--fleet",
+            type=_fleet_id,
+            default=_default("fleet", "EDGEPRUNE_FLEET", "default"),
+            help="fleet name [env EDGEPRUNE_FLEET or edgeprune.toml; default %(default)s]",
+        )
+    p.add_argument(
+        "--home",
+        default=_default("home", "EDGEPRUNE_HOME", None),
+        help="coordinator home: database, runs, artifacts [env EDGEPRUNE_HOME or edgeprune.toml; "
+        "default ~/.local/share/edgeprune]",
+    )
     p.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
     p.add_argument("-v", "--verbose", action="store_true", help="log debug detail to stderr")
 
@@ -106,8 +124,13 @@ class _DefaultsMixin:
 
     def _get_help_string(self, action):  # type: ignore[no-untyped-def]
         text = action.help or ""
-        if ("%(default)" not in text and "default" not in text and action.default not in (None, False, [])
-                and action.default is not argparse.SUPPRESS and action.option_strings):
+        if (
+            "%(default)" not in text
+            and "default" not in text
+            and action.default not in (None, False, [])
+            and action.default is not argparse.SUPPRESS
+            and action.option_strings
+        ):
             text += " (default: %(default)s)"
         return text
 
@@ -173,16 +196,25 @@ def _credentials(args: argparse.Namespace) -> dict:
     username = getattr(args, "username", None)
     if password and not username:
         raise ValueError("a password is set (EDGEPRUNE_PASSWORD or --password-file) but no --username")
-    return {"username": username, "password": password,
-            "force_plain_password": bool(getattr(args, "plain_password", False))}
+    return {
+        "username": username,
+        "password": password,
+        "force_plain_password": bool(getattr(args, "plain_password", False)),
+    }
 
 
 def _session(args: argparse.Namespace, long_running: bool = False):
     from ..session import Session
 
     try:
-        session = Session(args.broker, args.fleet, _store(args), long_running=long_running,
-                          chunk_bytes=getattr(args, "chunk_bytes", DEFAULT_CHUNK_BYTES), **_credentials(args))
+        session = Session(
+            args.broker,
+            args.fleet,
+            _store(args),
+            long_running=long_running,
+            chunk_bytes=getattr(args, "chunk_bytes", DEFAULT_CHUNK_BYTES),
+            **_credentials(args),
+        )
     except ValueError as exc:  # broker URLs, credentials: the user's to fix
         raise UsageError(str(exc)) from None
     return session.start(args.connect_timeout)

@@ -33,14 +33,26 @@ def cmd_devices(args: argparse.Namespace) -> int:
         return 0
     if not rows:
         others = ", ".join(f"{f} ({n} devices)" for f, n in fleets.items())
-        print(f"no devices in fleet {args.fleet!r} at {args.broker}"
-              + (f"; fleets on this broker: {others} (--fleet NAME)" if others else "; no fleet has devices there"))
+        print(
+            f"no devices in fleet {args.fleet!r} at {args.broker}"
+            + (f"; fleets on this broker: {others} (--fleet NAME)" if others else "; no fleet has devices there")
+        )
         return 0
-    output.table(f"fleet {args.fleet} ({sum(r['state'] in ('online', 'busy') for r in rows)}/{len(rows)} online)",
-                 ["device", "state", "arch", "runtime", "can train", "last seen"],
-                 [[r["device_id"], r["state"] + (f" ({r['task']})" if r.get("task") else ""), r["arch"],
-                   f"{r['runtime']} {r['runtimes'][r['runtime']]}" if r["runtime"] else "none",
-                   _can_train_text(r), output.ago(r["last_seen"])] for r in rows])
+    output.table(
+        f"fleet {args.fleet} ({sum(r['state'] in ('online', 'busy') for r in rows)}/{len(rows)} online)",
+        ["device", "state", "arch", "runtime", "can train", "last seen"],
+        [
+            [
+                r["device_id"],
+                r["state"] + (f" ({r['task']})" if r.get("task") else ""),
+                r["arch"],
+                f"{r['runtime']} {r['runtimes'][r['runtime']]}" if r["runtime"] else "none",
+                _can_train_text(r),
+                output.ago(r["last_seen"]),
+            ]
+            for r in rows
+        ],
+    )
     if args.caps:
         _print_caps([r for r in rows if r["caps"]])
     return 0
@@ -55,10 +67,16 @@ def cmd_devices_forget(args: argparse.Namespace) -> int:
         session.discover(1.0)
         rows = {r["device_id"]: r for r in session.fleet_rows()}
         if args.device not in rows:
-            return output.fail(f"no device {args.device!r} in fleet {args.fleet!r}", code="not_found", as_json=args.json)
+            return output.fail(
+                f"no device {args.device!r} in fleet {args.fleet!r}", code="not_found", as_json=args.json
+            )
         if rows[args.device]["state"] in ("online", "busy"):
-            return output.fail(f"{args.device} is {rows[args.device]['state']}: stop its agent (or unflash it) first, "
-                               f"or it re-announces itself at once", code="busy", as_json=args.json)
+            return output.fail(
+                f"{args.device} is {rows[args.device]['state']}: stop its agent (or unflash it) first, "
+                f"or it re-announces itself at once",
+                code="busy",
+                as_json=args.json,
+            )
         session.clear_device(args.device)
     finally:
         session.close()
@@ -71,6 +89,7 @@ def cmd_devices_forget(args: argparse.Namespace) -> int:
 
 def _print_caps(rows: list[dict]) -> None:
     """Capabilities as a property x device table (readable for a handful of devices)."""
+
     def sensors(c: dict) -> str:
         s = c.get("sensors") or {}
         found = [f"{len(s.get('thermal_zones') or [])} thermal"]
@@ -83,8 +102,16 @@ def _print_caps(rows: list[dict]) -> None:
         ("os", lambda c: c.get("os_release")),
         ("arch", lambda c: c.get("arch")),
         ("cpu", lambda c: c.get("cpu_model")),
-        ("cores / max MHz", lambda c: f"{c.get('cpu_cores')} / {c['cpu_max_mhz']:.0f}" if c.get("cpu_max_mhz") else f"{c.get('cpu_cores')} / n/a"),
-        ("RAM avail / total", lambda c: f"{output.human_bytes(c.get('ram_available_bytes'))} / {output.human_bytes(c.get('ram_total_bytes'))}"),
+        (
+            "cores / max MHz",
+            lambda c: f"{c.get('cpu_cores')} / {c['cpu_max_mhz']:.0f}"
+            if c.get("cpu_max_mhz")
+            else f"{c.get('cpu_cores')} / n/a",
+        ),
+        (
+            "RAM avail / total",
+            lambda c: f"{output.human_bytes(c.get('ram_available_bytes'))} / {output.human_bytes(c.get('ram_total_bytes'))}",
+        ),
         ("disk free", lambda c: output.human_bytes(c.get("disk_free_bytes"))),
         ("python", lambda c: c.get("python_version")),
         ("agent / protocol", lambda c: f"{c.get('agent_version')} / {c.get('protocol_version')}"),
@@ -92,8 +119,11 @@ def _print_caps(rows: list[dict]) -> None:
         ("train stack", lambda c: ", ".join(f"{k} {v}" for k, v in (c.get("train_stack") or {}).items()) or "none"),
         ("sensors", sensors),
     ]
-    output.table("capabilities", ["", *[r["device_id"] for r in rows]],
-                 [[name, *[fn(r["caps"]) for r in rows]] for name, fn in props])
+    output.table(
+        "capabilities",
+        ["", *[r["device_id"] for r in rows]],
+        [[name, *[fn(r["caps"]) for r in rows]] for name, fn in props],
+    )
 
 
 def cmd_ping(args: argparse.Namespace) -> int:
@@ -107,28 +137,43 @@ def cmd_ping(args: argparse.Namespace) -> int:
         known = {r["device_id"]: r for r in session.fleet_rows()}
         if args.device not in known:
             ids = ", ".join(sorted(known)) or "none"
-            return output.fail(f"{args.device} has never been seen in fleet {args.fleet!r} (devices there: {ids})",
-                               code="not_found", as_json=args.json)
+            return output.fail(
+                f"{args.device} has never been seen in fleet {args.fleet!r} (devices there: {ids})",
+                code="not_found",
+                as_json=args.json,
+            )
         for i in range(args.count):
             t0 = time.perf_counter()
             reply = session.call(args.device, "ping", timeout_s=args.timeout)
             rtt_ms = (time.perf_counter() - t0) * 1000
-            results.append({"seq": i, "ok": reply.ok, "rtt_ms": round(rtt_ms, 3) if reply.ok else None,
-                            "error": reply.error})
+            results.append(
+                {"seq": i, "ok": reply.ok, "rtt_ms": round(rtt_ms, 3) if reply.ok else None, "error": reply.error}
+            )
             if not args.json:
-                print(f"{args.device}: seq={i} " + (f"rtt={rtt_ms:.1f} ms" if reply.ok else f"error {reply.error_code}: {reply.error_message}"))
+                print(
+                    f"{args.device}: seq={i} "
+                    + (f"rtt={rtt_ms:.1f} ms" if reply.ok else f"error {reply.error_code}: {reply.error_message}")
+                )
             if i + 1 < args.count:
                 time.sleep(args.interval)
     finally:
         session.close()
     rtts = sorted(r["rtt_ms"] for r in results if r["ok"])
-    summary = {"device_id": args.device, "sent": len(results), "received": len(rtts),
-               "min_ms": rtts[0] if rtts else None, "median_ms": rtts[len(rtts) // 2] if rtts else None,
-               "max_ms": rtts[-1] if rtts else None, "pings": results}
+    summary = {
+        "device_id": args.device,
+        "sent": len(results),
+        "received": len(rtts),
+        "min_ms": rtts[0] if rtts else None,
+        "median_ms": rtts[len(rtts) // 2] if rtts else None,
+        "max_ms": rtts[-1] if rtts else None,
+        "pings": results,
+    }
     if args.json:
         output.print_json(summary)
     elif rtts:
-        print(f"{len(rtts)}/{len(results)} replies, rtt min/median/max = {rtts[0]:.1f}/{rtts[len(rtts) // 2]:.1f}/{rtts[-1]:.1f} ms")
+        print(
+            f"{len(rtts)}/{len(results)} replies, rtt min/median/max = {rtts[0]:.1f}/{rtts[len(rtts) // 2]:.1f}/{rtts[-1]:.1f} ms"
+        )
     return 0 if rtts else 1
 
 
@@ -143,8 +188,11 @@ def cmd_logs(args: argparse.Namespace) -> int:
         while True:
             reply = session.call(args.device, "logs", {"since": since, "lines": args.lines}, timeout_s=args.timeout)
             if not reply.ok:
-                return output.fail(f"{args.device}: {reply.error_code}: {reply.error_message}",
-                                   code=reply.error_code or "error", as_json=args.json)
+                return output.fail(
+                    f"{args.device}: {reply.error_code}: {reply.error_message}",
+                    code=reply.error_code or "error",
+                    as_json=args.json,
+                )
             result = reply.result or {}
             for line in result.get("lines", []):
                 if args.json:
@@ -165,18 +213,24 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 
 def add_parsers(sub) -> None:
-    p = sub.add_parser("devices", help="list devices: state, architecture, runtime, can-train, last seen",
-                       description="Probe the fleet (agents answer by re-announcing) and list every device. "
-                                   "States: online, busy, stale (no heartbeat for 3 intervals / no answer to the probe), "
-                                   "offline (said goodbye or its Will fired).")
+    p = sub.add_parser(
+        "devices",
+        help="list devices: state, architecture, runtime, can-train, last seen",
+        description="Probe the fleet (agents answer by re-announcing) and list every device. "
+        "States: online, busy, stale (no heartbeat for 3 intervals / no answer to the probe), "
+        "offline (said goodbye or its Will fired).",
+    )
     _common(p)
     p.add_argument("--wait", type=float, default=2.0, help="seconds to wait for agents to answer the probe (default 2)")
     p.add_argument("--caps", action="store_true", help="also print each device's capabilities")
     p.add_argument("--connect-timeout", type=float, default=10.0, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_devices)
     ds = p.add_subparsers(dest="devices_cmd", metavar="{forget}")
-    q = ds.add_parser("forget", help="drop a removed device: clear its retained status and capabilities on the "
-                                     "broker and remove it from the registry")
+    q = ds.add_parser(
+        "forget",
+        help="drop a removed device: clear its retained status and capabilities on the "
+        "broker and remove it from the registry",
+    )
     q.add_argument("device", type=_device_id, help="device id")
     _common(q)
     q.add_argument("--connect-timeout", type=float, default=10.0, help=argparse.SUPPRESS)
@@ -189,9 +243,12 @@ def add_parsers(sub) -> None:
     p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for each reply")
     p.add_argument("--connect-timeout", type=float, default=10.0, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_ping)
-    p = sub.add_parser("logs", help="an agent's recent log lines, over MQTT (-f: follow)",
-                       description="Print the device agent's recent log lines (kept in memory on the device, "
-                                   "bounded to 2,000 lines / 512 KB); -f polls for new ones until Ctrl-C.")
+    p = sub.add_parser(
+        "logs",
+        help="an agent's recent log lines, over MQTT (-f: follow)",
+        description="Print the device agent's recent log lines (kept in memory on the device, "
+        "bounded to 2,000 lines / 512 KB); -f polls for new ones until Ctrl-C.",
+    )
     p.add_argument("device", type=_device_id, help="device id")
     _common(p)
     p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")

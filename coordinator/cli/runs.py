@@ -14,12 +14,27 @@ def cmd_runs(args: argparse.Namespace) -> int:
     if args.json:
         output.print_json(runs)
         return 0
-    output.table("runs", ["run", "kind", "fleet", "state", "created", "rounds", "accuracy", "sparsity"],
-                 [[r["run_id"], r["kind"], r["fleet"], r["state"], time.strftime("%Y-%m-%d %H:%M", time.localtime(r["created"])),
-                   (r["summary"] or {}).get("rounds_done", "-"),
-                   f"{r['summary']['final_accuracy'] * 100:.2f}%" if (r["summary"] or {}).get("final_accuracy") is not None else "-",
-                   f"{r['summary']['final_sparsity']:.1%}" if (r["summary"] or {}).get("final_sparsity") is not None else "-"]
-                  for r in runs])
+    output.table(
+        "runs",
+        ["run", "kind", "fleet", "state", "created", "rounds", "accuracy", "sparsity"],
+        [
+            [
+                r["run_id"],
+                r["kind"],
+                r["fleet"],
+                r["state"],
+                time.strftime("%Y-%m-%d %H:%M", time.localtime(r["created"])),
+                (r["summary"] or {}).get("rounds_done", "-"),
+                f"{r['summary']['final_accuracy'] * 100:.2f}%"
+                if (r["summary"] or {}).get("final_accuracy") is not None
+                else "-",
+                f"{r['summary']['final_sparsity']:.1%}"
+                if (r["summary"] or {}).get("final_sparsity") is not None
+                else "-",
+            ]
+            for r in runs
+        ],
+    )
     return 0
 
 
@@ -35,8 +50,10 @@ def cmd_show(args: argparse.Namespace) -> int:
         if args.json:
             output.print_json({**run, "results": results})
         else:
-            print(f"bench {run['run_id']} ({run['state']}) on fleet {run['fleet']}"
-                  + (f", artifacts of run {run['config'].get('run_id')}" if (run["config"] or {}).get("run_id") else ""))
+            print(
+                f"bench {run['run_id']} ({run['state']}) on fleet {run['fleet']}"
+                + (f", artifacts of run {run['config'].get('run_id')}" if (run["config"] or {}).get("run_id") else "")
+            )
             print_bench(results)
         return 0
     rounds = store.rounds(run["run_id"])
@@ -46,22 +63,36 @@ def cmd_show(args: argparse.Namespace) -> int:
         return 0
     cfg = run["config"]
     print(f"run {run['run_id']} ({run['kind']}, {run['state']}) on fleet {run['fleet']}")
-    print(f"  model {cfg.get('model')}: {cfg.get('num_params', 0):,} parameters, target sparsity {cfg.get('sparsity', 0):.0%} "
-          f"({cfg.get('schedule')}, {cfg.get('granularity')}, mask policy {cfg.get('mask_policy')})")
+    print(
+        f"  model {cfg.get('model')}: {cfg.get('num_params', 0):,} parameters, target sparsity {cfg.get('sparsity', 0):.0%} "
+        f"({cfg.get('schedule')}, {cfg.get('granularity')}, mask policy {cfg.get('mask_policy')})"
+    )
     dense = (cfg.get("layers") or {}).get("dense") or {}
     for layer, why in dense.items():
         print(f"  layer {layer} left dense: {why}")
-    output.table("rounds", ["round", "clients", "accuracy", "loss", "sparsity", "up/client", "down/client", "up vs fp32", "wall s"],
-                 [[f"{r['round']}" + ("" if r.get("applied", True) else " (not applied)"),
-                   f"{r['clients_ok']}/{r['clients_selected']}",
-                   f"{r['accuracy'] * 100:.2f}%" if r.get("accuracy") is not None else "-",
-                   f"{r['loss']:.4f}" if r.get("loss") is not None else "-", f"{r['sparsity']:.2%}",
-                   output.human_bytes(r.get("bytes_up_per_client")), output.human_bytes(r.get("bytes_down_per_client")),
-                   f"{r['up_ratio_vs_dense_fp32']:.1f}x" if r.get("up_ratio_vs_dense_fp32") else "-", f"{r['wall_s']:.1f}"]
-                  for r in rounds])
+    output.table(
+        "rounds",
+        ["round", "clients", "accuracy", "loss", "sparsity", "up/client", "down/client", "up vs fp32", "wall s"],
+        [
+            [
+                f"{r['round']}" + ("" if r.get("applied", True) else " (not applied)"),
+                f"{r['clients_ok']}/{r['clients_selected']}",
+                f"{r['accuracy'] * 100:.2f}%" if r.get("accuracy") is not None else "-",
+                f"{r['loss']:.4f}" if r.get("loss") is not None else "-",
+                f"{r['sparsity']:.2%}",
+                output.human_bytes(r.get("bytes_up_per_client")),
+                output.human_bytes(r.get("bytes_down_per_client")),
+                f"{r['up_ratio_vs_dense_fp32']:.1f}x" if r.get("up_ratio_vs_dense_fp32") else "-",
+                f"{r['wall_s']:.1f}",
+            ]
+            for r in rounds
+        ],
+    )
     failed = [c for c in clients if not c["ok"]]
     if failed:
-        output.table("client failures", ["round", "device", "error"], [[c["round"], c["device_id"], c["error"]] for c in failed])
+        output.table(
+            "client failures", ["round", "device", "error"], [[c["round"], c["device_id"], c["error"]] for c in failed]
+        )
     if run["summary"]:
         if (run["summary"].get("error") or {}).get("message"):
             print(f"  FAILED: {run['summary']['error']['message']}")
@@ -77,8 +108,12 @@ def cmd_runs_rm(args: argparse.Namespace) -> int:
     if run is None:
         return rc
     if run["state"] == "running" and not args.force:
-        return output.fail(f"run {run['run_id']} is marked running (a coordinator may still be training it); "
-                           f"--force removes it anyway", code="busy", as_json=args.json)
+        return output.fail(
+            f"run {run['run_id']} is marked running (a coordinator may still be training it); "
+            f"--force removes it anyway",
+            code="busy",
+            as_json=args.json,
+        )
     run_dir = store.home / "runs" / run["run_id"]
     store.delete_run(run["run_id"])
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -109,17 +144,23 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def add_parsers(sub) -> None:
-    p = sub.add_parser("report", help="print a run's summary and write a self-contained HTML report",
-                       description="Accuracy and sparsity per round, bytes per round, artifact sizes, latency per "
-                                   "variant per device (p50 with p90/p99), energy per inference with its label, "
-                                   "temperatures.")
+    p = sub.add_parser(
+        "report",
+        help="print a run's summary and write a self-contained HTML report",
+        description="Accuracy and sparsity per round, bytes per round, artifact sizes, latency per "
+        "variant per device (p50 with p90/p99), energy per inference with its label, "
+        "temperatures.",
+    )
     p.add_argument("run", help="training run id (prefix) or a bench id")
     p.add_argument("--html", help="write the HTML report to this file")
     _common(p, broker=False)
     p.set_defaults(func=cmd_report)
-    p = sub.add_parser("runs", help="list training runs (and other jobs) in the coordinator home; runs rm RUN",
-                       description="List runs (newest first). A run can be named by its id, a unique prefix or "
-                                   "suffix of it, or `latest`, wherever a command takes RUN.")
+    p = sub.add_parser(
+        "runs",
+        help="list training runs (and other jobs) in the coordinator home; runs rm RUN",
+        description="List runs (newest first). A run can be named by its id, a unique prefix or "
+        "suffix of it, or `latest`, wherever a command takes RUN.",
+    )
     _common(p, broker=False)
     p.set_defaults(func=cmd_runs)
     rs = p.add_subparsers(dest="runs_cmd", metavar="{rm}")

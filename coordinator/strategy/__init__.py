@@ -16,6 +16,7 @@ def register(name: str):
     def deco(cls: type) -> type:
         STRATEGIES[name] = cls
         return cls
+
     return deco
 
 
@@ -36,5 +37,17 @@ def make_aggregator(method: str, infos: list[TensorInfo], shapes: list[tuple], t
     return STRATEGIES[method](infos, shapes, trim)
 
 
-__all__ = ["AGGREGATIONS", "STRATEGIES", "MaskedFedAvg", "RobustFedAvg", "TensorInfo", "UpdateRejected",
-           "check_norm", "clip_update", "make_aggregator", "model_norm", "register", "update_norm"]
+__all__ = [
+    "AGGREGATIONS",
+    "STRATEGIES",
+    "MaskedFedAvg",
+    "RobustFedAvg",
+    "TensorInfo",
+    "UpdateRejected",
+    "check_norm",
+    "clip_update",
+    "make_aggregator",
+    "model_norm",
+    "register",
+    "update_norm",
+]

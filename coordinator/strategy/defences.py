@@ -21,16 +21,19 @@ def update_norm(tensors: list[np.ndarray], reference: list[np.ndarray]) -> float
     return float(np.sqrt(sum(_sq(np.subtract(t, r, dtype=np.float64)) for t, r in zip(tensors, reference))))
 
 
-def check_norm(tensors: list[np.ndarray], reference: list[np.ndarray], max_ratio: float,
-               reference_norm: float | None = None) -> float:
+def check_norm(
+    tensors: list[np.ndarray], reference: list[np.ndarray], max_ratio: float, reference_norm: float | None = None
+) -> float:
     """Refuse an update that moves the model more than ``max_ratio`` times the model's own norm:
     no honest local training does that; a broken or hostile client does. (``reference_norm``:
     the model's norm, computed once per round by the caller.)"""
     norm = update_norm(tensors, reference)
     scale = model_norm(reference) if reference_norm is None else reference_norm
     if max_ratio > 0 and norm > max_ratio * max(scale, 1e-12):
-        raise UpdateRejected(f"update norm {norm:.4g} is {norm / max(scale, 1e-12):.1f}x the model's norm "
-                             f"{scale:.4g} (limit {max_ratio:g}x)")
+        raise UpdateRejected(
+            f"update norm {norm:.4g} is {norm / max(scale, 1e-12):.1f}x the model's norm "
+            f"{scale:.4g} (limit {max_ratio:g}x)"
+        )
     return norm
 
 

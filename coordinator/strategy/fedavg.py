@@ -76,20 +76,24 @@ class MaskedFedAvg:
         self.total += weight
         self.count += 1
 
-    def result(self, policy: str, sparsity: float,
-               within: list[np.ndarray | None] | None) -> tuple[list[np.ndarray], list[np.ndarray | None]]:
+    def result(
+        self, policy: str, sparsity: float, within: list[np.ndarray | None] | None
+    ) -> tuple[list[np.ndarray], list[np.ndarray | None]]:
         """The new global weights and masks. Importance is |sum| / total: consensus across clients.
 
         ``within``: the previous global masks when nothing may regrow, else None."""
         within = within or [None] * len(self.infos)
         if self.count == 0:
             raise ValueError("no updates to aggregate")
-        values = [np.divide(sm, kp, out=np.zeros_like(sm), where=np.asarray(kp) > 0) if i.kind else sm / kp
-                  for i, sm, kp in zip(self.infos, self.sum, self.kept)]
+        values = [
+            np.divide(sm, kp, out=np.zeros_like(sm), where=np.asarray(kp) > 0) if i.kind else sm / kp
+            for i, sm, kp in zip(self.infos, self.sum, self.kept)
+        ]
         kinds = [i.kind for i in self.infos]
         if policy == "global":
-            masks = global_magnitude_masks([np.abs(sm) / self.total if k else None for sm, k in zip(self.sum, kinds)],
-                                           kinds, sparsity, within)
+            masks = global_magnitude_masks(
+                [np.abs(sm) / self.total if k else None for sm, k in zip(self.sum, kinds)], kinds, sparsity, within
+            )
         else:
             masks = []
             for i, kind in enumerate(kinds):

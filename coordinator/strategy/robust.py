@@ -41,8 +41,6 @@ class RobustFedAvg(MaskedFedAvg):
             weights[i] = (center * m if m is not None else center).astype(np.float32)
         return weights, masks
 
-
-
     def center(self, stack: np.ndarray) -> np.ndarray:
         """Per position, the robust value of the clients' values (NaN = that client did not keep it)."""
         raise NotImplementedError

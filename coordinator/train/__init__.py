@@ -9,5 +9,15 @@ from .plan import NoDevices
 from .record import Run, Timer, new_run_id
 from .resume import resume_config
 
-__all__ = ["NoDevices", "Run", "Timer", "TrainConfig", "UPDATE_FORMATS", "check_model_ref", "new_run_id",
-           "resume_config", "run_round", "train"]
+__all__ = [
+    "NoDevices",
+    "Run",
+    "Timer",
+    "TrainConfig",
+    "UPDATE_FORMATS",
+    "check_model_ref",
+    "new_run_id",
+    "resume_config",
+    "run_round",
+    "train",
+]

@@ -76,11 +76,15 @@ class TrainConfig:
         if not 0.0 <= self.structured <= 1.0 or self.structured_every < 1:
             raise ValueError("--structured is a fraction of each layer's units in [0, 1]; --structured-every >= 1")
         if self.structured and self.rounds <= self.structured_every:
-            raise ValueError(f"--structured needs more --rounds than --structured-every ({self.structured_every}): "
-                             "at least one shrinking step and a round of recovery training after it")
+            raise ValueError(
+                f"--structured needs more --rounds than --structured-every ({self.structured_every}): "
+                "at least one shrinking step and a round of recovery training after it"
+            )
         if self.structured and self.granularity in ("2:4", "block"):
-            raise ValueError(f"--structured cannot be combined with --granularity {self.granularity} (its groups "
-                             "span input channels, which the cuts would split)")
+            raise ValueError(
+                f"--structured cannot be combined with --granularity {self.granularity} (its groups "
+                "span input channels, which the cuts would split)"
+            )
         if self.eval_every < 1:
             raise ValueError("--eval-every must be >= 1")
         if self.importance not in IMPORTANCE_METHODS:
@@ -123,7 +127,7 @@ def check_model_ref(ref: str) -> None:
         return
     if os.sep in ref or ref.endswith((".keras", ".h5")):
         raise ValueError(f"--model {ref!r}: no such file")
-    raise ValueError(f"--model {ref!r}: unknown built-in model; choose from {', '.join(BUILTIN)} or give a "
-                     f"tf-keras model file (.keras, .h5 or a SavedModel directory)")
-
-
+    raise ValueError(
+        f"--model {ref!r}: unknown built-in model; choose from {', '.join(BUILTIN)} or give a "
+        f"tf-keras model file (.keras, .h5 or a SavedModel directory)"
+    )

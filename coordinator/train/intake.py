@@ -11,13 +11,22 @@ from .record import Run, Timer
 from .structured import fold_importance
 
 
-def intake(run: Run, rnd: int, dev: str, reply: Reply, targets: list[float], agg: MaskedFedAvg, t: Timer,
-           bytes_up: dict[str, int]) -> str | None:
+def intake(
+    run: Run,
+    rnd: int,
+    dev: str,
+    reply: Reply,
+    targets: list[float],
+    agg: MaskedFedAvg,
+    t: Timer,
+    bytes_up: dict[str, int],
+) -> str | None:
     """Pull, check and aggregate one client's update. Returns an error text, or None."""
     s, gm = run.session, run.gm
     if not reply.ok:
-        run.store.save_client_round(run.run_id, rnd, dev, False, None, None, None,
-                                    f"{reply.error_code}: {reply.error_message}")
+        run.store.save_client_round(
+            run.run_id, rnd, dev, False, None, None, None, f"{reply.error_code}: {reply.error_message}"
+        )
         return f"{reply.error_code}: {reply.error_message}"
     if (dev, rnd) in run.counted:
         s.submit(dev, "ack", {"ids": [reply.id]})
@@ -25,8 +34,12 @@ def intake(run: Run, rnd: int, dev: str, reply: Reply, targets: list[float], agg
     result = reply.result or {}
     try:
         with t("transfer"):
-            data = s.fetch_blob(dev, result["update"]["sha256"], timeout_s=run.cfg.round_timeout_s,
-                                expected_bytes=result["update"]["bytes"])
+            data = s.fetch_blob(
+                dev,
+                result["update"]["sha256"],
+                timeout_s=run.cfg.round_timeout_s,
+                expected_bytes=result["update"]["bytes"],
+            )
         with t("decode"):
             upd = codec.decode(data, reference=gm.weights, reference_masks=gm.masks)
             if upd.meta.get("round") != rnd or upd.meta.get("run_id") != run.run_id:
@@ -47,8 +60,7 @@ def intake(run: Run, rnd: int, dev: str, reply: Reply, targets: list[float], agg
         fold_importance(run, dev, result["metrics"]["importance"], float(result["metrics"]["num_samples"]))
     s.submit(dev, "ack", {"ids": [reply.id]})  # the device may drop it from its outbox now
     bytes_up[dev] = len(data)
-    run.store.save_client_round(run.run_id, rnd, dev, True, result["metrics"].get("model_bytes"), len(data),
-                                result["metrics"], None)
+    run.store.save_client_round(
+        run.run_id, rnd, dev, True, result["metrics"].get("model_bytes"), len(data), result["metrics"], None
+    )
     return None
-
-

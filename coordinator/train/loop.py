@@ -31,8 +31,9 @@ from .record import Run, Sent, Timer, cpu_s, new_run_id, no_round_message, peak_
 from .structured import shrink
 
 
-def train(cfg: TrainConfig, session: Session, store: Store, reporter: Observer,
-          resume: str | None = None) -> dict[str, Any]:
+def train(
+    cfg: TrainConfig, session: Session, store: Store, reporter: Observer, resume: str | None = None
+) -> dict[str, Any]:
     """Run a whole federated training job; return its summary (also stored).
 
     ``resume``: continue an interrupted run after its last *recorded* round. Each round's global model is
@@ -56,8 +57,10 @@ def train(cfg: TrainConfig, session: Session, store: Store, reporter: Observer,
         first_round = run.rows[-1]["round"] + 1 if resume and run.rows else 1
     if resume:
         reporter.say(f"run {run.run_id}: resuming after round {first_round - 1} of {cfg.rounds}")
-    reporter.say(f"run {run.run_id}: {cfg.model} ({run.gm.num_params:,} parameters), {cfg.rounds} rounds, "
-                 f"target sparsity {cfg.sparsity:.0%} ({cfg.schedule}, {cfg.granularity}), fleet {session.fleet}")
+    reporter.say(
+        f"run {run.run_id}: {cfg.model} ({run.gm.num_params:,} parameters), {cfg.rounds} rounds, "
+        f"target sparsity {cfg.sparsity:.0%} ({cfg.schedule}, {cfg.granularity}), fleet {session.fleet}"
+    )
     state, baseline = "failed", {}
     try:
         with phases("begin_clients"):
@@ -107,8 +110,9 @@ def setup(run: "Run", resume: str | None) -> Any:
     # a resume point carries its architecture (a structured run may have shrunk the model since)
     arch = codec.decode(last.read_bytes()).meta.get("arch") if last is not None else None
     stored = (store.run(run_id) or {}).get("config", {}) if resume else {}
-    gm = run.gm = GlobalModel.create(cfg.model, shape, classes, cfg.granularity, cfg.pruning_on, cfg.seed,
-                                     run.eval_set, arch, stored.get("training"))
+    gm = run.gm = GlobalModel.create(
+        cfg.model, shape, classes, cfg.granularity, cfg.pruning_on, cfg.seed, run.eval_set, arch, stored.get("training")
+    )
     run.original_units = stored.get("units") or run.gm.units
     run.initial_dense_bytes = stored.get("dense_fp32_bytes") or run.gm.dense_fp32_bytes
     for layer, why in run.gm.layer_report["dense"].items():
@@ -121,14 +125,25 @@ def setup(run: "Run", resume: str | None) -> Any:
             run.gm.load(last)
         store.set_run_state(run_id, "running")
     else:
-        store.create_run(run.run_id, session.fleet, "train", {
-            **asdict(cfg), "broker": session.link.urls,  # what --resume reconnects to
-            "num_params": run.gm.num_params, "dense_fp32_bytes": run.gm.dense_fp32_bytes,
-            "training": run.gm.training,  # a user model's loss and metrics: what devices compile with
-            "layers": run.gm.layer_report, "units": run.gm.units,
-            "structure": run.gm.structure if cfg.structured else None,
-            "tensors": [{"name": n, "shape": list(s), "pruned": i.kind}
-                        for n, s, i in zip(run.gm.names, run.gm.shapes, run.gm.infos)]})
+        store.create_run(
+            run.run_id,
+            session.fleet,
+            "train",
+            {
+                **asdict(cfg),
+                "broker": session.link.urls,  # what --resume reconnects to
+                "num_params": run.gm.num_params,
+                "dense_fp32_bytes": run.gm.dense_fp32_bytes,
+                "training": run.gm.training,  # a user model's loss and metrics: what devices compile with
+                "layers": run.gm.layer_report,
+                "units": run.gm.units,
+                "structure": run.gm.structure if cfg.structured else None,
+                "tensors": [
+                    {"name": n, "shape": list(s), "pruned": i.kind}
+                    for n, s, i in zip(run.gm.names, run.gm.shapes, run.gm.infos)
+                ],
+            },
+        )
     run.run_dir.mkdir(parents=True, exist_ok=True)
     return gm
 
@@ -152,8 +167,10 @@ def run_round(run: Run, rnd: int) -> dict[str, Any]:
         sent.failures["round"] = f"only {len(clients)} eligible clients, --min-clients is {cfg.min_clients}"
     applied = agg.count >= cfg.min_clients
     if not applied and "round" not in sent.failures:
-        sent.failures["round"] = (f"{agg.count} of {len(clients)} updates arrived, --min-clients is "
-                                  f"{cfg.min_clients}: the round was not applied")
+        sent.failures["round"] = (
+            f"{agg.count} of {len(clients)} updates arrived, --min-clients is "
+            f"{cfg.min_clients}: the round was not applied"
+        )
     dense_bytes = gm.dense_fp32_bytes  # of the model this round trained, before a structured step shrinks it
     if applied:
         with t("aggregate"):
@@ -179,18 +196,26 @@ def evaluated(cfg: TrainConfig, rnd: int) -> bool:
     return cfg.eval_every == 1 or rnd == 1 or rnd % cfg.eval_every == 0 or rnd > cfg.rounds - 10
 
 
-def send_and_collect(run: Run, rnd: int, clients: list[str], targets: list[float], agg: MaskedFedAvg, t: Timer,
-                     sent: Sent) -> None:
+def send_and_collect(
+    run: Run, rnd: int, clients: list[str], targets: list[float], agg: MaskedFedAvg, t: Timer, sent: Sent
+) -> None:
     """Broadcast the model once, ask each client for a round, take each update as it comes (intake)."""
     cfg, s, gm = run.cfg, run.session, run.gm
     with t("serialize"):
         blob = gm.encode({"run_id": run.run_id, "round": rnd})
     with t("publish"):
         ref = s.publish_blob(blob)
-    args = {"run_id": run.run_id, "round": rnd, "model": ref.as_args(), "epochs": cfg.local_epochs,
-            "batch_size": cfg.batch_size, "lr": cfg.lr,
-            "targets": {n: round(x, 6) for n, x, i in zip(gm.names, targets, gm.infos) if i.kind},
-            "update_format": cfg.values_format, "regrow": cfg.regrow_fraction}
+    args = {
+        "run_id": run.run_id,
+        "round": rnd,
+        "model": ref.as_args(),
+        "epochs": cfg.local_epochs,
+        "batch_size": cfg.batch_size,
+        "lr": cfg.lr,
+        "targets": {n: round(x, 6) for n, x, i in zip(gm.names, targets, gm.infos) if i.kind},
+        "update_format": cfg.values_format,
+        "regrow": cfg.regrow_fraction,
+    }
     run.importance = {}
     if cfg.structured_step(rnd) is not None:  # the statistics the shrinking step after this round ranks by
         rep = gm.structure

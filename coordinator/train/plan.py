@@ -31,17 +31,23 @@ def plan_fleet(run: "Run") -> list[str]:
             ready = [r["device_id"] for r in rows if training_blocker(r) is None]
             if len(ready) != last[0]:
                 last[0] = len(ready)
-                say.say(f"waiting for {cfg.wait_for_devices} devices: {len(ready)} ready"
-                        + (f" ({', '.join(ready)})" if ready else ""))
+                say.say(
+                    f"waiting for {cfg.wait_for_devices} devices: {len(ready)} ready"
+                    + (f" ({', '.join(ready)})" if ready else "")
+                )
             return len(ready) >= cfg.wait_for_devices
 
         if not s.wait_for(enough, cfg.wait_timeout_s):
             ready = len([r for r in s.device_table() if training_blocker(r) is None])
             if ready < cfg.min_clients:
-                raise NoDevices(f"only {ready} of the {cfg.wait_for_devices} devices asked for (--wait-for) were "
-                                f"ready after {cfg.wait_timeout_s:.0f} s, fewer than --min-clients {cfg.min_clients}")
-            say.warn(f"only {ready} of {cfg.wait_for_devices} devices ready after {cfg.wait_timeout_s:.0f} s; going "
-                     f"on with them (--min-clients {cfg.min_clients} allows it)")
+                raise NoDevices(
+                    f"only {ready} of the {cfg.wait_for_devices} devices asked for (--wait-for) were "
+                    f"ready after {cfg.wait_timeout_s:.0f} s, fewer than --min-clients {cfg.min_clients}"
+                )
+            say.warn(
+                f"only {ready} of {cfg.wait_for_devices} devices ready after {cfg.wait_timeout_s:.0f} s; going "
+                f"on with them (--min-clients {cfg.min_clients} allows it)"
+            )
     # a device that just came online announces its capabilities a moment later: give them time
     s.wait_for(lambda rows: all(r["caps"] is not None for r in rows if r["state"] in LIVE_STATES), CAPS_WAIT_S)
     rows = s.fleet_rows()
@@ -59,8 +65,11 @@ def plan_fleet(run: "Run") -> list[str]:
         fleets = s.fleets_seen()
         others = ", ".join(f"{f} ({n} devices)" for f, n in fleets.items()) or "none"
         reasons = "; ".join(f"{d}: {why}" for d, why in sorted(blocked.items()) if why)
-        raise NoDevices(f"{len(usable)} devices of fleet {s.fleet!r} can train, --min-clients is {cfg.min_clients}"
-                        + (f" ({reasons})" if reasons else "") + f"; fleets on this broker: {others}")
+        raise NoDevices(
+            f"{len(usable)} devices of fleet {s.fleet!r} can train, --min-clients is {cfg.min_clients}"
+            + (f" ({reasons})" if reasons else "")
+            + f"; fleets on this broker: {others}"
+        )
     say.say(f"training on {len(usable)} devices: {', '.join(usable)}")
     return usable
 
@@ -68,7 +77,9 @@ def plan_fleet(run: "Run") -> list[str]:
 def eligible(run: Run) -> list[str]:
     """Devices that may train this round (busy ones included: busy with this run's last round)."""
     s, cfg = run.session, run.cfg
-    rows = [r for r in s.device_table() if r["state"] in LIVE_STATES and r["can_train"] and r.get("has_data") is not False]
+    rows = [
+        r for r in s.device_table() if r["state"] in LIVE_STATES and r["can_train"] and r.get("has_data") is not False
+    ]
     if cfg.devices:
         rows = [r for r in rows if r["device_id"] in cfg.devices]
     return sorted(r["device_id"] for r in rows)
@@ -80,8 +91,15 @@ def begin_clients(run: Run, devices: list[str]) -> None:
     if not new:
         return
     arch = run.session.publish_blob(run.gm.arch_json.encode("utf-8"))
-    args = {"run_id": run.run_id, "arch": arch.as_args(), "pruning": run.cfg.pruning_on, "training": run.gm.training,
-            "granularity": run.cfg.granularity, "lr": run.cfg.lr, "optimizer": run.cfg.optimizer}
+    args = {
+        "run_id": run.run_id,
+        "arch": arch.as_args(),
+        "pruning": run.cfg.pruning_on,
+        "training": run.gm.training,
+        "granularity": run.cfg.granularity,
+        "lr": run.cfg.lr,
+        "optimizer": run.cfg.optimizer,
+    }
     futures = {d: run.session.submit(d, "train_begin", args)[1] for d in new}
     for dev, fut in futures.items():
         try:
@@ -93,8 +111,10 @@ def begin_clients(run: Run, devices: list[str]) -> None:
             run.begun[dev] = reply.result
         else:
             run.reporter.warn(f"{dev} cannot train: {reply.error_code}: {reply.error_message}")
-    run.reporter.say(f"{len(run.begun)} devices training: " + ", ".join(
-        f"{d} ({r['num_samples']} samples)" for d, r in sorted(run.begun.items())))
+    run.reporter.say(
+        f"{len(run.begun)} devices training: "
+        + ", ".join(f"{d} ({r['num_samples']} samples)" for d, r in sorted(run.begun.items()))
+    )
 
 
 def select_clients(run: Run, rnd: int) -> list[str]:
@@ -108,8 +128,6 @@ def select_clients(run: Run, rnd: int) -> list[str]:
     elif cfg.fraction:
         k = min(k, max(1, math.ceil(cfg.fraction * len(pool))))
     return sorted(random.Random(cfg.seed * 7919 + rnd).sample(pool, k))
-
-
 
 
 def client_seed(seed: int, rnd: int, device_id: str) -> int:

@@ -12,8 +12,8 @@ from typing import Any
 
 from ..masks import sparsity_report
 from ..session import Session
-from ..strategy import MaskedFedAvg
 from ..store import Store
+from ..strategy import MaskedFedAvg
 from .config import TrainConfig
 from .observer import Observer
 
@@ -49,7 +49,9 @@ class Run:
     begun: dict[str, dict[str, Any]] = field(default_factory=dict)
     counted: set[tuple[str, int]] = field(default_factory=set)
     rows: list[dict[str, Any]] = field(default_factory=list)
-    tb_rows: list[tuple[int, dict[str, Any]]] = field(default_factory=list)  # TensorBoard scalars not yet written by the model worker
+    tb_rows: list[tuple[int, dict[str, Any]]] = field(
+        default_factory=list
+    )  # TensorBoard scalars not yet written by the model worker
     norm: float | None = None  # the global model's L2 norm this round (for the update-norm check)
     original_units: dict[str, int] = field(default_factory=dict)  # before any structured step
     initial_dense_bytes: int = 0  # the model as the run began (what upload ratios compare against)
@@ -65,25 +67,46 @@ class Sent:
     failures: dict[str, str] = field(default_factory=dict)
 
 
-def round_row(run: Run, rnd: int, target: float, clients: list[str], agg: MaskedFedAvg, sent: Sent,
-              applied: bool, metrics: dict[str, Any], dense_bytes: int) -> dict[str, Any]:
+def round_row(
+    run: Run,
+    rnd: int,
+    target: float,
+    clients: list[str],
+    agg: MaskedFedAvg,
+    sent: Sent,
+    applied: bool,
+    metrics: dict[str, Any],
+    dense_bytes: int,
+) -> dict[str, Any]:
     """The record of one round (stored, printed, charted)."""
     gm = run.gm
     sparsity = sparsity_report(gm.masks, gm.names, gm.shapes)
     ups = list(sent.bytes_up.values())
     return {
-        "round": rnd, "target_sparsity": round(target, 5), "sparsity": sparsity["prunable"],
-        "sparsity_overall": sparsity["overall"], "sparsity_per_tensor": sparsity["per_tensor"],
-        "clients_selected": len(clients), "clients_ok": agg.count, "failures": len(sent.failures),
-        "failure_reasons": sent.failures, "applied": applied,
-        "accuracy": metrics.get("accuracy"), "loss": metrics.get("loss"),
+        "round": rnd,
+        "target_sparsity": round(target, 5),
+        "sparsity": sparsity["prunable"],
+        "sparsity_overall": sparsity["overall"],
+        "sparsity_per_tensor": sparsity["per_tensor"],
+        "clients_selected": len(clients),
+        "clients_ok": agg.count,
+        "failures": len(sent.failures),
+        "failure_reasons": sent.failures,
+        "applied": applied,
+        "accuracy": metrics.get("accuracy"),
+        "loss": metrics.get("loss"),
         "metrics": metrics,  # everything evaluated (a user model's own metrics too)
-        "bytes_down_per_client": sent.bytes_down, "bytes_down_total": sent.bytes_down * len(clients),
-        "bytes_up_per_client": (sum(ups) / len(ups)) if ups else None, "bytes_up_total": sum(ups),
+        "bytes_down_per_client": sent.bytes_down,
+        "bytes_down_total": sent.bytes_down * len(clients),
+        "bytes_up_per_client": (sum(ups) / len(ups)) if ups else None,
+        "bytes_up_total": sum(ups),
         "up_ratio_vs_dense_fp32": (dense_bytes / (sum(ups) / len(ups))) if ups else None,
-        "dense_fp32_bytes": dense_bytes, "aggregator_bytes": agg.nbytes,  # of the model this round trained
+        "dense_fp32_bytes": dense_bytes,
+        "aggregator_bytes": agg.nbytes,  # of the model this round trained
         # the architecture after this round (a structured step may have shrunk it at the end of the round)
-        "params": gm.num_params, "flops": gm.flops, "architecture": gm.units,
+        "params": gm.num_params,
+        "flops": gm.flops,
+        "architecture": gm.units,
         "units_removed": round(1.0 - sum(gm.units.values()) / max(1, sum(run.original_units.values())), 4),
     }
 
@@ -108,8 +131,10 @@ def new_run_id() -> str:
 
 def no_round_message(run: "Run") -> str:
     reasons = sorted({why for r in run.rows for why in (r.get("failure_reasons") or {}).values()})
-    return (f"no round of {run.run_id} was applied (each needs --min-clients {run.cfg.min_clients} updates); "
-            f"the model is untrained. Reasons: " + ("; ".join(reasons[:6]) or "none recorded"))
+    return (
+        f"no round of {run.run_id} was applied (each needs --min-clients {run.cfg.min_clients} updates); "
+        f"the model is untrained. Reasons: " + ("; ".join(reasons[:6]) or "none recorded")
+    )
 
 
 def peak_rss() -> dict[str, int]:
@@ -119,8 +144,10 @@ def peak_rss() -> dict[str, int]:
 
     from edge_agent.worker import peak_rss_bytes
 
-    return {"coordinator": peak_rss_bytes(),
-            "model_worker": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024}
+    return {
+        "coordinator": peak_rss_bytes(),
+        "model_worker": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
+    }
 
 
 def cpu_s() -> dict[str, float]:
@@ -128,7 +155,10 @@ def cpu_s() -> dict[str, float]:
     import resource
 
     own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return {"coordinator": round(own.ru_utime + own.ru_stime, 3), "model_worker": round(kids.ru_utime + kids.ru_stime, 3)}
+    return {
+        "coordinator": round(own.ru_utime + own.ru_stime, 3),
+        "model_worker": round(kids.ru_utime + kids.ru_stime, 3),
+    }
 
 
 def summary(run: Run, state: str, wall_s: float, baseline: dict[str, Any]) -> dict[str, Any]:
@@ -136,17 +166,27 @@ def summary(run: Run, state: str, wall_s: float, baseline: dict[str, Any]) -> di
     ups = [r["bytes_up_per_client"] for r in rows if r.get("bytes_up_per_client")]
     last = run.rows[-1] if run.rows else {}
     return {
-        "run_id": run.run_id, "state": state, "run_dir": str(run.run_dir), "rounds_done": len(run.rows),
-        "initial_accuracy": baseline.get("accuracy"), "initial_loss": baseline.get("loss"),
-        "final_accuracy": last.get("accuracy"), "final_loss": last.get("loss"),
-        "final_sparsity": last.get("sparsity"), "final_sparsity_overall": last.get("sparsity_overall"),
-        "num_params": run.gm.num_params, "dense_fp32_bytes": run.initial_dense_bytes,
+        "run_id": run.run_id,
+        "state": state,
+        "run_dir": str(run.run_dir),
+        "rounds_done": len(run.rows),
+        "initial_accuracy": baseline.get("accuracy"),
+        "initial_loss": baseline.get("loss"),
+        "final_accuracy": last.get("accuracy"),
+        "final_loss": last.get("loss"),
+        "final_sparsity": last.get("sparsity"),
+        "final_sparsity_overall": last.get("sparsity_overall"),
+        "num_params": run.gm.num_params,
+        "dense_fp32_bytes": run.initial_dense_bytes,
         "upload_bytes_per_client_round": (sum(ups) / len(ups)) if ups else None,
         "ratio_vs_dense_fp32": (run.initial_dense_bytes / (sum(ups) / len(ups))) if ups else None,
         "bytes_up_total": sum(r["bytes_up_total"] for r in run.rows),
         "bytes_down_total": sum(r["bytes_down_total"] for r in run.rows),
         "round_wall_s": (sum(r["wall_s"] for r in run.rows) / len(run.rows)) if run.rows else None,
-        "total_wall_s": round(wall_s, 3), "clients": sorted(run.begun),
-        "layers": run.gm.layer_report, "flops": run.gm.flops, "architecture": run.gm.units,
+        "total_wall_s": round(wall_s, 3),
+        "clients": sorted(run.begun),
+        "layers": run.gm.layer_report,
+        "flops": run.gm.flops,
+        "architecture": run.gm.units,
         "original_architecture": run.original_units,
     }

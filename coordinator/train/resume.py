@@ -19,5 +19,3 @@ def resume_config(store: Store, run_id: str) -> tuple[TrainConfig, dict[str, Any
     if cfg.input_shape is not None:
         cfg.input_shape = tuple(cfg.input_shape)
     return cfg, rec
-
-

@@ -51,7 +51,7 @@ def shrink(run: Run, rnd: int, removed: float) -> None:
         run.reporter.warn(f"round {rnd}: structured step skipped ({exc}); keeping the last good architecture")
         return
     run.begun.clear()  # every client gets the new architecture before its next round
-    run.reporter.say(f"round {rnd}: {removed:.0%} of units removed: {before:,} -> {gm.num_params:,} parameters, "
-                     + ", ".join(f"{k} {v}" for k, v in gm.units.items()))
-
-
+    run.reporter.say(
+        f"round {rnd}: {removed:.0%} of units removed: {before:,} -> {gm.num_params:,} parameters, "
+        + ", ".join(f"{k} {v}" for k, v in gm.units.items())
+    )

@@ -29,8 +29,9 @@ def chunk_count(total_bytes: int, chunk_bytes: int) -> int:
     return max(1, -(-total_bytes // chunk_bytes))
 
 
-def split(data: bytes, chunk_bytes: int = DEFAULT_CHUNK_BYTES, request_id: str | None = None,
-          sha256: str | None = None) -> Iterator[ChunkFrame]:
+def split(
+    data: bytes, chunk_bytes: int = DEFAULT_CHUNK_BYTES, request_id: str | None = None, sha256: str | None = None
+) -> Iterator[ChunkFrame]:
     if chunk_bytes <= 0:
         raise ValueError("chunk_bytes must be positive")
     sha = sha256 or sha256_hex(data)

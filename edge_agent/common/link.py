@@ -29,6 +29,7 @@ import logging
 import random
 import socket
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from urllib.parse import urlparse
@@ -97,8 +98,15 @@ def check_credentials(addresses: Sequence[BrokerAddress], password: str | None, 
     """A password over plain TCP to another machine can be read by anyone on the path: refuse unless forced."""
     exposed = [a.url for a in addresses if password and not a.tls and not a.loopback]
     if exposed and not force_plain:
-        raise ValueError(f"refusing to send a password over plain TCP to {', '.join(exposed)}: use mqtts:// "
-                         f"(or force it with the plain-password setting on a network you trust)")
+        raise ValueError(
+            f"refusing to send a password over plain TCP to {', '.join(exposed)}: use mqtts:// "
+            f"(or force it with the plain-password setting on a network you trust)"
+        )
+
+
+STABLE_CONNECTION_S = 5.0
+"""A connection that lasted this long was working: after it drops, retry the same broker first, quickly.
+One dropped sooner (refused after CONNACK, a broken cluster node) counts as an unreachable broker."""
 
 
 class Backoff:
@@ -112,7 +120,7 @@ class Backoff:
         self._rng = rng or random.Random()
 
     def next_delay(self) -> float:
-        cap = min(self.max_s, self.min_s * (2 ** self.attempt))
+        cap = min(self.max_s, self.min_s * (2**self.attempt))
         self.attempt += 1
         return cap / 2 + self._rng.uniform(0, cap / 2)
 
@@ -177,6 +185,7 @@ class Link:
         self.addresses = parse_broker_urls(broker_url)
         check_credentials(self.addresses, password, force_plain_password)
         self._index = 0
+        self._base_client_id = client_id
         self._on_message_cb = on_message
         self._on_connect_cb = on_connect
         self.keepalive_s = keepalive_s
@@ -271,6 +280,10 @@ class Link:
             address = self.address
             self._ended.clear()
             was_connected = self.connect_count
+            # One client id per broker of the list. A clustered broker may keep state under the id on the
+            # node that died (RabbitMQ: a durable subscription queue homed there, and every reconnect under
+            # that id elsewhere crashes); with clean sessions nothing is lost by a fresh id after failover.
+            self.client._client_id = self._client_id_for(self._index)  # paho reads it at each CONNECT
             try:
                 self.client.connect_async(address.host, address.port, keepalive=self.keepalive_s)
             except ValueError as exc:  # cannot happen for parsed addresses; never kill the supervisor
@@ -286,15 +299,28 @@ class Link:
             if self._stop.is_set():
                 break
             lost = self.connect_count > was_connected
-            if not lost or self._retried_lost:
+            stable = lost and time.monotonic() - self._connected_at >= STABLE_CONNECTION_S
+            if stable:
+                self.backoff.reset()  # it worked for a while: reconnect fast, and the same broker first
+            if not stable or self._retried_lost:  # a broker that drops us at once counts as unreachable
                 self._next_broker()
-            self._retried_lost = lost
+            self._retried_lost = stable
             delay = self.backoff.next_delay()
-            log.info("%s: %s %s; trying %s in %.1f s", self._name, "connection lost to" if lost else "cannot reach",
-                     address.url, self.address.url, delay)
+            log.info(
+                "%s: %s %s; trying %s in %.1f s",
+                self._name,
+                "connection lost to" if lost else "cannot reach",
+                address.url,
+                self.address.url,
+                delay,
+            )
             self._stop.wait(delay)
 
     _retried_lost = False
+    _connected_at = 0.0
+
+    def _client_id_for(self, index: int) -> bytes:
+        return (self._base_client_id if index == 0 else f"{self._base_client_id}-b{index}").encode()
 
     def _next_broker(self) -> None:
         if len(self.addresses) > 1:
@@ -307,8 +333,7 @@ class Link:
             log.warning("%s: broker %s refused the connection: %s", self._name, self.address.url, reason_code)
             self._ended.set()
             return
-        self.backoff.reset()
-        self._retried_lost = False
+        self._connected_at = time.monotonic()
         self.connect_count += 1
         sock = client.socket()
         if isinstance(sock, socket.socket):
@@ -341,7 +366,9 @@ class Link:
             log.exception("%s: message handler failed on %s", self._name, message.topic)
 
     # -- operations (any thread: they only queue for paho's thread) -----
-    def publish(self, topic: str, payload: bytes, *, retain: bool = False, qos: int = QOS_CONTROL) -> mqtt.MQTTMessageInfo:
+    def publish(
+        self, topic: str, payload: bytes, *, retain: bool = False, qos: int = QOS_CONTROL
+    ) -> mqtt.MQTTMessageInfo:
         return self.client.publish(topic, payload, qos=qos, retain=retain)
 
     def subscribe(self, topic: str, qos: int = QOS_CONTROL) -> None:

@@ -27,12 +27,12 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 
-from .blobs import sha256_hex
-from .link import Link, PublishTimeout, wait_published
 from ..protocol import serde
 from ..protocol.constants import CHUNK_IDLE_S, MAX_BLOB_BYTES, MAX_CHUNK_BYTES, PUBLISH_TIMEOUT_S, UPLOAD_WINDOW_CHUNKS
 from ..protocol.errors import ErrorCode, ProtocolError
 from ..protocol.messages import ChunkFrame
+from .blobs import sha256_hex
+from .link import Link, PublishTimeout, wait_published
 
 SENT_GRACE_S = 2.0
 """After the sender says it has sent everything, missing chunks are asked for again this soon."""
@@ -41,8 +41,16 @@ SENT_GRACE_S = 2.0
 class Pull:
     """One expected blob from one source, assembled from frames that match it."""
 
-    def __init__(self, sha256: str, source: str, *, expected_bytes: int | None = None,
-                 expected_chunks: int | None = None, deadline_s: float = 300.0, max_bytes: int = MAX_BLOB_BYTES):
+    def __init__(
+        self,
+        sha256: str,
+        source: str,
+        *,
+        expected_bytes: int | None = None,
+        expected_chunks: int | None = None,
+        deadline_s: float = 300.0,
+        max_bytes: int = MAX_BLOB_BYTES,
+    ):
         if expected_bytes is not None and expected_bytes > max_bytes:
             raise ProtocolError(ErrorCode.TOO_LARGE, f"blob of {expected_bytes} bytes exceeds the limit of {max_bytes}")
         self.sha256, self.source = sha256, source
@@ -75,20 +83,25 @@ class Pull:
             raise ProtocolError(ErrorCode.BAD_FIELD, f"blob {short}: a chunk of blob {frame.blob_sha256[:12]} arrived")
         if self.total_bytes is None:
             if frame.total_bytes > self.max_bytes:
-                raise ProtocolError(ErrorCode.TOO_LARGE, f"blob of {frame.total_bytes} bytes exceeds the limit "
-                                                         f"of {self.max_bytes}")
+                raise ProtocolError(
+                    ErrorCode.TOO_LARGE, f"blob of {frame.total_bytes} bytes exceeds the limit " f"of {self.max_bytes}"
+                )
             self.total_bytes = frame.total_bytes
         elif frame.total_bytes != self.total_bytes:
-            raise ProtocolError(ErrorCode.INTEGRITY, f"blob {short}: chunk announces {frame.total_bytes} bytes, "
-                                                     f"expected {self.total_bytes}")
+            raise ProtocolError(
+                ErrorCode.INTEGRITY,
+                f"blob {short}: chunk announces {frame.total_bytes} bytes, " f"expected {self.total_bytes}",
+            )
         if self.count is None:
             self.count = frame.count
         elif frame.count != self.count:
-            raise ProtocolError(ErrorCode.INTEGRITY, f"blob {short}: chunk announces {frame.count} chunks, "
-                                                     f"expected {self.count}")
+            raise ProtocolError(
+                ErrorCode.INTEGRITY, f"blob {short}: chunk announces {frame.count} chunks, " f"expected {self.count}"
+            )
         if self.count > max(1, self.total_bytes) or self.count * MAX_CHUNK_BYTES < self.total_bytes:
-            raise ProtocolError(ErrorCode.BAD_FIELD, f"blob {short}: {self.count} chunks cannot hold "
-                                                     f"{self.total_bytes} bytes")
+            raise ProtocolError(
+                ErrorCode.BAD_FIELD, f"blob {short}: {self.count} chunks cannot hold " f"{self.total_bytes} bytes"
+            )
         if frame.index in self._chunks:
             return  # a QoS-1 duplicate or an answer to a repeated request
         self._chunks[frame.index] = frame.data
@@ -101,8 +114,9 @@ class Pull:
         data = b"".join(self._chunks[i] for i in range(self.count))
         actual = sha256_hex(data)
         if len(data) != self.total_bytes or actual != self.sha256:
-            raise ProtocolError(ErrorCode.INTEGRITY, f"blob {short}: sha256 mismatch (got {actual[:12]}, "
-                                                     f"{len(data)} bytes)")
+            raise ProtocolError(
+                ErrorCode.INTEGRITY, f"blob {short}: sha256 mismatch (got {actual[:12]}, " f"{len(data)} bytes)"
+            )
         self._finish(data=data)
 
     def _finish(self, data: bytes | None = None, error: ProtocolError | None = None) -> None:
@@ -148,8 +162,16 @@ class Receiver:
         self._broadcast: dict[tuple[str, str], Pull] = {}
         self._lock = threading.Lock()
 
-    def open(self, sha256: str, source: str, *, expected_bytes: int | None = None, expected_chunks: int | None = None,
-             deadline_s: float = 300.0, broadcast: bool = False) -> Pull:
+    def open(
+        self,
+        sha256: str,
+        source: str,
+        *,
+        expected_bytes: int | None = None,
+        expected_chunks: int | None = None,
+        deadline_s: float = 300.0,
+        broadcast: bool = False,
+    ) -> Pull:
         """A new pull; for a broadcast, the pull already open for that blob is shared (one download)."""
         with self._lock:
             if broadcast:
@@ -158,8 +180,14 @@ class Receiver:
                     pull.users += 1
                     pull.deadline = max(pull.deadline, time.monotonic() + deadline_s)
                     return pull
-            pull = Pull(sha256, source, expected_bytes=expected_bytes, expected_chunks=expected_chunks,
-                        deadline_s=deadline_s, max_bytes=self.max_bytes)
+            pull = Pull(
+                sha256,
+                source,
+                expected_bytes=expected_bytes,
+                expected_chunks=expected_chunks,
+                deadline_s=deadline_s,
+                max_bytes=self.max_bytes,
+            )
             if broadcast:
                 self._broadcast[(source, sha256)] = pull
             return pull
@@ -205,9 +233,16 @@ class Receiver:
         return sum(p.pending_bytes for p in pulls)
 
 
-def wait(pull: Pull, timeout_s: float, ask: Callable[[list[int] | None], None], *, first_ask_s: float = CHUNK_IDLE_S,
-         idle_s: float = CHUNK_IDLE_S, sent_all: Callable[[], bool] | None = None,
-         max_idle_s: float = 60.0) -> bytes:
+def wait(
+    pull: Pull,
+    timeout_s: float,
+    ask: Callable[[list[int] | None], None],
+    *,
+    first_ask_s: float = CHUNK_IDLE_S,
+    idle_s: float = CHUNK_IDLE_S,
+    sent_all: Callable[[], bool] | None = None,
+    max_idle_s: float = 60.0,
+) -> bytes:
     """Wait for ``pull``; when no chunk came for a while, ``ask`` for the missing ones (None: all).
 
     The first ask comes after ``first_ask_s`` without progress, later ones after ``idle_s``,
@@ -221,8 +256,10 @@ def wait(pull: Pull, timeout_s: float, ask: Callable[[list[int] | None], None], 
         now = time.monotonic()
         if now >= deadline:
             got, total = pull.progress()
-            pull.expire(f"blob {pull.sha256[:12]} from {pull.source}: {got}/{total} chunks after {timeout_s:.0f} s"
-                        f" ({asks} repeated requests)")
+            pull.expire(
+                f"blob {pull.sha256[:12]} from {pull.source}: {got}/{total} chunks after {timeout_s:.0f} s"
+                f" ({asks} repeated requests)"
+            )
             break
         quiet = now - max(pull.last_progress, asked_at)
         limit = min(wait_s, SENT_GRACE_S) if sent_all is not None and sent_all() else wait_s
@@ -234,9 +271,15 @@ def wait(pull: Pull, timeout_s: float, ask: Callable[[list[int] | None], None], 
     return pull.result()
 
 
-def send_frames(link: Link, frames: Iterable[ChunkFrame], topic: str | Callable[[ChunkFrame], str], *,
-                retain: bool = False, window: int = UPLOAD_WINDOW_CHUNKS,
-                timeout_s: float = PUBLISH_TIMEOUT_S) -> int:
+def send_frames(
+    link: Link,
+    frames: Iterable[ChunkFrame],
+    topic: str | Callable[[ChunkFrame], str],
+    *,
+    retain: bool = False,
+    window: int = UPLOAD_WINDOW_CHUNKS,
+    timeout_s: float = PUBLISH_TIMEOUT_S,
+) -> int:
     """Publish chunk frames with at most ``window`` unacknowledged; return the bytes sent.
 
     Raises TIMEOUT when the broker does not acknowledge a chunk in time (the

@@ -191,9 +191,11 @@ def compile_model(model, lr: float = 1e-3, optimizer: str = "adam", training: di
     opt = keras.optimizers.Adam(lr) if optimizer == "adam" else keras.optimizers.SGD(lr, momentum=0.9)
     if training is not None:
         loss = training["loss"]
-        model.compile(optimizer=opt, loss=loss if isinstance(loss, str) else keras.losses.deserialize(loss),
-                      metrics=[m if isinstance(m, str) else keras.metrics.deserialize(m)
-                               for m in training.get("metrics") or []])
+        model.compile(
+            optimizer=opt,
+            loss=loss if isinstance(loss, str) else keras.losses.deserialize(loss),
+            metrics=[m if isinstance(m, str) else keras.metrics.deserialize(m) for m in training.get("metrics") or []],
+        )
         return model
     softmax_out = model.layers[-1].get_config().get("activation") == "softmax"
     model.compile(

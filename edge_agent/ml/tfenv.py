@@ -13,6 +13,7 @@ import contextlib
 import os
 import tempfile
 
+
 class TFStack:
     """``tf`` and ``keras`` (tf_keras); ``tfmot`` is imported on first use, since dense
     training never needs it and it drags in Keras 3 (about a second per process)."""
@@ -112,4 +113,6 @@ def available() -> bool:
     """True if the training stack is installed (without importing it)."""
     import importlib.util
 
-    return all(importlib.util.find_spec(m) is not None for m in ("tensorflow", "tf_keras", "tensorflow_model_optimization"))
+    return all(
+        importlib.util.find_spec(m) is not None for m in ("tensorflow", "tf_keras", "tensorflow_model_optimization")
+    )

@@ -85,13 +85,22 @@ def _analyse(schema, model) -> dict[str, Any]:
                 zero_point = int(t.quantization.zeroPoint[0])
             nonzero = int(np.count_nonzero(stored != zero_point))
             zeros = size - nonzero
-            tensors_out.append({
-                "name": t.name.decode() if isinstance(t.name, bytes) else str(t.name),
-                "op": name, "shape": shape, "dtype": np.dtype(_DTYPES[t.type]).name,
-                "encoding": "sparse" if t.sparsity is not None else "dense",
-                "stored_values": int(stored.size), "size": size, "sparsity": round(zeros / size, 6) if size else 0.0,
-            })
+            tensors_out.append(
+                {
+                    "name": t.name.decode() if isinstance(t.name, bytes) else str(t.name),
+                    "op": name,
+                    "shape": shape,
+                    "dtype": np.dtype(_DTYPES[t.type]).name,
+                    "encoding": "sparse" if t.sparsity is not None else "dense",
+                    "stored_values": int(stored.size),
+                    "size": size,
+                    "sparsity": round(zeros / size, 6) if size else 0.0,
+                }
+            )
             zeros_total += zeros
             size_total += size
-    return {"tensors": tensors_out, "weights": size_total,
-            "sparsity": round(zeros_total / size_total, 6) if size_total else 0.0}
+    return {
+        "tensors": tensors_out,
+        "weights": size_total,
+        "sparsity": round(zeros_total / size_total, 6) if size_total else 0.0,
+    }

@@ -57,8 +57,13 @@ MAGIC = b"EPT1"
 _HEAD = struct.Struct("<4sI")
 MAX_HEADER_BYTES = 16 << 20
 MAX_BODY_BYTES = 1 << 30
-VALUE_DTYPES: dict[str, np.dtype[Any]] = {"fp32": np.dtype("<f4"), "fp16": np.dtype("<f2"), "int8": np.dtype("i1"), "int6": np.dtype("i1"),
-                "int4": np.dtype("i1")}
+VALUE_DTYPES: dict[str, np.dtype[Any]] = {
+    "fp32": np.dtype("<f4"),
+    "fp16": np.dtype("<f2"),
+    "int8": np.dtype("i1"),
+    "int6": np.dtype("i1"),
+    "int4": np.dtype("i1"),
+}
 INT_LEVELS = {"int8": 127, "int6": 31, "int4": 7}
 """Symmetric integer formats: values in -L..L, one byte each; zstd's entropy coder then
 spends about the entropy of the quantised values, not 8 bits."""
@@ -92,12 +97,20 @@ def _quantize(x: np.ndarray, levels: int, rng: np.random.Generator) -> tuple[np.
     return np.clip(q, -levels, levels).astype(np.int8), scale
 
 
-def encode(tensors: Sequence[np.ndarray], *, names: Sequence[str], kind: str,
-           masks: Sequence[np.ndarray | None] | None = None,
-           reference: Sequence[np.ndarray] | None = None,
-           reference_masks: Sequence[np.ndarray | None] | None = None,
-           values: str = "fp32", delta: bool = False, compression: str = "zstd",
-           meta: dict[str, Any] | None = None, seed: int = 0) -> bytes:
+def encode(
+    tensors: Sequence[np.ndarray],
+    *,
+    names: Sequence[str],
+    kind: str,
+    masks: Sequence[np.ndarray | None] | None = None,
+    reference: Sequence[np.ndarray] | None = None,
+    reference_masks: Sequence[np.ndarray | None] | None = None,
+    values: str = "fp32",
+    delta: bool = False,
+    compression: str = "zstd",
+    meta: dict[str, Any] | None = None,
+    seed: int = 0,
+) -> bytes:
     """Encode tensors (with optional masks) into one bundle.
 
     A tensor's mask is sent ``relative`` to ``reference_masks[i]`` when that is
@@ -147,14 +160,33 @@ def encode(tensors: Sequence[np.ndarray], *, names: Sequence[str], kind: str,
             value_parts.append(q.tobytes())
         else:
             value_parts.append(kept.astype(VALUE_DTYPES[values]).tobytes())
-        entries.append({"name": name, "shape": list(t.shape), "mask": mode, "values": values,
-                        "scale": scale, "nnz": int(kept.size), "delta": bool(delta)})
+        entries.append(
+            {
+                "name": name,
+                "shape": list(t.shape),
+                "mask": mode,
+                "values": values,
+                "scale": scale,
+                "nnz": int(kept.size),
+                "delta": bool(delta),
+            }
+        )
     body = b"".join(mask_parts) + b"".join(value_parts)
     raw_len = len(body)
     if compression == "zstd":
         body = _zstd().ZstdCompressor(level=ZSTD_LEVEL).compress(body)
-    header = json.dumps({"v": 1, "kind": kind, "compression": compression, "body_bytes": raw_len,
-                         "meta": meta or {}, "tensors": entries}, separators=(",", ":"), allow_nan=True).encode()
+    header = json.dumps(
+        {
+            "v": 1,
+            "kind": kind,
+            "compression": compression,
+            "body_bytes": raw_len,
+            "meta": meta or {},
+            "tensors": entries,
+        },
+        separators=(",", ":"),
+        allow_nan=True,
+    ).encode()
     return _HEAD.pack(MAGIC, len(header)) + header + body
 
 
@@ -165,7 +197,7 @@ def read_header(data: bytes) -> tuple[dict[str, Any], int]:
     if hlen > MAX_HEADER_BYTES or _HEAD.size + hlen > len(data):
         raise ProtocolError(ErrorCode.MALFORMED, f"tensor bundle header length {hlen} is invalid")
     try:
-        header = json.loads(data[_HEAD.size:_HEAD.size + hlen].decode("utf-8"))
+        header = json.loads(data[_HEAD.size : _HEAD.size + hlen].decode("utf-8"))
         assert isinstance(header, dict) and isinstance(header["tensors"], list)
     except (ValueError, UnicodeDecodeError, AssertionError, KeyError, TypeError):
         raise ProtocolError(ErrorCode.MALFORMED, "tensor bundle header is not valid JSON") from None
@@ -180,6 +212,7 @@ _MASKS = ("dense", "bitmap", "xor", "relative")
 
 def _check_header(header: dict[str, Any]) -> None:
     """Every field's type and range, before any byte of the body is interpreted (found by fuzzing)."""
+
     def bad(why: str) -> ProtocolError:
         return ProtocolError(ErrorCode.MALFORMED, f"tensor bundle header: {why}")
 
@@ -191,8 +224,11 @@ def _check_header(header: dict[str, Any]) -> None:
         if not isinstance(e.get("name"), str):
             raise bad(f"tensor {i} has no name")
         shape = e.get("shape")
-        if (not isinstance(shape, list) or len(shape) > 8
-                or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**31 for d in shape)):
+        if (
+            not isinstance(shape, list)
+            or len(shape) > 8
+            or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**31 for d in shape)
+        ):
             raise bad(f"{e['name']}: shape {shape!r} is not a list of at most 8 non-negative integers")
         if e.get("mask") not in _MASKS or e.get("values") not in VALUE_DTYPES:
             raise bad(f"{e['name']}: unknown mask {e.get('mask')!r} or values {e.get('values')!r}")
@@ -200,14 +236,18 @@ def _check_header(header: dict[str, Any]) -> None:
             raise bad(f"{e['name']}: nnz must be a non-negative integer")
         if not isinstance(e.get("delta"), bool):
             raise bad(f"{e['name']}: delta must be true or false")
-        if e["values"] in INT_LEVELS and (not isinstance(e.get("scale"), (int, float)) or isinstance(e["scale"], bool)
-                                          or not np.isfinite(e["scale"])):
+        if e["values"] in INT_LEVELS and (
+            not isinstance(e.get("scale"), (int, float)) or isinstance(e["scale"], bool) or not np.isfinite(e["scale"])
+        ):
             raise bad(f"{e['name']}: {e['values']} values need a finite scale")
 
 
-def decode(data: bytes, reference: Sequence[np.ndarray] | None = None,
-           reference_masks: Sequence[np.ndarray | None] | None = None,
-           max_body_bytes: int = MAX_BODY_BYTES) -> Bundle:
+def decode(
+    data: bytes,
+    reference: Sequence[np.ndarray] | None = None,
+    reference_masks: Sequence[np.ndarray | None] | None = None,
+    max_body_bytes: int = MAX_BODY_BYTES,
+) -> Bundle:
     """Decode a bundle; ``reference``/``reference_masks`` are needed for delta/relative tensors."""
     header, offset = read_header(data)
     body_len = header.get("body_bytes")
@@ -242,8 +282,10 @@ def decode(data: bytes, reference: Sequence[np.ndarray] | None = None,
             if any(d < 0 for d in shape):
                 raise ValueError("negative dimension")
             if reference is not None and tuple(np.shape(reference[i])) != shape:
-                raise ProtocolError(ErrorCode.BAD_FIELD, f"{e['name']}: shape {shape} does not match the model's "
-                                                         f"{tuple(np.shape(reference[i]))}")
+                raise ProtocolError(
+                    ErrorCode.BAD_FIELD,
+                    f"{e['name']}: shape {shape} does not match the model's " f"{tuple(np.shape(reference[i]))}",
+                )
             n = int(np.prod(shape))
             if e["mask"] == "dense":
                 masks.append(None)
@@ -257,7 +299,9 @@ def decode(data: bytes, reference: Sequence[np.ndarray] | None = None,
                 if ref_m is None:
                     raise ProtocolError(ErrorCode.BAD_FIELD, f"{e['name']}: xor mask without a reference mask")
                 if np.shape(ref_m) != shape:
-                    raise ProtocolError(ErrorCode.BAD_FIELD, f"{e['name']}: reference mask shape {np.shape(ref_m)} != {shape}")
+                    raise ProtocolError(
+                        ErrorCode.BAD_FIELD, f"{e['name']}: reference mask shape {np.shape(ref_m)} != {shape}"
+                    )
                 nbytes = -(-n // 8)
                 bits = np.unpackbits(np.frombuffer(body, np.uint8, nbytes, pos), count=n).astype(bool)
                 masks.append(bits.reshape(shape) ^ np.asarray(ref_m, dtype=bool))
@@ -267,7 +311,9 @@ def decode(data: bytes, reference: Sequence[np.ndarray] | None = None,
                     raise ProtocolError(ErrorCode.BAD_FIELD, f"{e['name']}: relative mask without a reference mask")
                 ref_m = np.asarray(ref_m, dtype=bool)
                 if ref_m.shape != shape:
-                    raise ProtocolError(ErrorCode.BAD_FIELD, f"{e['name']}: reference mask shape {ref_m.shape} != {shape}")
+                    raise ProtocolError(
+                        ErrorCode.BAD_FIELD, f"{e['name']}: reference mask shape {ref_m.shape} != {shape}"
+                    )
                 k = int(ref_m.sum())
                 nbytes = -(-k // 8)
                 bits = np.unpackbits(np.frombuffer(body, np.uint8, nbytes, pos), count=k).astype(bool)

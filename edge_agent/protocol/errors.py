@@ -6,24 +6,24 @@ import enum
 
 
 class ErrorCode(str, enum.Enum):
-    MALFORMED = "malformed"                # not JSON / not a frame / wrong structure
-    BAD_VERSION = "bad_version"            # protocol major version differs
-    BAD_FIELD = "bad_field"                # missing field or wrong type
-    TOO_LARGE = "too_large"                # payload over the configured limit
-    BAD_TOPIC = "bad_topic"                # topic or id fails validation
+    MALFORMED = "malformed"  # not JSON / not a frame / wrong structure
+    BAD_VERSION = "bad_version"  # protocol major version differs
+    BAD_FIELD = "bad_field"  # missing field or wrong type
+    TOO_LARGE = "too_large"  # payload over the configured limit
+    BAD_TOPIC = "bad_topic"  # topic or id fails validation
     UNKNOWN_COMMAND = "unknown_command"
-    BAD_ARGS = "bad_args"                  # command arguments invalid
-    BUSY = "busy"                          # agent is already running a long job
-    UNSUPPORTED = "unsupported"            # agent cannot do it (e.g. no TensorFlow)
-    NOT_FOUND = "not_found"                # referenced blob/run unknown
-    INTEGRITY = "integrity"                # hash mismatch, corrupted data
-    BAD_SIGNATURE = "bad_signature"        # unsigned, or the signature does not verify
-    REPLAYED = "replayed"                  # a request id already used, or too old / an earlier round
-    REJECTED = "rejected"                  # valid message refused by policy (NaN update...)
-    RESOURCES = "resources"                # not enough disk/RAM
+    BAD_ARGS = "bad_args"  # command arguments invalid
+    BUSY = "busy"  # agent is already running a long job
+    UNSUPPORTED = "unsupported"  # agent cannot do it (e.g. no TensorFlow)
+    NOT_FOUND = "not_found"  # referenced blob/run unknown
+    INTEGRITY = "integrity"  # hash mismatch, corrupted data
+    BAD_SIGNATURE = "bad_signature"  # unsigned, or the signature does not verify
+    REPLAYED = "replayed"  # a request id already used, or too old / an earlier round
+    REJECTED = "rejected"  # valid message refused by policy (NaN update...)
+    RESOURCES = "resources"  # not enough disk/RAM
     TIMEOUT = "timeout"
     CANCELLED = "cancelled"
-    INTERNAL = "internal"                  # bug or unexpected exception
+    INTERNAL = "internal"  # bug or unexpected exception
 
     @classmethod
     def coerce(cls, value: object) -> "ErrorCode":

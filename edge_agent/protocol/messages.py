@@ -67,7 +67,7 @@ class Command:
     ts: float
     args: dict[str, Any] = field(default_factory=dict)
     timeout_s: float | None = None
-    to: str | None = None   # the device it is for: signed, so a captured command cannot be aimed at another
+    to: str | None = None  # the device it is for: signed, so a captured command cannot be aimed at another
     sig: str | None = None  # Ed25519 by the coordinator, over signing.canonical(); required in a secure fleet
 
 

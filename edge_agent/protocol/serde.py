@@ -54,7 +54,9 @@ def encode(msg: Any) -> bytes:
 
 def _load_json(payload: bytes, max_bytes: int) -> dict[str, Any]:
     if len(payload) > max_bytes:
-        raise ProtocolError(ErrorCode.TOO_LARGE, f"message of {len(payload)} bytes exceeds the limit of {max_bytes} bytes")
+        raise ProtocolError(
+            ErrorCode.TOO_LARGE, f"message of {len(payload)} bytes exceeds the limit of {max_bytes} bytes"
+        )
     try:
         obj = json.loads(payload.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -128,10 +130,14 @@ def _check_semantics(msg: Any) -> None:
             raise ProtocolError(ErrorCode.BAD_FIELD, "reply: error reply without error object")
     elif isinstance(msg, BlobWant):
         validate_sha256(msg.sha256)
-        if msg.chunks is not None and (len(msg.chunks) > MAX_WANTED_CHUNKS or not all(
-                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in msg.chunks)):
-            raise ProtocolError(ErrorCode.BAD_FIELD, f"blob_want: chunks must be at most {MAX_WANTED_CHUNKS} "
-                                                     f"non-negative chunk indices")
+        if msg.chunks is not None and (
+            len(msg.chunks) > MAX_WANTED_CHUNKS
+            or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in msg.chunks)
+        ):
+            raise ProtocolError(
+                ErrorCode.BAD_FIELD,
+                f"blob_want: chunks must be at most {MAX_WANTED_CHUNKS} " f"non-negative chunk indices",
+            )
 
 
 def decode(cls: type[T], payload: bytes, max_bytes: int = MAX_CONTROL_BYTES) -> T:

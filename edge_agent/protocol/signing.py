@@ -53,15 +53,17 @@ def new_key() -> "Ed25519PrivateKey":
 def private_pem(key: "Ed25519PrivateKey") -> bytes:
     from cryptography.hazmat.primitives import serialization
 
-    return bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                   serialization.NoEncryption()))
+    return bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
 
 
 def public_pem(key: "Ed25519PrivateKey") -> bytes:
     from cryptography.hazmat.primitives import serialization
 
-    return bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
-                                               serialization.PublicFormat.SubjectPublicKeyInfo))
+    return bytes(
+        key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
 
 
 def load_private(path: str | Path) -> "Ed25519PrivateKey":

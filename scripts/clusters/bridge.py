@@ -79,14 +79,15 @@ def _bridge_up(site_port: int) -> bool:
         try:
             if code != 0:
                 return False
-            sock.sendall(cli.mqtt_packet(0x82, (1).to_bytes(2, "big") + cli._mqtt_str(BRIDGE_STATE_TOPIC.encode())
-                                         + b"\x00"))
+            sock.sendall(
+                cli.mqtt_packet(0x82, (1).to_bytes(2, "big") + cli._mqtt_str(BRIDGE_STATE_TOPIC.encode()) + b"\x00")
+            )
             sock.settimeout(0.5)
             while True:
                 first, body = cli.read_packet(sock)
                 if first >> 4 == 3:  # PUBLISH, QoS 0: topic, then payload
                     topic_len = int.from_bytes(body[:2], "big")
-                    return body[2 + topic_len:] == b"1"
+                    return body[2 + topic_len :] == b"1"
         except OSError:  # includes the read timeout: no retained state yet
             return False
         finally:
@@ -104,7 +105,9 @@ def _launch(dir: Path, name: str, port: int, laptop_port: int | None):
 
 def _wait(dir: Path, procs: dict, ports: dict, deadline: float) -> None:
     for name, proc in procs.items():
-        cli.wait_ready(f"mosquitto {name}", proc, dir / f"{name}.log", lambda p=ports[name]: cli.mqtt_ready(p), deadline)
+        cli.wait_ready(
+            f"mosquitto {name}", proc, dir / f"{name}.log", lambda p=ports[name]: cli.mqtt_ready(p), deadline
+        )
     cli.wait_ready(f"bridge {BRIDGE}", procs["B"], dir / "B.log", lambda: _bridge_up(ports["B"]), deadline)
 
 
@@ -125,10 +128,14 @@ def start(dir: Path, nodes: int) -> dict:
         cli.terminate([cli.process(p) for p in procs.values()])
         raise
     return {
-        "kind": "bridge", "dir": str(dir),
-        "nodes": [cli.process(procs[n], name=n, url=f"mqtt://{cli.HOST}:{ports[n]}", role=role,
-                              log=str(dir / f"{n}.log")) for n, role in (("A", "laptop"), ("B", "site"))],
-        "username": None, "password": None,
+        "kind": "bridge",
+        "dir": str(dir),
+        "nodes": [
+            cli.process(procs[n], name=n, url=f"mqtt://{cli.HOST}:{ports[n]}", role=role, log=str(dir / f"{n}.log"))
+            for n, role in (("A", "laptop"), ("B", "site"))
+        ],
+        "username": None,
+        "password": None,
         "bridge": {"name": BRIDGE, "from": "B", "to": "A", "topic": TOPIC, "qos": 1, "cleansession": False},
     }
 

@@ -44,6 +44,7 @@ class ClusterError(Exception):
 
 # ---------------------------------------------------------------- helpers shared by the backends
 
+
 def free_ports(n: int) -> list[int]:
     """n distinct free TCP ports on 127.0.0.1 (all held open together, so none is handed out twice)."""
     socks = []
@@ -65,8 +66,15 @@ def spawn(cmd: list[str], log: Path, env: dict | None = None, cwd: Path | None =
     with open(log, "ab") as out:
         out.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S')} {' '.join(cmd)}\n".encode())
         out.flush()
-        return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True, env=env, cwd=cwd)
+        return subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=env,
+            cwd=cwd,
+        )
 
 
 def process(proc: subprocess.Popen, **fields) -> dict:
@@ -134,7 +142,7 @@ def log_tail(log: Path, lines: int = 15) -> str:
     except OSError:
         return "(no log)"
     starts = [i for i, line in enumerate(text) if line.startswith("--- ")]
-    text = text[starts[-1] + 1:] if starts else text
+    text = text[starts[-1] + 1 :] if starts else text
     return " | ".join(text[-lines:]) or "(nothing logged)"
 
 
@@ -143,13 +151,16 @@ def wait_ready(name: str, proc: subprocess.Popen, log: Path, ready, deadline: fl
     with the tail of its log in the message."""
     while True:
         if proc.poll() is not None:
-            raise ClusterError("start_failed", f"{name} exited with status {proc.returncode} while starting "
-                                               f"(log {log}): {log_tail(log)}")
+            raise ClusterError(
+                "start_failed",
+                f"{name} exited with status {proc.returncode} while starting " f"(log {log}): {log_tail(log)}",
+            )
         if ready():
             return
         if time.monotonic() >= deadline:
-            raise ClusterError("start_timeout", f"{name} was not ready after {START_TIMEOUT_S:g} s "
-                                                f"(log {log}): {log_tail(log)}")
+            raise ClusterError(
+                "start_timeout", f"{name} was not ready after {START_TIMEOUT_S:g} s " f"(log {log}): {log_tail(log)}"
+            )
         time.sleep(0.1)
 
 
@@ -172,6 +183,7 @@ def mqtt_packet(first_byte: int, body: bytes) -> bytes:
 
 def read_packet(sock: socket.socket) -> tuple[int, bytes]:
     """One MQTT packet: (first byte, body). Raises OSError on EOF or timeout."""
+
     def exact(n: int) -> bytes:
         buf = b""
         while len(buf) < n:
@@ -191,8 +203,9 @@ def read_packet(sock: socket.socket) -> tuple[int, bytes]:
             return first, exact(length)
 
 
-def mqtt_connect(port: int, username: str | None = None, password: str | None = None,
-                 timeout_s: float = 2.0) -> tuple[socket.socket, int]:
+def mqtt_connect(
+    port: int, username: str | None = None, password: str | None = None, timeout_s: float = 2.0
+) -> tuple[socket.socket, int]:
     """A raw MQTT 3.1.1 CONNECT (clean session) to 127.0.0.1:port: (socket, CONNACK return code).
     Raw bytes because the system Python that runs this tool may have no paho."""
     client_id = f"edgeprune-cluster-probe-{os.getpid()}-{time.monotonic_ns() % 10**9}".encode()
@@ -233,11 +246,13 @@ def node_entry(state: dict, name: str) -> dict:
     for node in state["nodes"]:
         if node["name"] == name:
             return node
-    raise ClusterError("unknown_node", f"no node {name!r} in this cluster (nodes: "
-                                       f"{', '.join(n['name'] for n in state['nodes'])})")
+    raise ClusterError(
+        "unknown_node", f"no node {name!r} in this cluster (nodes: " f"{', '.join(n['name'] for n in state['nodes'])})"
+    )
 
 
 # ---------------------------------------------------------------- backends, state, liveness
+
 
 def load_backend(kind: str):
     """The backend module scripts/clusters/KIND.py (loaded by path: the aedes/ folder beside aedes.py
@@ -278,7 +293,9 @@ def processes(state: dict) -> list[dict]:
         if isinstance(value, dict):
             for key, v in value.items():
                 if _is_pid(key, v):
-                    found.setdefault(v, {"pid": v, "_start": value.get("_start") if key == "pid" else starts.get(str(v))})
+                    found.setdefault(
+                        v, {"pid": v, "_start": value.get("_start") if key == "pid" else starts.get(str(v))}
+                    )
                 else:
                     walk(v)
         elif isinstance(value, list):
@@ -361,13 +378,17 @@ def running(state: dict | None) -> bool:
 
 # ---------------------------------------------------------------- commands
 
+
 def cmd_start(args) -> dict:
     with locked(args.dir, create=True):
         old = read_state(args.dir)
         if running(old):
             if not args.force:
-                raise ClusterError("already_running", f"a cluster ({old.get('kind')}) is already running in {args.dir} "
-                                                      f"(./scripts/cluster stop --dir {args.dir}, or start --force)")
+                raise ClusterError(
+                    "already_running",
+                    f"a cluster ({old.get('kind')}) is already running in {args.dir} "
+                    f"(./scripts/cluster stop --dir {args.dir}, or start --force)",
+                )
             _stop(old)
         state_path(args.dir).unlink(missing_ok=True)
         why = unavailable(args.kind)
@@ -448,8 +469,10 @@ def render(command: str, result: dict) -> str:
         return f"stopped {len(pids)} process(es) in {result['dir']}" if pids else f"nothing running in {result['dir']}"
     if command == "check":
         return f"{result['kind']}: available"
-    lines = [f"{result['kind']} cluster in {result['dir']}"
-             + (f" (started in {result['startup_s']} s)" if "startup_s" in result and command == "start" else "")]
+    lines = [
+        f"{result['kind']} cluster in {result['dir']}"
+        + (f" (started in {result['startup_s']} s)" if "startup_s" in result and command == "start" else "")
+    ]
     rows = [("NODE", "URL", "PID", "ALIVE")]
     rows += [(n["name"], n["url"], str(n["pid"]), "yes" if n["alive"] else "DEAD") for n in result["nodes"]]
     for key, value in result.items():
@@ -474,32 +497,57 @@ class _Parser(argparse.ArgumentParser):
 
 def parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--dir", type=Path, default=DEFAULT_DIR,
-                        help="where state.json and the logs (NODE.log) live (default: %(default)s)")
-    common.add_argument("--json", action="store_true", help="print one JSON object (errors too: {\"error\": ...})")
+    common.add_argument(
+        "--dir",
+        type=Path,
+        default=DEFAULT_DIR,
+        help="where state.json and the logs (NODE.log) live (default: %(default)s)",
+    )
+    common.add_argument("--json", action="store_true", help='print one JSON object (errors too: {"error": ...})')
     p = _Parser(
         prog="scripts/cluster",
         description="Real clustered MQTT brokers on free 127.0.0.1 ports, daemonized, for failover tests. "
-                    "Nodes are named A, B, C, ...; their pids and URLs are kept in DIR/state.json.",
+        "Nodes are named A, B, C, ...; their pids and URLs are kept in DIR/state.json.",
         epilog="kinds: aedes = N Aedes (Node.js) nodes sharing one Redis; bridge = two Mosquitto brokers, "
-               "B (site) bridging edgeprune/# to A (laptop); rabbitmq = a RabbitMQ cluster with its MQTT plugin.")
+        "B (site) bridging edgeprune/# to A (laptop); rabbitmq = a RabbitMQ cluster with its MQTT plugin.",
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    s = sub.add_parser("start", parents=[common], help="start a cluster; returns once every node accepts MQTT",
-                       description="Start a cluster and wait (at most EDGEPRUNE_CLUSTER_TIMEOUT_S, default 60 s) "
-                                   "until every node answers an MQTT CONNECT.")
+    s = sub.add_parser(
+        "start",
+        parents=[common],
+        help="start a cluster; returns once every node accepts MQTT",
+        description="Start a cluster and wait (at most EDGEPRUNE_CLUSTER_TIMEOUT_S, default 60 s) "
+        "until every node answers an MQTT CONNECT.",
+    )
     s.add_argument("--kind", choices=KINDS, default="aedes", help="default: %(default)s")
     s.add_argument("--nodes", type=int, default=None, help="number of nodes (default 3; bridge: exactly 2)")
     s.add_argument("--force", action="store_true", help="stop a cluster already running in DIR first")
-    sub.add_parser("stop", parents=[common], help="stop every process of the cluster (idempotent)",
-                   description="Stop every process listed in DIR/state.json (nodes, Redis, ...). "
-                               "Nothing running is not an error.")
-    sub.add_parser("status", parents=[common], help="show nodes, URLs, pids and which are alive",
-                   description="Show the cluster in DIR with each process's liveness (exit 1: no cluster).")
-    k = sub.add_parser("kill", parents=[common], help="SIGKILL one node (e.g. A), to test failover",
-                       description="SIGKILL one node: no clean shutdown, its clients see the connection drop.")
+    sub.add_parser(
+        "stop",
+        parents=[common],
+        help="stop every process of the cluster (idempotent)",
+        description="Stop every process listed in DIR/state.json (nodes, Redis, ...). "
+        "Nothing running is not an error.",
+    )
+    sub.add_parser(
+        "status",
+        parents=[common],
+        help="show nodes, URLs, pids and which are alive",
+        description="Show the cluster in DIR with each process's liveness (exit 1: no cluster).",
+    )
+    k = sub.add_parser(
+        "kill",
+        parents=[common],
+        help="SIGKILL one node (e.g. A), to test failover",
+        description="SIGKILL one node: no clean shutdown, its clients see the connection drop.",
+    )
     k.add_argument("node", metavar="NODE")
-    r = sub.add_parser("restart", parents=[common], help="start a killed node again on the same port",
-                       description="Start a killed node again on the same port; returns once it accepts MQTT.")
+    r = sub.add_parser(
+        "restart",
+        parents=[common],
+        help="start a killed node again on the same port",
+        description="Start a killed node again on the same port; returns once it accepts MQTT.",
+    )
     r.add_argument("node", metavar="NODE")
     c = sub.add_parser("check", parents=[common], help="say whether a kind can start here (exit 1 if not, and why)")
     c.add_argument("--kind", choices=KINDS, default="aedes")
@@ -514,8 +562,14 @@ def main(argv: list[str] | None = None) -> int:
             args.nodes = 2 if args.kind == "bridge" else 3
         if not 1 <= args.nodes <= 26:
             parser().error("--nodes must be between 1 and 26")
-    commands = {"start": cmd_start, "stop": cmd_stop, "status": cmd_status, "kill": cmd_kill,
-                "restart": cmd_restart, "check": cmd_check}
+    commands = {
+        "start": cmd_start,
+        "stop": cmd_stop,
+        "status": cmd_status,
+        "kill": cmd_kill,
+        "restart": cmd_restart,
+        "check": cmd_check,
+    }
     try:
         result = commands[args.command](args)
     except ClusterError as e:

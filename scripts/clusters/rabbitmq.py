@@ -167,11 +167,11 @@ def _tail(path: pathlib.Path) -> str:
     except OSError:
         return f"({path} unreadable)"
     starts = [i for i, line in enumerate(lines) if line.startswith(START_MARKER)]
-    lines = lines[starts[-1] + 1 if starts else 0:]
+    lines = lines[starts[-1] + 1 if starts else 0 :]
     first_error = next((i for i, line in enumerate(lines) if "[error]" in line or "[critical]" in line), None)
     end = lines[-LOG_TAIL_LINES:]
     if first_error is not None and first_error < len(lines) - LOG_TAIL_LINES:
-        end = [*lines[first_error:first_error + 3], "...", *end[LOG_TAIL_LINES // 2:]]
+        end = [*lines[first_error : first_error + 3], "...", *end[LOG_TAIL_LINES // 2 :]]
     return "\n    ".join(end) or f"({path}: nothing logged yet)"
 
 
@@ -332,8 +332,9 @@ def _as_root(cmd: list[str]) -> list[str]:
         return cmd
     if _can_sudo():
         return ["sudo", "-n", *cmd]
-    raise RuntimeError(f"{DEBIAN_PACKAGE} is not installed and installing it needs root "
-                       f"(apt-get install {DEBIAN_PACKAGE})")
+    raise RuntimeError(
+        f"{DEBIAN_PACKAGE} is not installed and installing it needs root " f"(apt-get install {DEBIAN_PACKAGE})"
+    )
 
 
 def unavailable() -> str | None:
@@ -355,8 +356,10 @@ def ensure_installed() -> None:
     if why:
         raise RuntimeError(why)
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for cmd in (["apt-get", "update", "-qq"],
-                ["apt-get", "install", "-y", "-qq", "--no-install-recommends", DEBIAN_PACKAGE]):
+    for cmd in (
+        ["apt-get", "update", "-qq"],
+        ["apt-get", "install", "-y", "-qq", "--no-install-recommends", DEBIAN_PACKAGE],
+    ):
         done = subprocess.run(_as_root(cmd), env=env, capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed: {done.stderr.strip()[-500:]}")
@@ -399,54 +402,62 @@ def _home(state: dict) -> pathlib.Path:
 def _base_env(state: dict) -> dict:
     """Environment shared by servers and rabbitmqctl: cookie HOME, private epmd, loopback distribution."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RABBITMQ_", "ERL_"))}
-    env.update({
-        "HOME": str(_home(state)),
-        "LANG": "C.UTF-8",
-        "LC_ALL": "C.UTF-8",
-        "ERL_EPMD_ADDRESS": LOOPBACK,
-        "ERL_EPMD_PORT": str(state["epmd_port"]),
-        "RABBITMQ_CTL_ERL_ARGS": DIST_ERL_ARGS,
-    })
+    env.update(
+        {
+            "HOME": str(_home(state)),
+            "LANG": "C.UTF-8",
+            "LC_ALL": "C.UTF-8",
+            "ERL_EPMD_ADDRESS": LOOPBACK,
+            "ERL_EPMD_PORT": str(state["epmd_port"]),
+            "RABBITMQ_CTL_ERL_ARGS": DIST_ERL_ARGS,
+        }
+    )
     return env
 
 
 def _node_env(state: dict, node: dict) -> dict:
     d = _node_dir(state, node)
     env = _base_env(state)
-    env.update({
-        "RABBITMQ_NODENAME": node["erlang_node"],
-        "RABBITMQ_NODE_IP_ADDRESS": LOOPBACK,
-        "RABBITMQ_NODE_PORT": str(node["amqp_port"]),
-        "RABBITMQ_DIST_PORT": str(node["dist_port"]),
-        "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": DIST_ERL_ARGS,
-        "RABBITMQ_MNESIA_BASE": str(d / "mnesia"),
-        "RABBITMQ_LOG_BASE": str(d / "log"),
-        "RABBITMQ_CONFIG_FILE": str(d / "rabbitmq.conf"),
-        "RABBITMQ_ADVANCED_CONFIG_FILE": str(d / "advanced.config"),  # absent on purpose
-        "RABBITMQ_CONF_ENV_FILE": str(d / "rabbitmq-env.conf"),  # empty: skip /etc/rabbitmq's
-        "RABBITMQ_ENABLED_PLUGINS_FILE": str(d / "enabled_plugins"),
-        "RABBITMQ_PID_FILE": str(d / "beam.pid"),
-        "ERL_CRASH_DUMP": str(d / "erl_crash.dump"),
-    })
+    env.update(
+        {
+            "RABBITMQ_NODENAME": node["erlang_node"],
+            "RABBITMQ_NODE_IP_ADDRESS": LOOPBACK,
+            "RABBITMQ_NODE_PORT": str(node["amqp_port"]),
+            "RABBITMQ_DIST_PORT": str(node["dist_port"]),
+            "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": DIST_ERL_ARGS,
+            "RABBITMQ_MNESIA_BASE": str(d / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(d / "log"),
+            "RABBITMQ_CONFIG_FILE": str(d / "rabbitmq.conf"),
+            "RABBITMQ_ADVANCED_CONFIG_FILE": str(d / "advanced.config"),  # absent on purpose
+            "RABBITMQ_CONF_ENV_FILE": str(d / "rabbitmq-env.conf"),  # empty: skip /etc/rabbitmq's
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(d / "enabled_plugins"),
+            "RABBITMQ_PID_FILE": str(d / "beam.pid"),
+            "ERL_CRASH_DUMP": str(d / "erl_crash.dump"),
+        }
+    )
     return env
 
 
 def _write_node_files(state: dict, node: dict) -> None:
     d = _node_dir(state, node)
     (d / "log").mkdir(parents=True, exist_ok=True)
-    (d / "rabbitmq.conf").write_text("\n".join([
-        f"listeners.tcp.default = {LOOPBACK}:{node['amqp_port']}",
-        f"mqtt.listeners.tcp.default = {LOOPBACK}:{node['mqtt_port']}",
-        "mqtt.allow_anonymous = false",
-        "mqtt.vhost = /",
-        "mqtt.exchange = amq.topic",
-        f"load_definitions = {pathlib.Path(state['dir']) / 'definitions.json'}",
-        "log.console = true",
-        "log.console.level = info",
-        "log.console.use_colors = off",  # plain text in DIR/<name>.log
-        "log.file = false",
-        "",
-    ]))
+    (d / "rabbitmq.conf").write_text(
+        "\n".join(
+            [
+                f"listeners.tcp.default = {LOOPBACK}:{node['amqp_port']}",
+                f"mqtt.listeners.tcp.default = {LOOPBACK}:{node['mqtt_port']}",
+                "mqtt.allow_anonymous = false",
+                "mqtt.vhost = /",
+                "mqtt.exchange = amq.topic",
+                f"load_definitions = {pathlib.Path(state['dir']) / 'definitions.json'}",
+                "log.console = true",
+                "log.console.level = info",
+                "log.console.use_colors = off",  # plain text in DIR/<name>.log
+                "log.file = false",
+                "",
+            ]
+        )
+    )
     (d / "rabbitmq-env.conf").write_text("")
     _write_plugins(state, node, PLUGINS)
 
@@ -467,8 +478,7 @@ def _write_shared_files(state: dict) -> None:
     definitions = {
         "users": [{"name": state["username"], "password": state["password"], "tags": ""}],
         "vhosts": [{"name": "/"}],
-        "permissions": [{"user": state["username"], "vhost": "/",
-                         "configure": ".*", "write": ".*", "read": ".*"}],
+        "permissions": [{"user": state["username"], "vhost": "/", "configure": ".*", "write": ".*", "read": ".*"}],
     }
     path = pathlib.Path(state["dir"]) / "definitions.json"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -485,8 +495,15 @@ def ctl(state: dict, name: str, *args: str, timeout: float | None = None, check:
     node = _node(state, name)
     cmd = [str(RABBITMQ_BIN / "rabbitmqctl"), "-q", "-n", node["erlang_node"], *args]
     try:
-        done = subprocess.run(cmd, env=_base_env(state), cwd=state["dir"], capture_output=True,
-                              text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        done = subprocess.run(
+            cmd,
+            env=_base_env(state),
+            cwd=state["dir"],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+        )
     except subprocess.TimeoutExpired:
         raise RuntimeError(f"rabbitmqctl {' '.join(args)} on node {name} timed out after {timeout:.0f} s") from None
     if check and done.returncode != 0:
@@ -518,16 +535,23 @@ def _start_epmd(state: dict) -> None:
     if not epmd:
         raise RuntimeError("epmd not found (is the erlang-base package installed?)")
     log = open(pathlib.Path(state["dir"]) / "epmd.log", "ab")
-    proc = subprocess.Popen([epmd, "-address", LOOPBACK, "-port", str(state["epmd_port"])],
-                            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                            cwd=state["dir"], start_new_session=True)
+    proc = subprocess.Popen(
+        [epmd, "-address", LOOPBACK, "-port", str(state["epmd_port"])],
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=state["dir"],
+        start_new_session=True,
+    )
     log.close()
     state["epmd_pid"] = proc.pid
     deadline = time.monotonic() + 10
     while not _port_open(state["epmd_port"]):
         if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"epmd on {LOOPBACK}:{state['epmd_port']} did not start: "
-                               f"{_tail(pathlib.Path(state['dir']) / 'epmd.log')}")
+            raise RuntimeError(
+                f"epmd on {LOOPBACK}:{state['epmd_port']} did not start: "
+                f"{_tail(pathlib.Path(state['dir']) / 'epmd.log')}"
+            )
         time.sleep(POLL)
 
 
@@ -539,9 +563,15 @@ def _spawn(state: dict, node: dict) -> None:
     log = open(log_path, "ab")
     log.write(f"\n{START_MARKER} {node['erlang_node']} at {time.strftime('%F %T')}\n".encode())
     log.flush()
-    proc = subprocess.Popen([str(RABBITMQ_BIN / "rabbitmq-server")], env=_node_env(state, node),
-                            cwd=_node_dir(state, node), stdin=subprocess.DEVNULL, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [str(RABBITMQ_BIN / "rabbitmq-server")],
+        env=_node_env(state, node),
+        cwd=_node_dir(state, node),
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     log.close()
     node["wrapper_pid"] = proc.pid
     node["pid"] = None  # the beam's, once its pid file appears
@@ -572,8 +602,10 @@ def _wait_booted(state: dict, node: dict, nudge=None) -> None:
         if wrapper_gone or time.monotonic() > deadline:
             why = "exited" if wrapper_gone else f"did not start within {timeout:.0f} s"
             _reap(node["wrapper_pid"])
-            raise RuntimeError(f"rabbitmq node {node['name']} ({node['erlang_node']}) {why}; "
-                               f"last lines of {node['log']}:\n    {_tail(pathlib.Path(node['log']))}")
+            raise RuntimeError(
+                f"rabbitmq node {node['name']} ({node['erlang_node']}) {why}; "
+                f"last lines of {node['log']}:\n    {_tail(pathlib.Path(node['log']))}"
+            )
         time.sleep(POLL)
 
 
@@ -642,8 +674,9 @@ def _wait_cluster(state: dict) -> None:
         if running == want:
             return
         if time.monotonic() > deadline:
-            problems.append(f"cluster_status on {live[0]['name']}: "
-                            f"running_nodes={sorted(running)}, want {sorted(want)}")
+            problems.append(
+                f"cluster_status on {live[0]['name']}: " f"running_nodes={sorted(running)}, want {sorted(want)}"
+            )
         time.sleep(0.5)
     raise RuntimeError(f"rabbitmq cluster not ready after {timeout:.0f} s: " + "; ".join(problems))
 
@@ -708,18 +741,20 @@ def start(dir: pathlib.Path, nodes: int) -> dict:
     }
     for i in range(nodes):
         name = NODE_NAMES[i]
-        amqp, mqtt, dist = ports[1 + 3 * i: 4 + 3 * i]
-        state["nodes"].append({
-            "name": name,
-            "url": f"mqtt://{LOOPBACK}:{mqtt}",
-            "pid": None,
-            "erlang_node": _erlang_node(name),
-            "mqtt_port": mqtt,
-            "amqp_port": amqp,
-            "dist_port": dist,
-            "wrapper_pid": None,
-            "log": str(dir / f"{name}.log"),
-        })
+        amqp, mqtt, dist = ports[1 + 3 * i : 4 + 3 * i]
+        state["nodes"].append(
+            {
+                "name": name,
+                "url": f"mqtt://{LOOPBACK}:{mqtt}",
+                "pid": None,
+                "erlang_node": _erlang_node(name),
+                "mqtt_port": mqtt,
+                "amqp_port": amqp,
+                "dist_port": dist,
+                "wrapper_pid": None,
+                "log": str(dir / f"{name}.log"),
+            }
+        )
         state["amqp_ports"].append(amqp)
     try:
         _write_shared_files(state)
@@ -750,6 +785,7 @@ def start(dir: pathlib.Path, nodes: int) -> dict:
 
 def stop(state: dict) -> None:
     """Stop every node (rabbitmqctl stop, then SIGKILL what is left) and our epmd. Idempotent."""
+
     def stop_node(node: dict) -> None:
         if _vm_pids(state, node):
             try:

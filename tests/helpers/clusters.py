@@ -21,13 +21,21 @@ CLI = ROOT / "scripts" / "clusters" / "cli.py"
 
 def cluster_command(*args: str, timeout_s: float = 120) -> dict:
     """Run ``scripts/cluster ARGS --json`` and return its JSON; a cluster error raises RuntimeError."""
-    proc = subprocess.run([str(CLUSTER), *args, "--json"], capture_output=True, text=True, timeout=timeout_s,
-                          cwd=ROOT, stdin=subprocess.DEVNULL)
+    proc = subprocess.run(
+        [str(CLUSTER), *args, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+    )
     try:
         out = json.loads(proc.stdout)
     except ValueError:
-        raise RuntimeError(f"scripts/cluster {' '.join(args)} exited {proc.returncode}: "
-                           f"{proc.stdout.strip()} {proc.stderr.strip()}") from None
+        raise RuntimeError(
+            f"scripts/cluster {' '.join(args)} exited {proc.returncode}: "
+            f"{proc.stdout.strip()} {proc.stderr.strip()}"
+        ) from None
     if "error" in out:
         raise RuntimeError(f"scripts/cluster {' '.join(args)}: {out['error']['code']}: {out['error']['message']}")
     return out
@@ -36,8 +44,13 @@ def cluster_command(*args: str, timeout_s: float = 120) -> dict:
 def cluster_unavailable(kind: str) -> str | None:
     """A skip reason when this machine lacks what a kind needs (./scripts/test installs it), else None.
     Asks the tool itself (`check`), which installs nothing."""
-    proc = subprocess.run([sys.executable, str(CLI), "check", "--kind", kind, "--json"], capture_output=True,
-                          text=True, timeout=60, stdin=subprocess.DEVNULL)
+    proc = subprocess.run(
+        [sys.executable, str(CLI), "check", "--kind", kind, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
     try:
         out = json.loads(proc.stdout)
     except ValueError:

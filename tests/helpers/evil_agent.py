@@ -32,11 +32,21 @@ def _round(agent, cmd):
         tensors = [t + 0.01 for t in tensors]
     elif MODE == "shape":
         tensors, masks, names = tensors[:-1], masks[:-1], names[:-1]
-    update = codec.encode(tensors, names=names, masks=masks, kind="update", values="fp32",
-                          meta={"run_id": cmd.args["run_id"], "round": cmd.args["round"]})
+    update = codec.encode(
+        tensors,
+        names=names,
+        masks=masks,
+        kind="update",
+        values="fp32",
+        meta={"run_id": cmd.args["run_id"], "round": cmd.args["round"]},
+    )
     sha = agent.blobs.put(update)
-    return {"run_id": cmd.args["run_id"], "round": cmd.args["round"], "update": {"sha256": sha, "bytes": len(update)},
-            "metrics": {"num_samples": 100}}
+    return {
+        "run_id": cmd.args["run_id"],
+        "round": cmd.args["round"],
+        "update": {"sha256": sha, "bytes": len(update)},
+        "metrics": {"num_samples": 100},
+    }
 
 
 if __name__ == "__main__":
