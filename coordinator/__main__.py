@@ -1,6 +1,4 @@
-import sys
-
-from .cli import main
+from .cli import run
 
 if __name__ == "__main__":  # guard: multiprocessing's spawn re-imports the parent's __main__
-    sys.exit(main())
+    run()

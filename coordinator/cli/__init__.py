@@ -15,7 +15,7 @@ from . import artifacts, broker, completion, flashing, fleet, runs, simulate, tr
 from .common import _CONFIG, DESCRIPTION, Parser, UsageError, _explicit, config_file
 from .completion import completion_script
 
-__all__ = ["build_parser", "completion_script", "main"]
+__all__ = ["build_parser", "completion_script", "main", "run"]
 
 GROUPS = (broker, fleet, completion, flashing, simulate, train, artifacts, runs)
 """In the order `edgeprune --help` lists them."""
@@ -60,10 +60,17 @@ def main(argv: list[str] | None = None) -> int:
             code="internal",
             as_json=getattr(args, "json", False),
         )
+    return rc
+
+
+def run() -> None:
+    """The `edgeprune` console script: :func:`main`, then exit (fast when TensorFlow is loaded)."""
+    rc = main()
     if "tensorflow" in sys.modules:
         # TensorFlow's interpreter teardown takes seconds and does nothing for us: every file,
-        # the SQLite store and the MQTT session are closed by now. Skip it.
+        # the SQLite store and the MQTT session are closed by now. Skip it. (Only here: main()
+        # returns normally, so it can be called in-process.)
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(rc)
-    return rc
+    sys.exit(rc)
