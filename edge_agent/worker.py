@@ -30,14 +30,55 @@ first 2/3 of the local steps; the last third fine-tunes under a fixed mask."""
 MASK_UPDATES_PER_ROUND = 4
 IMPORTANCE_SAMPLES = 512  # local samples the per-unit statistics are computed on
 WARM_UP_BATCH = 32  # the coordinator's default local batch size (another size just traces again in round 1)
-RANDOM_FREE_LAYERS = frozenset({
-    "InputLayer", "Dense", "Conv1D", "Conv2D", "Conv3D", "Conv1DTranspose", "Conv2DTranspose", "DepthwiseConv1D",
-    "DepthwiseConv2D", "SeparableConv1D", "SeparableConv2D", "MaxPooling1D", "MaxPooling2D", "AveragePooling1D",
-    "AveragePooling2D", "GlobalAveragePooling1D", "GlobalAveragePooling2D", "GlobalMaxPooling1D",
-    "GlobalMaxPooling2D", "Flatten", "Reshape", "Permute", "BatchNormalization", "LayerNormalization", "Activation",
-    "ReLU", "LeakyReLU", "PReLU", "ELU", "Softmax", "ZeroPadding1D", "ZeroPadding2D", "Cropping1D", "Cropping2D",
-    "UpSampling1D", "UpSampling2D", "Add", "Subtract", "Multiply", "Average", "Maximum", "Minimum", "Concatenate",
-    "Embedding", "Rescaling"})
+RANDOM_FREE_LAYERS = frozenset(
+    {
+        "InputLayer",
+        "Dense",
+        "Conv1D",
+        "Conv2D",
+        "Conv3D",
+        "Conv1DTranspose",
+        "Conv2DTranspose",
+        "DepthwiseConv1D",
+        "DepthwiseConv2D",
+        "SeparableConv1D",
+        "SeparableConv2D",
+        "MaxPooling1D",
+        "MaxPooling2D",
+        "AveragePooling1D",
+        "AveragePooling2D",
+        "GlobalAveragePooling1D",
+        "GlobalAveragePooling2D",
+        "GlobalMaxPooling1D",
+        "GlobalMaxPooling2D",
+        "Flatten",
+        "Reshape",
+        "Permute",
+        "BatchNormalization",
+        "LayerNormalization",
+        "Activation",
+        "ReLU",
+        "LeakyReLU",
+        "PReLU",
+        "ELU",
+        "Softmax",
+        "ZeroPadding1D",
+        "ZeroPadding2D",
+        "Cropping1D",
+        "Cropping2D",
+        "UpSampling1D",
+        "UpSampling2D",
+        "Add",
+        "Subtract",
+        "Multiply",
+        "Average",
+        "Maximum",
+        "Minimum",
+        "Concatenate",
+        "Embedding",
+        "Rescaling",
+    }
+)
 """tf-keras layers whose training step has no stateful random op (no dropout, noise, augmentation)."""
 
 
@@ -142,12 +183,16 @@ class Run:
             if int(np.prod(self.data.x.shape[1:])) == int(np.prod(in_shape)):
                 self.data = data.Dataset(self.data.x.reshape((-1, *in_shape)), self.data.y, self.data.name)
             else:
-                raise WorkerError("bad_args", f"local data has shape {self.data.x.shape[1:]}, the model expects {in_shape}")
+                raise WorkerError(
+                    "bad_args", f"local data has shape {self.data.x.shape[1:]}, the model expects {in_shape}"
+                )
         out_units = int(self.model.output_shape[-1])
         self.training = msg.get("training")  # a user model's own loss and metrics (regression, autoencoder)
         self.classifier = models.is_classifier(self.training)
         if self.classifier and self.data.num_classes > out_units:
-            raise WorkerError("bad_args", f"local data has {self.data.num_classes} classes, the model outputs {out_units}")
+            raise WorkerError(
+                "bad_args", f"local data has {self.data.num_classes} classes, the model outputs {out_units}"
+            )
         self.pruned = bool(msg.get("pruning"))
         self.granularity = msg.get("granularity", "unstructured")
         self.schedules: dict[str, Any] = {}
@@ -174,8 +219,8 @@ class Run:
         round that doubles the tracing (measured ~0.4 s dense, ~0.7 s pruned on 1 thread;
         the wrappers' graph is larger). Every value built here is reset before training
         (optimizer slots each round, metrics at each epoch)."""
-        if not len(self.data):
-            return
+        if not len(self.data) or not self._random_free():
+            return  # (a model with random ops keeps its two traces: its op seeds come from the second)
         tf, model = self.t.tf, self.model
         try:
             model.optimizer.build(model.trainable_variables)
@@ -202,13 +247,17 @@ class Run:
         if not len(self.data) or not self._random_free() or getattr(self.model, "train_function", None) is not None:
             return 0.0
         t0 = time.perf_counter()
-        counters = [(layer.pruning_step, int(layer.pruning_step.numpy()))
-                    for layer in self.model.layers if getattr(layer, "pruning_step", None) is not None]
+        counters = [
+            (layer.pruning_step, int(layer.pruning_step.numpy()))
+            for layer in self.model.layers
+            if getattr(layer, "pruning_step", None) is not None
+        ]
         try:
             for var, _ in counters:
                 var.assign(1)  # the warm-up step is TF-MOT step 2: no step-1 mask rule fires
-            self.model.fit(self.data.x, self.data.y, epochs=1, batch_size=batch, steps_per_epoch=1, shuffle=False,
-                           verbose=0)
+            self.model.fit(
+                self.data.x, self.data.y, epochs=1, batch_size=batch, steps_per_epoch=1, shuffle=False, verbose=0
+            )
         except Exception:  # an unusual model: round 1 traces it, as it always did
             pass
         finally:
@@ -219,6 +268,7 @@ class Run:
     def _random_free(self) -> bool:
         """True if no layer of the model can hold a stateful random op in the compiled train step
         (built-in tf-keras layers known to have none; the pruning wrapper counts as its layer)."""
+
         def ok(layer) -> bool:
             inner = self.pruning_mod._inner(layer)
             if hasattr(inner, "layers") and type(inner).__module__.startswith("tf_keras."):  # a nested model
@@ -242,9 +292,9 @@ class Run:
         them: it keeps the clearing call, as does a TensorFlow without these internals."""
         keras = self.t.keras
         try:
-            from tensorflow.python.eager import context
-            from tf_keras.src import backend as keras_backend
+            from .ml.tfenv import seed_internals
 
+            context, keras_backend = seed_internals()
             ctx = context.context()
             usable = hasattr(ctx, "_seed") and hasattr(keras_backend, "_SEED_GENERATOR")
         except ImportError:
@@ -266,10 +316,15 @@ class Run:
     def info(self) -> dict[str, Any]:
         from .ml.data import label_histogram
 
-        return {"num_samples": len(self.data), "dataset": self.data.name,
-                "label_histogram": label_histogram(self.data.y, int(self.model.output_shape[-1]))
-                if self.classifier else None,
-                "layers": self.report, "weights": len(self.spec)}
+        return {
+            "num_samples": len(self.data),
+            "dataset": self.data.name,
+            "label_histogram": label_histogram(self.data.y, int(self.model.output_shape[-1]))
+            if self.classifier
+            else None,
+            "layers": self.report,
+            "weights": len(self.spec),
+        }
 
     def _pruning_step(self) -> int:
         for layer in self.model.layers:
@@ -313,8 +368,7 @@ class Run:
                 continue
             current = 1.0 - float(ref.mean())
             target = float(targets.get(spec["name"], current))
-            sched.set(min(current, target), target, begin, begin + freq * updates, freq,
-                      active=target > current + 1e-6)
+            sched.set(min(current, target), target, begin, begin + freq * updates, freq, active=target > current + 1e-6)
 
     def importance(self, req: dict[str, Any]) -> dict[str, Any]:
         """Per-unit importance of the given Dense/Conv2D layers for the global model just loaded, on
@@ -341,16 +395,17 @@ class Run:
             for name, layer in zip(names, layers):
                 k = self.pruning_mod._inner(layer).kernel.numpy()
                 axes = tuple(range(k.ndim - 1))
-                out[name] = (np.abs(k).sum(axes) if method == "l1" else np.sqrt((k ** 2).sum(axes)))
+                out[name] = np.abs(k).sum(axes) if method == "l1" else np.sqrt((k**2).sum(axes))
         else:
             n = min(len(self.data), IMPORTANCE_SAMPLES)
             pick = np.sort(np.random.default_rng(0).choice(len(self.data), n, replace=False))
             x, y = self.data.x[pick], self.data.y[pick]
-            probe = self.t.keras.Model(self.model.inputs,
-                                       [by_name[at[name]].output for name in names] + [self.model.output])
+            probe = self.t.keras.Model(
+                self.model.inputs, [by_name[at[name]].output for name in names] + [self.model.output]
+            )
             acc = {name: 0.0 for name in names}
             for i in range(0, n, 128):
-                xb, yb = tf.constant(x[i:i + 128]), tf.constant(y[i:i + 128])
+                xb, yb = tf.constant(x[i : i + 128]), tf.constant(y[i : i + 128])
                 with tf.GradientTape() as tape:
                     *acts, pred = probe(xb, training=False)
                     loss = self.model.loss(yb, pred) * float(len(xb))  # a sum: per-sample scale
@@ -386,9 +441,12 @@ class Run:
         if self.schedules:
             self._plan_pruning(steps, ref_masks, msg.get("targets") or {}, regrow)
         self.seed(int(msg.get("seed", 0)))
-        callbacks = self.callbacks + ([self.regrow_mask] if self.regrow_mask is not None and self.regrow_mask.armed else [])
-        hist = self.model.fit(self.data.x, self.data.y, epochs=epochs, batch_size=batch, shuffle=True,
-                              callbacks=callbacks, verbose=0)
+        callbacks = self.callbacks + (
+            [self.regrow_mask] if self.regrow_mask is not None and self.regrow_mask.armed else []
+        )
+        hist = self.model.fit(
+            self.data.x, self.data.y, epochs=epochs, batch_size=batch, shuffle=True, callbacks=callbacks, verbose=0
+        )
         weights = pruning.get_weights(self.model)
         masks: list[np.ndarray | None] = [None] * len(weights)
         if self.pruned:
@@ -401,13 +459,28 @@ class Run:
         train_s = time.perf_counter() - wall0
         fmt = msg.get("update_format", "int8")
         if self.pruned or fmt != "fp32":
-            update = codec.encode(weights, names=self.names, masks=masks, kind="update", reference=glob.tensors,
-                                  reference_masks=ref_masks, values=fmt, delta=True, compression="zstd",
-                                  meta={"run_id": msg.get("run_id"), "round": msg.get("round")},
-                                  seed=int(msg.get("seed", 0)))
+            update = codec.encode(
+                weights,
+                names=self.names,
+                masks=masks,
+                kind="update",
+                reference=glob.tensors,
+                reference_masks=ref_masks,
+                values=fmt,
+                delta=True,
+                compression="zstd",
+                meta={"run_id": msg.get("run_id"), "round": msg.get("round")},
+                seed=int(msg.get("seed", 0)),
+            )
         else:  # dense FedAvg baseline: plain fp32 weights, no tricks
-            update = codec.encode(weights, names=self.names, kind="update", values="fp32", compression="none",
-                                  meta={"run_id": msg.get("run_id"), "round": msg.get("round")})
+            update = codec.encode(
+                weights,
+                names=self.names,
+                kind="update",
+                values="fp32",
+                compression="none",
+                meta={"run_id": msg.get("run_id"), "round": msg.get("round")},
+            )
         kept = [m for m in masks if m is not None]
         return {
             "update": update,

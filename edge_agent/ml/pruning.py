@@ -74,10 +74,9 @@ def make_round_schedule():
 
 def _internals():
     """TF-MOT internals we rely on (not in its public API): the registry and the wrapper class."""
-    _tf()
-    from tensorflow_model_optimization.python.core.sparsity.keras import prune_registry, pruning_wrapper
+    from .tfenv import tfmot_internals
 
-    return prune_registry.PruneRegistry, pruning_wrapper.PruneLowMagnitude
+    return tfmot_internals()
 
 
 def _prunable_weight_names(layer) -> list[str] | None:
@@ -94,7 +93,9 @@ def _prunable_weight_names(layer) -> list[str] | None:
     return ["rnn_or_mha"]
 
 
-def wrap(model, granularity: str, make_schedule=None, policy: str = "all") -> tuple[Any, dict[str, Any], dict[str, Any]]:
+def wrap(
+    model, granularity: str, make_schedule=None, policy: str = "all"
+) -> tuple[Any, dict[str, Any], dict[str, Any]]:
     """Clone ``model`` with every prunable layer wrapped in ``prune_low_magnitude``.
 
     Each wrapped layer gets its own schedule from ``make_schedule`` (default
@@ -134,7 +135,8 @@ def wrap(model, granularity: str, make_schedule=None, policy: str = "all") -> tu
             kind = f"block{BLOCK_SHAPE[0]}x{BLOCK_SHAPE[1]}"
         elif granularity == "2:4":
             if not isinstance(layer, (keras.layers.Dense, keras.layers.Conv2D)) or isinstance(
-                    layer, keras.layers.DepthwiseConv2D):
+                layer, keras.layers.DepthwiseConv2D
+            ):
                 report["dense"][layer.name] = f"2:4 sparsity applies to Dense/Conv2D only, not {type(layer).__name__}"
                 return fresh
             kwargs["sparsity_m_by_n"] = M_BY_N
@@ -201,8 +203,14 @@ def weight_spec(model) -> list[dict[str, Any]]:
         inner = _inner(layer)
         masks = _pruning_vars(layer)
         for w in inner.weights:
-            spec.append({"name": f"{inner.name}/{w.name.split('/')[-1].split(':')[0]}", "layer": inner.name,
-                         "shape": list(w.shape), "prunable": id(w) in masks})
+            spec.append(
+                {
+                    "name": f"{inner.name}/{w.name.split('/')[-1].split(':')[0]}",
+                    "layer": inner.name,
+                    "shape": list(w.shape),
+                    "prunable": id(w) in masks,
+                }
+            )
     return spec
 
 

@@ -109,6 +109,16 @@ def tfmot_internals():
     return prune_registry.PruneRegistry, pruning_wrapper.PruneLowMagnitude
 
 
+def seed_internals():
+    """TensorFlow's eager context module and tf-keras's backend (seeding without clearing kernel caches;
+    ImportError where a version moved them)."""
+    load()
+    from tensorflow.python.eager import context
+    from tf_keras.src import backend as keras_backend
+
+    return context, keras_backend
+
+
 def available() -> bool:
     """True if the training stack is installed (without importing it)."""
     import importlib.util
