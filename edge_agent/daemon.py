@@ -423,6 +423,7 @@ class Agent:
         self.link.subscribe(flt)
         deadline = time.monotonic() + timeout_s
         try:
+            first: ProtocolError | None = None
             for attempt in (1, 2):
                 pull = self.receiver.open(
                     sha256,
@@ -433,7 +434,9 @@ class Agent:
                     broadcast=True,
                 )
                 try:
-                    if attempt == 2:
+                    if attempt == 2:  # subscribe again (the broker replays the retained chunks) and ask for all
+                        self.link.unsubscribe(flt)
+                        self.link.subscribe(flt)
                         self._want(sha256, None)
                     data = transfer.wait(
                         pull,
@@ -445,9 +448,15 @@ class Agent:
                     )
                     break
                 except ProtocolError as exc:
-                    if exc.code != ErrorCode.INTEGRITY or attempt == 2:
-                        raise
-                    log.warning("%s; fetching it once more", exc.message)
+                    if attempt == 1 and exc.code == ErrorCode.INTEGRITY:
+                        first = exc
+                        log.warning("%s; fetching it once more", exc.message)
+                        continue
+                    if first is not None:  # the hash failure is the news, whatever the second try did
+                        raise ProtocolError(
+                            ErrorCode.INTEGRITY, f"{first.message}; fetched once more: " f"{exc.message}"
+                        ) from None
+                    raise
                 finally:
                     self.receiver.close(pull)
             self.blobs.put(data, sha256)
