@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pwd
 import shutil
 import signal
 import subprocess
@@ -216,13 +217,18 @@ class Systemd:
         self.lay.unit.parent.mkdir(parents=True, exist_ok=True)
         self.lay.unit.write_text(unit_text(self.lay))
         if not self.lay.root:
-            user = os.environ.get("USER") or str(os.getuid())
-            linger = subprocess.run(["loginctl", "enable-linger", user], capture_output=True, text=True)
-            if linger.returncode != 0:
-                notes.append(
-                    f"could not enable lingering for {user} ({linger.stderr.strip()}): the agent runs "
-                    f"only while {user} is logged in; as root run `loginctl enable-linger {user}`"
-                )
+            # without lingering the user manager, and the agent with it, stops when the user logs out and
+            # never starts at boot: a flash that "succeeded" would leave a device that goes offline
+            user = os.environ.get("USER") or pwd.getpwuid(os.getuid()).pw_name
+            flag = Path("/var/lib/systemd/linger") / user
+            if not flag.exists():
+                linger = subprocess.run(["loginctl", "enable-linger", user], capture_output=True, text=True)
+                if not flag.exists():
+                    raise InstallError(
+                        f"cannot enable lingering for {user} ({linger.stderr.strip() or 'refused'}): without it "
+                        f"the agent's user unit stops when {user} logs out and never starts at boot; run "
+                        f"`sudo loginctl enable-linger {user}` once on the device (or flash as root), then flash again"
+                    )
         _systemctl(self.lay, "daemon-reload")
         _systemctl(self.lay, "enable", UNIT_NAME)
         return notes

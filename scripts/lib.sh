@@ -95,6 +95,9 @@ ensure_pi_emulator() {  # for the flashing test: an arm64 Debian root filesystem
     log "could not prepare the emulated Pi (log: $VENV/pi-emulator.log): the flashing test will be skipped"
     return 0
   fi
+  log "preparing the emulated Pi booted by systemd (systemd-nspawn; first time ~10 min; cached)"
+  bash "$ROOT/scripts/pi-emulator" prepare --systemd >> "$VENV/pi-emulator.log" 2>&1 \
+    || log "could not prepare the systemd Pi (log: $VENV/pi-emulator.log): the systemd unit test will be skipped"
   local out; out="$(mktemp -d)"
   if ! "$VENV/bin/edgeprune" flash --bundle "$out/warm.tar.gz" --arch aarch64 --python 3.11 --json > "$out/log" 2>&1; then
     tail -5 "$out/log" >&2

@@ -14,10 +14,14 @@ What it takes on a host where systemd is *not* PID 1 (this project's VMs):
     so the rootfs's sshd is pinned to 127.0.0.1 and a port of our choosing.
   * Under qemu-user, units with ``LoadCredential=`` fail ("Failed to set up credentials: Invalid
     argument", 243/CREDENTIALS); the rootfs drops those credentials (see scripts/pi-emulator).
+  * systemd --user (user@.service) logs "Failed to make us a subreaper, ignoring: Invalid argument"
+    under qemu-user; harmless.
   * A reboot inside the container makes nspawn exit with 133; booting again is our job (what
     systemd-nspawn@.service's RestartForceExitStatus=133 does on a systemd host).
   * nspawn cannot remove /run/systemd/nspawn/propagate/<machine> when /run is not a tmpfs
-    ("Attempted to remove disk file system ..."): :meth:`Machine.close` removes it.
+    ("Attempted to remove disk file system ..."), leaves payload/ and supervisor/ cgroups behind
+    (--keep-unit), and its lock in /run/systemd/nspawn/locks when killed: :meth:`Machine.close` (and
+    :func:`reap_stale` for a run that was killed) removes them. Each machine gets its own cgroups.
 
 Commands run inside with ``nsenter --all`` into the container's PID 1 (no machined on the host).
 ``python -m tests.helpers.systemd_boot probe`` boots once and prints (and caches) the result.
@@ -41,8 +45,13 @@ PROBE_CACHE = BASE / "boot-probe.json"
 PREPARE = "sudo scripts/pi-emulator prepare --systemd"
 REBOOT_EXIT = 133  # systemd-nspawn's exit status when the container asked for a reboot
 BOOT_TIMEOUT_S = 240.0
-ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8",
-       "SYSTEMD_PAGER": "", "SYSTEMD_COLORS": "0", "TERM": "dumb"}
+ENV = {
+    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "LANG": "C.UTF-8",
+    "SYSTEMD_PAGER": "",
+    "SYSTEMD_COLORS": "0",
+    "TERM": "dumb",
+}
 
 
 class BootError(RuntimeError):
@@ -60,8 +69,11 @@ def _nspawn_version() -> str:
 def host_key() -> dict:
     """What a cached probe result depends on: the kernel, nspawn and the rootfs build."""
     complete = BASE / ".complete"
-    return {"kernel": platform.release(), "nspawn": _nspawn_version(),
-            "rootfs": complete.stat().st_mtime if complete.exists() else None}
+    return {
+        "kernel": platform.release(),
+        "nspawn": _nspawn_version(),
+        "rootfs": complete.stat().st_mtime if complete.exists() else None,
+    }
 
 
 def cached_probe() -> dict | None:
@@ -192,12 +204,26 @@ class Machine:
     def mount(self) -> None:
         for d in ("upper", "work", "merged"):
             (self.workdir / d).mkdir(parents=True, exist_ok=True)
-        subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
-                        f"lowerdir={ROOTFS},upperdir={self.workdir / 'upper'},workdir={self.workdir / 'work'}",
-                        str(self.root)], check=True, capture_output=True, text=True)
+        (self.workdir / "owner.pid").write_text(str(os.getpid()))  # for reap_stale()
+        subprocess.run(
+            [
+                "mount",
+                "-t",
+                "overlay",
+                "overlay",
+                "-o",
+                f"lowerdir={ROOTFS},upperdir={self.workdir / 'upper'},workdir={self.workdir / 'work'}",
+                str(self.root),
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
         conf = self.root / "etc/ssh/sshd_config.d/10-edgeprune-emulator.conf"
-        conf.write_text(f"# test: loopback only, port {self.ssh_port}\nListenAddress 127.0.0.1\nPort {self.ssh_port}\n"
-                        "PasswordAuthentication no\nPermitRootLogin prohibit-password\n")
+        conf.write_text(
+            f"# test: loopback only, port {self.ssh_port}\nListenAddress 127.0.0.1\nPort {self.ssh_port}\n"
+            "PasswordAuthentication no\nPermitRootLogin prohibit-password\n"
+        )
         for home, uid in (("root", 0), ("home/pi", 1000)):
             ssh = self.root / home / ".ssh"
             ssh.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -217,10 +243,30 @@ class Machine:
             cg.mkdir(exist_ok=True)
         join = "".join(f'echo $$ > "{cg}/cgroup.procs" && ' for cg in self.cgroups)
         self.proc = subprocess.Popen(
-            ["sh", "-c", join + 'exec "$@"', "sh", "systemd-nspawn", "--quiet", "--directory", str(self.root), "--boot", "--register=no", "--keep-unit",
-             f"--machine={self.name}", "--hostname=raspberrypi", "--console=read-only", "--resolv-conf=off",
-             "--timezone=off", "--link-journal=no"],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                "sh",
+                "-c",
+                join + 'exec "$@"',
+                "sh",
+                "systemd-nspawn",
+                "--quiet",
+                "--directory",
+                str(self.root),
+                "--boot",
+                "--register=no",
+                "--keep-unit",
+                f"--machine={self.name}",
+                "--hostname=raspberrypi",
+                "--console=read-only",
+                "--resolv-conf=off",
+                "--timezone=off",
+                "--link-journal=no",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         log.close()
         deadline = time.monotonic() + timeout_s
         self.leader = None
@@ -234,16 +280,19 @@ class Machine:
         state = ""
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise BootError(f"the container stopped while booting (nspawn exit {self.proc.returncode}):\n"
-                                f"{self.console_tail()}")
+                raise BootError(
+                    f"the container stopped while booting (nspawn exit {self.proc.returncode}):\n"
+                    f"{self.console_tail()}"
+                )
             left = max(5.0, deadline - time.monotonic())
             r = self.run("systemctl", "is-system-running", "--wait", check=False, timeout=left)
             state = r.stdout.strip()
             if state in ("running", "degraded"):
                 return state
             time.sleep(0.5)  # its bus is not up yet
-        raise BootError(f"systemd did not finish starting within {timeout_s:.0f} s (state {state!r}):\n"
-                        f"{self.console_tail()}")
+        raise BootError(
+            f"systemd did not finish starting within {timeout_s:.0f} s (state {state!r}):\n" f"{self.console_tail()}"
+        )
 
     def reboot(self, timeout_s: float = BOOT_TIMEOUT_S) -> str:
         """``systemctl reboot`` inside; nspawn exits 133; boot the same overlay again."""
@@ -310,21 +359,40 @@ class Machine:
         self.leader = None
 
     # -- inside ----------------------------------------------------------------------------------
-    def run(self, *cmd: str, check: bool = True, timeout: float = 120.0, input: str | None = None
-            ) -> subprocess.CompletedProcess:
+    def run(
+        self, *cmd: str, check: bool = True, timeout: float = 120.0, input: str | None = None
+    ) -> subprocess.CompletedProcess:
         """Run a command in the container (all its namespaces, root), as a service would see the system."""
         if self.leader is None:
             raise BootError("the container is not running")
-        full = ["nsenter", "--target", str(self.leader), "--all", "--", "env", "-i",
-                *[f"{k}={v}" for k, v in ENV.items()], *cmd]
+        full = [
+            "nsenter",
+            "--target",
+            str(self.leader),
+            "--all",
+            "--",
+            "env",
+            "-i",
+            *[f"{k}={v}" for k, v in ENV.items()],
+            *cmd,
+        ]
         proc = subprocess.run(full, capture_output=True, text=True, timeout=timeout, input=input)
         if check and proc.returncode != 0:
             raise BootError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}")
         return proc
 
     def show(self, unit: str, *props: str) -> dict[str, str]:
-        props = props or ("ActiveState", "SubState", "MainPID", "NRestarts", "Result", "ExecMainStatus",
-                          "ExecMainCode", "UnitFileState", "LoadState")
+        props = props or (
+            "ActiveState",
+            "SubState",
+            "MainPID",
+            "NRestarts",
+            "Result",
+            "ExecMainStatus",
+            "ExecMainCode",
+            "UnitFileState",
+            "LoadState",
+        )
         out = self.run("systemctl", "show", unit, "--property=" + ",".join(props)).stdout
         return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
 
@@ -340,6 +408,54 @@ class Machine:
 
         text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", text).replace("\r", "")
         return "\n".join(text.splitlines()[-lines:])
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def reap_stale() -> list[str]:
+    """Machines whose owning process died without closing them (a killed test run): kill what runs in their
+    cgroups and unmount their overlays. Machines of live processes (a concurrent run) are left alone."""
+    done = []
+    for cg in {c.parent for c in _own_cgroups("x")}:
+        for d in cg.glob("edgeprune-edgeprune-*-*") if cg.is_dir() else []:
+            owner = d.name.rsplit("-", 1)[1]
+            if owner.isdigit() and not _alive(int(owner)):
+                for pid in _cgroup_pids(d):
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except OSError:
+                        pass
+                time.sleep(0.5)
+                _remove_cgroup(d)
+                done.append(str(d))
+    with open("/proc/self/mountinfo") as f:
+        mounts = [line.split() for line in f]
+    for fields in mounts:
+        target = Path(fields[4])
+        if fields[fields.index("-") + 1] != "overlay" or f"lowerdir={ROOTFS}" not in fields[-1]:
+            continue
+        try:
+            owner = int((target.parent / "owner.pid").read_text())
+        except (OSError, ValueError):
+            continue
+        if not _alive(owner):
+            try:
+                st = target.stat()
+                Path(f"/run/systemd/nspawn/locks/inode-{st.st_dev}:{st.st_ino}").unlink(missing_ok=True)
+            except OSError:
+                pass
+            subprocess.run(["umount", "-l", str(target)], capture_output=True)
+            shutil.rmtree(f"/run/systemd/nspawn/propagate/edgeprune-pi-{owner}", ignore_errors=True)
+            done.append(str(target))
+    return done
 
 
 def probe(workdir: Path) -> tuple[bool, str]:
@@ -360,8 +476,9 @@ def probe(workdir: Path) -> tuple[bool, str]:
         state = m.boot()
         arch = m.run("uname", "-m").stdout.strip()
         failed = m.run("systemctl", "--failed", "--plain", "--no-legend", check=False).stdout.strip()
-        detail = (f"systemd booted as PID 1 ({arch}) in {time.monotonic() - t0:.0f} s, state {state}"
-                  + (f"; failed units: {failed}" if failed else ""))
+        detail = f"systemd booted as PID 1 ({arch}) in {time.monotonic() - t0:.0f} s, state {state}" + (
+            f"; failed units: {failed}" if failed else ""
+        )
         record_probe(True, detail)
         return True, detail
     except (BootError, subprocess.SubprocessError, OSError) as exc:
