@@ -302,9 +302,8 @@ class Link:
             stable = lost and time.monotonic() - self._connected_at >= STABLE_CONNECTION_S
             if stable:
                 self.backoff.reset()  # it worked for a while: reconnect fast, and the same broker first
-            if not stable or self._retried_lost:  # a broker that drops us at once counts as unreachable
+            else:  # unreachable, refused, or dropped us at once: the next broker of the list
                 self._next_broker()
-            self._retried_lost = stable
             delay = self.backoff.next_delay()
             log.info(
                 "%s: %s %s; trying %s in %.1f s",
@@ -316,7 +315,6 @@ class Link:
             )
             self._stop.wait(delay)
 
-    _retried_lost = False
     _connected_at = 0.0
 
     def _client_id_for(self, index: int) -> bytes:
