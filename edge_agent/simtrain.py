@@ -69,7 +69,7 @@ def _child_main(conn, threads: int) -> None:
                 runs.clear()  # one run at a time: the previous run's model goes
                 run = runs[msg["run_id"]] = Run(msg["begin"], msg["data"], preloaded=shards[key])
                 run.begin_key = msg["begin_key"]
-            _use_data(run, shards[key])
+            run.use_data(shards[key])
             if msg["op"] == "begin":
                 conn.send({"ok": True, **run.info()})
             else:
@@ -79,16 +79,6 @@ def _child_main(conn, threads: int) -> None:
         except Exception as exc:  # one bad request is not the end of the pool
             log.exception("pool worker request failed")
             conn.send({"ok": False, "code": "internal", "message": f"{type(exc).__name__}: {exc}"})
-
-
-def _use_data(run: Any, ds: Any) -> None:
-    """Point a run at another device's shard (reshaped to the model's input, as Run does at begin)."""
-    from .ml import data
-
-    in_shape = tuple(run.model.input_shape[1:])
-    if tuple(ds.x.shape[1:]) != in_shape:
-        ds = data.Dataset(ds.x.reshape((-1, *in_shape)), ds.y, ds.name)
-    run.data = ds
 
 
 class WorkerPool:

@@ -178,14 +178,7 @@ class Run:
             self.model = models.from_json(msg["arch"])
         except (ValueError, TypeError, KeyError) as exc:
             raise WorkerError("bad_args", f"cannot rebuild the model from its architecture: {exc}") from None
-        in_shape = tuple(self.model.input_shape[1:])
-        if tuple(self.data.x.shape[1:]) != in_shape:
-            if int(np.prod(self.data.x.shape[1:])) == int(np.prod(in_shape)):
-                self.data = data.Dataset(self.data.x.reshape((-1, *in_shape)), self.data.y, self.data.name)
-            else:
-                raise WorkerError(
-                    "bad_args", f"local data has shape {self.data.x.shape[1:]}, the model expects {in_shape}"
-                )
+        self.use_data(self.data)
         out_units = int(self.model.output_shape[-1])
         self.training = msg.get("training")  # a user model's own loss and metrics (regression, autoencoder)
         self.classifier = models.is_classifier(self.training)
@@ -210,6 +203,18 @@ class Run:
         self.regrow_mask = _regrow_mask_callback(self.t.keras, pruning.magnitude_mask) if self.pruned else None
         self.seed = self._seeder()
         self._build_train_state()
+
+    def use_data(self, ds: Any) -> None:
+        """Train on ``ds`` from now on (reshaped to the model's input when only the layout differs);
+        the simulator's worker pool switches devices' shards this way."""
+        from .ml import data
+
+        in_shape = tuple(self.model.input_shape[1:])
+        if tuple(ds.x.shape[1:]) != in_shape:
+            if int(np.prod(ds.x.shape[1:])) != int(np.prod(in_shape)):
+                raise WorkerError("bad_args", f"local data has shape {ds.x.shape[1:]}, the model expects {in_shape}")
+            ds = data.Dataset(ds.x.reshape((-1, *in_shape)), ds.y, ds.name)
+        self.data = ds
 
     def _build_train_state(self) -> None:
         """Create the optimizer's slots and the loss/metric trackers now, eagerly on one sample.
