@@ -144,9 +144,12 @@ def test_an_update_not_yet_pulled_is_never_evicted(mosquitto, session_factory, t
     try:
         s = session_factory(mosquitto.url, "t", long_running=True)
         assert wait_until(lambda: "pi1" in s.online(), 10)
-        # a finished round's result, written after the coordinator's announce (which would replay and ack it)
+        # A finished round's result that the coordinator has not pulled. Any replay of the outbox (on a
+        # reconnect, or the coordinator's announce arriving late) would show it to the coordinator, which
+        # acks a result nobody asked for; so its replays never reach the coordinator here.
         update = os.urandom(100_000)
         sha = agent.blobs.put(update)
+        _tamper(agent, lambda topic, payload: None if topic.endswith("/reply") and b'"r1"' in payload else payload)
         reply = Reply(id="r1", device_id="pi1", kind="result", ts=time.time(), result={"update": {"sha256": sha}})
         (agent.outbox / "r1.json").write_bytes(serde.encode(reply))
         ref = s.publish_blob(os.urandom(120_000))  # over the cache limit together with the update
