@@ -11,82 +11,27 @@ from edge_agent.protocol.constants import DEFAULT_CHUNK_BYTES, IMPORTANCE_METHOD
 from .. import output
 from .common import UsageError, _common, _session, _store
 
-TRAIN_FLAGS = {  # flag dest -> TrainConfig field, for --resume's conflict check
-    "model": "model",
-    "rounds": "rounds",
-    "sparsity": "sparsity",
-    "schedule": "schedule",
-    "ramp_fraction": "ramp_fraction",
-    "clients_per_round": "clients_per_round",
-    "fraction": "fraction",
-    "min_clients": "min_clients",
-    "local_epochs": "local_epochs",
-    "batch_size": "batch_size",
-    "lr": "lr",
-    "optimizer": "optimizer",
-    "granularity": "granularity",
-    "mask_policy": "mask_policy",
-    "update_format": "update_format",
-    "regrow": "regrow",
-    "seed": "seed",
-    "eval_data": "eval_data",
-    "input_shape": "input_shape",
-    "num_classes": "num_classes",
-    "aggregation": "aggregation",
-    "trim": "trim",
-    "clip_norm": "clip_norm",
-    "max_norm_ratio": "max_norm_ratio",
-    "structured": "structured",
-    "eval_every": "eval_every",
-    "structured_every": "structured_every",
-    "importance": "importance",
-    "devices": "devices",
-}
+# Every TrainConfig field is one `train` flag of the same name, except these (flag dest -> field).
+_RENAMED = {"round_timeout": "round_timeout_s", "wait_for": "wait_for_devices", "wait_timeout": "wait_timeout_s"}
+_CONVERT = {"input_shape": lambda v: tuple(v) if v else None, "devices": lambda v: v.split(",") if v else None}
+RESUME_MAY_CHANGE = ("round_timeout", "wait_for", "wait_timeout")  # --resume takes new values of these only
 
 
-RESUME_MAY_CHANGE = {
-    "round_timeout": "round_timeout_s",
-    "wait_for": "wait_for_devices",
-    "wait_timeout": "wait_timeout_s",
-}
+def config_flags() -> dict[str, str]:
+    """flag dest -> TrainConfig field, read from the dataclass (nothing to keep in step by hand)."""
+    import dataclasses
+
+    from ..train import TrainConfig
+
+    dest = {field: flag for flag, field in _RENAMED.items()}
+    return {dest.get(f.name, f.name): f.name for f in dataclasses.fields(TrainConfig)}
 
 
 def _train_config(args: argparse.Namespace):
     from ..train import TrainConfig
 
     return TrainConfig(
-        model=args.model,
-        rounds=args.rounds,
-        sparsity=args.sparsity,
-        schedule=args.schedule,
-        ramp_fraction=args.ramp_fraction,
-        clients_per_round=args.clients_per_round,
-        fraction=args.fraction,
-        min_clients=args.min_clients,
-        local_epochs=args.local_epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        optimizer=args.optimizer,
-        granularity=args.granularity,
-        mask_policy=args.mask_policy,
-        update_format=args.update_format,
-        regrow=args.regrow,
-        round_timeout_s=args.round_timeout,
-        seed=args.seed,
-        eval_data=args.eval_data,
-        input_shape=tuple(args.input_shape) if args.input_shape else None,
-        num_classes=args.num_classes,
-        devices=args.devices.split(",") if args.devices else None,
-        wait_for_devices=args.wait_for,
-        wait_timeout_s=args.wait_timeout,
-        aggregation=args.aggregation,
-        trim=args.trim,
-        clip_norm=args.clip_norm,
-        max_norm_ratio=args.max_norm_ratio,
-        structured=args.structured,
-        structured_every=args.structured_every,
-        importance=args.importance,
-        eval_every=args.eval_every,
+        **{field: _CONVERT.get(flag, lambda v: v)(getattr(args, flag)) for flag, field in config_flags().items()}
     )
 
 
@@ -96,16 +41,16 @@ def _resume_setup(args: argparse.Namespace):
 
     cfg, rec = resume_config(_store(args), args.resume)
     typed = _train_config(args)
-    for dest, field_name in TRAIN_FLAGS.items():
-        if dest in args.explicit and getattr(typed, field_name) != getattr(cfg, field_name):
+    for dest, field_name in config_flags().items():
+        if dest in RESUME_MAY_CHANGE:
+            if dest in args.explicit:
+                setattr(cfg, field_name, getattr(typed, field_name))
+        elif dest in args.explicit and getattr(typed, field_name) != getattr(cfg, field_name):
             raise UsageError(
                 f"--{dest.replace('_', '-')} {getattr(typed, field_name)!r} contradicts run "
                 f"{rec['run_id']}, which has {getattr(cfg, field_name)!r}; a resumed run keeps its "
                 f"settings (drop the flag)"
             )
-    for dest, field_name in RESUME_MAY_CHANGE.items():
-        if dest in args.explicit:
-            setattr(cfg, field_name, getattr(typed, field_name))
     stored = {"fleet": rec["fleet"], "broker": rec["config"].get("broker")}
     for key, value in stored.items():
         if value is None:
