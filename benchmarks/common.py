@@ -8,6 +8,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -77,6 +78,60 @@ def local_fleet(
             except subprocess.TimeoutExpired:
                 p.kill()
         b.stop()
+
+
+def hwm_bytes(pid: int) -> int | None:
+    """A process's own peak RSS so far (Linux VmHWM): exact, where sampling RSS can miss a spike."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+class PeakRss:
+    """Peak RSS of a process and each of its descendants (its TF workers), looked at every 0.5 s and once
+    more at stop(): each process's VmHWM where Linux has it (nothing between samples is missed, only a
+    child that lives and dies between two looks), else its sampled RSS. Multiprocessing's resource
+    tracker is not counted as a worker."""
+
+    def __init__(self, pid: int):
+        import psutil
+
+        self.proc, self.peak_by_pid, self.helpers, self._stop = psutil.Process(pid), {}, set(), threading.Event()
+        self._lock = threading.Lock()
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _sample(self) -> None:
+        import psutil
+
+        with self._lock:
+            try:
+                procs = [self.proc, *self.proc.children(recursive=True)]
+            except psutil.Error:
+                return
+            for p in procs:
+                try:
+                    if p.pid not in self.peak_by_pid and "resource_tracker" in " ".join(p.cmdline()):
+                        self.helpers.add(p.pid)
+                    rss = max(hwm_bytes(p.pid) or 0, p.memory_info().rss)
+                except psutil.Error:
+                    continue
+                self.peak_by_pid[p.pid] = max(self.peak_by_pid.get(p.pid, 0), rss)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.5):
+            self._sample()
+
+    def stop(self) -> dict[str, int]:
+        self._sample()
+        self._stop.set()
+        own = self.peak_by_pid.get(self.proc.pid, 0)
+        workers = [v for k, v in self.peak_by_pid.items() if k != self.proc.pid and k not in self.helpers]
+        return {"simulator_agents": own, "worker_max": max(workers, default=0), "workers": len(workers)}
 
 
 def timed(cmd: list[str], **kw) -> tuple[float, subprocess.CompletedProcess]:

@@ -29,41 +29,14 @@ import json
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-from common import BIN, ROOT, broker_mod, machine
+from common import BIN, ROOT, PeakRss, broker_mod, machine
 
 TARGET_GAP_PTS = {0.8: 0.5, 0.9: 1.0, 0.95: 2.5}
 TARGET_UPLOAD_RATIO_90 = 30.0
 FLOWER_ANCHOR = 0.885
-
-
-class PeakRss:
-    """Largest RSS seen in a process tree (sampled every 0.5 s): the simulator's TF workers."""
-
-    def __init__(self, pid: int):
-        import psutil
-
-        self.proc, self.peak_by_pid, self._stop = psutil.Process(pid), {}, threading.Event()
-        threading.Thread(target=self._run, daemon=True).start()
-
-    def _run(self) -> None:
-        import psutil
-
-        while not self._stop.wait(0.5):
-            try:
-                for p in [self.proc, *self.proc.children(recursive=True)]:
-                    self.peak_by_pid[p.pid] = max(self.peak_by_pid.get(p.pid, 0), p.memory_info().rss)
-            except psutil.Error:
-                pass
-
-    def stop(self) -> dict[str, int]:
-        self._stop.set()
-        own = self.peak_by_pid.get(self.proc.pid, 0)
-        workers = [v for k, v in self.peak_by_pid.items() if k != self.proc.pid]
-        return {"simulator_agents": own, "worker_max": max(workers, default=0), "workers": len(workers)}
 
 
 def pruning_only_bytes(row_sparsity_per_tensor: dict, tensors: list[dict]) -> float:
@@ -248,7 +221,7 @@ def main() -> int:
     try:
         ready = json.loads(sim.stdout.readline())
         say(f"{ready['connected']}/{a.devices} simulated devices connected in {ready['ready_s']:.1f} s")
-        rss = PeakRss(sim.pid)
+        rss = PeakRss(ready["pids"][0])  # the agents' host (--trainer tf: one), not the launcher
         for i, sparsity in enumerate(a.configs):
             say(f"[{i + 1}/{len(a.configs)}] {'dense FedAvg' if sparsity == 0 else f'{sparsity:.0%} sparsity'}")
             rows.append(run_config(b.url, fleet, sparsity, a, work, say))
