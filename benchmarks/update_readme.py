@@ -8,6 +8,7 @@
     python benchmarks/structured_pruning.py --json > benchmarks/results/structured_pruning.json
     python benchmarks/fl_realistic.py --json > benchmarks/results/fl_realistic.json   (about an hour)
     python benchmarks/brokers.py --json > benchmarks/results/brokers.json
+    python benchmarks/model_size.py --json > benchmarks/results/model_size.json   (about 10 minutes)
     python benchmarks/update_readme.py
 
 Only measured figures appear; a missing results file leaves its table out.
@@ -263,6 +264,108 @@ def realistic_section(rows) -> list[str]:
     return out
 
 
+def model_size_section(rows) -> list[str]:
+    runs = [r for r in rows if "dense_fp32_bytes" in r]
+    sl = next((r for r in rows if r.get("configuration") == "slope"), {})
+    mb = lambda b: f"{b / 1e6:,.1f}"  # noqa: E731
+    each = lambda key, fmt: lambda r: " / ".join(fmt(x[key]) for x in r["rounds"])  # noqa: E731
+
+    def slope(name: str) -> str:
+        names = [n for n in (name, f"{name}_round1", f"{name}_round2") if n in sl]
+        if not names:
+            return ""
+        fits = " / ".join(f"{sl[n]['slope']:.3g}" for n in names)
+        pair = " / ".join(f"{sl[n]['fmnist_pair_slope']:.3g}" for n in names if "fmnist_pair_slope" in sl[n])
+        return f"{fits} {sl[names[0]]['unit']}" + (f" ({pair})" if pair else "")
+
+    lines = [
+        ("parameters", lambda r: f"{r['params']:,}", None),
+        ("dense fp32 MB", lambda r: f"{r['dense_fp32_bytes'] / 1e6:.2f}", None),
+        ("samples per device", lambda r: "-".join(f"{n:,}" for n in sorted(set(r["samples_per_device"]))), None),
+        ("coordinator peak RSS MB", lambda r: mb(r["coordinator_peak_rss_bytes"]), "coordinator_rss_mb_per_model_mb"),
+        (
+            "model worker peak RSS MB",
+            lambda r: mb(r["model_worker_peak_rss_bytes"]),
+            "model_worker_rss_mb_per_model_mb",
+        ),
+        ("simulator (10 agents) idle RSS MB", lambda r: mb(r["simulator_idle_rss_bytes"]), None),
+        ("simulator peak RSS MB", lambda r: mb(r["simulator_peak_rss_bytes"]), "simulator_peak_rss_mb_per_model_mb"),
+        (
+            "per-agent growth MB = (peak - idle) / 10",
+            lambda r: mb(r["per_agent_growth_bytes"]),
+            "per_agent_growth_mb_per_model_mb",
+        ),
+        (
+            "TF training worker peak RSS MB",
+            lambda r: mb(r["tf_worker_peak_rss_bytes"]),
+            "tf_worker_rss_mb_per_model_mb",
+        ),
+        ("broadcast MB per device, round 1 / 2", each("bytes_down_per_client", mb), "broadcast_bytes_per_model_byte"),
+        ("broadcast chunks, round 1 / 2", each("broadcast_chunks", str), None),
+        ("blob wants / re-sent chunks", lambda r: f"{r['wants_in']} / {r['resent_chunks']}", None),
+        (
+            "upload MB per client, round 1 / 2",
+            each("bytes_up_per_client", lambda b: f"{b / 1e6:.3f}"),
+            "upload_bytes_per_model_byte",
+        ),
+        (
+            "coordinator s per round, round 1 / 2",
+            each("coordinator_s", lambda x: f"{x:.2f}"),
+            "coordinator_overhead_s_per_model_mb",
+        ),
+        (
+            "... without evaluation",
+            each("coordinator_s_excl_evaluate", lambda x: f"{x:.2f}"),
+            "coordinator_overhead_excl_evaluate_s_per_model_mb",
+        ),
+        ("... share of the round wall", each("overhead", lambda x: f"{x:.1%}"), None),
+        ("round wall s, round 1 / 2", each("wall_s", lambda x: f"{x:.1f}"), "round_wall_s_per_model_mb"),
+        ("device with 700 MB available", lambda r: "**refused**" if r["fits_check"]["refused"] else "accepted", None),
+    ]
+    out = [
+        f"**Cost vs model size** (`python benchmarks/model_size.py`, {sl.get('total_minutes', '?')} min): per model "
+        f"a fresh Mosquitto, {runs[0]['rounds'][0]['clients_ok'] if runs else '?'} simulated devices that really "
+        "train (one host process, 2 warm TensorFlow workers at nice 19) and a fresh coordinator process; 2 rounds "
+        "of all 10 devices, 1 local epoch, batch 32, 80% target sparsity, iid shards, evaluation every round. "
+        "MB = 10^6 bytes. Slope: least squares over the three models against dense fp32 MB (in brackets: "
+        "between the two fashion-mnist models alone, which share data and input size).",
+        "",
+        "| | " + " | ".join(r["configuration"] for r in runs) + " | slope per model MB |",
+        "|---|" + "---|" * len(runs) + "---|",
+    ]
+    for label, cell, name in lines:
+        out.append(f"| {label} | " + " | ".join(cell(r) for r in runs) + f" | {slope(name) if name else ''} |")
+    if "coordinator_rss_mb_per_model_mb" in sl:
+        v = lambda name, key="slope": f"{sl[name][key]:.3g}"  # noqa: E731
+        both = lambda name: f"{v(name)} ({v(name, 'fmnist_pair_slope')})"  # noqa: E731
+        out += [
+            "",
+            "Per MB of dense fp32 model (least squares over the three models; the fashion-mnist pair in "
+            f"brackets): coordinator peak RSS +{both('coordinator_rss_mb_per_model_mb')} MB, each TF training "
+            f"worker +{both('tf_worker_rss_mb_per_model_mb')} MB, the simulator host "
+            f"+{both('per_agent_growth_mb_per_model_mb')} MB per agent; the broadcast is "
+            f"{both('broadcast_bytes_per_model_byte_round1')} bytes per model byte in round 1 (the dense start) "
+            f"and {both('broadcast_bytes_per_model_byte_round2')} in round 2 (80% sparse), the upload "
+            f"{both('upload_bytes_per_model_byte_round1')} and {both('upload_bytes_per_model_byte_round2')}; the "
+            f"coordinator's own time per round +{both('coordinator_overhead_s_per_model_mb_round1')} s and "
+            f"+{both('coordinator_overhead_s_per_model_mb_round2')} s per MB in rounds 1 and 2, "
+            f"{both('coordinator_overhead_excl_evaluate_s_per_model_mb_round1')} and "
+            f"{both('coordinator_overhead_excl_evaluate_s_per_model_mb_round2')} s without the evaluation.",
+        ]
+    wide = max(runs, key=lambda r: r["dense_fp32_bytes"], default=None)
+    if wide and wide["fits_check"]["refused"]:
+        f = wide["fits_check"]
+        out += [
+            "",
+            f"The agent refuses {wide['configuration']} before fetching it on a device with "
+            f"{f['available_bytes'] / 1e6:,.0f} MB available (`check_training_fits`, psutil's figure patched): "
+            f"\"{f['message']}\". Its estimate ({f['estimate_bytes'] / 1e6:,.0f} MB) is below the "
+            f"{wide['tf_worker_peak_rss_bytes'] / 1e6:,.0f} MB this run's training worker peaked at (a pool worker, "
+            "which also holds the devices' shards and the cached training split).",
+        ]
+    return out
+
+
 def main() -> int:
     readme = (ROOT / "README.md").read_text()
     if BEGIN not in readme or END not in readme:
@@ -280,6 +383,7 @@ def main() -> int:
         parts += export_section(ex) + [""]
     for name, section in (
         ("fl_realistic", realistic_section),
+        ("model_size", model_size_section),
         ("structured_pruning", structured_section),
         ("fleet_scale", scale_section),
         ("round_overhead", overhead_section),
