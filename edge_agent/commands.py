@@ -45,11 +45,13 @@ def _trainer(agent: Agent):
     return agent.trainer
 
 
-TRAIN_MEMORY_FACTOR = 8
-"""Bytes of RAM per model byte while training: weights, TF-MOT masks, gradients, two Adam moments and the
-update's copies (an estimate, documented as such; checked so a too-large model is refused, not fatal)."""
-TF_RUNTIME_BYTES = 600 * 2**20
-"""TensorFlow + tf-keras + TF-MOT in the worker before any model (measured ~580-650 MB on x86_64)."""
+TRAIN_MEMORY_FACTOR = 20
+"""Bytes of RAM per model byte while training: weights, TF-MOT masks and thresholds, gradients, two Adam
+moments, the traced step's buffers and the update's copies. An estimate, from the slope measured by
+benchmarks/model_size.py (TF worker peak 774 / 999 / 1,292 MB for 1.1 / 6.7 / 26 MB models: 15-19 MB per
+model MB); checked so that a model too large is refused with the numbers, not killed by the OOM killer."""
+TF_RUNTIME_BYTES = 700 * 2**20
+"""TensorFlow + tf-keras + TF-MOT in the worker before any model (measured 580-750 MB on x86_64)."""
 
 
 def check_training_fits(agent: Agent, model_bytes: int) -> None:
