@@ -82,14 +82,9 @@ def local_fleet(
 
 def hwm_bytes(pid: int) -> int | None:
     """A process's own peak RSS so far (Linux VmHWM): exact, where sampling RSS can miss a spike."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    from edge_agent.common.procstats import status_bytes
+
+    return status_bytes("VmHWM", pid)
 
 
 class PeakRss:

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from . import energy, sensors
+from .common import procstats
 from .ml.tflite_info import is_tflite
 from .protocol.errors import ErrorCode, ProtocolError
 
@@ -38,14 +39,6 @@ LOAD_TIMEOUT_S = 120.0
 
 
 # -- child process ---------------------------------------------------------------
-
-
-def _rss_bytes(field: str = "VmRSS:") -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def _import_runtime(prefer: str):
@@ -118,7 +111,7 @@ def child_main(conn, path: str, threads: int, runtime: str) -> None:
     """Serve timing requests for one model until told to finish."""
     try:
         name, version, Interpreter, no_delegate = _import_runtime(runtime)
-        baseline = _rss_bytes()
+        baseline = procstats.rss_bytes()
         fallback = None
         try:
             interp, load_s, first_ms = _load(Interpreter, path, threads)
@@ -133,7 +126,7 @@ def child_main(conn, path: str, threads: int, runtime: str) -> None:
                 "load_s": round(load_s, 6),
                 "first_inference_ms": round(first_ms, 4),
                 "rss_baseline_bytes": baseline,
-                "rss_after_load_bytes": _rss_bytes(),
+                "rss_after_load_bytes": procstats.rss_bytes(),
             }
         )
     except Exception as exc:
@@ -162,7 +155,7 @@ def child_main(conn, path: str, threads: int, runtime: str) -> None:
                 times.append(time.perf_counter() - s)
             conn.send(times)
         elif op == "finish":
-            conn.send({"rss_peak_bytes": _rss_bytes("VmHWM:"), "rss_end_bytes": _rss_bytes()})
+            conn.send({"rss_peak_bytes": procstats.peak_rss_bytes(), "rss_end_bytes": procstats.rss_bytes()})
             return
 
 

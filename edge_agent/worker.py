@@ -15,12 +15,12 @@ from __future__ import annotations
 import math
 import os
 import random
-import resource
 import time
 from typing import Any
 
 import numpy as np
 
+from .common.procstats import cpu_seconds, peak_rss_bytes, reset_peak_rss
 from .protocol import codec
 from .protocol.constants import IMPORTANCE_METHODS
 
@@ -86,32 +86,6 @@ class WorkerError(Exception):
     def __init__(self, code: str, message: str):
         super().__init__(message)
         self.code = code
-
-
-def reset_peak_rss() -> bool:
-    """Reset the kernel's high-water mark (VmHWM) so a round's peak can be read on its own."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_rss_bytes() -> int:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def cpu_seconds() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
 
 
 def _regrow_mask_callback(keras, magnitude_mask):

@@ -140,24 +140,18 @@ def no_round_message(run: "Run") -> str:
 def peak_rss() -> dict[str, int]:
     """Peak resident memory of this process (VmHWM), and of the largest child it has reaped:
     the model worker, which holds TensorFlow apart from the round loop."""
-    import resource
+    from edge_agent.common import procstats
 
-    from edge_agent.worker import peak_rss_bytes
-
-    return {
-        "coordinator": peak_rss_bytes(),
-        "model_worker": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
-    }
+    return {"coordinator": procstats.peak_rss_bytes(), "model_worker": procstats.children_peak_rss_bytes()}
 
 
 def cpu_s() -> dict[str, float]:
     """CPU seconds (user + system) of this process and of its reaped children (the model worker)."""
-    import resource
+    from edge_agent.common import procstats
 
-    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return {
-        "coordinator": round(own.ru_utime + own.ru_stime, 3),
-        "model_worker": round(kids.ru_utime + kids.ru_stime, 3),
+        "coordinator": round(procstats.cpu_seconds(), 3),
+        "model_worker": round(procstats.cpu_seconds(children=True), 3),
     }
 
 
