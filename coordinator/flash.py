@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 from edge_agent.common.link import parse_broker_url
-from edge_agent.service import INSTALLER_DIR, RESULT_PREFIX
+from edge_agent.service import INSTALLER_DIR, parse_result
 
 from . import bundle
 
@@ -408,8 +408,8 @@ def flash(
     result: dict = {}
 
     def on_line(line: str) -> None:
-        if line.startswith(RESULT_PREFIX):
-            result.update(json.loads(line[len(RESULT_PREFIX) :]))
+        if (parsed := parse_result(line)) is not None:
+            result.update(parsed)
         elif line.strip():
             say("      " + line.removeprefix("==> "))
 
@@ -512,9 +512,7 @@ def undo_after_timeout(ssh: Ssh, first_install: bool) -> str:
     lay = '"$HOME/.local/share/edgeprune"'
     script = f'P={lay}; [ "$(id -u)" = 0 ] && P=/opt/edgeprune; ' f'"$P/current/bin/python" -m edge_agent.service {cmd}'
     rc, out, err = ssh.run(script, timeout=300)
-    ok = any(
-        line.startswith(RESULT_PREFIX) and json.loads(line[len(RESULT_PREFIX) :]).get("ok") for line in out.splitlines()
-    )
+    ok = any((parse_result(line) or {}).get("ok") for line in out.splitlines())
     if rc != 0 or not ok:
         raise FlashError(
             "undo",
@@ -527,10 +525,9 @@ def undo_after_timeout(ssh: Ssh, first_install: bool) -> str:
 def unflash(ssh: Ssh, keep_state: bool = False) -> dict:
     script = (INSTALLER_DIR / "uninstall.sh").read_text()
     rc, out, err = ssh.run(script, ["--keep-state"] if keep_state else [], timeout=300)
-    result = {}
+    result: dict = {}
     for line in out.splitlines():
-        if line.startswith(RESULT_PREFIX):
-            result = json.loads(line[len(RESULT_PREFIX) :])
+        result = parse_result(line) or result
     if rc != 0 or not result.get("ok", False):
         raise FlashError(
             "uninstall",

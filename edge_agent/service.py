@@ -658,8 +658,20 @@ def status(lay: Layout | None = None) -> dict:
 # -- command line (device side) ------------------------------------------------------------------
 
 
-def _emit(obj: dict) -> None:
+def emit_result(obj: dict) -> None:
+    """The installer's answer to the laptop: one line, read back by :func:`parse_result`."""
     print(RESULT_PREFIX + json.dumps(obj), flush=True)
+
+
+def parse_result(line: str) -> dict | None:
+    """The object of an :func:`emit_result` line (also what uninstall.sh echoes); None for any other line."""
+    if not line.startswith(RESULT_PREFIX):
+        return None
+    try:
+        obj = json.loads(line[len(RESULT_PREFIX) :])
+    except json.JSONDecodeError:
+        return None
+    return obj if isinstance(obj, dict) else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -704,7 +716,7 @@ def main(argv: list[str] | None = None) -> int:
                     updates[key] = settings.convert(settings.BY_NAME[key], value, f"--set {key}")
                 except settings.SettingsError as exc:
                     raise InstallError(str(exc)) from None
-            _emit(
+            emit_result(
                 {
                     "ok": True,
                     **install(
@@ -718,19 +730,19 @@ def main(argv: list[str] | None = None) -> int:
                 }
             )
         elif args.cmd == "uninstall":
-            _emit({"ok": True, **uninstall(lay, args.keep_state)})
+            emit_result({"ok": True, **uninstall(lay, args.keep_state)})
         elif args.cmd == "start":
             manager(lay).start()
         elif args.cmd == "stop":
             manager(lay).stop()
         elif args.cmd == "status":
-            _emit({"ok": True, **status(lay)})
+            emit_result({"ok": True, **status(lay)})
         elif args.cmd == "rollback":
-            _emit({"ok": True, **rollback(lay)})
+            emit_result({"ok": True, **rollback(lay)})
         elif args.cmd == "supervise":
             return supervise(lay)
     except (InstallError, OSError) as exc:
-        _emit({"ok": False, "error": str(exc)})
+        emit_result({"ok": False, "error": str(exc)})
         print(f"edgeprune: {exc}", file=sys.stderr)
         return 1
     return 0
