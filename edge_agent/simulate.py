@@ -101,23 +101,17 @@ def synthetic_update(msg: dict[str, Any]) -> bytes:
                 keep = keep.reshape(ref.shape)
         weights.append(new * keep)
         masks.append(keep)
-    meta = {"run_id": msg.get("run_id"), "round": msg.get("round")}
-    fmt = msg.get("update_format", "int8")
-    if any(m is not None for m in masks) or fmt != "fp32":
-        return codec.encode(
-            weights,
-            names=glob.names,
-            masks=masks,
-            kind="update",
-            reference=glob.tensors,
-            reference_masks=glob.masks,
-            values=fmt,
-            delta=True,
-            compression="zstd",
-            meta=meta,
-            seed=int(msg.get("seed", 0)),
-        )
-    return codec.encode(weights, names=glob.names, kind="update", values="fp32", compression="none", meta=meta)
+    return codec.encode_update(
+        weights,
+        names=glob.names,
+        masks=masks,
+        reference=glob.tensors,
+        reference_masks=glob.masks,
+        values=msg.get("update_format", "int8"),
+        pruned=any(m is not None for m in masks),
+        meta={"run_id": msg.get("run_id"), "round": msg.get("round")},
+        seed=int(msg.get("seed", 0)),
+    )
 
 
 def synthetic_importance(model: bytes, layers: list[str]) -> dict[str, Any]:

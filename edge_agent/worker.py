@@ -436,30 +436,17 @@ class Run:
                     weights[i] = weights[i] * m
                     masks[i] = m
         train_s = time.perf_counter() - wall0
-        fmt = msg.get("update_format", "int8")
-        if self.pruned or fmt != "fp32":
-            update = codec.encode(
-                weights,
-                names=self.names,
-                masks=masks,
-                kind="update",
-                reference=glob.tensors,
-                reference_masks=ref_masks,
-                values=fmt,
-                delta=True,
-                compression="zstd",
-                meta={"run_id": msg.get("run_id"), "round": msg.get("round")},
-                seed=int(msg.get("seed", 0)),
-            )
-        else:  # dense FedAvg baseline: plain fp32 weights, no tricks
-            update = codec.encode(
-                weights,
-                names=self.names,
-                kind="update",
-                values="fp32",
-                compression="none",
-                meta={"run_id": msg.get("run_id"), "round": msg.get("round")},
-            )
+        update = codec.encode_update(
+            weights,
+            names=self.names,
+            masks=masks,
+            reference=glob.tensors,
+            reference_masks=ref_masks,
+            values=msg.get("update_format", "int8"),
+            pruned=self.pruned,
+            meta={"run_id": msg.get("run_id"), "round": msg.get("round")},
+            seed=int(msg.get("seed", 0)),
+        )
         kept = [m for m in masks if m is not None]
         return {
             "update": update,

@@ -190,6 +190,38 @@ def encode(
     return _HEAD.pack(MAGIC, len(header)) + header + body
 
 
+def encode_update(
+    weights: Sequence[np.ndarray],
+    *,
+    names: Sequence[str],
+    masks: Sequence[np.ndarray | None],
+    reference: Sequence[np.ndarray],
+    reference_masks: Sequence[np.ndarray | None],
+    values: str,
+    pruned: bool,
+    meta: dict[str, Any],
+    seed: int = 0,
+) -> bytes:
+    """A device's update as it goes on the wire: the sparse delta from the global model (masks relative to
+    the global masks, ``values`` quantisation, zstd) when the run prunes or quantises; plain fp32 weights,
+    uncompressed, for the dense FedAvg baseline. The real worker and the simulator both send this."""
+    if pruned or values != "fp32":
+        return encode(
+            weights,
+            names=names,
+            masks=masks,
+            kind="update",
+            reference=reference,
+            reference_masks=reference_masks,
+            values=values,
+            delta=True,
+            compression="zstd",
+            meta=meta,
+            seed=seed,
+        )
+    return encode(weights, names=names, kind="update", values="fp32", compression="none", meta=meta)
+
+
 def read_header(data: bytes) -> tuple[dict[str, Any], int]:
     if len(data) < _HEAD.size or data[:4] != MAGIC:
         raise ProtocolError(ErrorCode.MALFORMED, "not an edgeprune tensor bundle (bad magic)")
