@@ -420,7 +420,6 @@ class Agent:
             except ProtocolError:
                 pass  # corrupted on disk: removed, fetch again
         flt = topics.blob_filter(self.fleet, sha256)
-        self.link.subscribe(flt)
         deadline = time.monotonic() + timeout_s
         try:
             first: ProtocolError | None = None
@@ -434,7 +433,11 @@ class Agent:
                     broadcast=True,
                 )
                 try:
-                    if attempt == 2:  # subscribe again (the broker replays the retained chunks) and ask for all
+                    # Subscribe only once the pull is open: the broker replays the retained chunks at once, and
+                    # a chunk that arrives before there is a pull to feed is dropped (it used to be, under load).
+                    if attempt == 1:
+                        self.link.subscribe(flt)
+                    else:  # subscribe again (the broker replays the retained chunks) and ask for all
                         self.link.unsubscribe(flt)
                         self.link.subscribe(flt)
                         self._want(sha256, None)

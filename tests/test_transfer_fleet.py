@@ -138,6 +138,33 @@ def test_a_broadcast_the_broker_does_not_replay_arrives_on_request(live, mosquit
     assert time.monotonic() - t0 < 10
 
 
+def test_retained_chunks_that_come_at_once_are_not_lost(live, mosquitto):
+    """The broker replays a broadcast's retained chunks the moment the device subscribes; none may be
+    dropped for arriving before the device is ready for them. This blob is one the coordinator does not
+    have, so a lost chunk cannot be asked for again: every chunk must come from the replay."""
+    import hashlib
+
+    from edge_agent.common.blobs import split
+
+    agent, s = live
+    blob = os.urandom(18 * 65536)
+    sha = hashlib.sha256(blob).hexdigest()
+    c = raw_client(mosquitto.url)
+    for f in split(blob, 65536, sha256=sha):
+        c.publish(topics.blob_chunk("t", sha, f.index), serde.encode_frame(f), qos=1, retain=True).wait_for_publish(5)
+    c.disconnect()
+    opened = agent.receiver.open
+
+    def slow_open(*a, **kw):  # widen the window between subscribing and being ready (as under load)
+        time.sleep(0.5)
+        return opened(*a, **kw)
+
+    agent.receiver.open = slow_open
+    reply = s.call("pi1", "blob_fetch", {"sha256": sha, "bytes": len(blob), "chunks": 18}, timeout_s=30)
+    assert reply.ok, reply.error
+    assert agent.blobs.get(sha) == blob
+
+
 def test_an_update_not_yet_pulled_is_never_evicted(mosquitto, session_factory, tmp_path):
     agent = _agent(mosquitto.url, tmp_path, blob_cache_bytes=150_000)
     agent.start()
