@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent.common.childproc import Child, ChildGone, ChildTimeout
+from edge_agent.common.childproc import Child, ChildGone, ChildTimeout, serve
 
 START_TIMEOUT_S = 300.0  # TensorFlow import + model build
 CALL_TIMEOUT_S = 600.0
@@ -85,65 +85,60 @@ def main(conn) -> None:
     from edge_agent.ml.tfenv import load
 
     t = load()
-    model, eval_xy, writers = None, None, {}
-    while True:
-        try:
-            msg = conn.recv()
-        except EOFError:
-            return
+    model, eval_xy, writers, classifier = None, None, {}, True
+
+    def handle(msg: dict[str, Any]) -> dict[str, Any]:
+        nonlocal model, eval_xy, classifier
         op = msg.get("op")
-        try:
-            if op == "create":
-                model = models.from_json(msg["arch_json"]) if msg.get("arch_json") else _build(msg, models)
-                training = msg.get("training") or models.training_config(model)  # a user model's own loss
-                wrapped, report = None, {"pruned": {}, "dense": {}}
-                if msg["pruning_on"]:
-                    wrapped, report, _ = pruning.wrap(model, msg["granularity"])
-                spec = pruning.weight_spec(wrapped if wrapped is not None else model)
-                models.compile_model(model, training=training)
-                classifier = models.is_classifier(training)
-                if msg.get("eval_x") is not None:
-                    eval_xy = (msg["eval_x"].reshape((-1, *model.input_shape[1:])), msg["eval_y"])
-                conn.send(
-                    {
-                        "ok": True,
-                        "arch_json": model.to_json(),
-                        "spec": spec,
-                        "layer_report": report,
-                        "weights": pruning.get_weights(model),
-                        "flops": flops(model),
-                        "training": training,
-                    }
-                )
-            elif op == "evaluate":
-                if eval_xy is None:
-                    conn.send({"ok": True})
-                    continue
-                pruning.set_state(model, msg["weights"])
-                conn.send({"ok": True, **_evaluate(model, *eval_xy, classifier=classifier)})
-            elif op == "scalars":
-                writer = writers.get(msg["logdir"]) or t.tf.summary.create_file_writer(msg["logdir"])
-                writers[msg["logdir"]] = writer
-                with writer.as_default():
-                    for step, values in msg["rows"]:
-                        for key, value in values.items():
-                            t.tf.summary.scalar(key, value, step=step)
-                writer.flush()
-                conn.send({"ok": True})
-            elif op == "save_keras":
-                pruning.set_state(model, msg["weights"])
-                model.save(msg["path"])
-                conn.send({"ok": True})
-            elif op == "end":
-                for w in writers.values():
-                    w.close()
-                conn.send({"ok": True})
-                return
-            else:
-                conn.send({"ok": False, "message": f"unknown op {op!r}"})
-        except Exception as exc:  # report, keep serving
-            why = str(exc) if isinstance(exc, (ValueError, OSError)) else f"{type(exc).__name__}: {exc}"
-            conn.send({"ok": False, "message": why})
+        if op == "create":
+            model = models.from_json(msg["arch_json"]) if msg.get("arch_json") else _build(msg, models)
+            training = msg.get("training") or models.training_config(model)  # a user model's own loss
+            wrapped, report = None, {"pruned": {}, "dense": {}}
+            if msg["pruning_on"]:
+                wrapped, report, _ = pruning.wrap(model, msg["granularity"])
+            spec = pruning.weight_spec(wrapped if wrapped is not None else model)
+            models.compile_model(model, training=training)
+            classifier = models.is_classifier(training)
+            if msg.get("eval_x") is not None:
+                eval_xy = (msg["eval_x"].reshape((-1, *model.input_shape[1:])), msg["eval_y"])
+            return {
+                "ok": True,
+                "arch_json": model.to_json(),
+                "spec": spec,
+                "layer_report": report,
+                "weights": pruning.get_weights(model),
+                "flops": flops(model),
+                "training": training,
+            }
+        if op == "evaluate":
+            if eval_xy is None:
+                return {"ok": True}
+            pruning.set_state(model, msg["weights"])
+            return {"ok": True, **_evaluate(model, *eval_xy, classifier=classifier)}
+        if op == "scalars":
+            writer = writers.get(msg["logdir"]) or t.tf.summary.create_file_writer(msg["logdir"])
+            writers[msg["logdir"]] = writer
+            with writer.as_default():
+                for step, values in msg["rows"]:
+                    for key, value in values.items():
+                        t.tf.summary.scalar(key, value, step=step)
+            writer.flush()
+            return {"ok": True}
+        if op == "save_keras":
+            pruning.set_state(model, msg["weights"])
+            model.save(msg["path"])
+            return {"ok": True}
+        return {"ok": False, "message": f"unknown op {op!r}"}
+
+    def on_error(exc: BaseException) -> dict[str, Any]:  # report, keep serving
+        why = str(exc) if isinstance(exc, (ValueError, OSError)) else f"{type(exc).__name__}: {exc}"
+        return {"ok": False, "message": why}
+
+    def on_end() -> None:
+        for w in writers.values():
+            w.close()
+
+    serve(conn, handle, on_end=on_end, on_error=on_error)
 
 
 def flops(model) -> int:

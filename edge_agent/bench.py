@@ -20,7 +20,6 @@ fallback and its reason.
 from __future__ import annotations
 
 import math
-import multiprocessing
 import os
 import statistics
 import threading
@@ -31,6 +30,7 @@ import numpy as np
 
 from . import energy, sensors
 from .common import procstats
+from .common.childproc import Child, ChildGone, ChildTimeout, serve
 from .ml.tflite_info import is_tflite
 from .protocol.errors import ErrorCode, ProtocolError
 
@@ -108,55 +108,63 @@ def _load(Interpreter, path: str, threads: int, **options):
 
 
 def child_main(conn, path: str, threads: int, runtime: str) -> None:
-    """Serve timing requests for one model until told to finish."""
-    try:
-        name, version, Interpreter, no_delegate = _import_runtime(runtime)
-        baseline = procstats.rss_bytes()
-        fallback = None
+    """Serve timing requests for one model (``load`` first) until the parent ends it."""
+    state: dict[str, Any] = {}
+
+    def load() -> dict[str, Any]:
         try:
-            interp, load_s, first_ms = _load(Interpreter, path, threads)
-        except (RuntimeError, ValueError) as exc:  # e.g. XNNPACK failing to prepare a sparse int8 graph
-            fallback = {"delegate": "none (builtin kernels only)", "reason": str(exc).strip().splitlines()[0][:500]}
-            interp, load_s, first_ms = _load(Interpreter, path, threads, **no_delegate)
-        conn.send(
-            {
-                "ok": True,
-                "runtime": {"name": name, "version": version},
-                "fallback": fallback,
-                "load_s": round(load_s, 6),
-                "first_inference_ms": round(first_ms, 4),
-                "rss_baseline_bytes": baseline,
-                "rss_after_load_bytes": procstats.rss_bytes(),
-            }
-        )
-    except Exception as exc:
-        conn.send({"ok": False, "error": f"{type(exc).__name__}: {str(exc).strip()[:1000]}"})
-        return
-    invoke = interp.invoke
-    clock = time.perf_counter_ns
-    while True:
-        op, n = conn.recv()
+            name, version, Interpreter, no_delegate = _import_runtime(runtime)
+            baseline = procstats.rss_bytes()
+            fallback = None
+            try:
+                interp, load_s, first_ms = _load(Interpreter, path, threads)
+            except (RuntimeError, ValueError) as exc:  # e.g. XNNPACK failing to prepare a sparse int8 graph
+                reason = str(exc).strip().splitlines()[0][:500]
+                fallback = {"delegate": "none (builtin kernels only)", "reason": reason}
+                interp, load_s, first_ms = _load(Interpreter, path, threads, **no_delegate)
+        except Exception as exc:
+            return {"ok": False, "error": f"{type(exc).__name__}: {str(exc).strip()[:1000]}"}
+        state["interp"] = interp
+        return {
+            "ok": True,
+            "runtime": {"name": name, "version": version},
+            "fallback": fallback,
+            "load_s": round(load_s, 6),
+            "first_inference_ms": round(first_ms, 4),
+            "rss_baseline_bytes": baseline,
+            "rss_after_load_bytes": procstats.rss_bytes(),
+        }
+
+    def handle(msg: dict[str, Any]) -> dict[str, Any]:
+        op, n = msg["op"], int(msg.get("n", 0))
+        if op == "load":
+            return load()
+        interp = state["interp"]
+        invoke = interp.invoke
         if op == "warmup":
             for _ in range(n):
                 invoke()
-            conn.send(True)
-        elif op == "time":  # the harness: one timing per inference
+            return {"ok": True}
+        if op == "time":  # the harness: one timing per inference
+            clock = time.perf_counter_ns
             out = []
             for _ in range(n):
                 t = clock()
                 invoke()
                 out.append(clock() - t)
-            conn.send(out)
-        elif op == "independent":  # a separate plain loop over the same interpreter, for cross-checking
+            return {"ok": True, "times": out}
+        if op == "independent":  # a separate plain loop over the same interpreter, for cross-checking
             times = []
             for _ in range(n):
-                s = time.perf_counter()
+                t0 = time.perf_counter()
                 interp.invoke()
-                times.append(time.perf_counter() - s)
-            conn.send(times)
-        elif op == "finish":
-            conn.send({"rss_peak_bytes": procstats.peak_rss_bytes(), "rss_end_bytes": procstats.rss_bytes()})
-            return
+                times.append(time.perf_counter() - t0)
+            return {"ok": True, "times": times}
+        if op == "finish":
+            return {"ok": True, "rss_peak_bytes": procstats.peak_rss_bytes(), "rss_end_bytes": procstats.rss_bytes()}
+        raise ValueError(f"unknown bench op {op!r}")
+
+    serve(conn, handle)
 
 
 # -- parent (agent job) ----------------------------------------------------------
@@ -176,14 +184,11 @@ def latency_stats(ns: list[int]) -> dict[str, float]:
 
 
 class _Child:
-    def __init__(self, ctx, name: str, path: str, threads: int, runtime: str, budget_s: float):
+    """One artifact's runtime process, with the time budget it may spend."""
+
+    def __init__(self, name: str, path: str, threads: int, runtime: str, budget_s: float):
         self.name, self.path, self.budget_s = name, path, budget_s
-        self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(
-            target=child_main, args=(child, path, threads, runtime), daemon=True, name=f"edgeprune-bench-{name}"
-        )
-        self.proc.start()
-        child.close()
+        self.child = Child(child_main, (path, threads, runtime), name=f"edgeprune-bench-{name}")
         self.started = time.monotonic()
         self.spent_s = 0.0
         self.latencies: list[int] = []
@@ -192,29 +197,27 @@ class _Child:
         self.status = "ok"
         self.info: dict[str, Any] = {}
 
-    def ask(self, msg, timeout_s: float | None = None):
+    def ask(self, op: str, n: int = 0, timeout_s: float | None = None) -> dict[str, Any] | None:
         """Send and wait, within the artifact's remaining budget; kill it if it overruns."""
         remaining = self.budget_s - self.spent_s
         wait = min(remaining, timeout_s) if timeout_s else remaining
         t0 = time.monotonic()
-        if msg is not None:
-            self.conn.send(msg)
-        ready = self.conn.poll(max(0.0, wait))
-        self.spent_s += time.monotonic() - t0
-        if not ready:
-            self.kill("timeout", f"exceeded its time budget of {self.budget_s:.0f} s")
-            return None
         try:
-            return self.conn.recv()
-        except (EOFError, OSError):
-            self.kill("error", f"runtime process died (exit code {self.proc.exitcode})")
-            return None
+            return self.child.request({"op": op, "n": n}, max(0.0, wait))
+        except ChildTimeout:
+            self.kill("timeout", f"exceeded its time budget of {self.budget_s:.0f} s")
+        except ChildGone as exc:
+            self.kill("error", f"runtime process died (exit code {exc.exitcode})")
+        finally:
+            self.spent_s += time.monotonic() - t0
+        return None
 
     def kill(self, status: str, why: str) -> None:
         self.status, self.error = status, why
-        if self.proc.is_alive():
-            self.proc.kill()
-        self.proc.join(5)
+        self.child.kill()
+
+    def close(self) -> None:
+        self.child.close(kill=not self.alive)
 
     @property
     def alive(self) -> bool:
@@ -267,7 +270,6 @@ def run(
     blocks: int = 10,
 ) -> dict[str, Any]:
     """Benchmark ``artifacts`` ([{name, path, sha256, bytes}]) interleaved; return per-artifact results."""
-    ctx = multiprocessing.get_context("spawn")
     before = thermal_snapshot(sysfs_root)
     children: list[_Child] = []
     results: dict[str, dict[str, Any]] = {}
@@ -278,8 +280,8 @@ def run(
         if not is_tflite(head):
             results[a["name"]] = {"status": "error", "error": "not a TFLite model (no 'TFL3' identifier)"}
             continue
-        c = _Child(ctx, a["name"], a["path"], threads, runtime, budget_s)
-        info = c.ask(None, LOAD_TIMEOUT_S)
+        c = _Child(a["name"], a["path"], threads, runtime, budget_s)
+        info = c.ask("load", timeout_s=LOAD_TIMEOUT_S)
         if info is not None and not info.get("ok"):
             c.kill("error", f"cannot load: {info.get('error')}")
         elif info is not None:
@@ -287,7 +289,7 @@ def run(
         children.append(c)
     live = [c for c in children if c.alive]
     for c in live:
-        c.ask(("warmup", warmup))
+        c.ask("warmup", warmup)
     per_block = max(1, math.ceil((runs or 100) / blocks))
     sampler = PowerSampler(sysfs_root)
     sampler.start()
@@ -306,14 +308,14 @@ def run(
             n = per_block if runs is None else min(per_block, runs - len(c.latencies))
             if n <= 0:
                 continue
-            c.ask(("warmup", max(5, n // 4)))  # caches are cold after the other models ran: re-warm, untimed
+            c.ask("warmup", max(5, n // 4))  # caches are cold after the other models ran: re-warm, untimed
             # the cross-check loop runs in the same period on the same interpreter, first on every other
             # block, so neither side systematically gets the colder start
             order = ("time", "independent") if block % 2 else ("independent", "time")
             for op in order:
-                out = c.ask((op, n)) if c.alive else None
+                out = c.ask(op, n) if c.alive else None
                 if out is not None:
-                    (c.latencies if op == "time" else c.independent_s).extend(out)
+                    (c.latencies if op == "time" else c.independent_s).extend(out["times"])
         progress(
             phase="timing", done=sum(len(c.latencies) for c in children), total=(runs or 0) * len(children) or None
         )
@@ -328,7 +330,7 @@ def run(
         }
         if c.alive and c.latencies:
             stats = latency_stats(c.latencies)
-            fin = c.ask(("finish", 0))
+            fin = c.ask("finish")
             res.update({"latency_ms": stats, "warmup": warmup, "runs": len(c.latencies)})
             if c.independent_s:
                 indep_ms = statistics.median(c.independent_s) * 1000
@@ -353,8 +355,7 @@ def run(
         elif c.alive:
             c.kill("error", "no timings collected")
             res.update(status=c.status, error=c.error)
-        if c.proc.is_alive():
-            c.kill(c.status, c.error or "")
+        c.close()
         results[c.name] = res
     for a in artifacts:
         results[a["name"]].update(

@@ -18,7 +18,6 @@ children are spawned (a fresh interpreter) and never touch MQTT.
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import threading
 import time
@@ -37,48 +36,33 @@ def _child_main(conn, threads: int) -> None:
     """A pool child: ``begin`` (run id, device data spec, the begin message) and ``round`` requests."""
     import functools
 
+    from .common.childproc import serve
     from .ml import data
     from .ml.data import load_local
     from .ml.tfenv import load
-    from .worker import Run, WorkerError
+    from .worker import Run
 
     load(threads)
     # the pool serves many devices' shards of one data set: read its files once per child, not once per device
     data.read_fashion_mnist = functools.lru_cache(maxsize=2)(data.read_fashion_mnist)
     runs: dict[str, Run] = {}
     shards: dict[str, Any] = {}
-    parent = os.getppid()
-    while True:
-        if not conn.poll(5.0):
-            if os.getppid() != parent:
-                return
-            continue
-        try:
-            msg = conn.recv()
-        except EOFError:
-            return
-        try:
-            if msg["op"] == "end":
-                conn.send({"ok": True})
-                return
-            key = repr(sorted(msg["data"].items()))
-            if key not in shards:  # a device's shard, computed once (the full data set is cached by load_local)
-                shards[key] = load_local(msg["data"])
-            run = runs.get(msg["run_id"])
-            if run is None or run.begin_key != msg["begin_key"]:  # a new run, or a new architecture
-                runs.clear()  # one run at a time: the previous run's model goes
-                run = runs[msg["run_id"]] = Run(msg["begin"], msg["data"], preloaded=shards[key])
-                run.begin_key = msg["begin_key"]
-            run.use_data(shards[key])
-            if msg["op"] == "begin":
-                conn.send({"ok": True, **run.info()})
-            else:
-                conn.send({"ok": True, **run.round(msg["round"])})
-        except WorkerError as exc:
-            conn.send({"ok": False, "code": exc.code, "message": str(exc)})
-        except Exception as exc:  # one bad request is not the end of the pool
-            log.exception("pool worker request failed")
-            conn.send({"ok": False, "code": "internal", "message": f"{type(exc).__name__}: {exc}"})
+
+    def handle(msg: dict[str, Any]) -> dict[str, Any]:
+        key = repr(sorted(msg["data"].items()))
+        if key not in shards:  # a device's shard, computed once (the full data set is cached by load_local)
+            shards[key] = load_local(msg["data"])
+        run = runs.get(msg["run_id"])
+        if run is None or run.begin_key != msg["begin_key"]:  # a new run, or a new architecture
+            runs.clear()  # one run at a time: the previous run's model goes
+            run = runs[msg["run_id"]] = Run(msg["begin"], msg["data"], preloaded=shards[key])
+            run.begin_key = msg["begin_key"]
+        run.use_data(shards[key])
+        if msg["op"] == "begin":
+            return {"ok": True, **run.info()}
+        return {"ok": True, **run.round(msg["round"])}
+
+    serve(conn, handle)  # until the parent ends it or goes away
 
 
 class WorkerPool:

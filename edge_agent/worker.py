@@ -13,13 +13,13 @@ Messages are dicts: ``{"op": "begin"|"round"|"end", ...}``; replies are
 from __future__ import annotations
 
 import math
-import os
 import random
 import time
 from typing import Any
 
 import numpy as np
 
+from .common.childproc import serve
 from .common.procstats import cpu_seconds, peak_rss_bytes, reset_peak_rss
 from .protocol import codec
 from .protocol.constants import IMPORTANCE_METHODS
@@ -483,35 +483,18 @@ def main(conn, settings: dict[str, Any], idle_s: float, threads: int) -> None:
         pass
     startup_s = time.perf_counter() - t0
     run: Run | None = None
-    parent = os.getppid()
-    while True:
-        if not conn.poll(idle_s):
-            return  # idle: give the memory back
-        try:
-            msg = conn.recv()
-        except EOFError:
-            return  # the agent went away
-        if os.getppid() != parent:
-            return
-        op = msg.get("op")
-        try:
-            if op == "begin":
-                run = Run(msg, settings, preloaded)
-                conn.send({"ok": True, "startup_s": round(startup_s, 3), **run.info()})
-                run.warm_up()  # after the reply: in the time until the first round arrives
-            elif op == "round":
-                if run is None:
-                    raise WorkerError("bad_args", "no training run has begun in this worker")
-                conn.send({"ok": True, **run.round(msg)})
-            elif op == "end":
-                conn.send({"ok": True})
-                return
-            else:
-                raise WorkerError("unknown_command", f"unknown worker op {op!r}")
-        except WorkerError as exc:
-            conn.send({"ok": False, "code": exc.code, "message": str(exc)})
-        except Exception as exc:  # keep serving: one bad round is not the end of the run
-            import traceback
 
-            traceback.print_exc()
-            conn.send({"ok": False, "code": "internal", "message": f"{type(exc).__name__}: {exc}"})
+    def handle(msg: dict[str, Any]):
+        nonlocal run
+        op = msg.get("op")
+        if op == "begin":
+            run = Run(msg, settings, preloaded)
+            # warm up after the reply: in the time until the first round arrives
+            return {"ok": True, "startup_s": round(startup_s, 3), **run.info()}, run.warm_up
+        if op == "round":
+            if run is None:
+                raise WorkerError("bad_args", "no training run has begun in this worker")
+            return {"ok": True, **run.round(msg)}
+        raise WorkerError("unknown_command", f"unknown worker op {op!r}")
+
+    serve(conn, handle, idle_s=idle_s)  # idle: the worker exits and gives the memory back

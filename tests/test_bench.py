@@ -69,7 +69,7 @@ def test_bench_results_fallback_sensors_and_cache(mosquitto, agents, session_fac
         assert sparse["fallback"] is not None and "delegate" in sparse["fallback"]["reason"].lower()
         # the harness agrees with an independent perf_counter loop over the same interpreter
         # measured beside the harness; its 5% target is checked by benchmarks/export_bench.py, not here (noisy)
-        assert dense["harness_vs_independent"] > 0 and dense["independent_loop_ms"] > 0
+        assert dense["harness_vs_independent"] > 0 and dense["independent_loop_ms"]["median"] > 0
     pi4 = summary["devices"]["pi4"]
     e = pi4["artifacts"][0]["energy"]
     assert e["label"] == "measured" and e["sensor"] == "hwmon:ina219"

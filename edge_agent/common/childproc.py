@@ -1,11 +1,13 @@
 """A spawned child process served over a pipe, one request at a time.
 
-Both heavy TensorFlow holders use it: the agent's training worker
-(:mod:`.trainer`) and the coordinator's model worker
-(:mod:`coordinator.model_worker`). A fresh interpreter (``spawn``) shares none
-of the parent's memory, so the parent stays small and gets everything back when
-the child ends. Requests and replies are dicts; ``{"op": "end"}`` asks the child
-to exit.
+Every process that holds a heavy runtime uses it: the agent's training worker
+(:mod:`edge_agent.trainer` / :mod:`edge_agent.worker`), the simulator's pool workers
+(:mod:`edge_agent.simtrain`), the bench children (:mod:`edge_agent.bench`, one per
+artifact) and the coordinator's model worker (:mod:`coordinator.model_worker`). A fresh
+interpreter (``spawn``) shares none of the parent's memory, so the parent stays small
+and gets everything back when the child ends. Requests and replies are dicts;
+``{"op": "end"}`` asks the child to exit. :class:`Child` is the parent's side (the one
+thread that owns it sends and receives); :func:`serve` is the child's loop.
 """
 
 from __future__ import annotations
@@ -34,6 +36,64 @@ def _entry(target: Callable[..., None], conn, *args: Any) -> None:
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     target(conn, *args)
+
+
+def error_reply(exc: BaseException) -> dict[str, Any]:
+    """What :func:`serve` answers when a request fails: the exception's ``code`` if it has one."""
+    code = getattr(exc, "code", None)
+    if isinstance(code, str):  # a WorkerError's code, or a ProtocolError's (a str enum): sent as plain text
+        return {"ok": False, "code": str(getattr(code, "value", code)), "message": getattr(exc, "message", str(exc))}
+    import traceback
+
+    traceback.print_exc()  # not one of ours: the child's stderr (the agent's log) gets the whole story
+    return {"ok": False, "code": "internal", "message": f"{type(exc).__name__}: {exc}"}
+
+
+def serve(
+    conn,
+    handle: Callable[[dict[str, Any]], dict[str, Any] | tuple[dict[str, Any], Callable[[], None]]],
+    *,
+    idle_s: float | None = None,
+    on_end: Callable[[], None] = lambda: None,
+    on_error: Callable[[BaseException], dict[str, Any]] = error_reply,
+) -> None:
+    """The child's side: answer each request with ``handle(msg)`` until ``{"op": "end"}``, the parent's
+    exit, or ``idle_s`` without a request (the memory goes back). ``handle`` may return
+    ``(reply, then)``: ``then()`` runs after the reply is sent (warm-up work the parent need not wait
+    for). A failing request is answered with ``on_error(exc)`` and the child keeps serving."""
+    import os
+
+    parent = os.getppid()
+    while True:
+        if not conn.poll(idle_s if idle_s is not None else 5.0):
+            if idle_s is not None or os.getppid() != parent:
+                return
+            continue
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):
+            return  # the parent went away
+        if os.getppid() != parent:
+            return
+        if isinstance(msg, dict) and msg.get("op") == "end":
+            on_end()
+            conn.send({"ok": True})
+            return
+        then = None
+        try:
+            reply = handle(msg)
+            if isinstance(reply, tuple):
+                reply, then = reply
+        except Exception as exc:  # one bad request is not the end of the child
+            reply = on_error(exc)
+        conn.send(reply)
+        if then is not None:
+            try:
+                then()
+            except Exception:  # nobody waits for it; the next request will show what is wrong
+                import traceback
+
+                traceback.print_exc()
 
 
 class Child:
