@@ -23,43 +23,55 @@ MAX_READBACK_GAP_PTS = 0.5
 MAX_HARNESS_DEVIATION = 0.05
 
 
-def train_pruned(sparsity: float, granularity: str, epochs: int, seed: int):
-    """Central TF-MOT training on the digits train split; returns (stripped model, mask sparsity, accuracy)."""
+def train_pruned(
+    sparsity: float,
+    granularity: str,
+    epochs: int,
+    seed: int,
+    model_name: str = "digits_cnn",
+    split=None,
+    lr: float = 2e-3,
+):
+    """Central TF-MOT training on a train split (default: digits); returns (stripped model, mask sparsity, accuracy)."""
     from edge_agent.ml import data, models, pruning, tfenv
 
     t = tfenv.load()
-    train, test = data.digits_split()
-    model = models.build("digits_cnn", (8, 8, 1), 10, seed)
+    train, test = split or data.digits_split()
+    model = models.build(model_name, tuple(train.x.shape[1:]), 10, seed)
     steps = epochs * int(np.ceil(len(train) / 32))
     if sparsity > 0:
         sched = lambda: t.tfmot.sparsity.keras.PolynomialDecay(0.0, sparsity, 0, int(steps * 0.7), frequency=10)  # noqa: E731
         model, report, _ = pruning.wrap(model, granularity, sched)
-    models.compile_model(model, 2e-3)
+    models.compile_model(model, lr)
     t.tf.keras.utils.set_random_seed(seed)
     cbs = [t.tfmot.sparsity.keras.UpdatePruningStep()] if sparsity > 0 else []
     model.fit(train.x, train.y, epochs=epochs, batch_size=32, verbose=0, callbacks=cbs)
     if sparsity > 0:
         model = t.tfmot.sparsity.keras.strip_pruning(model)
     models.compile_model(model)
+    return model, kernel_sparsity(model), float(model.evaluate(test.x, test.y, verbose=0)[1])
+
+
+def kernel_sparsity(model) -> float:
+    """Share of zeros in the model's kernels (what pruning trained, before any export)."""
     kernels = [
         layer.get_weights()[0] for layer in model.layers if layer.get_weights() and layer.get_weights()[0].ndim > 1
     ]
-    mask_sparsity = 1.0 - sum(int(np.count_nonzero(k)) for k in kernels) / sum(k.size for k in kernels)
-    _, acc = model.evaluate(test.x, test.y, verbose=0)
-    return model, float(mask_sparsity), float(acc)
+    return float(1.0 - sum(int(np.count_nonzero(k)) for k in kernels) / sum(k.size for k in kernels))
 
 
-def tflite_accuracy(path: str) -> float:
+def tflite_accuracy(path: str, test=None) -> float:
+    """Accuracy of a .tflite file on a test split (default: digits), with LiteRT's reference kernels."""
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
     from edge_agent.ml import data
 
-    _, test = data.digits_split()
+    test = test if test is not None else data.digits_split()[1]
     interp = Interpreter(
         model_path=path, experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
     )
     inp, out = interp.get_input_details()[0], interp.get_output_details()[0]
-    interp.resize_tensor_input(inp["index"], [len(test), 8, 8, 1])
+    interp.resize_tensor_input(inp["index"], [len(test), *test.x.shape[1:]])
     interp.allocate_tensors()
     interp.set_tensor(inp["index"], test.x.astype(np.float32))
     interp.invoke()

@@ -68,28 +68,37 @@ def fed_run(url: str, home: Path, rounds: int, structured: float, sparsity: floa
     return json.loads(out.stdout)
 
 
+def shrink_l1(model, fraction: float):
+    """``model`` with ``fraction`` of each shrinkable layer's units removed, lowest weight-L1 first
+    (the weights of the units that stay are kept)."""
+    from coordinator import surgery
+    from edge_agent.ml import models, pruning
+
+    names = [s["name"] for s in pruning.weight_spec(model)]
+    weights = pruning.get_weights(model)
+    arch = model.to_json()
+    shrinkable = surgery.report(arch)["shrinkable"]
+    by_name = dict(zip(names, weights))
+    score = {
+        k: np.abs(by_name[f"{k}/kernel"]).sum(axis=tuple(range(by_name[f"{k}/kernel"].ndim - 1))) for k in shrinkable
+    }
+    keep = surgery.keep_top(score, shrinkable, shrinkable, fraction)
+    new_arch, cuts = surgery.shrink(arch, names, keep)
+    small = models.from_json(new_arch)
+    pruning.set_state(small, surgery.apply(cuts, names, weights))
+    return small
+
+
 def mobilenet_shrunk(fraction: float):
     """mobilenet_tiny (96x96x3, untrained) with ``fraction`` of each shrinkable layer's filters removed,
     lowest weight-L1 first; returns (model, params, flops, architecture)."""
     from coordinator import surgery
     from coordinator.model_worker import flops
-    from edge_agent.ml import models, pruning
+    from edge_agent.ml import models
 
     model = models.build("mobilenet_tiny", (96, 96, 3), 10, 0)
     if fraction:
-        names = [s["name"] for s in pruning.weight_spec(model)]
-        weights = pruning.get_weights(model)
-        arch = model.to_json()
-        shrinkable = surgery.report(arch)["shrinkable"]
-        by_name = dict(zip(names, weights))
-        score = {
-            k: np.abs(by_name[f"{k}/kernel"]).sum(axis=tuple(range(by_name[f"{k}/kernel"].ndim - 1)))
-            for k in shrinkable
-        }
-        keep = surgery.keep_top(score, shrinkable, shrinkable, fraction)
-        new_arch, cuts = surgery.shrink(arch, names, keep)
-        model = models.from_json(new_arch)
-        pruning.set_state(model, surgery.apply(cuts, names, weights))
+        model = shrink_l1(model, fraction)
     units = surgery.units(surgery.parse(model.to_json()))
     return model, int(model.count_params()), flops(model), units
 
