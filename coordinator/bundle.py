@@ -24,6 +24,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from edge_agent.protocol.errors import EdgepruneError
 from edge_agent.service import INSTALLER_DIR
 
 from . import __version__
@@ -45,12 +46,12 @@ _MANYLINUX_ARCH = {
 DEFAULT_GLIBC = (2, 36)  # Debian 12 Bookworm = Raspberry Pi OS Bookworm
 
 
-class BundleError(RuntimeError):
-    """Building a bundle failed; the message names the package or step and the fix."""
+class BundleError(EdgepruneError, RuntimeError):
+    """Building a bundle failed; the message names the package or step and the fix.
+    ``code`` is "no_wheels" when pip found no binary for the platform."""
 
     def __init__(self, message: str, code: str = "bundle"):
-        super().__init__(message)
-        self.code = code  # "no_wheels" when pip found no binary for the platform
+        super().__init__(message, code)
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 from edge_agent.common.link import parse_broker_url
+from edge_agent.protocol.errors import EdgepruneError
 from edge_agent.service import INSTALLER_DIR, parse_result
 
 from . import bundle
@@ -35,12 +36,11 @@ INSTALL_TIMEOUT_S = 1800.0  # pip on an emulated or slow device
 ONLINE_TIMEOUT_S = 120.0
 
 
-class FlashError(RuntimeError):
+class FlashError(EdgepruneError, RuntimeError):
     """A flash step failed. ``code`` is stable for --json; the message names the problem and the fix."""
 
     def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
+        super().__init__(message, code)
 
 
 @dataclass(frozen=True)

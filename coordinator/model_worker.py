@@ -19,13 +19,16 @@ from typing import Any
 import numpy as np
 
 from edge_agent.common.childproc import Child, ChildGone, ChildTimeout, serve
+from edge_agent.protocol.errors import EdgepruneError
 
 START_TIMEOUT_S = 300.0  # TensorFlow import + model build
 CALL_TIMEOUT_S = 600.0
 
 
-class ModelWorkerError(RuntimeError):
-    pass
+class ModelWorkerError(EdgepruneError, RuntimeError):
+    """The model worker failed or went away; the round loop carries on without its answer where it can."""
+
+    code = "model_worker"
 
 
 class ModelWorker:

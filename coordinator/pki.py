@@ -17,6 +17,7 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
+from edge_agent.protocol.errors import EdgepruneError
 from edge_agent.protocol.topics import ID_RE
 from edge_agent.service import write_private
 
@@ -26,8 +27,10 @@ CA_DAYS = 3650
 LEAF_DAYS = 825  # the longest leaf lifetime common TLS clients accept
 
 
-class PkiError(RuntimeError):
-    pass
+class PkiError(EdgepruneError, RuntimeError):
+    """Certificates or keys that cannot be made or read; the message says which and what to do."""
+
+    code = "pki"
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from edge_agent.protocol.errors import EdgepruneError
+
 PRODUCERS = {"Dense": "units", "Conv2D": "filters"}
 CHANNELWISE = {"BatchNormalization", "DepthwiseConv2D"}
 PASS = {
@@ -51,8 +53,10 @@ PASS = {
 MERGES = {"Add", "Subtract", "Multiply", "Average", "Maximum", "Minimum", "Concatenate", "Dot"}
 
 
-class SurgeryError(ValueError):
+class SurgeryError(EdgepruneError, ValueError):
     """A shrink that cannot be done; names the layer."""
+
+    code = "surgery"
 
     def __init__(self, layer: str, why: str):
         super().__init__(f"{layer}: {why}")

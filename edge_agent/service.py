@@ -31,6 +31,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .protocol.errors import EdgepruneError
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -45,8 +47,10 @@ STOP_TIMEOUT_S = 15.0  # graceful stop before SIGKILL
 RESTART_DELAY_S = (1.0, 30.0)  # fallback supervisor: first and longest delay between restarts
 
 
-class InstallError(RuntimeError):
+class InstallError(EdgepruneError, RuntimeError):
     """Installing or removing failed; the message says what and what to do."""
+
+    code = "install"
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .protocol.errors import EdgepruneError
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -180,8 +182,10 @@ SETTINGS: tuple[Setting, ...] = (
 BY_NAME = {s.name: s for s in SETTINGS}
 
 
-class SettingsError(ValueError):
+class SettingsError(EdgepruneError, ValueError):
     """A setting has a bad value; the message names it and where it came from."""
+
+    code = "settings"
 
 
 def _typed_ok(setting: Setting, value: Any) -> bool:

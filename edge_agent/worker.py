@@ -23,6 +23,7 @@ from .common.childproc import serve
 from .common.procstats import cpu_seconds, peak_rss_bytes, reset_peak_rss
 from .protocol import codec
 from .protocol.constants import IMPORTANCE_METHODS
+from .protocol.errors import EdgepruneError
 
 RAMP_FRACTION = 2 / 3
 """Within a round, masks move from the previous target to the new one over the
@@ -82,10 +83,11 @@ RANDOM_FREE_LAYERS = frozenset(
 """tf-keras layers whose training step has no stateful random op (no dropout, noise, augmentation)."""
 
 
-class WorkerError(Exception):
+class WorkerError(EdgepruneError):
+    """A training request the worker cannot do; ``code`` travels back to the agent (an ErrorCode value)."""
+
     def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
+        super().__init__(message, code)
 
 
 def _regrow_mask_callback(keras, magnitude_mask):

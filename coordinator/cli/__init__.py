@@ -10,6 +10,8 @@ import logging
 import os
 import sys
 
+from edge_agent.protocol.errors import EdgepruneError
+
 from .. import __version__, output
 from . import artifacts, broker, completion, flashing, fleet, runs, simulate, train
 from .common import _CONFIG, DESCRIPTION, Parser, UsageError, _explicit, config_file
@@ -51,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         rc = output.fail("interrupted", code="interrupted", as_json=getattr(args, "json", False), status=130)
     except UsageError as exc:
         rc = output.fail(str(exc), code="usage", as_json=getattr(args, "json", False), status=2)
+    except EdgepruneError as exc:  # a failure a command did not handle itself: its code and message, no traceback
+        rc = output.fail(str(exc), code=str(getattr(exc.code, "value", exc.code)), as_json=getattr(args, "json", False))
     except Exception as exc:  # a bug: keep the traceback for the report, and the one error shape for scripts
         import traceback
 

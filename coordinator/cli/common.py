@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from edge_agent.protocol.constants import DEFAULT_CHUNK_BYTES
+from edge_agent.protocol.errors import EdgepruneError
 
 from .. import output
 from ..store import Store, default_home
@@ -115,8 +116,10 @@ def _store(args: argparse.Namespace) -> Store:
     return Store(args.home or default_home())
 
 
-class UsageError(ValueError):
+class UsageError(EdgepruneError, ValueError):
     """A bad flag or setting value: exit 2 with one line, not a traceback."""
+
+    code = "usage"
 
 
 class _DefaultsMixin:

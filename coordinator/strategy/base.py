@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from edge_agent.protocol.errors import EdgepruneError
 
-class UpdateRejected(ValueError):
+
+class UpdateRejected(EdgepruneError, ValueError):
     """An update that must not be aggregated (NaN/Inf, wrong shape, mask breaks the round's target)."""
+
+    code = "update_rejected"
 
 
 @dataclass

@@ -8,6 +8,8 @@ import random
 import zlib
 from typing import Any
 
+from edge_agent.protocol.errors import EdgepruneError
+
 from ..session import LIVE_STATES, training_blocker
 from .record import Run
 
@@ -15,8 +17,10 @@ BEGIN_TIMEOUT_S = 600.0
 CAPS_WAIT_S = 5.0
 
 
-class NoDevices(RuntimeError):
+class NoDevices(EdgepruneError, RuntimeError):
     """No device of the fleet can train (or too few for --min-clients): nothing was started."""
+
+    code = "no_devices"
 
 
 def plan_fleet(run: "Run") -> list[str]:

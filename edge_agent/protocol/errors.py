@@ -34,13 +34,27 @@ class ErrorCode(str, enum.Enum):
             return cls.INTERNAL
 
 
-class ProtocolError(Exception):
+class EdgepruneError(Exception):
+    """The base of every error edgeprune raises on purpose, on either side: a stable ``code`` (what
+    ``--json`` and error replies carry; an :class:`ErrorCode` on the wire) and a message that names the
+    problem and the fix. Anything that is not one of these is a bug."""
+
+    code: str = "error"
+
+    def __init__(self, message: str, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+
+class ProtocolError(EdgepruneError):
     """A message that cannot be accepted. ``code`` says why, for the error reply."""
 
+    code: ErrorCode
+
     def __init__(self, code: ErrorCode, message: str):
-        super().__init__(message)
-        self.code = ErrorCode(code)
-        self.message = message
+        super().__init__(message, ErrorCode(code))
 
     def __str__(self) -> str:
         return f"{self.code.value}: {self.message}"
