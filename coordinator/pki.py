@@ -226,6 +226,23 @@ def check_device_name(name: str) -> None:
         raise PkiError(f"{name!r} is reserved for the {'coordinator' if name == COORDINATOR_CN else 'broker'}")
 
 
+def session_security(home: Path, broker_url: str) -> dict:
+    """Session keyword arguments for a TLS broker: this home's coordinator certificate (from `edgeprune pki
+    init`) and, with it, signed commands and verified replies; nothing for a plain broker or a home
+    without a PKI."""
+    if not broker_url.startswith(("mqtts://", "ssl://")):
+        return {}
+    ident = identity(home)
+    if ident is None:
+        return {}
+    sign_key, device_keys = signing_keys(home)
+    return {
+        "tls_files": (str(ident.ca), str(ident.cert), str(ident.key)),
+        "sign_key": sign_key,
+        "device_keys": device_keys,
+    }
+
+
 def identity(home: Path, name: str = COORDINATOR_CN, *, device: bool = False) -> Identity | None:
     """The coordinator's identity, or with ``device=True`` a device's (the name is checked first)."""
     d = pki_dir(home)

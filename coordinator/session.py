@@ -167,13 +167,6 @@ class Session:
         self._changed = threading.Condition()
         self._t_status = topics.coordinator_status(fleet)
         will = Will(self._t_status, self._coordinator_msg("offline")) if long_running else None
-        if tls_files is None and store is not None and broker_url.startswith(("mqtts://", "ssl://")):
-            from . import pki
-
-            ident = pki.identity(store.home)  # the coordinator's certificate from `edgeprune pki init`
-            tls_files = (str(ident.ca), str(ident.cert), str(ident.key)) if ident else None
-            if ident and sign_key is None:  # a secure fleet signs commands and verifies replies
-                sign_key, device_keys = pki.signing_keys(store.home)
         self.sign_key = sign_key
         self.device_keys = device_keys
         self.offline_grace_s = offline_grace_s

@@ -206,6 +206,14 @@ def _credentials(args: argparse.Namespace) -> dict:
     }
 
 
+def _connection(args: argparse.Namespace, broker_url: str) -> dict:
+    """Session keyword arguments for how this coordinator authenticates: a password, and on a TLS broker
+    the home's certificate and signing keys (raises ValueError with the fix)."""
+    from .. import pki
+
+    return {**_credentials(args), **pki.session_security(_store(args).home, broker_url)}
+
+
 def _session(args: argparse.Namespace, long_running: bool = False):
     from ..session import Session
 
@@ -216,7 +224,7 @@ def _session(args: argparse.Namespace, long_running: bool = False):
             _store(args),
             long_running=long_running,
             chunk_bytes=getattr(args, "chunk_bytes", DEFAULT_CHUNK_BYTES),
-            **_credentials(args),
+            **_connection(args, args.broker),
         )
     except ValueError as exc:  # broker URLs, credentials: the user's to fix
         raise UsageError(str(exc)) from None

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .. import output
 from ..store import default_home
-from .common import _common, _credentials, _store
+from .common import _common, _connection, _store
 from .fleet import _print_caps
 
 
@@ -95,9 +95,8 @@ def cmd_flash(args: argparse.Namespace) -> int:
     from ..session import Session
 
     try:
-        session = Session(args.local_broker or args.broker, args.fleet, _store(args), **_credentials(args)).start(
-            args.connect_timeout
-        )
+        url = args.local_broker or args.broker
+        session = Session(url, args.fleet, _store(args), **_connection(args, url)).start(args.connect_timeout)
     except ConnectionError as exc:
         return output.fail(
             f"the agent is installed, but this laptop cannot reach the broker to confirm it: {exc}",
@@ -145,7 +144,7 @@ def cmd_unflash(args: argparse.Namespace) -> int:
         from ..session import Session
 
         try:
-            with Session(args.broker, args.fleet, _store(args), **_credentials(args)).start(
+            with Session(args.broker, args.fleet, _store(args), **_connection(args, args.broker)).start(
                 args.connect_timeout
             ) as session:
                 # clear only once the agent's last word (its own "offline" or its Will) is in, or it would
