@@ -29,6 +29,7 @@ from edge_agent.protocol.errors import EdgepruneError
 from edge_agent.service import INSTALLER_DIR, parse_result
 
 from . import bundle
+from .fleet import is_live
 
 MIN_PYTHON = (3, 10)
 REMOTE_DIR = ".cache/edgeprune-flash"  # relative to the SSH user's home
@@ -498,7 +499,7 @@ def wait_online(session, device_id: str, timeout_s: float = ONLINE_TIMEOUT_S) ->
             view
             and view.caps
             and view.last_heard is not None
-            and any(r["device_id"] == device_id and r["state"] in ("online", "busy") for r in rows)
+            and any(r["device_id"] == device_id and is_live(r) for r in rows)
         )
 
     if not session.wait_for(live, timeout_s):

@@ -1,4 +1,5 @@
-"""The coordinator's MQTT session: fleet presence, commands and replies, blob transfer.
+"""The coordinator's MQTT session: one connection for fleet presence (:mod:`.fleet`), commands and
+replies (:mod:`.rpc`) and blob transfer (:mod:`edge_agent.common.transfer`).
 
 One connection carries everything. Presence comes from the devices' retained
 status/caps plus live heartbeats; commands go out with request ids and come
@@ -10,16 +11,16 @@ subscriptions), pulled up one device at a time with bounded concurrency so the
 coordinator's memory does not grow with the fleet.
 
 Threads: the MQTT network thread (paho's, inside :class:`~edge_agent.common.link.Link`,
-the only writer of the socket) runs ``_on_message`` and must not block; callers'
-threads submit commands and wait on futures and pulls; grace timers fail the
-requests of devices that stay away; one ``blob-resend`` thread answers
-``blob_want`` messages so a slow re-send never holds up the network thread.
+the only writer of the socket) runs ``_on_message`` and must not block: it updates the
+presence views and resolves requests; callers' threads submit commands and wait on futures
+and pulls; grace timers (:mod:`.rpc`) fail the requests of devices that stay away; one
+``blob-resend`` thread answers ``blob_want`` messages so a slow re-send never holds up the
+network thread. Every publish only queues: paho's thread alone writes the socket.
 """
 
 from __future__ import annotations
 
 import logging
-import secrets
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -32,59 +33,13 @@ from edge_agent.common.link import Link, Will
 from edge_agent.protocol import serde, signing, topics
 from edge_agent.protocol.constants import CHUNK_IDLE_S, DEFAULT_CHUNK_BYTES, DEFAULT_STALE_AFTER_BEATS, RESEND_MIN_S
 from edge_agent.protocol.errors import ErrorCode, ProtocolError
-from edge_agent.protocol.messages import BlobWant, Capabilities, Command, CoordinatorStatus, Reply, Status, error_dict
+from edge_agent.protocol.messages import BlobWant, Capabilities, Command, CoordinatorStatus, Reply, Status
 
+from .fleet import DeviceView, Presence
+from .rpc import OFFLINE_GRACE_S, Requests, error_reply, new_id
 from .store import Store
 
 log = logging.getLogger("coordinator.session")
-
-OFFLINE_GRACE_S = 15.0  # a device that went offline may come back and re-send finished results
-RESETTLE_S = 3.0  # after it comes back: time for its outbox to arrive before older requests fail
-
-
-def new_id(prefix: str = "") -> str:
-    return prefix + secrets.token_hex(8)
-
-
-LIVE_STATES = ("online", "busy")
-
-
-def training_blocker(row: dict[str, Any]) -> str | None:
-    """Why a device (a :meth:`Session.device_table` row) cannot train now; None when it can."""
-    if row["state"] not in LIVE_STATES:
-        seen = row.get("last_seen")
-        return f"{row['state']}" + (f" (last seen {time.strftime('%H:%M:%S', time.localtime(seen))})" if seen else "")
-    if row.get("caps") is None:
-        return "has not announced its capabilities yet"
-    if not row.get("can_train"):
-        return "cannot train: TensorFlow + TF-MOT not installed on it (flash --train, or pip install edgeprune[train])"
-    if row.get("has_data") is False:
-        return "has no training data configured (agent setting data, e.g. --data digits)"
-    if row["state"] == "busy":
-        return f"busy with {row.get('task') or 'another job'}"
-    return None
-
-
-@dataclass
-class DeviceView:
-    device_id: str
-    status: Status | None = None
-    caps: dict | None = None
-    last_heard: float | None = None  # monotonic time of the last live message from the device
-    last_seen_wall: float | None = None
-    process_start: float | None = None  # device clock: status.ts - uptime_s; changes when the agent restarts
-
-    def state(self, now: float, stale_after_beats: int, probe_deadline: float | None) -> str:
-        if self.status is None:
-            return "unknown"
-        if self.status.state == "offline":
-            return "offline"
-        beat = self.status.heartbeat_s or 10.0
-        if self.last_heard is None:
-            return "stale" if probe_deadline is not None and now >= probe_deadline else self.status.state
-        if now - self.last_heard > stale_after_beats * beat:
-            return "stale"
-        return self.status.state
 
 
 @dataclass(frozen=True)
@@ -95,15 +50,6 @@ class BlobRef:
 
     def as_args(self) -> dict[str, Any]:
         return {"sha256": self.sha256, "bytes": self.bytes, "chunks": self.chunks}
-
-
-@dataclass
-class _Pending:
-    device_id: str
-    cmd: str
-    future: Future
-    on_progress: Callable[[Reply], None] | None
-    sent: float
 
 
 @dataclass
@@ -149,30 +95,22 @@ class Session:
         self.fleet = topics.validate_id(fleet, "fleet")
         self.store = store
         self.long_running = long_running
-        self.stale_after_beats = stale_after_beats
         self.chunk_bytes = chunk_bytes
         self.coordinator_id = new_id("c")
         self.stats = Stats()
-        self.views: dict[str, DeviceView] = {}
-        self._views_lock = threading.Lock()
-        self._pending: dict[str, _Pending] = {}
-        self._pending_lock = threading.Lock()
+        self.presence = Presence(self.fleet, store, stale_after_beats)
+        self.requests = Requests(offline_grace_s, self._end_pulls, self._gone)
         self.receiver = transfer.Receiver()
         self._pulls: dict[str, set[transfer.Pull]] = {}  # device -> pulls in progress (failed if it goes away)
         self._fetch_slots = threading.Semaphore(max_concurrent_uploads)
         self._published: dict[str, bytes] = {}  # sha -> data of broadcast blobs: re-sent on request, cleared at close
         self._resent: dict[tuple[str, int], float] = {}  # (sha, chunk) -> when it was last re-sent
         self._resender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="blob-resend")
-        self._probe_deadline: float | None = None
-        self._changed = threading.Condition()
         self._t_status = topics.coordinator_status(fleet)
         will = Will(self._t_status, self._coordinator_msg("offline")) if long_running else None
         self.sign_key = sign_key
         self.device_keys = device_keys
-        self.offline_grace_s = offline_grace_s
-        self._offline_since: dict[str, float] = {}
         self._other_fleets: dict[str, set[str]] = {}
-        self._grace_timers: dict[str, threading.Timer] = {}
         self.link = Link(
             broker_url,
             client_id=f"ep-{self.fleet}-{self.coordinator_id}",
@@ -207,8 +145,7 @@ class Session:
         return self
 
     def close(self) -> None:
-        for timer in list(self._grace_timers.values()):
-            timer.cancel()
+        self.requests.close()
         for sha in list(self._published):
             self.clear_blob(sha)
         final = [(self._t_status, self._coordinator_msg("offline"), True)] if self.long_running else []
@@ -261,7 +198,7 @@ class Session:
             if parsed.channel == "want":
                 want = serde.decode(BlobWant, payload)
                 self._check_sender(device_id, want.device_id)
-                self._heard(device_id, False)
+                self.presence.heard(device_id, False)
                 self._on_want(want)
                 return
             if not payload:
@@ -277,7 +214,7 @@ class Session:
                 self._check_sender(device_id, reply.device_id)
                 if self.device_keys is not None:
                     self._verify_reply(reply)
-                self._heard(device_id, retained)
+                self.presence.heard(device_id, retained)
                 self._on_reply(reply)
         except ProtocolError as exc:
             self._reject(topic, exc)
@@ -290,18 +227,7 @@ class Session:
                 raise ProtocolError(ErrorCode.BAD_SIGNATURE, f"no signing key known for device {reply.device_id}")
             signing.verify(reply, key, f"reply from {reply.device_id}")
         except ProtocolError as exc:
-            with self._pending_lock:
-                pending = self._pending.pop(reply.id, None) if reply.id else None
-            if pending is not None and pending.device_id == reply.device_id and not pending.future.done():
-                pending.future.set_result(
-                    Reply(
-                        id=reply.id,
-                        device_id=reply.device_id,
-                        kind="error",
-                        ts=time.time(),
-                        error=error_dict(exc.code, exc.message),
-                    )
-                )
+            self.requests.fail_one(reply.id, reply.device_id, exc.code, exc.message)
             raise
 
     @staticmethod
@@ -309,99 +235,39 @@ class Session:
         if topic_id != claimed:
             raise ProtocolError(ErrorCode.BAD_FIELD, f"device_id {claimed!r} does not match topic id {topic_id!r}")
 
-    def _view(self, device_id: str) -> DeviceView:
-        with self._views_lock:
-            view = self.views.get(device_id)
-            if view is None:
-                view = self.views[device_id] = DeviceView(device_id)
-            return view
-
-    def _heard(self, device_id: str, retained: bool) -> None:
-        if not retained:
-            view = self._view(device_id)
-            view.last_heard = time.monotonic()
-            view.last_seen_wall = time.time()
-
-    def _notify(self) -> None:
-        with self._changed:
-            self._changed.notify_all()
-
     def _on_status(self, device_id: str, status: Status, retained: bool) -> None:
         self._check_sender(device_id, status.device_id)
-        if status.state not in ("online", "busy", "offline"):
-            raise ProtocolError(ErrorCode.BAD_FIELD, f"unknown device state {status.state!r}")
-        view = self._view(device_id)
-        view.status = status
-        previous_start = view.process_start
-        if status.state != "offline" and status.uptime_s > 0:  # a Will carries no useful uptime
-            view.process_start = status.ts - status.uptime_s
-        self._heard(device_id, retained)
-        if self.store is not None:
-            self.store.upsert_device(
-                self.fleet,
-                device_id,
-                self.state_of(view),
-                status=asdict(status),
-                seen=view.last_seen_wall if not retained else None,
-            )
+        view, previous_start = self.presence.update_status(device_id, status, retained)
         if not retained:
             if status.state == "offline":
-                # not failed at once: a restarted agent re-sends finished results from its outbox
-                self._offline_since.setdefault(device_id, time.monotonic())
-                self._arm(device_id, self.offline_grace_s)
-            elif device_id in self._offline_since:
+                self.requests.device_offline(device_id)
+            else:
                 same = (
                     previous_start is not None
                     and view.process_start is not None
                     and abs(view.process_start - previous_start) < 2.0
                 )
-                if same:  # the same agent process (same start time): the network broke, not the device
-                    timer = self._grace_timers.pop(device_id, None)
-                    if timer is not None:
-                        timer.cancel()
-                    self._offline_since.pop(device_id, None)
-                else:  # a new process: give its outbox a moment, then fail what it cannot answer any more
-                    self._arm(device_id, RESETTLE_S)
-        self._notify()
+                self.requests.device_back(device_id, same_process=same)
+        self.presence.notify()
 
     def _on_caps(self, device_id: str, caps: dict, retained: bool) -> None:
-        view = self._view(device_id)
-        view.caps = caps
-        self._heard(device_id, retained)
-        if self.store is not None:
-            self.store.upsert_device(self.fleet, device_id, self.state_of(view), caps=caps)
-        self._notify()
+        self.presence.update_caps(device_id, caps, retained)
 
     def _on_reply(self, reply: Reply) -> None:
-        with self._pending_lock:
-            pending = self._pending.get(reply.id) if reply.id else None
-            if pending is not None and reply.kind in ("result", "error"):
-                del self._pending[reply.id]
-        if pending is None:
-            if reply.kind == "error":
-                log.warning("error reply from %s for request %s: %s", reply.device_id, reply.id, reply.error_message)
-            elif reply.kind == "result":
-                self.stats.late_replies += 1
-                log.info(
-                    "late result from %s for request %s (its round or call is over): ignored", reply.device_id, reply.id
-                )
-                if reply.id:  # nobody will use it: let the device drop it from its outbox
-                    self.submit(reply.device_id, "ack", {"ids": [reply.id]})
+        if self.requests.resolve(reply):
             return
-        if reply.device_id != pending.device_id:
-            log.warning("reply %s came from %s, expected %s; ignored", reply.id, reply.device_id, pending.device_id)
-            return
-        if reply.kind in ("result", "error"):
-            if not pending.future.done():
-                pending.future.set_result(reply)
-        elif pending.on_progress is not None:
-            try:
-                pending.on_progress(reply)
-            except Exception:
-                log.exception("progress callback failed")
+        if reply.kind == "error":
+            log.warning("error reply from %s for request %s: %s", reply.device_id, reply.id, reply.error_message)
+        elif reply.kind == "result":
+            self.stats.late_replies += 1
+            log.info(
+                "late result from %s for request %s (its round or call is over): ignored", reply.device_id, reply.id
+            )
+            if reply.id:  # nobody will use it: let the device drop it from its outbox
+                self.submit(reply.device_id, "ack", {"ids": [reply.id]})
 
     def _on_data(self, device_id: str, frame) -> None:
-        self._heard(device_id, False)
+        self.presence.heard(device_id, False)
         self.receiver.feed(frame, device_id)  # dropped unless a pull of ours asked for it
 
     def _on_want(self, want: BlobWant) -> None:
@@ -434,51 +300,21 @@ class Session:
         except ProtocolError as exc:
             log.warning("re-sending blob %s: %s", sha[:12], exc)
 
-    # -- presence --------------------------------------------------------
+    # -- presence (coordinator/fleet.py) ----------------------------------
+    @property
+    def views(self) -> dict[str, DeviceView]:
+        return self.presence.views
+
     def state_of(self, view: DeviceView) -> str:
-        return view.state(time.monotonic(), self.stale_after_beats, self._probe_deadline)
+        return self.presence.state_of(view)
 
     def discover(self, wait_s: float = 2.0) -> list[dict[str, Any]]:
         """Probe the fleet and return every device with its state once live ones have answered."""
-        self._probe_deadline = time.monotonic() + wait_s
-        self.announce()
-        deadline = self._probe_deadline
-        with self._changed:
-            while time.monotonic() < deadline:
-                pending = [
-                    v
-                    for v in list(self.views.values())
-                    if v.status is not None and v.status.state != "offline" and v.last_heard is None
-                ]
-                if self.views and not pending and time.monotonic() > deadline - wait_s + 0.3:
-                    break
-                self._changed.wait(min(0.1, max(0.0, deadline - time.monotonic())))
-        if self.store is not None:
-            for view in list(self.views.values()):
-                self.store.upsert_device(self.fleet, view.device_id, self.state_of(view))
+        self.presence.probe(wait_s, self.announce)
         return self.device_table()
 
     def device_table(self) -> list[dict[str, Any]]:
-        rows = []
-        with self._views_lock:
-            views = sorted(list(self.views.values()), key=lambda v: v.device_id)
-        for v in views:
-            caps = v.caps or {}
-            rows.append(
-                {
-                    "device_id": v.device_id,
-                    "state": self.state_of(v),
-                    "arch": caps.get("arch"),
-                    "runtime": next(iter(caps.get("runtimes") or {}), None),
-                    "runtimes": caps.get("runtimes") or {},
-                    "can_train": caps.get("can_train"),
-                    "has_data": caps.get("has_data"),
-                    "last_seen": v.last_seen_wall,
-                    "task": v.status.task if v.status else None,
-                    "caps": v.caps,
-                }
-            )
-        return rows
+        return self.presence.device_table()
 
     def fleets_seen(self, wait_s: float = 1.5) -> dict[str, int]:
         """Every fleet with devices on this broker (retained statuses, or devices answering within
@@ -491,57 +327,21 @@ class Session:
         finally:
             self.link.unsubscribe(flt)
         seen = {f: len(d) for f, d in self._other_fleets.items()}
-        with self._views_lock:
-            if self.views:
-                seen[self.fleet] = len(self.views)
+        if self.presence.count():
+            seen[self.fleet] = self.presence.count()
         return dict(sorted(seen.items()))
 
     def fleet_rows(self) -> list[dict[str, Any]]:
-        """:meth:`device_table` plus the devices the registry knows that the broker did not show now
-        (offline, with when they were last seen)."""
-        rows = self.device_table()
-        if self.store is None:
-            return rows
-        known = {r["device_id"]: r for r in rows}
-        for old in self.store.devices(self.fleet):
-            if old["device_id"] in known:  # heard only through a retained message now: when we last heard it live
-                row = known[old["device_id"]]
-                row["last_seen"] = row["last_seen"] or old["last_seen"]
-                continue
-            caps = old["caps"] or {}
-            rows.append(
-                {
-                    "device_id": old["device_id"],
-                    "state": "offline" if old["state"] != "unknown" else "unknown",
-                    "arch": caps.get("arch"),
-                    "runtimes": caps.get("runtimes") or {},
-                    "runtime": next(iter(caps.get("runtimes") or {}), None),
-                    "can_train": caps.get("can_train"),
-                    "has_data": caps.get("has_data"),
-                    "last_seen": old["last_seen"],
-                    "task": None,
-                    "caps": old["caps"],
-                }
-            )
-        return sorted(rows, key=lambda r: r["device_id"])
+        return self.presence.fleet_rows()
 
     def online(self) -> list[str]:
-        return [r["device_id"] for r in self.device_table() if r["state"] in ("online", "busy")]
+        return self.presence.online()
 
     def wait_for(self, predicate: Callable[[list[dict[str, Any]]], bool], timeout_s: float) -> bool:
-        deadline = time.monotonic() + timeout_s
-        with self._changed:
-            while True:
-                if predicate(self.device_table()):
-                    return True
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return False
-                self._changed.wait(min(remaining, 0.25))
+        return self.presence.wait_for(predicate, timeout_s)
 
     def wait_online(self, count: int, timeout_s: float) -> list[str]:
-        self.wait_for(lambda rows: sum(r["state"] in ("online", "busy") for r in rows) >= count, timeout_s)
-        return self.online()
+        return self.presence.wait_online(count, timeout_s)
 
     # -- commands --------------------------------------------------------
     def submit(
@@ -554,10 +354,7 @@ class Session:
     ) -> tuple[str, Future]:
         """Send a command; the future resolves to the final :class:`Reply` (result or error)."""
         topics.validate_id(device_id, "device id")
-        request_id = new_id("r")
-        future: Future = Future()
-        with self._pending_lock:
-            self._pending[request_id] = _Pending(device_id, cmd, future, on_progress, time.monotonic())
+        request_id, future = self.requests.add(device_id, cmd, on_progress)
         msg = Command(id=request_id, cmd=cmd, ts=time.time(), args=args or {}, timeout_s=timeout_s, to=device_id)
         if self.sign_key is not None:
             msg = signing.sign(msg, self.sign_key)
@@ -565,8 +362,7 @@ class Session:
         return request_id, future
 
     def forget(self, request_id: str) -> None:
-        with self._pending_lock:
-            self._pending.pop(request_id, None)
+        self.requests.forget(request_id)
 
     def call(
         self,
@@ -582,58 +378,14 @@ class Session:
             return future.result(timeout_s)
         except TimeoutError:
             self.forget(request_id)
-            return Reply(
-                id=request_id,
-                device_id=device_id,
-                kind="error",
-                ts=time.time(),
-                error=error_dict(ErrorCode.TIMEOUT, f"no reply to {cmd} within {timeout_s:.1f} s"),
-            )
+            return error_reply(request_id, device_id, ErrorCode.TIMEOUT, f"no reply to {cmd} within {timeout_s:.1f} s")
 
-    def _arm(self, device_id: str, delay_s: float) -> None:
-        old = self._grace_timers.pop(device_id, None)
-        if old is not None:
-            old.cancel()
-        timer = threading.Timer(delay_s, self._expire_offline, [device_id])
-        timer.daemon = True
-        self._grace_timers[device_id] = timer
-        timer.start()
+    def _gone(self, device_id: str) -> bool:
+        view = self.presence.views.get(device_id)
+        return view is None or view.status is None or view.status.state == "offline"
 
-    def _expire_offline(self, device_id: str) -> None:
-        """Requests sent before the device went away and still unanswered are lost: fail them now."""
-        since = self._offline_since.pop(device_id, None)
-        self._grace_timers.pop(device_id, None)
-        if since is None:
-            return
-        view = self.views.get(device_id)
-        gone = view is None or view.status is None or view.status.state == "offline"
-        self._fail_pending(
-            device_id,
-            ErrorCode.TIMEOUT,
-            "device went offline" if gone else "device restarted and the request was lost with it",
-            before=since,
-        )
-
-    def _fail_pending(self, device_id: str, code: ErrorCode, message: str, before: float | None = None) -> None:
-        with self._pending_lock:
-            failed = [
-                (rid, p)
-                for rid, p in self._pending.items()
-                if p.device_id == device_id and (before is None or p.sent < before)
-            ]
-            for rid, _ in failed:
-                del self._pending[rid]
-        for rid, p in failed:
-            if not p.future.done():
-                p.future.set_result(
-                    Reply(
-                        id=rid,
-                        device_id=device_id,
-                        kind="error",
-                        ts=time.time(),
-                        error=error_dict(code, f"{p.cmd}: {message}"),
-                    )
-                )
+    def _end_pulls(self, device_id: str, code: ErrorCode, message: str) -> None:
+        """A device's requests failed for its absence: so do the pulls of its blobs."""
         for pull in list(self._pulls.get(device_id, ())):
             pull.expire(f"blob {pull.sha256[:12]}: {message}", code)
 
@@ -670,8 +422,7 @@ class Session:
         infos = [self._publish(topics.device(self.fleet, device_id, ch), b"", retain=True) for ch in ("status", "caps")]
         for info in infos:
             info.wait_for_publish(10)
-        with self._views_lock:
-            self.views.pop(device_id, None)
+        self.presence.forget(device_id)
         if self.store is not None:
             self.store.delete_device(self.fleet, device_id)
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from edge_agent.protocol.constants import DEFAULT_CHUNK_BYTES
 
 from .. import output
+from ..fleet import is_live
 from .common import _common, _session, _store
 
 
@@ -91,7 +92,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return output.fail(str(exc), code="connect", as_json=args.json)
     try:
         rows = session.discover(args.wait)
-        online = [r["device_id"] for r in rows if r["state"] in ("online", "busy")]
+        online = [r["device_id"] for r in rows if is_live(r)]
         devices = online if args.devices == "all" else [d for d in args.devices.split(",") if d]
         missing = [d for d in devices if d not in online]
         if missing:

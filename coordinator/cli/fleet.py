@@ -6,6 +6,7 @@ import argparse
 import time
 
 from .. import output
+from ..fleet import is_live
 from .common import _common, _device_id, _session
 
 
@@ -70,7 +71,7 @@ def cmd_devices_forget(args: argparse.Namespace) -> int:
             return output.fail(
                 f"no device {args.device!r} in fleet {args.fleet!r}", code="not_found", as_json=args.json
             )
-        if rows[args.device]["state"] in ("online", "busy"):
+        if is_live(rows[args.device]):
             return output.fail(
                 f"{args.device} is {rows[args.device]['state']}: stop its agent (or unflash it) first, "
                 f"or it re-announces itself at once",

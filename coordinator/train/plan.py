@@ -10,7 +10,7 @@ from typing import Any
 
 from edge_agent.protocol.errors import EdgepruneError
 
-from ..session import LIVE_STATES, training_blocker
+from ..fleet import is_live, training_blocker
 from .record import Run
 
 BEGIN_TIMEOUT_S = 600.0
@@ -53,7 +53,7 @@ def plan_fleet(run: "Run") -> list[str]:
                 f"on with them (--min-clients {cfg.min_clients} allows it)"
             )
     # a device that just came online announces its capabilities a moment later: give them time
-    s.wait_for(lambda rows: all(r["caps"] is not None for r in rows if r["state"] in LIVE_STATES), CAPS_WAIT_S)
+    s.wait_for(lambda rows: all(r["caps"] is not None for r in rows if is_live(r)), CAPS_WAIT_S)
     rows = s.fleet_rows()
     blocked = {r["device_id"]: training_blocker(r) for r in rows}
     if cfg.devices:
@@ -81,9 +81,7 @@ def plan_fleet(run: "Run") -> list[str]:
 def eligible(run: Run) -> list[str]:
     """Devices that may train this round (busy ones included: busy with this run's last round)."""
     s, cfg = run.session, run.cfg
-    rows = [
-        r for r in s.device_table() if r["state"] in LIVE_STATES and r["can_train"] and r.get("has_data") is not False
-    ]
+    rows = [r for r in s.device_table() if is_live(r) and r["can_train"] and r.get("has_data") is not False]
     if cfg.devices:
         rows = [r for r in rows if r["device_id"] in cfg.devices]
     return sorted(r["device_id"] for r in rows)
