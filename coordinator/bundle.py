@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edge_agent.protocol.errors import EdgepruneError
-from edge_agent.service import INSTALLER_DIR
 
 from . import __version__
 
@@ -285,8 +284,9 @@ def build(
         partial = out.with_name(out.name + ".partial")
         with tarfile.open(partial, "w:gz", compresslevel=1) as tar:  # wheels are zips already
             _add_bytes(tar, f"{name}/manifest.json", json.dumps(manifest, indent=2).encode(), 0o644)
+            installer = source_root / "edge_agent" / "installer"  # the scripts of the agent being bundled
             for script in ("install.sh", "uninstall.sh"):
-                _add_bytes(tar, f"{name}/{script}", (INSTALLER_DIR / script).read_bytes(), 0o755)
+                _add_bytes(tar, f"{name}/{script}", (installer / script).read_bytes(), 0o755)
             for f in files:
                 tar.add(f, arcname=f"{name}/wheels/{f.name}")
         os.replace(partial, out)  # never leave a truncated bundle where a good one is expected

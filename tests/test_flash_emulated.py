@@ -222,6 +222,43 @@ def test_flash_bench_upgrade_unflash(cli, pi, mosquitto, tmp_path):
     assert "emu-pi" not in {d["device_id"] for d in devices["devices"]}, devices
 
 
+OLD_LAYOUT = "e599cf574eefc8db85a50d68286869a070660beb"  # before edge_agent/common/ and edge_agent/ml/ existed
+
+
+def test_upgrade_from_the_old_layout(cli, pi, mosquitto, tmp_path):
+    """A device flashed with the agent as it was before the shared layer moved (edge_agent/link.py,
+    edge_agent/tfenv.py, ...) upgrades in place to this one: the entry points the installed service
+    calls (`python -m edge_agent.service`, `edgeprune-agent run`) keep working across the move."""
+    if subprocess.run(["git", "-C", str(ROOT), "cat-file", "-e", f"{OLD_LAYOUT}^{{commit}}"]).returncode != 0:
+        pytest.skip(f"this checkout does not have commit {OLD_LAYOUT[:12]} (a shallow clone?)")
+    src = tmp_path / "old-src"
+    src.mkdir()
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", OLD_LAYOUT], capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(src)], input=archive, check=True)
+    assert (src / "edge_agent" / "link.py").exists() and not (src / "edge_agent" / "common").exists()
+    for f in ("pyproject.toml", "edge_agent/__init__.py"):
+        p = src / f
+        p.write_text(p.read_text().replace('"0.1.0"', '"0.0.9"', 1))
+    old = bundle.build(PLATFORM, tmp_path / "agent-0.0.9.tar.gz", offline=True, source_root=src)
+    assert old["edgeprune"] == "0.0.9"
+    try:
+        rc, out = cli("flash", cli.target(), *cli.ssh, "--device-id", "emu-old", "--from-bundle", old["path"])
+        assert rc == 0, out
+        assert out["caps"]["agent_version"] == "0.0.9"
+        marker = ROOTFS / "home/pi/.local/state/edgeprune/agent/marker"
+        marker.write_text("kept")
+        rc, out = cli("flash", cli.target(), *cli.ssh, "--device-id", "emu-old", "--offline")
+        assert rc == 0, out
+        assert out["install"]["upgraded"] and out["caps"]["agent_version"] == bundle.__version__
+        assert marker.read_text() == "kept"
+        rc, pong = cli("ping", "--device", "emu-old", "--count", "1")
+        assert rc == 0, pong
+    finally:
+        rc, out = cli("unflash", cli.target(), *cli.ssh, "--device-id", "emu-old")
+    assert rc == 0, out
+    assert not _installed("pi")
+
+
 def test_flash_as_root_into_a_secure_fleet(cli, pi, tmp_path):
     """As root, with a TLS broker: system paths, the device's own certificate installed 0600, online over
     mutual TLS; unflash removes it all."""
