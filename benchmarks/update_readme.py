@@ -378,7 +378,7 @@ def model_size_section(rows) -> list[str]:
         ),
         ("... share of the round wall", each("overhead", lambda x: f"{x:.1%}"), None),
         ("round wall s, round 1 / 2", each("wall_s", lambda x: f"{x:.1f}"), "round_wall_s_per_model_mb"),
-        ("device with 700 MB available", lambda r: "**refused**" if r["fits_check"]["refused"] else "accepted", None),
+        ("device with 1,000 MB available", lambda r: "**refused**" if r["fits_check"]["refused"] else "accepted", None),
     ]
     out = [
         f"**Cost vs model size** (`python benchmarks/model_size.py`, {sl.get('total_minutes', '?')} min): per model "
