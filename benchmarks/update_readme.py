@@ -317,7 +317,7 @@ def fmnist_export_section(rows) -> list[str]:
         "",
         "No-delegate fallback: XNNPACK could not prepare that graph (unstructured sparse int8 on x86), so "
         "LiteRT ran it on its builtin kernels. Accuracy is each artifact's own, read back from its bytes; "
-        "the int8 variants are calibrated on the test images' range (post-training quantisation).",
+        "the int8 variants are calibrated on 1,000 training images (post-training quantisation).",
     ]
     return out
 
