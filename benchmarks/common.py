@@ -129,6 +129,29 @@ class PeakRss:
         return {"simulator_agents": own, "worker_max": max(workers, default=0), "workers": len(workers)}
 
 
+def bench_artifacts(session, store, artifacts: list[dict], device: str, runs: int, warmup: int, budget_s: float):
+    """Benchmark ``artifacts`` on one device (1 thread, interleaved, LiteRT); {artifact name: result}."""
+    from coordinator import bench as bench_mod
+    from coordinator.progress import Reporter
+
+    res = bench_mod.bench(
+        session,
+        store,
+        artifacts,
+        [device],
+        run_id=None,
+        threads=1,
+        runs=runs,
+        duration_s=None,
+        warmup=warmup,
+        budget_s=budget_s,
+        runtime="auto",
+        parallel=False,
+        reporter=Reporter(quiet=True),
+    )
+    return {r["artifact"]: r for r in res["devices"][device]["artifacts"]}
+
+
 def timed(cmd: list[str], **kw) -> tuple[float, subprocess.CompletedProcess]:
     t0 = time.perf_counter()
     out = subprocess.run(cmd, capture_output=True, text=True, **kw)

@@ -16,7 +16,7 @@ import json
 import sys
 
 import numpy as np
-from common import local_fleet, machine
+from common import bench_artifacts, local_fleet, machine
 
 TARGETS = {0.8: {"min_int8_size_ratio": 8.0}, 0.9: {"min_int8_size_ratio": 12.0}}
 MAX_READBACK_GAP_PTS = 0.5
@@ -87,9 +87,7 @@ def main() -> int:
     args = p.parse_args()
     log = (lambda *a: None) if args.json else (lambda *a: print(*a, file=sys.stderr, flush=True))
 
-    from coordinator import bench as bench_mod
     from coordinator import export
-    from coordinator.progress import Reporter
     from coordinator.session import Session
     from coordinator.store import Store
 
@@ -139,23 +137,8 @@ def main() -> int:
         session.wait_online(1, 30)
         all_arts = [a for c in configs for a in c["artifacts"]]
         log(f"== benchmarking {len(all_arts)} artifacts on a local agent ({args.runs} runs each, interleaved) ...")
-        res = bench_mod.bench(
-            session,
-            store,
-            all_arts,
-            ["dev000"],
-            run_id=None,
-            threads=1,
-            runs=args.runs,
-            duration_s=None,
-            warmup=20,
-            budget_s=600,
-            runtime="auto",
-            parallel=False,
-            reporter=Reporter(quiet=True),
-        )
+        by_name = bench_artifacts(session, store, all_arts, "dev000", args.runs, warmup=20, budget_s=600)
         session.close()
-    by_name = {r["artifact"]: r for r in res["devices"]["dev000"]["artifacts"]}
 
     rows = []
     dense_fp32 = None

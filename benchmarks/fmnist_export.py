@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import BIN, ROOT, local_fleet, machine
+from common import BIN, ROOT, bench_artifacts, local_fleet, machine
 from export_bench import kernel_sparsity, tflite_accuracy, train_pruned
 from structured_pruning import shrink_l1
 
@@ -120,28 +120,6 @@ def build_models(epochs: int, seed: int, say) -> list[dict]:
     return built
 
 
-def bench_on(session, store, artifacts: list[dict], device: str, runs: int) -> dict[str, dict]:
-    from coordinator import bench as bench_mod
-    from coordinator.progress import Reporter
-
-    res = bench_mod.bench(
-        session,
-        store,
-        artifacts,
-        [device],
-        run_id=None,
-        threads=1,
-        runs=runs,
-        duration_s=None,
-        warmup=max(3, runs // 20),
-        budget_s=3600,
-        runtime="auto",
-        parallel=False,
-        reporter=Reporter(quiet=True),
-    )
-    return {r["artifact"]: r for r in res["devices"][device]["artifacts"]}
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--epochs", type=int, default=2, help="central training epochs per model (default 2)")
@@ -182,12 +160,14 @@ def main() -> int:
         try:
             session.wait_online(1, 60)
             say(f"== benchmarking {len(arts)} artifacts on a local agent ({a.runs} runs each) ...")
-            local = bench_on(session, store, arts, "dev000", a.runs)
+            local = bench_artifacts(session, store, arts, "dev000", a.runs, warmup=max(3, a.runs // 20), budget_s=3600)
             if why_no_pi is None:
                 with emulated_pi(broker.url, "fx", work, say):
                     session.wait_for(lambda rows: any(r["device_id"] == "emu-pi" for r in rows), 60)
                     say(f"== benchmarking on the emulated Pi ({a.pi_runs} runs each; qemu is slow) ...")
-                    on_pi = bench_on(session, store, arts, "emu-pi", a.pi_runs)
+                    on_pi = bench_artifacts(
+                        session, store, arts, "emu-pi", a.pi_runs, warmup=max(3, a.pi_runs // 20), budget_s=3600
+                    )
         finally:
             session.close()
     shutil.rmtree(work, ignore_errors=True)

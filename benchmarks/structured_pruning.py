@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from common import BIN, local_fleet, machine
+from common import BIN, bench_artifacts, local_fleet, machine
 
 FRACTIONS = (0.0, 0.25, 0.5, 0.75)
 MIN_SPEEDUP = 1.8
@@ -111,9 +111,7 @@ def main() -> int:
     a = p.parse_args()
     log = (lambda *x: None) if a.json else (lambda *x: print(*x, file=sys.stderr, flush=True))
 
-    from coordinator import bench as bench_mod
     from coordinator import export
-    from coordinator.progress import Reporter
     from coordinator.session import Session
     from coordinator.store import Store
     from edge_agent.ml import models, tfenv
@@ -165,23 +163,9 @@ def main() -> int:
         session.wait_online(4, 30)
         arts = [x for c in configs for x in c["artifacts"]]
         log(f"== benchmarking {len(arts)} artifacts on dev000 ({a.runs} runs each, interleaved) ...")
-        res = bench_mod.bench(
-            session,
-            store,
-            arts,
-            ["dev000"],
-            run_id=None,
-            threads=1,
-            runs=a.runs,
-            duration_s=None,
-            warmup=20,
-            budget_s=900,
-            runtime="auto",
-            parallel=False,
-            reporter=Reporter(quiet=True),
-        )
+        results = bench_artifacts(session, store, arts, "dev000", a.runs, warmup=20, budget_s=900)
         session.close()
-    lat = {r["artifact"]: r["latency_ms"]["p50"] for r in res["devices"]["dev000"]["artifacts"]}
+    lat = {name: r["latency_ms"]["p50"] for name, r in results.items()}
 
     rows = []
     for c in configs:
