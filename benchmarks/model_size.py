@@ -257,37 +257,53 @@ def slopes(rows: list[dict]) -> dict:
     return out
 
 
+_mb = lambda b: f"{b / MB:,.1f}"  # noqa: E731
+_each = lambda key, fmt: lambda r: " / ".join(fmt(x[key]) for x in r["rounds"])  # noqa: E731
+ROWS = [  # label, cell, slope name (per-round costs: the name without _roundN); the terminal and README tables
+    ("parameters", lambda r: f"{r['params']:,}", None),
+    ("dense fp32 MB", lambda r: f"{r['dense_fp32_bytes'] / MB:.2f}", None),
+    ("samples per device", lambda r: "-".join(f"{n:,}" for n in sorted(set(r["samples_per_device"]))), None),
+    ("coordinator peak RSS MB", lambda r: _mb(r["coordinator_peak_rss_bytes"]), "coordinator_rss_mb_per_model_mb"),
+    ("model worker peak RSS MB", lambda r: _mb(r["model_worker_peak_rss_bytes"]), "model_worker_rss_mb_per_model_mb"),
+    ("simulator (10 agents) idle RSS MB", lambda r: _mb(r["simulator_idle_rss_bytes"]), None),
+    ("simulator peak RSS MB", lambda r: _mb(r["simulator_peak_rss_bytes"]), "simulator_peak_rss_mb_per_model_mb"),
+    (
+        "per-agent growth MB = (peak - idle) / 10",
+        lambda r: _mb(r["per_agent_growth_bytes"]),
+        "per_agent_growth_mb_per_model_mb",
+    ),
+    ("TF training worker peak RSS MB", lambda r: _mb(r["tf_worker_peak_rss_bytes"]), "tf_worker_rss_mb_per_model_mb"),
+    ("broadcast MB per device, round 1 / 2", _each("bytes_down_per_client", _mb), "broadcast_bytes_per_model_byte"),
+    ("broadcast chunks, round 1 / 2", _each("broadcast_chunks", str), None),
+    ("blob wants / re-sent chunks", lambda r: f"{r['wants_in']} / {r['resent_chunks']}", None),
+    (
+        "upload MB per client, round 1 / 2",
+        _each("bytes_up_per_client", lambda b: f"{b / MB:.3f}"),
+        "upload_bytes_per_model_byte",
+    ),
+    (
+        "coordinator s per round, round 1 / 2",
+        _each("coordinator_s", lambda x: f"{x:.2f}"),
+        "coordinator_overhead_s_per_model_mb",
+    ),
+    (
+        "... without evaluation",
+        _each("coordinator_s_excl_evaluate", lambda x: f"{x:.2f}"),
+        "coordinator_overhead_excl_evaluate_s_per_model_mb",
+    ),
+    ("... share of the round wall", _each("overhead", lambda x: f"{x:.1%}"), None),
+    ("round wall s, round 1 / 2", _each("wall_s", lambda x: f"{x:.1f}"), "round_wall_s_per_model_mb"),
+    (
+        f"device with {FITS_AVAILABLE_BYTES / MB:,.0f} MB available",
+        lambda r: "refused" if r["fits_check"]["refused"] else "accepted",
+        None,
+    ),
+]
+
+
 def table(rows: list[dict], slope: dict) -> str:
     """Models as columns; the last column is each cost's least-squares slope (r1 / r2 for per-round costs)."""
-    mb = lambda b: f"{b / MB:,.1f}"  # noqa: E731
-    each = lambda key, fmt: lambda r: " / ".join(fmt(x[key]) for x in r["rounds"])  # noqa: E731
-    lines = [  # label, cell, slope name (per-round costs: the name without _roundN)
-        ("parameters", lambda r: f"{r['params']:,}", None),
-        ("dense fp32 MB", lambda r: f"{r['dense_fp32_bytes'] / MB:.2f}", None),
-        ("samples per device", lambda r: "-".join(f"{n:,}" for n in sorted(set(r["samples_per_device"]))), None),
-        ("coordinator peak RSS MB", lambda r: mb(r["coordinator_peak_rss_bytes"]), "coordinator_rss_mb_per_model_mb"),
-        (
-            "model worker peak RSS MB",
-            lambda r: mb(r["model_worker_peak_rss_bytes"]),
-            "model_worker_rss_mb_per_model_mb",
-        ),
-        ("simulator idle RSS MB", lambda r: mb(r["simulator_idle_rss_bytes"]), None),
-        ("simulator peak RSS MB", lambda r: mb(r["simulator_peak_rss_bytes"]), "simulator_peak_rss_mb_per_model_mb"),
-        ("  (peak-idle)/10 MB", lambda r: mb(r["per_agent_growth_bytes"]), "per_agent_growth_mb_per_model_mb"),
-        ("TF worker peak RSS MB", lambda r: mb(r["tf_worker_peak_rss_bytes"]), "tf_worker_rss_mb_per_model_mb"),
-        ("broadcast MB r1 / r2", each("bytes_down_per_client", mb), "broadcast_bytes_per_model_byte"),
-        ("broadcast chunks r1 / r2", each("broadcast_chunks", str), None),
-        ("wants / re-sent chunks", lambda r: f"{r['wants_in']} / {r['resent_chunks']}", None),
-        (
-            "upload MB/client r1 / r2",
-            each("bytes_up_per_client", lambda b: f"{b / MB:.3f}"),
-            "upload_bytes_per_model_byte",
-        ),
-        ("coordinator s r1 / r2", each("coordinator_s", lambda x: f"{x:.2f}"), "coordinator_overhead_s_per_model_mb"),
-        ("  share of round r1 / r2", each("overhead", lambda x: f"{x:.1%}"), None),
-        ("round wall s r1 / r2", each("wall_s", lambda x: f"{x:.1f}"), "round_wall_s_per_model_mb"),
-        ("1,000 MB device", lambda r: "refused" if r["fits_check"]["refused"] else "accepted", None),
-    ]
+    lines = ROWS
 
     def sl(name: str | None) -> str:
         names = [n for n in (name, f"{name}_round1", f"{name}_round2") if n in slope]

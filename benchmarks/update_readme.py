@@ -325,8 +325,6 @@ def fmnist_export_section(rows) -> list[str]:
 def model_size_section(rows) -> list[str]:
     runs = [r for r in rows if "dense_fp32_bytes" in r]
     sl = next((r for r in rows if r.get("configuration") == "slope"), {})
-    mb = lambda b: f"{b / 1e6:,.1f}"  # noqa: E731
-    each = lambda key, fmt: lambda r: " / ".join(fmt(x[key]) for x in r["rounds"])  # noqa: E731
 
     def slope(name: str) -> str:
         names = [n for n in (name, f"{name}_round1", f"{name}_round2") if n in sl]
@@ -336,50 +334,8 @@ def model_size_section(rows) -> list[str]:
         pair = " / ".join(f"{sl[n]['fmnist_pair_slope']:.3g}" for n in names if "fmnist_pair_slope" in sl[n])
         return f"{fits} {sl[names[0]]['unit']}" + (f" ({pair})" if pair else "")
 
-    lines = [
-        ("parameters", lambda r: f"{r['params']:,}", None),
-        ("dense fp32 MB", lambda r: f"{r['dense_fp32_bytes'] / 1e6:.2f}", None),
-        ("samples per device", lambda r: "-".join(f"{n:,}" for n in sorted(set(r["samples_per_device"]))), None),
-        ("coordinator peak RSS MB", lambda r: mb(r["coordinator_peak_rss_bytes"]), "coordinator_rss_mb_per_model_mb"),
-        (
-            "model worker peak RSS MB",
-            lambda r: mb(r["model_worker_peak_rss_bytes"]),
-            "model_worker_rss_mb_per_model_mb",
-        ),
-        ("simulator (10 agents) idle RSS MB", lambda r: mb(r["simulator_idle_rss_bytes"]), None),
-        ("simulator peak RSS MB", lambda r: mb(r["simulator_peak_rss_bytes"]), "simulator_peak_rss_mb_per_model_mb"),
-        (
-            "per-agent growth MB = (peak - idle) / 10",
-            lambda r: mb(r["per_agent_growth_bytes"]),
-            "per_agent_growth_mb_per_model_mb",
-        ),
-        (
-            "TF training worker peak RSS MB",
-            lambda r: mb(r["tf_worker_peak_rss_bytes"]),
-            "tf_worker_rss_mb_per_model_mb",
-        ),
-        ("broadcast MB per device, round 1 / 2", each("bytes_down_per_client", mb), "broadcast_bytes_per_model_byte"),
-        ("broadcast chunks, round 1 / 2", each("broadcast_chunks", str), None),
-        ("blob wants / re-sent chunks", lambda r: f"{r['wants_in']} / {r['resent_chunks']}", None),
-        (
-            "upload MB per client, round 1 / 2",
-            each("bytes_up_per_client", lambda b: f"{b / 1e6:.3f}"),
-            "upload_bytes_per_model_byte",
-        ),
-        (
-            "coordinator s per round, round 1 / 2",
-            each("coordinator_s", lambda x: f"{x:.2f}"),
-            "coordinator_overhead_s_per_model_mb",
-        ),
-        (
-            "... without evaluation",
-            each("coordinator_s_excl_evaluate", lambda x: f"{x:.2f}"),
-            "coordinator_overhead_excl_evaluate_s_per_model_mb",
-        ),
-        ("... share of the round wall", each("overhead", lambda x: f"{x:.1%}"), None),
-        ("round wall s, round 1 / 2", each("wall_s", lambda x: f"{x:.1f}"), "round_wall_s_per_model_mb"),
-        ("device with 1,000 MB available", lambda r: "**refused**" if r["fits_check"]["refused"] else "accepted", None),
-    ]
+    from model_size import ROWS  # the benchmark's own rows: the README shows what it printed
+
     out = [
         f"**Cost vs model size** (`python benchmarks/model_size.py`, {sl.get('total_minutes', '?')} min): per model "
         f"a fresh Mosquitto, {runs[0]['rounds'][0]['clients_ok'] if runs else '?'} simulated devices that really "
@@ -391,8 +347,10 @@ def model_size_section(rows) -> list[str]:
         "| | " + " | ".join(r["configuration"] for r in runs) + " | slope per model MB |",
         "|---|" + "---|" * len(runs) + "---|",
     ]
-    for label, cell, name in lines:
-        out.append(f"| {label} | " + " | ".join(cell(r) for r in runs) + f" | {slope(name) if name else ''} |")
+    bold = {"refused": "**refused**"}
+    for label, cell, name in ROWS:
+        cells = (bold.get(cell(r), cell(r)) for r in runs)
+        out.append(f"| {label} | " + " | ".join(cells) + f" | {slope(name) if name else ''} |")
     if "coordinator_rss_mb_per_model_mb" in sl:
         v = lambda name, key="slope": f"{sl[name][key]:.3g}"  # noqa: E731
         both = lambda name: f"{v(name)} ({v(name, 'fmnist_pair_slope')})"  # noqa: E731
