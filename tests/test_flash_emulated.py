@@ -9,7 +9,6 @@ aarch64 wheel cache ./scripts/test fills, so the tests themselves use no network
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import socket
@@ -21,6 +20,8 @@ from pathlib import Path
 import pytest
 
 from coordinator import bundle
+
+from .helpers.cli import json_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 EMULATOR = ROOT / "scripts" / "pi-emulator"
@@ -100,19 +101,7 @@ def pi(tmp_path_factory):
 def cli(pi, mosquitto, tmp_path):
     home = tmp_path / "home"
 
-    def run(*args: str, timeout: float = 900) -> tuple[int, dict]:
-        proc = subprocess.run(
-            [sys.executable, "-m", "coordinator.cli", *args, "--json", "--home", str(home)],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            env={**os.environ, "EDGEPRUNE_BROKER": mosquitto.url, "EDGEPRUNE_FLEET": "emu"},
-        )
-        try:
-            out = json.loads(proc.stdout) if proc.stdout.strip() else {"stderr": proc.stderr[-3000:]}
-        except json.JSONDecodeError:
-            pytest.fail(f"not JSON: {proc.stdout}\n{proc.stderr}")
-        return proc.returncode, out
+    run = json_cli(home, mosquitto.url, "emu")
 
     run.home = home
     run.ssh = ["--identity", pi["key"], "--ssh-option", f"UserKnownHostsFile={pi['known_hosts']}"]

@@ -12,7 +12,6 @@ is built once by `sudo scripts/pi-emulator prepare --systemd`.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import socket
@@ -29,6 +28,7 @@ from edge_agent import service
 
 from .conftest import wait_until
 from .helpers import systemd_boot
+from .helpers.cli import json_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 PLATFORM = bundle.Platform.parse("aarch64", "3.11")
@@ -97,20 +97,7 @@ def pi(tmp_path):
 def cli(pi, mosquitto, tmp_path):
     home = tmp_path / "home"
 
-    def run(*args: str, timeout: float = 900) -> tuple[int, dict]:
-        proc = subprocess.run(
-            [sys.executable, "-m", "coordinator.cli", *args, "--json", "--home", str(home)],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            cwd=ROOT,
-            env={**os.environ, "EDGEPRUNE_BROKER": mosquitto.url, "EDGEPRUNE_FLEET": "emu"},
-        )
-        try:
-            out = json.loads(proc.stdout) if proc.stdout.strip() else {"stderr": proc.stderr[-3000:]}
-        except json.JSONDecodeError:
-            pytest.fail(f"not JSON: {proc.stdout}\n{proc.stderr}")
-        return proc.returncode, out
+    run = json_cli(home, mosquitto.url, "emu", cwd=ROOT)
 
     run.args = [
         f"ssh://root@127.0.0.1:{pi.ssh_port}",
