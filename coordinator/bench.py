@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from edge_agent.protocol.args import Artifact, Bench
+
 from .session import Session
 from .store import Store
 from .train import new_run_id
@@ -76,12 +78,8 @@ def bench(
     refs = []
     for a in artifacts:
         ref = session.publish_blob(Path(a["path"]).read_bytes())
-        refs.append({"name": a["name"], "sha256": ref.sha256, "bytes": ref.bytes})
-    args = {"artifacts": refs, "threads": threads, "warmup": warmup, "budget_s": budget_s, "runtime": runtime}
-    if runs is not None:
-        args["runs"] = runs
-    if duration_s is not None:
-        args["duration_s"] = duration_s
+        refs.append(Artifact(a["name"], ref.sha256, ref.bytes))
+    args = Bench(refs, runs, duration_s, threads, warmup, budget_s, runtime)
     per_artifact = duration_s * 2 if duration_s else 60.0
     timeout = 300.0 + len(artifacts) * min(budget_s, per_artifact + 120.0)
     results: dict[str, Any] = {}
@@ -122,9 +120,9 @@ def bench(
                     "thermal": reply.result.get("thermal"),
                 },
             )
-        session.submit(dev, "ack", {"ids": [reply.id]})  # stored: the device may drop it from its outbox
+        session.acknowledge(reply)  # stored: the device may drop it from its outbox
     for ref in refs:
-        session.clear_blob(ref["sha256"])
+        session.clear_blob(ref.sha256)
     summary = {"bench_id": bench_id, "run_id": run_id, "devices": results, "wall_s": round(time.perf_counter() - t0, 3)}
     store.finish_run(
         bench_id,

@@ -31,6 +31,7 @@ from edge_agent.common import transfer
 from edge_agent.common.blobs import sha256_hex, split
 from edge_agent.common.link import Link, Will
 from edge_agent.protocol import serde, signing, topics
+from edge_agent.protocol.args import Ack, BlobGet, BlobRef
 from edge_agent.protocol.constants import CHUNK_IDLE_S, DEFAULT_CHUNK_BYTES, DEFAULT_STALE_AFTER_BEATS, RESEND_MIN_S
 from edge_agent.protocol.errors import ErrorCode, ProtocolError
 from edge_agent.protocol.messages import BlobWant, Capabilities, Command, CoordinatorStatus, Reply, Status
@@ -40,16 +41,6 @@ from .rpc import OFFLINE_GRACE_S, Requests, error_reply, new_id
 from .store import Store
 
 log = logging.getLogger("coordinator.session")
-
-
-@dataclass(frozen=True)
-class BlobRef:
-    sha256: str
-    bytes: int
-    chunks: int
-
-    def as_args(self) -> dict[str, Any]:
-        return {"sha256": self.sha256, "bytes": self.bytes, "chunks": self.chunks}
 
 
 @dataclass
@@ -264,7 +255,7 @@ class Session:
                 "late result from %s for request %s (its round or call is over): ignored", reply.device_id, reply.id
             )
             if reply.id:  # nobody will use it: let the device drop it from its outbox
-                self.submit(reply.device_id, "ack", {"ids": [reply.id]})
+                self.acknowledge(reply)
 
     def _on_data(self, device_id: str, frame) -> None:
         self.presence.heard(device_id, False)
@@ -348,18 +339,30 @@ class Session:
         self,
         device_id: str,
         cmd: str,
-        args: dict | None = None,
+        args: Any = None,
         on_progress: Callable[[Reply], None] | None = None,
         timeout_s: float | None = None,
     ) -> tuple[str, Future]:
-        """Send a command; the future resolves to the final :class:`Reply` (result or error)."""
+        """Send a command; the future resolves to the final :class:`Reply` (result or error).
+
+        ``args`` is the command's argument dataclass (:mod:`edge_agent.protocol.args`); a raw dict
+        is sent as it is (tests of what an agent does with bad arguments)."""
         topics.validate_id(device_id, "device id")
+        if args is not None and not isinstance(args, dict):
+            if args.TYPE != cmd:
+                raise ValueError(f"{type(args).__name__} arguments sent with command {cmd!r}")
+            args = serde.encode_args(args)
         request_id, future = self.requests.add(device_id, cmd, on_progress)
         msg = Command(id=request_id, cmd=cmd, ts=time.time(), args=args or {}, timeout_s=timeout_s, to=device_id)
         if self.sign_key is not None:
             msg = signing.sign(msg, self.sign_key)
         self._publish(topics.device(self.fleet, device_id, "cmd"), serde.encode(msg))
         return request_id, future
+
+    def acknowledge(self, reply: Reply) -> None:
+        """Tell the device its durable result is processed: it may drop it from its outbox."""
+        if reply.id is not None:
+            self.submit(reply.device_id, "ack", Ack([reply.id]))
 
     def forget(self, request_id: str) -> None:
         self.requests.forget(request_id)
@@ -368,7 +371,7 @@ class Session:
         self,
         device_id: str,
         cmd: str,
-        args: dict | None = None,
+        args: Any = None,
         timeout_s: float = 10.0,
         on_progress: Callable[[Reply], None] | None = None,
     ) -> Reply:
@@ -453,11 +456,9 @@ class Session:
         requests: list[tuple[str, Future]] = []
 
         def ask(chunks: list[int] | None) -> None:
-            args: dict[str, Any] = {"sha256": sha256}
             if chunks is not None:
-                args["chunks"] = chunks
                 log.info("blob %s from %s: asking again for %d missing chunks", sha256[:12], device_id, len(chunks))
-            rid, fut = self.submit(device_id, "blob_get", args)
+            rid, fut = self.submit(device_id, "blob_get", BlobGet(sha256, chunks))
             self.receiver.expect(pull, rid)
             requests.append((rid, fut))
             fut.add_done_callback(lambda f: self._pull_answered(pull, f.result()))

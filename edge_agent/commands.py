@@ -10,21 +10,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from .daemon import Agent, blob_expectation, command
-from .protocol import topics
+from .daemon import Agent, command
+from .protocol.args import Bench, NoArgs, TrainBegin, TrainPrepare, TrainRound
 from .protocol.errors import ErrorCode, ProtocolError
 from .protocol.messages import Command
-
-
-def _arg(cmd: Command, name: str, kind, default=None, required: bool = False):
-    value = cmd.args.get(name, default)
-    if value is None and required:
-        raise ProtocolError(ErrorCode.BAD_ARGS, f"{cmd.cmd}: missing argument {name!r}")
-    if value is not None and (not isinstance(value, kind) or (kind in (int, float) and isinstance(value, bool))):
-        raise ProtocolError(
-            ErrorCode.BAD_ARGS, f"{cmd.cmd}: argument {name!r} must be {getattr(kind, '__name__', kind)}"
-        )
-    return value
 
 
 def _trainer(agent: Agent):
@@ -80,61 +69,60 @@ def check_training_fits(agent: Agent, model_bytes: int) -> None:
         )
 
 
-@command("train_prepare", mode="io", help="Start the training worker early (TensorFlow import, data) for a run.")
-def _train_prepare(agent: Agent, cmd: Command) -> dict[str, Any]:
-    run_id = topics.validate_id(_arg(cmd, "run_id", str, required=True), "run id")
-    started = _trainer(agent).prepare(run_id)
-    return {"run_id": run_id, "worker_started": started}
+@command(
+    "train_prepare",
+    mode="io",
+    args=TrainPrepare,
+    help="Start the training worker early (TensorFlow import, data) for a run.",
+)
+def _train_prepare(agent: Agent, cmd: Command, a: TrainPrepare) -> dict[str, Any]:
+    started = _trainer(agent).prepare(a.run_id)
+    return {"run_id": a.run_id, "worker_started": started}
 
 
-@command("train_begin", mode="job", help="Start (or restart) the training worker for a run and load the model.")
-def _train_begin(agent: Agent, cmd: Command) -> dict[str, Any]:
-    run_id = topics.validate_id(_arg(cmd, "run_id", str, required=True), "run id")
-    arch = _arg(cmd, "arch", dict, required=True)
+@command(
+    "train_begin",
+    mode="job",
+    args=TrainBegin,
+    help="Start (or restart) the training worker for a run and load the model.",
+)
+def _train_begin(agent: Agent, cmd: Command, a: TrainBegin) -> dict[str, Any]:
     trainer = _trainer(agent)
     agent.progress(cmd.id, phase="fetching model architecture")
-    arch_json = agent.fetch_blob(topics.validate_sha256(arch.get("sha256")), 120.0, *blob_expectation(arch)).decode(
-        "utf-8"
-    )
+    arch_json = agent.fetch_blob(a.arch.sha256, 120.0, a.arch.bytes, a.arch.chunks).decode("utf-8")
     agent.progress(cmd.id, phase="starting training worker")
-    msg = {k: cmd.args[k] for k in ("pruning", "granularity", "lr", "optimizer", "training") if k in cmd.args}
-    return trainer.begin(run_id, {**msg, "arch": arch_json})
+    msg = {"pruning": a.pruning, "granularity": a.granularity, "lr": a.lr, "optimizer": a.optimizer}
+    return trainer.begin(a.run_id, {**msg, "training": a.training, "arch": arch_json})
 
 
 @command(
     "train_round",
     mode="job",
     durable=True,
+    args=TrainRound,
     help="Train one round on local data; keep the sparse update for the coordinator.",
 )
-def _train_round(agent: Agent, cmd: Command) -> dict[str, Any]:
-    run_id = topics.validate_id(_arg(cmd, "run_id", str, required=True), "run id")
-    rnd = _arg(cmd, "round", int, required=True)
-    model = _arg(cmd, "model", dict, required=True)
-    size, _ = blob_expectation(model)
-    if size is not None:
-        check_training_fits(agent, size)  # before fetching it or starting TensorFlow
+def _train_round(agent: Agent, cmd: Command, a: TrainRound) -> dict[str, Any]:
+    if a.model.bytes is not None:
+        check_training_fits(agent, a.model.bytes)  # before fetching it or starting TensorFlow
     trainer = _trainer(agent)
     t0 = time.perf_counter()
-    blob = agent.fetch_blob(
-        topics.validate_sha256(model.get("sha256")),
-        float(cmd.args.get("fetch_timeout_s", 300.0)),
-        *blob_expectation(model),
-    )
+    blob = agent.fetch_blob(a.model.sha256, a.fetch_timeout_s, a.model.bytes, a.model.chunks)
     fetch_s = time.perf_counter() - t0
-    agent.progress(cmd.id, phase="training", round=rnd)
-    keys = ("epochs", "batch_size", "lr", "targets", "seed", "update_format", "regrow", "importance")
-    reply = trainer.round(
-        run_id, {**{k: cmd.args[k] for k in keys if k in cmd.args}, "run_id": run_id, "round": rnd, "model": blob}
-    )
+    agent.progress(cmd.id, phase="training", round=a.round)
+    work = {
+        k: getattr(a, k)
+        for k in ("run_id", "round", "epochs", "batch_size", "lr", "targets", "seed", "update_format", "regrow")
+    }
+    reply = trainer.round(a.run_id, {**work, "importance": a.importance, "model": blob})
     update = reply["update"]
     sha = agent.blobs.put(update)  # kept until the coordinator pulls it (blob_get)
     metrics = {**reply["metrics"], "fetch_s": round(fetch_s, 4), "model_bytes": len(blob)}
-    return {"run_id": run_id, "round": rnd, "update": {"sha256": sha, "bytes": len(update)}, "metrics": metrics}
+    return {"run_id": a.run_id, "round": a.round, "update": {"sha256": sha, "bytes": len(update)}, "metrics": metrics}
 
 
 @command("train_end", mode="io", help="End a training run: stop the worker so the memory returns.")
-def _train_end(agent: Agent, cmd: Command) -> dict[str, Any]:
+def _train_end(agent: Agent, cmd: Command, _: NoArgs) -> dict[str, Any]:
     trainer = agent.trainer
     stopped = trainer is not None and trainer.alive
     if trainer is not None:
@@ -143,62 +131,56 @@ def _train_end(agent: Agent, cmd: Command) -> dict[str, Any]:
 
 
 @command("train_status", help="Whether a training worker is running, and for which run.")
-def _train_status(agent: Agent, cmd: Command) -> dict[str, Any]:
+def _train_status(agent: Agent, cmd: Command, _: NoArgs) -> dict[str, Any]:
     t = agent.trainer
     return {"run_id": t.run_id if t else None, "worker_alive": bool(t and t.alive), "worker_pid": t.pid if t else None}
 
 
-@command("bench", mode="job", durable=True, help="Benchmark TFLite artifacts on this device (fetched by hash, cached).")
-def _bench(agent: Agent, cmd: Command) -> dict[str, Any]:
+@command(
+    "bench",
+    mode="job",
+    durable=True,
+    args=Bench,
+    help="Benchmark TFLite artifacts on this device (fetched by hash, cached).",
+)
+def _bench(agent: Agent, cmd: Command, a: Bench) -> dict[str, Any]:
     from . import bench, sensors
 
-    artifacts = _arg(cmd, "artifacts", list, required=True)
-    if not artifacts or not all(isinstance(a, dict) for a in artifacts):
-        raise ProtocolError(ErrorCode.BAD_ARGS, "bench: artifacts must be a non-empty list of {name, sha256, bytes}")
-    for a in artifacts:
-        topics.validate_sha256(a.get("sha256"))
-        if not isinstance(a.get("name"), str) or not isinstance(a.get("bytes"), int) or a["bytes"] < 0:
-            raise ProtocolError(ErrorCode.BAD_ARGS, "bench: each artifact needs a name and a byte size")
-    bench.check_resources(sum(a["bytes"] for a in artifacts), str(agent.state_dir))
-    runs = _arg(cmd, "runs", int)
-    duration = _arg(cmd, "duration_s", (int, float))
-    if runs is None and duration is None:
-        runs = 200
-    if (runs is not None and runs < 1) or (duration is not None and duration <= 0):
-        raise ProtocolError(ErrorCode.BAD_ARGS, "bench: runs and duration_s must be positive")
+    bench.check_resources(sum(art.bytes for art in a.artifacts), str(agent.state_dir))
+    runs = 200 if a.runs is None and a.duration_s is None else a.runs
     ready, failed = [], {}
-    for a in artifacts:
-        agent.progress(cmd.id, phase="fetching", artifact=a["name"])
-        cached = agent.blobs.has(a["sha256"])
+    for art in a.artifacts:
+        agent.progress(cmd.id, phase="fetching", artifact=art.name)
+        cached = agent.blobs.has(art.sha256)
         try:  # the hash is checked on arrival: a corrupted artifact never reaches the runtime
-            agent.fetch_blob(a["sha256"], float(cmd.args.get("fetch_timeout_s", 300.0)), a["bytes"])
+            agent.fetch_blob(art.sha256, a.fetch_timeout_s, art.bytes)
         except ProtocolError as exc:
-            failed[a["name"]] = {
-                "artifact": a["name"],
-                "sha256": a["sha256"],
-                "bytes": a["bytes"],
+            failed[art.name] = {
+                "artifact": art.name,
+                "sha256": art.sha256,
+                "bytes": art.bytes,
                 "status": "error",
                 "error": f"refused before loading: {exc}",
             }
             continue
-        ready.append({**a, "path": str(agent.blobs.path(a["sha256"])), "cached": cached})
+        path = str(agent.blobs.path(art.sha256))
+        ready.append({"name": art.name, "sha256": art.sha256, "bytes": art.bytes, "path": path, "cached": cached})
     root = agent.settings.get("sysfs_root", "/sys")
     board = agent.settings.get("board") or sensors.board_model()
-    threads = _arg(cmd, "threads", int, 0)
     result = bench.run(
         ready,
-        threads=threads,
+        threads=a.threads,
         runs=runs,
-        duration_s=duration,
-        warmup=_arg(cmd, "warmup", int, 10),
-        budget_s=float(_arg(cmd, "budget_s", (int, float), agent.settings["bench_budget_s"])),
-        runtime=_arg(cmd, "runtime", str, "auto"),
+        duration_s=a.duration_s,
+        warmup=a.warmup,
+        budget_s=float(a.budget_s if a.budget_s is not None else agent.settings["bench_budget_s"]),
+        runtime=a.runtime,
         board=board,
         sysfs_root=root,
         progress=lambda **kw: agent.progress(cmd.id, **kw),
     )
     by_name = {r["artifact"]: r for r in result["artifacts"]}
-    result["artifacts"] = [by_name.get(a["name"]) or failed[a["name"]] for a in artifacts]
+    result["artifacts"] = [by_name.get(art.name) or failed[art.name] for art in a.artifacts]
     result["device_id"] = agent.device_id
-    result["threads_requested"] = threads or "runtime default"
+    result["threads_requested"] = a.threads or "runtime default"
     return result

@@ -38,13 +38,14 @@ from .common import transfer
 from .common.blobs import BlobStore, split
 from .common.link import Link, Will
 from .protocol import serde, topics
+from .protocol.args import Ack, BlobFetch, BlobGet, Logs, NoArgs, Sleep
 from .protocol.constants import BROADCAST_WAIT_S, MAX_WANTED_CHUNKS
 from .protocol.errors import ErrorCode, ProtocolError
 from .protocol.messages import BlobWant, Command, CoordinatorStatus, Reply, Status, error_dict
 
 log = logging.getLogger("edge_agent")
 
-Handler = Callable[["Agent", Command], dict[str, Any]]
+Handler = Callable[["Agent", Command, Any], dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -53,16 +54,20 @@ class CommandSpec:
     mode: str  # "inline" (network thread), "io" (io pool) or "job" (the one job thread; device busy)
     help: str
     durable: bool = False  # the result goes to the on-disk outbox until the coordinator acknowledges it
+    args: type = NoArgs  # the command's argument dataclass (protocol.args), decoded before the handler runs
 
 
 COMMANDS: dict[str, CommandSpec] = {}
 
 
-def command(name: str, mode: str = "inline", help: str = "", durable: bool = False):
-    """Register a command handler. Handlers return a result dict or raise ProtocolError."""
+def command(name: str, mode: str = "inline", help: str = "", durable: bool = False, args: type = NoArgs):
+    """Register a command handler ``fn(agent, cmd, args)``, ``args`` decoded as the ``args`` class.
+
+    Handlers return a result dict or raise ProtocolError."""
 
     def deco(fn: Handler) -> Handler:
-        COMMANDS[name] = CommandSpec(fn, mode, help or next(iter((fn.__doc__ or "").strip().splitlines()), ""), durable)
+        doc = help or next(iter((fn.__doc__ or "").strip().splitlines()), "")
+        COMMANDS[name] = CommandSpec(fn, mode, doc, durable, args)
         return fn
 
     return deco
@@ -348,7 +353,7 @@ class Agent:
 
     def _execute(self, cmd: Command, spec: CommandSpec) -> None:
         try:
-            result = spec.fn(self, cmd)
+            result = spec.fn(self, cmd, serde.decode_args(spec.args, cmd.cmd, cmd.args))
         except ProtocolError as exc:
             log.warning("command %s (%s) failed: %s", cmd.id, cmd.cmd, exc)
             self.reply_error(cmd.id, exc.code, exc.message)
@@ -507,87 +512,61 @@ class Agent:
 
 
 @command("ping", help="Answer at once; the coordinator measures the round trip.")
-def _ping(agent: Agent, cmd: Command) -> dict[str, Any]:
+def _ping(agent: Agent, cmd: Command, _: NoArgs) -> dict[str, Any]:
     return {"agent_ts": time.time(), "sent_ts": cmd.ts}
 
 
 @command("caps", help="Collect and return capabilities (also re-published retained).")
-def _caps(agent: Agent, cmd: Command) -> dict[str, Any]:
+def _caps(agent: Agent, cmd: Command, _: NoArgs) -> dict[str, Any]:
     agent._announce()
     return caps.as_dict(agent.capabilities())
 
 
 @command("commands", help="List the commands this agent understands.")
-def _commands(agent: Agent, cmd: Command) -> dict[str, Any]:
+def _commands(agent: Agent, cmd: Command, _: NoArgs) -> dict[str, Any]:
     return {"commands": {name: {"mode": spec.mode, "help": spec.help} for name, spec in sorted(COMMANDS.items())}}
 
 
-@command("ack", mode="inline", help="The coordinator has processed these results: drop them from the outbox.")
-def _ack(agent: Agent, cmd: Command) -> dict[str, Any]:
-    ids = cmd.args.get("ids")
-    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids) or len(ids) > 1000:
-        raise ProtocolError(ErrorCode.BAD_ARGS, "ack: ids must be a list of request ids")
-    return {"removed": agent.acknowledge(ids)}
+@command("ack", mode="inline", args=Ack, help="The coordinator has processed these results: drop them from the outbox.")
+def _ack(agent: Agent, cmd: Command, a: Ack) -> dict[str, Any]:
+    return {"removed": agent.acknowledge(a.ids)}
 
 
 @command(
     "blob_get",
     mode="io",
-    help="Upload a stored blob (an update or result), or only the listed `chunks`, " "as chunks on the data topic.",
+    args=BlobGet,
+    help="Upload a stored blob (an update or result), or only the listed `chunks`, as chunks on the data topic.",
 )
-def _blob_get(agent: Agent, cmd: Command) -> dict[str, Any]:
-    sha = cmd.args.get("sha256")
-    topics.validate_sha256(sha)
-    chunks = cmd.args.get("chunks")
-    if chunks is not None and (
-        not isinstance(chunks, list)
-        or len(chunks) > MAX_WANTED_CHUNKS
-        or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in chunks)
-    ):
-        raise ProtocolError(
-            ErrorCode.BAD_ARGS, f"blob_get: chunks must be a list of at most {MAX_WANTED_CHUNKS} " f"chunk indices"
-        )
-    size = agent.upload_blob(sha, cmd.id, chunks)
-    return {"sha256": sha, "bytes": size, "chunks": len(chunks) if chunks is not None else "all"}
+def _blob_get(agent: Agent, cmd: Command, a: BlobGet) -> dict[str, Any]:
+    size = agent.upload_blob(a.sha256, cmd.id, a.chunks)
+    return {"sha256": a.sha256, "bytes": size, "chunks": len(a.chunks) if a.chunks is not None else "all"}
 
 
-@command("blob_fetch", mode="io", help="Fetch a broadcast blob into the cache (pre-loading models/artifacts).")
-def _blob_fetch(agent: Agent, cmd: Command) -> dict[str, Any]:
-    sha = topics.validate_sha256(cmd.args.get("sha256"))
-    timeout_s = cmd.args.get("timeout_s", 120.0)
-    if not isinstance(timeout_s, (int, float)) or isinstance(timeout_s, bool) or timeout_s <= 0:
-        raise ProtocolError(ErrorCode.BAD_ARGS, "blob_fetch: timeout_s must be a positive number")
-    cached = agent.blobs.has(sha)
-    data = agent.fetch_blob(sha, float(timeout_s), *blob_expectation(cmd.args))
-    return {"sha256": sha, "bytes": len(data), "cached": cached}
+@command(
+    "blob_fetch",
+    mode="io",
+    args=BlobFetch,
+    help="Fetch a broadcast blob into the cache (pre-loading models/artifacts).",
+)
+def _blob_fetch(agent: Agent, cmd: Command, a: BlobFetch) -> dict[str, Any]:
+    cached = agent.blobs.has(a.sha256)
+    data = agent.fetch_blob(a.sha256, a.timeout_s, a.bytes, a.chunks)
+    return {"sha256": a.sha256, "bytes": len(data), "cached": cached}
 
 
-@command("logs", help="Recent log lines of this agent after sequence number `since` (at most `lines`, <= 1000).")
-def _logs(agent: Agent, cmd: Command) -> dict[str, Any]:
-    since, lines = cmd.args.get("since", 0), cmd.args.get("lines", 200)
-    for name, value in (("since", since), ("lines", lines)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise ProtocolError(ErrorCode.BAD_ARGS, f"logs: {name} must be a non-negative integer")
+@command(
+    "logs", args=Logs, help="Recent log lines of this agent after sequence number `since` (at most `lines`, <= 1000)."
+)
+def _logs(agent: Agent, cmd: Command, a: Logs) -> dict[str, Any]:
     if agent.log_ring is None:
         raise ProtocolError(ErrorCode.UNSUPPORTED, "this agent keeps no log lines (a simulated device)")
-    return agent.log_ring.since(since, min(lines, 1000))
+    return agent.log_ring.since(a.since, min(a.lines, 1000))
 
 
-@command("sleep", mode="job", help="Hold the job slot for `seconds` (for tests of busy state and timeouts).")
-def _sleep(agent: Agent, cmd: Command) -> dict[str, Any]:
-    seconds = cmd.args.get("seconds", 1.0)
-    if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or not 0 <= seconds <= 3600:
-        raise ProtocolError(ErrorCode.BAD_ARGS, "sleep: seconds must be a number in 0..3600")
-    time.sleep(seconds)
-    return {"slept_s": seconds}
-
-
-def blob_expectation(ref: dict) -> tuple[int | None, int | None]:
-    """The size and chunk count a blob reference announces (they bound the download); None if absent."""
-    out = []
-    for key in ("bytes", "chunks"):
-        value = ref.get(key)
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
-            raise ProtocolError(ErrorCode.BAD_ARGS, f"blob reference: {key} must be a non-negative integer")
-        out.append(value)
-    return out[0], out[1]
+@command(
+    "sleep", mode="job", args=Sleep, help="Hold the job slot for `seconds` (for tests of busy state and timeouts)."
+)
+def _sleep(agent: Agent, cmd: Command, a: Sleep) -> dict[str, Any]:
+    time.sleep(a.seconds)
+    return {"slept_s": a.seconds}

@@ -19,7 +19,7 @@ from coordinator.progress import Reporter
 from coordinator.session import Session
 from coordinator.store import Store
 from coordinator.train import TrainConfig, train
-from edge_agent.protocol import topics
+from edge_agent.protocol import serde, topics
 
 from .conftest import raw_client, wait_until
 from .helpers.clusters import cluster_unavailable, running_cluster
@@ -82,7 +82,7 @@ def _contract(s: Session, agents_by_id: dict, cluster, coordinator_url: str) -> 
     blob = os.urandom(600_000)
     ref = s.publish_blob(blob)
     for dev in ids:
-        reply = s.call(dev, "blob_fetch", {"sha256": ref.sha256, **ref.as_args()}, timeout_s=60)
+        reply = s.call(dev, "blob_fetch", serde.encode_args(ref), timeout_s=60)
         assert reply.ok, (dev, reply.error)
     # kill -9 of a device: the Will (or, where a broker does not deliver it, the missed heartbeats) says so
     victim = agents_by_id[ids[-1]]

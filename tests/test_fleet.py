@@ -92,6 +92,13 @@ GARBAGE = [
     (b'{"v":"1.0","type":"cmd","id":"g7","cmd":"sleep","ts":1,"args":{"seconds":"x"}}', "bad_args"),
     (b'{"v":"1.0","type":"cmd","id":"g8","cmd":"blob_get","ts":1,"args":{"sha256":"' + b"0" * 64 + b'"}}', "not_found"),
     (b'{"v":"1.0","type":"cmd","id":"g9","cmd":"ping","ts":1,"args":{"pad":"' + b"x" * 5000 + b'"}}', "too_large"),
+    (
+        b'{"v":"1.1","type":"cmd","id":"g10","cmd":"blob_fetch","ts":1,"args":{"sha256":"'
+        + b"0" * 64
+        + b'","timeout_s":"soon"}}',
+        "bad_args",
+    ),
+    (b'{"v":"1.1","type":"cmd","id":"g11","cmd":"ack","ts":1,"args":{"ids":"g1"}}', "bad_args"),
 ]
 
 

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from edge_agent.protocol import serde
+from edge_agent.protocol import args, serde
 from edge_agent.protocol.constants import PROTOCOL_VERSION
 from edge_agent.protocol.errors import ErrorCode, ProtocolError
 from edge_agent.protocol.messages import ChunkFrame, Command, CoordinatorStatus, Reply, Status, error_dict
@@ -129,3 +129,55 @@ def test_frame_field_checks():
 def test_error_code_coerce():
     assert ErrorCode.coerce("busy") is ErrorCode.BUSY
     assert ErrorCode.coerce("from_the_future") is ErrorCode.INTERNAL
+
+
+# -- command arguments (protocol.args) ---------------------------------------
+
+SHA = "ab" * 32
+ROUND = {"run_id": "r1", "round": 3, "model": {"sha256": SHA, "bytes": 10, "chunks": 1}}
+
+
+def test_train_round_args_round_trip_and_defaults():
+    a = serde.decode_args(args.TrainRound, "train_round", {**ROUND, "lr": 0.01, "targets": {"d/kernel": 0.5}})
+    assert a.model == args.BlobRef(SHA, 10, 1) and a.lr == 0.01 and a.targets == {"d/kernel": 0.5}
+    assert a.epochs == 1 and a.fetch_timeout_s == 300.0 and a.importance is None  # the agent's defaults
+    again = serde.decode_args(args.TrainRound, "train_round", json.loads(json.dumps(serde.encode_args(a))))
+    assert again == a
+    assert "importance" not in serde.encode_args(a)  # None is left out: an older agent reads its default
+
+
+def test_unknown_argument_keys_are_tolerated():
+    a = serde.decode_args(args.Logs, "logs", {"since": 4, "colour": "blue"})
+    assert a == args.Logs(since=4)
+
+
+@pytest.mark.parametrize(
+    "cls, cmd, bad, needle",
+    [
+        (args.TrainRound, "train_round", {**ROUND, "fetch_timeout_s": "soon"}, "'fetch_timeout_s' must be float"),
+        (args.TrainRound, "train_round", {**ROUND, "fetch_timeout_s": -1}, "fetch_timeout_s must be a positive"),
+        (args.TrainRound, "train_round", {**ROUND, "round": True}, "'round' must be int"),
+        (args.TrainRound, "train_round", {**ROUND, "targets": {"k": "half"}}, "'targets' must map names to float"),
+        (args.TrainRound, "train_round", {**ROUND, "targets": {"k": 1.5}}, "sparsity target"),
+        (args.TrainRound, "train_round", {"run_id": "r1", "round": 1}, "missing argument 'model'"),
+        (args.TrainRound, "train_round", {**ROUND, "model": {"bytes": 3}}, "missing argument 'model.sha256'"),
+        (args.TrainRound, "train_round", {**ROUND, "model": "abc"}, "'model' must be an object"),
+        (args.Bench, "bench", {"artifacts": []}, "non-empty list"),
+        (args.Bench, "bench", {"artifacts": [{"name": "a", "sha256": SHA, "bytes": "9"}]}, "'artifacts[0].bytes'"),
+        (args.Bench, "bench", {"artifacts": [{"name": "a", "sha256": SHA, "bytes": 9}], "runs": 0}, "positive"),
+        (args.BlobGet, "blob_get", {"sha256": SHA, "chunks": [1, -2]}, "chunk indices"),
+        (args.BlobGet, "blob_get", {"sha256": SHA, "chunks": ["1"]}, "'chunks[0]' must be int"),
+        (args.Ack, "ack", {"ids": "r1"}, "'ids' must be a list"),
+        (args.Sleep, "sleep", {"seconds": float("inf")}, "'seconds' must be float"),
+    ],
+)
+def test_bad_arguments_are_bad_args_with_the_argument_named(cls, cmd, bad, needle):
+    with pytest.raises(ProtocolError) as e:
+        serde.decode_args(cls, cmd, bad)
+    assert e.value.code in (ErrorCode.BAD_ARGS, ErrorCode.BAD_FIELD) and needle in e.value.message, e.value.message
+    assert e.value.message.startswith(cmd) or "sha256" in e.value.message
+
+
+def test_a_bad_hash_inside_an_argument_is_refused():
+    with pytest.raises(ProtocolError):
+        serde.decode_args(args.TrainRound, "train_round", {**ROUND, "model": {"sha256": "nothex"}})

@@ -132,7 +132,7 @@ def test_a_broadcast_the_broker_does_not_replay_arrives_on_request(live, mosquit
         c.publish(topics.blob_chunk("t", ref.sha256, i), b"", qos=1, retain=True).wait_for_publish(5)
     c.disconnect()
     t0 = time.monotonic()
-    reply = s.call("pi1", "blob_fetch", {"sha256": ref.sha256, **ref.as_args()}, timeout_s=30)
+    reply = s.call("pi1", "blob_fetch", serde.encode_args(ref), timeout_s=30)
     assert reply.ok, reply.error
     assert agent.blobs.get(ref.sha256) == blob
     assert time.monotonic() - t0 < 10
@@ -180,11 +180,11 @@ def test_an_update_not_yet_pulled_is_never_evicted(mosquitto, session_factory, t
         reply = Reply(id="r1", device_id="pi1", kind="result", ts=time.time(), result={"update": {"sha256": sha}})
         (agent.outbox / "r1.json").write_bytes(serde.encode(reply))
         ref = s.publish_blob(os.urandom(120_000))  # over the cache limit together with the update
-        assert s.call("pi1", "blob_fetch", {"sha256": ref.sha256, **ref.as_args()}, timeout_s=30).ok
+        assert s.call("pi1", "blob_fetch", serde.encode_args(ref), timeout_s=30).ok
         assert agent.blobs.has(sha) and agent.blobs.has(ref.sha256)
         agent.acknowledge(["r1"])  # pulled and acknowledged: now it may go
         ref2 = s.publish_blob(os.urandom(120_000))
-        assert s.call("pi1", "blob_fetch", {"sha256": ref2.sha256, **ref2.as_args()}, timeout_s=30).ok
+        assert s.call("pi1", "blob_fetch", serde.encode_args(ref2), timeout_s=30).ok
         assert not agent.blobs.has(sha)
     finally:
         agent.stop()

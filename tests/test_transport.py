@@ -22,6 +22,7 @@ import pytest
 import edge_agent.commands  # noqa: F401  (registers the commands)
 from edge_agent import settings as agent_settings
 from edge_agent.daemon import Agent
+from edge_agent.protocol import serde
 
 from .conftest import wait_until
 from .helpers.brokerlog import abnormal_disconnects
@@ -66,7 +67,7 @@ def _exercise(session, agent, rounds: int = 6) -> list[bytes]:
     got: list[bytes] = []
     with ThreadPoolExecutor(3) as pool:
         pings = [pool.submit(session.call, "pi1", "ping", None, 10.0) for _ in range(30)]
-        fetch = pool.submit(session.call, "pi1", "blob_fetch", {"sha256": ref.sha256, **ref.as_args()}, 30.0)
+        fetch = pool.submit(session.call, "pi1", "blob_fetch", serde.encode_args(ref), 30.0)
         for sha, blob in zip(shas, blobs):
             got.append(session.fetch_blob("pi1", sha, timeout_s=30, expected_bytes=len(blob)))
         assert all(p.result().ok for p in pings)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import time
 
+from edge_agent.protocol.args import Logs
+
 from .. import output
 from ..fleet import is_live
 from .common import _common, _device_id, _session
@@ -187,7 +189,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
     since, printed = 0, []
     try:
         while True:
-            reply = session.call(args.device, "logs", {"since": since, "lines": args.lines}, timeout_s=args.timeout)
+            reply = session.call(args.device, "logs", Logs(since, args.lines), timeout_s=args.timeout)
             if not reply.ok:
                 return output.fail(
                     f"{args.device}: {reply.error_code}: {reply.error_message}",

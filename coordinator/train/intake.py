@@ -29,7 +29,7 @@ def intake(
         )
         return f"{reply.error_code}: {reply.error_message}"
     if (dev, rnd) in run.counted:
-        s.submit(dev, "ack", {"ids": [reply.id]})
+        s.acknowledge(reply)
         return None  # counted once per (device, round)
     result = reply.result or {}
     try:
@@ -51,14 +51,14 @@ def intake(
             agg.add(tensors, upd.masks, float(result["metrics"]["num_samples"]))
     except (ProtocolError, UpdateRejected, KeyError, TypeError) as exc:
         if isinstance(exc, UpdateRejected):
-            s.submit(dev, "ack", {"ids": [reply.id]})  # a definitive no: sending it again will not help
+            s.acknowledge(reply)  # a definitive no: sending it again will not help
         msg = f"update rejected: {exc}"
         run.store.save_client_round(run.run_id, rnd, dev, False, None, None, result.get("metrics"), msg)
         return msg
     run.counted.add((dev, rnd))
     if "importance" in result["metrics"]:
         fold_importance(run, dev, result["metrics"]["importance"], float(result["metrics"]["num_samples"]))
-    s.submit(dev, "ack", {"ids": [reply.id]})  # the device may drop it from its outbox now
+    s.acknowledge(reply)  # the device may drop it from its outbox now
     bytes_up[dev] = len(data)
     run.store.save_client_round(
         run.run_id, rnd, dev, True, result["metrics"].get("model_bytes"), len(data), result["metrics"], None

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 from edge_agent.protocol import codec
+from edge_agent.protocol.args import TrainPrepare, TrainRound
 
 from ..masks import round_targets
 from ..model_worker import ModelWorkerError
@@ -47,7 +48,7 @@ def train(
     usable = plan_fleet(run)  # before anything is started or recorded
     with phases("setup"):
         for dev in usable:  # workers import TensorFlow while our model worker does the same
-            session.submit(dev, "train_prepare", {"run_id": run_id})
+            session.submit(dev, "train_prepare", TrainPrepare(run_id))
         try:
             run.gm = setup(run, resume)
         except BaseException:  # the run never started: the workers just prepared must not linger
@@ -205,22 +206,24 @@ def send_and_collect(
         blob = gm.encode({"run_id": run.run_id, "round": rnd})
     with t("publish"):
         ref = s.publish_blob(blob)
-    args = {
-        "run_id": run.run_id,
-        "round": rnd,
-        "model": ref.as_args(),
-        "epochs": cfg.local_epochs,
-        "batch_size": cfg.batch_size,
-        "lr": cfg.lr,
-        "targets": {n: round(x, 6) for n, x, i in zip(gm.names, targets, gm.infos) if i.kind},
-        "update_format": cfg.values_format,
-        "regrow": cfg.regrow_fraction,
-    }
+    importance = None
     run.importance = {}
     if cfg.structured_step(rnd) is not None:  # the statistics the shrinking step after this round ranks by
         rep = gm.structure
-        args["importance"] = {"method": cfg.importance, "layers": sorted(rep["shrinkable"]), "at": rep["measure_at"]}
-    submitted = {d: s.submit(d, "train_round", {**args, "seed": client_seed(cfg.seed, rnd, d)}) for d in clients}
+        importance = {"method": cfg.importance, "layers": sorted(rep["shrinkable"]), "at": rep["measure_at"]}
+    args = TrainRound(
+        run_id=run.run_id,
+        round=rnd,
+        model=ref,
+        epochs=cfg.local_epochs,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        targets={n: round(x, 6) for n, x, i in zip(gm.names, targets, gm.infos) if i.kind},
+        update_format=cfg.values_format,
+        regrow=cfg.regrow_fraction,
+        importance=importance,
+    )
+    submitted = {d: s.submit(d, "train_round", replace(args, seed=client_seed(cfg.seed, rnd, d))) for d in clients}
     pending = {fut: d for d, (_, fut) in submitted.items()}
     deadline = time.monotonic() + cfg.round_timeout_s
     while pending:

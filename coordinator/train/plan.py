@@ -8,6 +8,7 @@ import random
 import zlib
 from typing import Any
 
+from edge_agent.protocol.args import TrainBegin
 from edge_agent.protocol.errors import EdgepruneError
 
 from ..fleet import is_live, training_blocker
@@ -93,15 +94,15 @@ def begin_clients(run: Run, devices: list[str]) -> None:
     if not new:
         return
     arch = run.session.publish_blob(run.gm.arch_json.encode("utf-8"))
-    args = {
-        "run_id": run.run_id,
-        "arch": arch.as_args(),
-        "pruning": run.cfg.pruning_on,
-        "training": run.gm.training,
-        "granularity": run.cfg.granularity,
-        "lr": run.cfg.lr,
-        "optimizer": run.cfg.optimizer,
-    }
+    args = TrainBegin(
+        run_id=run.run_id,
+        arch=arch,
+        pruning=run.cfg.pruning_on,
+        training=run.gm.training,
+        granularity=run.cfg.granularity,
+        lr=run.cfg.lr,
+        optimizer=run.cfg.optimizer,
+    )
     futures = {d: run.session.submit(d, "train_begin", args)[1] for d in new}
     for dev, fut in futures.items():
         try:

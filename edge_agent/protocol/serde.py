@@ -19,6 +19,7 @@ import dataclasses
 import json
 import math
 import struct
+import types
 import typing
 from typing import Any, TypeVar
 
@@ -68,7 +69,7 @@ def _load_json(payload: bytes, max_bytes: int) -> dict[str, Any]:
 
 def _type_ok(value: Any, hint: Any) -> bool:
     origin = typing.get_origin(hint)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", ())):
+    if origin in (typing.Union, types.UnionType):
         return any(_type_ok(value, arg) for arg in typing.get_args(hint))
     if hint is type(None):
         return value is None
@@ -138,6 +139,54 @@ def _check_semantics(msg: Any) -> None:
                 ErrorCode.BAD_FIELD,
                 f"blob_want: chunks must be at most {MAX_WANTED_CHUNKS} " f"non-negative chunk indices",
             )
+
+
+def _arg_value(cmd: str, name: str, value: Any, hint: Any) -> Any:
+    """``value`` checked against ``hint``; nested argument dataclasses (and lists of them) are built."""
+    options = [h for h in typing.get_args(hint) if h is not type(None)]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(options) == 1 and value is not None:
+        hint = options[0]  # X | None, given a value: check it as X
+    if dataclasses.is_dataclass(hint) and isinstance(hint, type):
+        if not isinstance(value, dict):
+            raise ProtocolError(ErrorCode.BAD_ARGS, f"{cmd}: argument {name!r} must be an object")
+        return _build_args(hint, value, cmd, f"{name}.")
+    if typing.get_origin(hint) is list:
+        (item,) = typing.get_args(hint) or (Any,)
+        if not isinstance(value, list):
+            raise ProtocolError(ErrorCode.BAD_ARGS, f"{cmd}: argument {name!r} must be a list")
+        return [_arg_value(cmd, f"{name}[{i}]", v, item) for i, v in enumerate(value)]
+    if typing.get_origin(hint) is dict and isinstance(value, dict):
+        _, item = typing.get_args(hint) or (str, Any)
+        if not all(isinstance(k, str) and _type_ok(v, item) for k, v in value.items()):
+            raise ProtocolError(ErrorCode.BAD_ARGS, f"{cmd}: argument {name!r} must map names to {item.__name__}")
+        return value
+    if not _type_ok(value, hint):
+        want = " or ".join(getattr(h, "__name__", str(h)) for h in (typing.get_args(hint) or (hint,)))
+        raise ProtocolError(ErrorCode.BAD_ARGS, f"{cmd}: argument {name!r} must be {want.replace('NoneType', 'null')}")
+    return value
+
+
+def _build_args(cls: type[T], obj: dict[str, Any], cmd: str, prefix: str = "") -> T:
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if f.name not in obj or (obj[f.name] is None and f.default is None):
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ProtocolError(ErrorCode.BAD_ARGS, f"{cmd}: missing argument {prefix + f.name!r}")
+            continue
+        kwargs[f.name] = _arg_value(cmd, prefix + f.name, obj[f.name], _hints(cls)[f.name])
+    return cls(**kwargs)
+
+
+def decode_args(cls: type[T], cmd: str, args: dict[str, Any]) -> T:
+    """The arguments of command ``cmd`` as ``cls`` (see :mod:`.args`); BAD_ARGS if a type or value is wrong."""
+    out = _build_args(cls, args, cmd)
+    out.check(cmd)  # type: ignore[attr-defined]
+    return out
+
+
+def encode_args(args: Any) -> dict[str, Any]:
+    """The JSON object of an argument dataclass; None fields are left out (the agent's default)."""
+    return {k: v for k, v in dataclasses.asdict(args).items() if v is not None}
 
 
 def decode(cls: type[T], payload: bytes, max_bytes: int = MAX_CONTROL_BYTES) -> T:

@@ -12,19 +12,20 @@ import numpy as np
 from edge_agent import commands  # noqa: F401  (the real commands first; ours replace two of them)
 from edge_agent.daemon import command
 from edge_agent.protocol import codec
+from edge_agent.protocol.args import TrainBegin, TrainRound
 
 MODE = os.environ.get("EVIL_MODE", "nan")
 os.environ.setdefault("EDGEPRUNE_DATA", "digits")  # it claims training data like any device that can train
 
 
-@command("train_begin", mode="job")
-def _begin(agent, cmd):
+@command("train_begin", mode="job", args=TrainBegin)
+def _begin(agent, cmd, a: TrainBegin):
     return {"num_samples": 100, "dataset": f"evil-{MODE}"}
 
 
-@command("train_round", mode="job")
-def _round(agent, cmd):
-    g = codec.decode(agent.fetch_blob(cmd.args["model"]["sha256"], 60))
+@command("train_round", mode="job", args=TrainRound)
+def _round(agent, cmd, a: TrainRound):
+    g = codec.decode(agent.fetch_blob(a.model.sha256, 60))
     tensors, masks, names = [t.copy() for t in g.tensors], list(g.masks), list(g.names)
     if MODE == "nan":
         tensors[-1][...] = np.nan
@@ -39,12 +40,12 @@ def _round(agent, cmd):
         masks=masks,
         kind="update",
         values="fp32",
-        meta={"run_id": cmd.args["run_id"], "round": cmd.args["round"]},
+        meta={"run_id": a.run_id, "round": a.round},
     )
     sha = agent.blobs.put(update)
     return {
-        "run_id": cmd.args["run_id"],
-        "round": cmd.args["round"],
+        "run_id": a.run_id,
+        "round": a.round,
         "update": {"sha256": sha, "bytes": len(update)},
         "metrics": {"num_samples": 100},
     }
