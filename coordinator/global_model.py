@@ -53,6 +53,8 @@ def load_eval_data(spec: str | None):
 class GlobalModel:
     """Numpy weights and masks in edgeprune's tensor order; Keras work goes to a :class:`ModelWorker`."""
 
+    worker_class: Any = ModelWorker  # tests of the round loop use model_worker.InProcessModelWorker
+
     def __init__(self, worker: ModelWorker, granularity: str, pruning_on: bool):
         info = worker.start()
         self.worker = worker
@@ -96,7 +98,7 @@ class GlobalModel:
     ) -> "GlobalModel":
         """Build the model in a fresh model worker (ValueError when it cannot be built); ``arch_json``
         (a structured run's shrunk architecture) replaces ``model_ref``."""
-        worker = ModelWorker(
+        worker = cls.worker_class(
             {
                 "model_ref": model_ref,
                 "arch_json": arch_json,
@@ -186,7 +188,7 @@ class GlobalModel:
         arch, slices = surgery.shrink(self.arch_json, self.names, keep)
         weights = surgery.apply(slices, self.names, self.weights)
         masks = surgery.apply(slices, self.names, self.masks)
-        worker = ModelWorker({**self.worker.create_args, "arch_json": arch, "training": self.training})
+        worker = self.worker_class({**self.worker.create_args, "arch_json": arch, "training": self.training})
         try:
             new = GlobalModel(worker, self.granularity, self.pruning_on)
         except ModelWorkerError as exc:

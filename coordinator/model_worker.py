@@ -82,28 +82,33 @@ class ModelWorker:
             child.close(kill)
 
 
-def main(conn) -> None:
-    """Worker entry point (runs in the spawned child)."""
-    from edge_agent.ml import models, pruning
-    from edge_agent.ml.tfenv import load
+class KerasModel:
+    """The worker's state and its ops: in the spawned child, or in this process (:class:`InProcessModelWorker`)."""
 
-    t = load()
-    model, eval_xy, writers, classifier = None, None, {}, True
+    def __init__(self) -> None:
+        from edge_agent.ml.tfenv import load
 
-    def handle(msg: dict[str, Any]) -> dict[str, Any]:
-        nonlocal model, eval_xy, classifier
+        self.t = load()
+        self.model: Any = None
+        self.eval_xy: tuple | None = None
+        self.writers: dict[str, Any] = {}
+        self.classifier = True
+
+    def handle(self, msg: dict[str, Any]) -> dict[str, Any]:
+        from edge_agent.ml import models, pruning
+
         op = msg.get("op")
         if op == "create":
-            model = models.from_json(msg["arch_json"]) if msg.get("arch_json") else _build(msg, models)
+            model = self.model = models.from_json(msg["arch_json"]) if msg.get("arch_json") else _build(msg, models)
             training = msg.get("training") or models.training_config(model)  # a user model's own loss
             wrapped, report = None, {"pruned": {}, "dense": {}}
             if msg["pruning_on"]:
                 wrapped, report, _ = pruning.wrap(model, msg["granularity"])
             spec = pruning.weight_spec(wrapped if wrapped is not None else model)
             models.compile_model(model, training=training)
-            classifier = models.is_classifier(training)
+            self.classifier = models.is_classifier(training)
             if msg.get("eval_x") is not None:
-                eval_xy = (msg["eval_x"].reshape((-1, *model.input_shape[1:])), msg["eval_y"])
+                self.eval_xy = (msg["eval_x"].reshape((-1, *model.input_shape[1:])), msg["eval_y"])
             return {
                 "ok": True,
                 "arch_json": model.to_json(),
@@ -114,34 +119,83 @@ def main(conn) -> None:
                 "training": training,
             }
         if op == "evaluate":
-            if eval_xy is None:
+            if self.eval_xy is None:
                 return {"ok": True}
-            pruning.set_state(model, msg["weights"])
-            return {"ok": True, **_evaluate(model, *eval_xy, classifier=classifier)}
+            pruning.set_state(self.model, msg["weights"])
+            return {"ok": True, **_evaluate(self.model, *self.eval_xy, classifier=self.classifier)}
         if op == "scalars":
-            writer = writers.get(msg["logdir"]) or t.tf.summary.create_file_writer(msg["logdir"])
-            writers[msg["logdir"]] = writer
+            writer = self.writers.get(msg["logdir"]) or self.t.tf.summary.create_file_writer(msg["logdir"])
+            self.writers[msg["logdir"]] = writer
             with writer.as_default():
                 for step, values in msg["rows"]:
                     for key, value in values.items():
-                        t.tf.summary.scalar(key, value, step=step)
+                        self.t.tf.summary.scalar(key, value, step=step)
             writer.flush()
             return {"ok": True}
         if op == "save_keras":
-            pruning.set_state(model, msg["weights"])
-            model.save(msg["path"])
+            pruning.set_state(self.model, msg["weights"])
+            self.model.save(msg["path"])
             return {"ok": True}
         return {"ok": False, "message": f"unknown op {op!r}"}
 
+    @staticmethod
     def on_error(exc: BaseException) -> dict[str, Any]:  # report, keep serving
         why = str(exc) if isinstance(exc, (ValueError, OSError)) else f"{type(exc).__name__}: {exc}"
         return {"ok": False, "message": why}
 
-    def on_end() -> None:
-        for w in writers.values():
+    def close(self) -> None:
+        for w in self.writers.values():
             w.close()
+        self.writers = {}
 
-    serve(conn, handle, on_end=on_end, on_error=on_error)
+
+def main(conn) -> None:
+    """Worker entry point (runs in the spawned child)."""
+    k = KerasModel()
+    serve(conn, k.handle, on_end=k.close, on_error=k.on_error)
+
+
+class InProcessModelWorker:
+    """:class:`ModelWorker`'s interface with :class:`KerasModel` in this process (TensorFlow imported here).
+
+    For tests of the round loop, which would otherwise spend seconds importing TensorFlow in a child
+    for every run; a coordinator never uses it (it must stay TensorFlow-free)."""
+
+    def __init__(self, create: dict[str, Any]):
+        self.create_args = create
+        self._model: KerasModel | None = None
+        self.info: dict[str, Any] | None = None
+        self.pid = None
+
+    @property
+    def alive(self) -> bool:
+        return self._model is not None
+
+    def start(self) -> dict[str, Any]:
+        if self._model is None:
+            self._model = KerasModel()
+            self.info = self._call({"op": "create", **self.create_args})
+        assert self.info is not None
+        return self.info
+
+    def call(self, op: str, **args: Any) -> dict[str, Any]:
+        self.start()
+        return self._call({"op": op, **args})
+
+    def _call(self, msg: dict[str, Any]) -> dict[str, Any]:
+        assert self._model is not None
+        try:
+            reply = self._model.handle(msg)
+        except Exception as exc:
+            reply = self._model.on_error(exc)
+        if not reply.pop("ok", False):
+            raise ModelWorkerError(reply.get("message", "model worker error"))
+        return reply
+
+    def close(self, kill: bool = False) -> None:
+        model, self._model = self._model, None
+        if model is not None:
+            model.close()
 
 
 def flops(model) -> int:

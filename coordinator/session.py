@@ -29,7 +29,7 @@ from typing import Any, Callable
 
 from edge_agent.common import transfer
 from edge_agent.common.blobs import sha256_hex, split
-from edge_agent.common.link import Link, Will
+from edge_agent.common.link import Will, open_link
 from edge_agent.protocol import serde, signing, topics
 from edge_agent.protocol.args import Ack, BlobGet, BlobRef
 from edge_agent.protocol.constants import CHUNK_IDLE_S, DEFAULT_CHUNK_BYTES, DEFAULT_STALE_AFTER_BEATS, RESEND_MIN_S
@@ -102,7 +102,7 @@ class Session:
         self.sign_key = sign_key
         self.device_keys = device_keys
         self._other_fleets: dict[str, set[str]] = {}
-        self.link = Link(
+        self.link = open_link(
             broker_url,
             client_id=f"ep-{self.fleet}-{self.coordinator_id}",
             on_message=self._on_message,

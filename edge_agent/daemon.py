@@ -36,7 +36,7 @@ from typing import Any
 from . import __version__, caps
 from .common import transfer
 from .common.blobs import BlobStore, split
-from .common.link import Link, Will
+from .common.link import Will, open_link
 from .protocol import serde, topics
 from .protocol.args import Ack, BlobFetch, BlobGet, Logs, NoArgs, Sleep
 from .protocol.constants import BROADCAST_WAIT_S, MAX_WANTED_CHUNKS
@@ -129,7 +129,7 @@ class Agent:
         }
         self._blob_prefix = f"{topics.PREFIX}/{self.fleet}/blob/"
         will = Will(self.t["status"], serde.encode(self._status_msg("offline")))
-        self.link = Link(
+        self.link = open_link(
             settings["broker"],
             client_id=f"ep-{self.fleet}-{self.device_id}",
             on_message=self._on_message,

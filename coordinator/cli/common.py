@@ -180,9 +180,11 @@ def _broker_urls(value: str) -> str:
     from edge_agent.common.link import parse_broker_urls
 
     try:
-        parse_broker_urls(value)
+        memory = parse_broker_urls(value)[0].memory
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+    if memory:  # devices run in other processes: they could never reach it
+        raise argparse.ArgumentTypeError(f"{value}: memory:// is an in-process broker for tests; use mqtt://")
     return value
 
 

@@ -32,28 +32,35 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 import paho.mqtt.client as mqtt
 
 from ..protocol.constants import DEFAULT_KEEPALIVE_S, QOS_CONTROL
 
+if TYPE_CHECKING:
+    from .memlink import MemoryLink
+
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class BrokerAddress:
-    host: str
+    host: str  # for memory://NAME, the name
     port: int
     tls: bool = False
+    memory: bool = False  # an in-process broker (edge_agent.common.memlink), for tests
 
     @property
     def url(self) -> str:
+        if self.memory:
+            return f"memory://{self.host}"
         return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
 
     @property
     def loopback(self) -> bool:
-        if self.host == "localhost":
+        if self.memory or self.host == "localhost":
             return True
         try:
             return ipaddress.ip_address(self.host).is_loopback
@@ -62,10 +69,16 @@ class BrokerAddress:
 
 
 def parse_broker_url(url: str) -> BrokerAddress:
-    """``mqtt://HOST[:PORT]`` (plain, default 1883) or ``mqtts://HOST[:PORT]`` (TLS, default 8883)."""
+    """``mqtt://HOST[:PORT]`` (plain, default 1883) or ``mqtts://HOST[:PORT]`` (TLS, default 8883);
+    ``memory://NAME`` is an in-process broker for tests."""
     given = url
     if "://" not in url:
         url = "mqtt://" + url
+    if url.startswith("memory://"):
+        name = url[len("memory://") :]
+        if not name or not name.replace("-", "").replace("_", "").isalnum():
+            raise ValueError(f"broker URL {given!r}: memory://NAME takes a name of letters, digits, - and _")
+        return BrokerAddress(name, 0, memory=True)
     parsed = urlparse(url)
     if parsed.scheme not in ("mqtt", "tcp", "mqtts", "ssl"):
         raise ValueError(f"unsupported broker URL scheme {parsed.scheme!r} in {given!r}; use mqtt:// or mqtts://")
@@ -91,7 +104,18 @@ def parse_broker_urls(urls: str | Sequence[str]) -> list[BrokerAddress]:
         raise ValueError("no broker URL given")
     if len({a.tls for a in addresses}) > 1:
         raise ValueError("broker URLs mix mqtt:// and mqtts://; a fleet uses one or the other")
+    if any(a.memory for a in addresses) and len(addresses) > 1:
+        raise ValueError("a memory:// broker cannot be part of a list")
     return addresses
+
+
+def open_link(broker_url: str | Sequence[str], client_id: str, **options: Any) -> Link | MemoryLink:
+    """A :class:`Link` to the brokers of ``broker_url``, or a :class:`~.memlink.MemoryLink` for ``memory://``."""
+    if parse_broker_urls(broker_url)[0].memory:
+        from .memlink import MemoryLink
+
+        return MemoryLink(broker_url, client_id, **options)
+    return Link(broker_url, client_id, **options)
 
 
 def check_credentials(addresses: Sequence[BrokerAddress], password: str | None, force_plain: bool) -> None:
