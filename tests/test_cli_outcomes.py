@@ -356,3 +356,26 @@ def test_wait_for_waits_once_and_a_run_without_an_applied_round_fails(mosquitto,
     finally:
         sim.terminate()
         sim.wait(60)
+
+
+def test_every_train_flag_comes_from_the_config_table_with_its_choices_and_default():
+    from coordinator.cli.train import _train_config, config_flags
+    from coordinator.train import TrainConfig
+
+    parser = cli.build_parser()
+    args = parser.parse_args(["train"])
+    assert _train_config(args) == TrainConfig()  # every default, through the flags, is the config's
+    train_parser = next(a for a in parser._subparsers._group_actions[0].choices.values() if a.prog.endswith("train"))
+    actions = {a.dest: a for a in train_parser._actions}
+    for f in TrainConfig.table():
+        action = actions[TrainConfig.flag_of(f)]
+        assert f.metadata["help"] in action.help and action.choices == f.metadata["choices"], f.name
+    assert set(config_flags().values()) == {f.name for f in TrainConfig.table()}
+    for f in TrainConfig.table():  # a value outside a field's choices is refused by name, not just by argparse
+        if f.metadata["choices"]:
+            with pytest.raises(ValueError, match="--" + TrainConfig.flag_of(f).replace("_", "-")):
+                TrainConfig(**{f.name: "no-such-choice"}).validate()
+    custom = _train_config(
+        parser.parse_args(["train", "--input-shape", "8", "8", "--devices", "a,b", "--wait-for", "2"])
+    )
+    assert custom.input_shape == (8, 8) and custom.devices == ["a", "b"] and custom.wait_for_devices == 2

@@ -6,33 +6,63 @@ import argparse
 import json
 import time
 
-from edge_agent.protocol.constants import DEFAULT_CHUNK_BYTES, IMPORTANCE_METHODS
+from edge_agent.protocol.constants import DEFAULT_CHUNK_BYTES
 
 from .. import output
 from .common import UsageError, _common, _session, _store
 
-# Every TrainConfig field is one `train` flag of the same name, except these (flag dest -> field).
-_RENAMED = {"round_timeout": "round_timeout_s", "wait_for": "wait_for_devices", "wait_timeout": "wait_timeout_s"}
-_CONVERT = {"input_shape": lambda v: tuple(v) if v else None, "devices": lambda v: v.split(",") if v else None}
 RESUME_MAY_CHANGE = ("round_timeout", "wait_for", "wait_timeout")  # --resume takes new values of these only
 
 
 def config_flags() -> dict[str, str]:
-    """flag dest -> TrainConfig field, read from the dataclass (nothing to keep in step by hand)."""
-    import dataclasses
-
+    """flag dest -> TrainConfig field, read from the config's field table."""
     from ..train import TrainConfig
 
-    dest = {field: flag for flag, field in _RENAMED.items()}
-    return {dest.get(f.name, f.name): f.name for f in dataclasses.fields(TrainConfig)}
+    return {TrainConfig.flag_of(f): f.name for f in TrainConfig.table()}
+
+
+def _convert(hint: str, value):
+    if value is None:
+        return None
+    if hint.startswith("tuple"):
+        return tuple(value)
+    if hint.startswith("list[str]"):
+        return value.split(",")
+    return value
 
 
 def _train_config(args: argparse.Namespace):
     from ..train import TrainConfig
 
     return TrainConfig(
-        **{field: _CONVERT.get(flag, lambda v: v)(getattr(args, flag)) for flag, field in config_flags().items()}
+        **{f.name: _convert(str(f.type), getattr(args, TrainConfig.flag_of(f))) for f in TrainConfig.table()}
     )
+
+
+def add_config_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field: name, type, default, help and choices all from its table."""
+    from ..train import TrainConfig
+
+    groups: dict[str, argparse._MutuallyExclusiveGroup] = {}
+    for f in TrainConfig.table():
+        meta, hint = f.metadata, str(f.type)
+        kw: dict = {"default": f.default, "help": meta["help"]}
+        if f.default is not None and meta["show_default"]:
+            kw["help"] += " (default: %(default)s)"
+        if meta["choices"]:
+            kw["choices"] = meta["choices"]
+        if meta["metavar"]:
+            kw["metavar"] = meta["metavar"]
+        if hint.startswith("tuple"):
+            kw |= {"type": int, "nargs": "+"}
+        elif hint.startswith(("int", "float")):
+            kw["type"] = int if hint.startswith("int") else float
+        target = p
+        if meta["group"]:
+            if meta["group"] not in groups:
+                groups[meta["group"]] = p.add_mutually_exclusive_group()
+            target = groups[meta["group"]]
+        target.add_argument("--" + TrainConfig.flag_of(f).replace("_", "-"), **kw)
 
 
 def _resume_setup(args: argparse.Namespace):
@@ -194,174 +224,7 @@ def add_parsers(sub) -> None:
         "evaluates it on held-out data and stores every round.",
     )
     _common(p)
-    from edge_agent.ml.models import BUILTIN
-    from edge_agent.ml.pruning import BLOCK_SHAPE, GRANULARITIES
-
-    from ..masks import MASK_POLICIES
-    from ..schedule import SCHEDULES
-    from ..strategy import AGGREGATIONS
-    from ..train import UPDATE_FORMATS, TrainConfig
-
-    d = TrainConfig()  # the defaults live there; --help reads them
-    block = f"{BLOCK_SHAPE[1]}x{BLOCK_SHAPE[0]}"
-    p.add_argument(
-        "--model",
-        default=d.model,
-        help=f"built-in model ({', '.join(BUILTIN)}) or a tf-keras model file "
-        f"(.keras, .h5, SavedModel dir) (default: %(default)s)",
-    )
-    p.add_argument("--rounds", type=int, default=d.rounds, help="federated rounds (default: %(default)s)")
-    p.add_argument(
-        "--sparsity",
-        type=float,
-        default=d.sparsity,
-        help="target fraction of pruned weights; 0 = dense FedAvg (default: %(default)s)",
-    )
-    p.add_argument(
-        "--schedule",
-        choices=SCHEDULES,
-        default=d.schedule,
-        help="sparsity over rounds: polynomial ramp to the target, then hold; or constant from round 1 "
-        "(default: %(default)s)",
-    )
-    p.add_argument(
-        "--ramp-fraction",
-        type=float,
-        default=d.ramp_fraction,
-        help="polynomial: fraction of rounds to reach the target (default: %(default)s)",
-    )
-    p.add_argument(
-        "--regrow",
-        type=float,
-        default=d.regrow,
-        help="each round, clients train every weight (pruned ones from zero) for this fraction of their "
-        "local steps, then prune by magnitude, so weights that matter can grow back; 0 = fixed masks "
-        "that only shrink (2:4 never regrows) (default: %(default)s)",
-    )
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--clients-per-round", type=int, help="devices sampled per round (default: all eligible)")
-    g.add_argument("--fraction", type=float, help="fraction of eligible devices sampled per round (default: all)")
-    p.add_argument(
-        "--min-clients",
-        type=int,
-        default=d.min_clients,
-        help="updates needed to apply a round; a run where no round applied fails (default: %(default)s)",
-    )
-    p.add_argument(
-        "--local-epochs", type=int, default=d.local_epochs, help="local epochs per round (default: %(default)s)"
-    )
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="local batch size (default: %(default)s)")
-    p.add_argument("--lr", type=float, default=d.lr, help="local learning rate (default: %(default)s)")
-    p.add_argument(
-        "--optimizer", choices=["adam", "sgd"], default=d.optimizer, help="local optimizer (default: %(default)s)"
-    )
-    p.add_argument(
-        "--granularity",
-        choices=GRANULARITIES,
-        default=d.granularity,
-        help=f"pruning granularity: single weights, {block} blocks (Dense kernels; what TFLite's sparse "
-        f"int8 stores compactly), or 2:4 (50%%) (default: %(default)s)",
-    )
-    p.add_argument(
-        "--mask-policy",
-        choices=MASK_POLICIES,
-        default=d.mask_policy,
-        help="global mask each round: one magnitude threshold across all layers at the scheduled sparsity "
-        "(global), the same sparsity in every layer, or the union/intersection of client masks "
-        "(default: %(default)s)",
-    )
-    p.add_argument(
-        "--update-format",
-        choices=UPDATE_FORMATS,
-        default=d.update_format,
-        help="upload value encoding; auto = int4 deltas with stochastic rounding when pruning, "
-        "plain fp32 for dense FedAvg (default: %(default)s)",
-    )
-    p.add_argument(
-        "--aggregation",
-        choices=AGGREGATIONS,
-        default=d.aggregation,
-        help="how updates combine: sample-weighted FedAvg (streaming), or coordinate-wise "
-        "median / trimmed mean among the clients that kept each weight (robust to a few bad "
-        "clients; keeps all updates of a round in memory) (default: %(default)s)",
-    )
-    p.add_argument(
-        "--trim", type=float, default=d.trim, help="trimmed-mean: fraction cut at each end (default: %(default)s)"
-    )
-    p.add_argument(
-        "--clip-norm",
-        type=float,
-        default=d.clip_norm,
-        help="clip each update (client minus global) to this L2 norm; 0 = off (default: %(default)s)",
-    )
-    p.add_argument(
-        "--max-norm-ratio",
-        type=float,
-        default=d.max_norm_ratio,
-        help="reject an update whose norm exceeds this multiple of the model's norm; 0 = off " "(default: %(default)s)",
-    )
-    p.add_argument(
-        "--structured",
-        type=float,
-        default=d.structured,
-        metavar="FRACTION",
-        help="structured pruning: remove this fraction of the units/filters of every Dense and Conv2D "
-        "layer that can shrink safely (ranked by the fleet's importance statistics), gradually, "
-        "with recovery training between steps; weight pruning then sparsifies what remains; 0 = off "
-        "(default: %(default)s)",
-    )
-    p.add_argument(
-        "--structured-every",
-        type=int,
-        default=d.structured_every,
-        metavar="K",
-        help="one structured step every K rounds, the last at least one round before the end " "(default: %(default)s)",
-    )
-    p.add_argument(
-        "--importance",
-        choices=IMPORTANCE_METHODS,
-        default=d.importance,
-        help="how devices rank units: mean |activation| on local data, weight L1/L2 norm, or "
-        "a first-order Taylor score (default: %(default)s)",
-    )
-    p.add_argument(
-        "--round-timeout",
-        type=float,
-        default=d.round_timeout_s,
-        help="seconds to wait for updates in a round (default: %(default)s)",
-    )
-    p.add_argument(
-        "--seed",
-        type=int,
-        default=d.seed,
-        help="seed for model init, client sampling and local shuffling (default: %(default)s)",
-    )
-    p.add_argument(
-        "--eval-data",
-        default=d.eval_data,
-        help="held-out data on the coordinator: 'digits', 'fashion-mnist', .npz, .csv, "
-        "image folder, or 'none' (default: %(default)s)",
-    )
-    p.add_argument(
-        "--eval-every",
-        type=int,
-        default=d.eval_every,
-        help="evaluate the global model every K rounds, the first and each of the last 10 "
-        "(default: %(default)s = every round)",
-    )
-    p.add_argument("--input-shape", type=int, nargs="+", help="input shape for a built-in model without --eval-data")
-    p.add_argument("--num-classes", type=int, help="classes for a built-in model without --eval-data")
-    p.add_argument("--devices", help="comma-separated device ids to use (default: every device that can train)")
-    p.add_argument(
-        "--wait-for",
-        type=int,
-        default=d.wait_for_devices,
-        help="before round 1, wait (once) until this many devices can train; on timeout go on only if "
-        "--min-clients allows (default: %(default)s = do not wait)",
-    )
-    p.add_argument(
-        "--wait-timeout", type=float, default=d.wait_timeout_s, help="seconds --wait-for waits (default: %(default)s)"
-    )
+    add_config_flags(p)
     p.add_argument(
         "--resume",
         metavar="RUN",

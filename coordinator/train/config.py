@@ -1,74 +1,171 @@
-"""A training job's settings: one dataclass, its defaults (the CLI's --help reads them), its validation."""
+"""A training job's settings: one dataclass whose field table (default, help, choices) drives validation
+and the `edgeprune train` flags."""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import Field, dataclass, field, fields
+from typing import Any
 
+from edge_agent.ml.models import BUILTIN
+from edge_agent.ml.pruning import BLOCK_SHAPE, GRANULARITIES
 from edge_agent.protocol.constants import IMPORTANCE_METHODS
 
 from ..masks import MASK_POLICIES
+from ..schedule import SCHEDULES
 from ..strategy import AGGREGATIONS
 
 UPDATE_FORMATS = ("auto", "fp32", "fp16", "int8", "int6", "int4")
+OPTIMIZERS = ("adam", "sgd")
+_BLOCK = f"{BLOCK_SHAPE[1]}x{BLOCK_SHAPE[0]}"
+
+
+def option(
+    default: Any,
+    help: str,
+    *,
+    flag: str | None = None,
+    choices: tuple[str, ...] | None = None,
+    metavar: str | None = None,
+    group: str | None = None,
+    show_default: bool = True,
+) -> Any:
+    """One row of the field table: the field's default, its `train` flag's help (and flag name, if it
+    is not the field's), its choices (checked by validate()), and a mutually exclusive group."""
+    meta: dict[str, Any] = {"help": help, "flag": flag, "choices": choices, "metavar": metavar, "group": group}
+    meta["show_default"] = show_default
+    return field(default=default, metadata=meta)
 
 
 @dataclass
 class TrainConfig:
-    model: str = "digits_cnn"
-    rounds: int = 10
-    sparsity: float = 0.8
-    schedule: str = "polynomial"
-    ramp_fraction: float = 0.8
-    clients_per_round: int | None = None
-    fraction: float | None = None
-    min_clients: int = 1
-    local_epochs: int = 2
-    batch_size: int = 32
-    lr: float = 2e-3
-    optimizer: str = "adam"
-    granularity: str = "unstructured"
-    mask_policy: str = "global"
-    update_format: str = "auto"
-    regrow: float = 0.5
-    round_timeout_s: float = 600.0
-    seed: int = 0
-    eval_data: str | None = "digits"
-    eval_every: int = 1  # evaluate every K rounds (and in each of the last 10, where the metrics are read)
-    input_shape: tuple[int, ...] | None = None
-    num_classes: int | None = None
-    devices: list[str] | None = None
-    wait_for_devices: int = 0
-    wait_timeout_s: float = 60.0
-    aggregation: str = "fedavg"
-    trim: float = 0.1
-    clip_norm: float = 0.0
-    max_norm_ratio: float = 10.0
-    structured: float = 0.0
-    structured_every: int = 2
-    importance: str = "activation"
+    """A training job. Each field is one `edgeprune train` flag (coordinator/cli/train.py reads this table)."""
+
+    model: str = option(
+        "digits_cnn",
+        f"built-in model ({', '.join(BUILTIN)}) or a tf-keras model file (.keras, .h5, SavedModel dir)",
+    )
+    rounds: int = option(10, "federated rounds")
+    sparsity: float = option(0.8, "target fraction of pruned weights; 0 = dense FedAvg")
+    schedule: str = option(
+        "polynomial",
+        "sparsity over rounds: polynomial ramp to the target, then hold; or constant from round 1",
+        choices=SCHEDULES,
+    )
+    ramp_fraction: float = option(0.8, "polynomial: fraction of rounds to reach the target")
+    regrow: float = option(
+        0.5,
+        "each round, clients train every weight (pruned ones from zero) for this fraction of their local "
+        "steps, then prune by magnitude, so weights that matter can grow back; 0 = fixed masks that only "
+        "shrink (2:4 never regrows)",
+    )
+    clients_per_round: int | None = option(None, "devices sampled per round (default: all eligible)", group="sample")
+    fraction: float | None = option(
+        None, "fraction of eligible devices sampled per round (default: all)", group="sample"
+    )
+    min_clients: int = option(1, "updates needed to apply a round; a run where no round applied fails")
+    local_epochs: int = option(2, "local epochs per round")
+    batch_size: int = option(32, "local batch size")
+    lr: float = option(2e-3, "local learning rate")
+    optimizer: str = option("adam", "local optimizer", choices=OPTIMIZERS)
+    granularity: str = option(
+        "unstructured",
+        f"pruning granularity: single weights, {_BLOCK} blocks (Dense kernels; what TFLite's sparse int8 "
+        f"stores compactly), or 2:4 (50%%)",
+        choices=GRANULARITIES,
+    )
+    mask_policy: str = option(
+        "global",
+        "global mask each round: one magnitude threshold across all layers at the scheduled sparsity "
+        "(global), the same sparsity in every layer, or the union/intersection of client masks",
+        choices=MASK_POLICIES,
+    )
+    update_format: str = option(
+        "auto",
+        "upload value encoding; auto = int4 deltas with stochastic rounding when pruning, plain fp32 for "
+        "dense FedAvg",
+        choices=UPDATE_FORMATS,
+    )
+    aggregation: str = option(
+        "fedavg",
+        "how updates combine: sample-weighted FedAvg (streaming), or coordinate-wise median / trimmed "
+        "mean among the clients that kept each weight (robust to a few bad clients; keeps all updates "
+        "of a round in memory)",
+        choices=AGGREGATIONS,
+    )
+    trim: float = option(0.1, "trimmed-mean: fraction cut at each end")
+    clip_norm: float = option(0.0, "clip each update (client minus global) to this L2 norm; 0 = off")
+    max_norm_ratio: float = option(
+        10.0, "reject an update whose norm exceeds this multiple of the model's norm; 0 = off"
+    )
+    structured: float = option(
+        0.0,
+        "structured pruning: remove this fraction of the units/filters of every Dense and Conv2D layer "
+        "that can shrink safely (ranked by the fleet's importance statistics), gradually, with recovery "
+        "training between steps; weight pruning then sparsifies what remains; 0 = off",
+        metavar="FRACTION",
+    )
+    structured_every: int = option(
+        2, "one structured step every K rounds, the last at least one round before the end", metavar="K"
+    )
+    importance: str = option(
+        "activation",
+        "how devices rank units: mean |activation| on local data, weight L1/L2 norm, or a first-order " "Taylor score",
+        choices=IMPORTANCE_METHODS,
+    )
+    round_timeout_s: float = option(600.0, "seconds to wait for updates in a round", flag="round_timeout")
+    seed: int = option(0, "seed for model init, client sampling and local shuffling")
+    eval_data: str | None = option(
+        "digits",
+        "held-out data on the coordinator: 'digits', 'fashion-mnist', .npz, .csv, image folder, or 'none'",
+    )
+    eval_every: int = option(
+        1,
+        "evaluate the global model every K rounds, the first and each of the last 10 (default: 1 = every round)",
+        show_default=False,
+    )
+    input_shape: tuple[int, ...] | None = option(None, "input shape for a built-in model without --eval-data")
+    num_classes: int | None = option(None, "classes for a built-in model without --eval-data")
+    devices: list[str] | None = option(None, "comma-separated device ids to use (default: every device that can train)")
+    wait_for_devices: int = option(
+        0,
+        "before round 1, wait (once) until this many devices can train; on timeout go on only if "
+        "--min-clients allows (default: 0 = do not wait)",
+        flag="wait_for",
+        show_default=False,
+    )
+    wait_timeout_s: float = option(60.0, "seconds --wait-for waits", flag="wait_timeout")
+
+    @staticmethod
+    def table() -> list[Field[Any]]:
+        """The field table, in flag order."""
+        return list(fields(TrainConfig))
+
+    @staticmethod
+    def flag_of(f: Field[Any]) -> str:
+        """The `train` flag's dest for field ``f`` (its name unless the table says otherwise)."""
+        return str(f.metadata.get("flag") or f.name)
 
     def validate(self) -> None:
+        for f in self.table():
+            choices = f.metadata["choices"]
+            if choices is not None and getattr(self, f.name) not in choices:
+                flag = "--" + self.flag_of(f).replace("_", "-")
+                raise ValueError(f"{flag} must be one of {', '.join(choices)}")
         if self.rounds < 1:
             raise ValueError("--rounds must be >= 1")
         if not 0.0 <= self.sparsity < 1.0:
             raise ValueError("--sparsity must be in [0, 1)")
         if self.granularity == "2:4" and self.sparsity not in (0.0, 0.5):
             raise ValueError("--granularity 2:4 means exactly 50% sparsity: use --sparsity 0.5")
-        if self.mask_policy not in MASK_POLICIES:
-            raise ValueError(f"--mask-policy must be one of {', '.join(MASK_POLICIES)}")
         if self.granularity == "2:4" and self.mask_policy in ("union", "intersection"):
             raise ValueError("--granularity 2:4 keeps its pattern only with --mask-policy global or layer")
-        if self.update_format not in UPDATE_FORMATS:
-            raise ValueError(f"--update-format must be one of {', '.join(UPDATE_FORMATS)}")
         if not 0.0 <= self.regrow < 1.0:
             raise ValueError("--regrow must be in [0, 1): the fraction of local steps before the prune")
         if self.min_clients < 1 or self.local_epochs < 1 or self.batch_size < 1 or self.round_timeout_s <= 0:
             raise ValueError("--min-clients, --local-epochs, --batch-size and --round-timeout must be positive")
         if self.fraction is not None and not 0.0 < self.fraction <= 1.0:
             raise ValueError("--fraction must be in (0, 1]")
-        if self.aggregation not in AGGREGATIONS:
-            raise ValueError(f"--aggregation must be one of {', '.join(AGGREGATIONS)}")
         if not 0.0 <= self.trim < 0.5:
             raise ValueError("--trim must be in [0, 0.5)")
         if self.clip_norm < 0 or self.max_norm_ratio < 0:
@@ -87,8 +184,6 @@ class TrainConfig:
             )
         if self.eval_every < 1:
             raise ValueError("--eval-every must be >= 1")
-        if self.importance not in IMPORTANCE_METHODS:
-            raise ValueError(f"--importance must be one of {', '.join(IMPORTANCE_METHODS)}")
         check_model_ref(self.model)
 
     @property
