@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from .output import human_bytes
+from . import views
 
 
 class Reporter:
@@ -44,10 +44,7 @@ class Reporter:
             print(f"warning: {msg}", file=sys.stderr, flush=True)
 
     def round_header(self) -> None:
-        self.say(
-            f"{'round':>5}  {'clients':>8}  {'accuracy':>8}  {'loss':>7}  {'sparsity':>8}  "
-            f"{'up/client':>10}  {'down/client':>11}  {'up vs fp32':>10}  {'wall':>7}"
-        )
+        self.say(views.line_header(views.ROUNDS))
 
     def round_progress(self, rnd: int, done: int, total: int) -> None:
         if self.quiet or self._console is None or not self._console.is_terminal:
@@ -63,15 +60,8 @@ class Reporter:
         if self._status is not None:
             self._status.stop()
             self._status = None
-        acc = row.get("accuracy")
-        loss = row.get("loss")
-        ratio = row.get("up_ratio_vs_dense_fp32")
         self.say(
-            f"{row['round']:>5}  {row['clients_ok']:>3}/{row['clients_selected']:<4}  "
-            f"{(f'{acc * 100:.2f}%' if acc is not None else '-'):>8}  "
-            f"{(f'{loss:.4f}' if loss is not None else '-'):>7}  {row['sparsity'] * 100:>7.2f}%  "
-            f"{human_bytes(row.get('bytes_up_per_client')):>10}  {human_bytes(row.get('bytes_down_per_client')):>11}  "
-            f"{(f'{ratio:.1f}x' if ratio else '-'):>10}  {row['wall_s']:>6.1f}s"
+            views.line(views.ROUNDS, {**row, "applied": True})
             + (f"  [{row['failures']} failed]" if row.get("failures") else "")
             + ("  NOT APPLIED" if row.get("applied") is False else "")
         )

@@ -13,7 +13,7 @@ import io
 import time
 from typing import Any
 
-from . import output
+from . import output, views
 
 
 def gather(store, run: dict) -> dict[str, Any]:
@@ -35,57 +35,8 @@ def gather(store, run: dict) -> dict[str, Any]:
     }
 
 
-def _latest_per_device_artifact(bench: list[dict]) -> list[dict]:
-    latest: dict[tuple, dict] = {}
-    for r in bench:  # ordered by time: later results replace earlier ones
-        latest[(r["device_id"], r["artifact"])] = r
-    return list(latest.values())
-
-
-def _energy_text(e: dict | None) -> str:
-    if not e:
-        return "not available"
-    if e.get("per_inference_mj") is None:
-        return "not available"
-    return f"{e['per_inference_mj']:.4f} mJ ({e['label']})"
-
-
 def print_bench(results: list[dict]) -> None:
-    rows = []
-    for r in _latest_per_device_artifact(results):
-        lat = r.get("latency_ms") or {}
-        mem = r.get("memory") or {}
-        rows.append(
-            [
-                r["device_id"],
-                r["artifact"],
-                r.get("status"),
-                (r.get("runtime") or {}).get("name", "-") + (" (no delegate)" if r.get("fallback") else ""),
-                f"{lat['p50']:.3f}" if lat else "-",
-                f"{lat['p90']:.3f}/{lat['p99']:.3f}" if lat else "-",
-                f"{r['harness_vs_independent']:.3f}" if r.get("harness_vs_independent") else "-",
-                output.human_bytes(mem.get("rss_increase_bytes")) if mem else "-",
-                _energy_text(r.get("energy")),
-                r.get("error") or "",
-            ]
-        )
-    output.table(
-        "on-device benchmark",
-        [
-            "device",
-            "artifact",
-            "status",
-            "runtime",
-            "p50 ms",
-            "p90/p99 ms",
-            "harness/indep.",
-            "RSS +",
-            "energy/inference",
-            "note",
-        ],
-        rows,
-        keep=(0, 1),
-    )
+    views.terminal("on-device benchmark", views.BENCH, views.latest_bench(results))
 
 
 def print_summary(data: dict) -> None:
@@ -100,21 +51,7 @@ def print_summary(data: dict) -> None:
             f"/client-round ({(s.get('ratio_vs_dense_fp32') or 0):.1f}x below dense fp32)"
         )
     if data["artifacts"]:
-        dense = next((a["bytes"] for a in data["artifacts"] if a["format"] == "dense"), None)
-        output.table(
-            "artifacts",
-            ["variant", "bytes", "gzip", "vs dense", "sparsity (read back)"],
-            [
-                [
-                    a["format"],
-                    f"{a['bytes']:,}",
-                    f"{a['gzip_bytes']:,}",
-                    f"{dense / a['bytes']:.1f}x" if dense else "-",
-                    f"{a['sparsity']:.2%}",
-                ]
-                for a in data["artifacts"]
-            ],
-        )
+        views.terminal("artifacts", views.artifacts(sha_chars=0), views.with_dense(data["artifacts"]))
     if data["bench"]:
         print_bench(data["bench"])
 
@@ -182,7 +119,7 @@ def _figures(data: dict) -> list[tuple[str, str, str]]:
         ax.set_ylabel("KB")
         ax.legend(fontsize=8)
         figs.append(("Size per variant", "TFLite artifact size, raw and gzip-compressed.", _png(fig)))
-    bench = [r for r in _latest_per_device_artifact(data["bench"]) if r.get("latency_ms")]
+    bench = [r for r in views.latest_bench(data["bench"]) if r.get("latency_ms")]
     if bench:
         labels = [f"{r['device_id']}\n{r['artifact']}" for r in bench]
         p50 = [r["latency_ms"]["p50"] for r in bench]
@@ -239,14 +176,6 @@ th{background:#f3f3f3}figure{margin:1.5em 0}figcaption{font-size:13px;color:#555
 .note{font-size:13px;color:#555}"""
 
 
-def _table(headers: list[str], rows: list[list[Any]]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape('-' if v is None else str(v))}</td>" for v in row) + "</tr>" for row in rows
-    )
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
 def write_html(data: dict, path: str) -> None:
     run = data["run"]
     cfg = run.get("config") or {}
@@ -259,125 +188,25 @@ def write_html(data: dict, path: str) -> None:
     ]
     if run["kind"] == "train":
         parts.append("<h2>Training</h2>")
-        parts.append(
-            _table(
-                ["setting", "value"],
-                [
-                    [k, cfg.get(k)]
-                    for k in (
-                        "model",
-                        "rounds",
-                        "sparsity",
-                        "schedule",
-                        "granularity",
-                        "mask_policy",
-                        "local_epochs",
-                        "batch_size",
-                        "lr",
-                        "num_params",
-                        "dense_fp32_bytes",
-                    )
-                ],
-            )
-        )
+        keys = ("model", "rounds", "sparsity", "schedule", "granularity", "mask_policy", "local_epochs")
+        keys += ("batch_size", "lr", "num_params", "dense_fp32_bytes")
+        settings = [views.Column("setting", lambda r: r["k"]), views.Column("value", lambda r: r["v"])]
+        parts.append(views.html_table(settings, [{"k": k, "v": cfg.get(k)} for k in keys]))
     for title, caption, uri in _figures(data):
         parts.append(
             f"<figure><h3>{html.escape(title)}</h3><img alt='{html.escape(title)}' src='{uri}'>"
             f"<figcaption>{html.escape(caption)}</figcaption></figure>"
         )
     if data["rounds"]:
-        parts.append(
-            "<h2>Rounds</h2>"
-            + _table(
-                [
-                    "round",
-                    "clients ok/selected",
-                    "accuracy",
-                    "sparsity",
-                    "upload B/client",
-                    "download B/client",
-                    "failures",
-                ],
-                [
-                    [
-                        r["round"],
-                        f"{r['clients_ok']}/{r['clients_selected']}",
-                        f"{r['accuracy'] * 100:.2f}%" if r.get("accuracy") is not None else None,
-                        f"{r['sparsity']:.2%}",
-                        f"{r['bytes_up_per_client']:,.0f}" if r.get("bytes_up_per_client") else None,
-                        f"{r['bytes_down_per_client']:,}",
-                        "; ".join(f"{k}: {v}" for k, v in r["failure_reasons"].items()),
-                    ]
-                    for r in data["rounds"]
-                ],
-            )
-        )
+        parts.append("<h2>Rounds</h2>" + views.html_table(views.ROUNDS, data["rounds"]))
     if data["artifacts"]:
-        dense = next((a["bytes"] for a in data["artifacts"] if a["format"] == "dense"), None)
         parts.append(
             "<h2>Artifacts</h2><p class='note'>Sparsity is read back from each .tflite file's weight "
             "tensors, not taken from the training config.</p>"
-            + _table(
-                ["variant", "bytes", "gzip bytes", "vs dense fp32", "sparsity", "sha256"],
-                [
-                    [
-                        a["format"],
-                        f"{a['bytes']:,}",
-                        f"{a['gzip_bytes']:,}",
-                        f"{dense / a['bytes']:.1f}x" if dense else None,
-                        f"{a['sparsity']:.2%}",
-                        a["sha256"][:16],
-                    ]
-                    for a in data["artifacts"]
-                ],
-            )
+            + views.html_table(views.artifacts(sha_chars=16), views.with_dense(data["artifacts"]))
         )
     if data["bench"]:
-        rows = []
-        for r in _latest_per_device_artifact(data["bench"]):
-            lat, th = r.get("latency_ms") or {}, (r.get("thermal") or {})
-            before, after = th.get("before") or {}, th.get("after") or {}
-            temp = (
-                f"{before.get('temp_c')} → {after.get('temp_c')} °C"
-                if before.get("temp_c") is not None
-                else "not available"
-            )
-            rows.append(
-                [
-                    r["device_id"],
-                    r["artifact"],
-                    r.get("status"),
-                    (r.get("runtime") or {}).get("name"),
-                    (r.get("fallback") or {}).get("reason", "")[:80] or "no",
-                    f"{lat['p50']:.3f}" if lat else None,
-                    f"{lat['p90']:.3f} / {lat['p99']:.3f}" if lat else None,
-                    _energy_text(r.get("energy")),
-                    (r.get("energy") or {}).get("model") or "",
-                    temp,
-                    {True: "yes", False: "no", None: "not available"}[th.get("throttled_during_run")],
-                    r.get("error") or "",
-                ]
-            )
-        parts.append(
-            "<h2>On-device benchmark</h2>"
-            + _table(
-                [
-                    "device",
-                    "artifact",
-                    "status",
-                    "runtime",
-                    "delegate fallback",
-                    "p50 ms",
-                    "p90 / p99 ms",
-                    "energy/inference",
-                    "energy model",
-                    "temperature",
-                    "throttled",
-                    "error",
-                ],
-                rows,
-            )
-        )
+        parts.append("<h2>On-device benchmark</h2>" + views.html_table(views.BENCH, views.latest_bench(data["bench"])))
     parts.append("</body></html>")
     with open(path, "w", encoding="utf-8") as f:
         f.write("\n".join(parts))

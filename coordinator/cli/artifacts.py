@@ -7,7 +7,7 @@ from pathlib import Path
 
 from edge_agent.protocol.constants import DEFAULT_CHUNK_BYTES
 
-from .. import output
+from .. import output, views
 from ..fleet import is_live
 from .common import _common, _session, _store
 
@@ -56,23 +56,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.json:
         output.print_json({"run_id": run_id, "trained_sparsity": trained, "artifacts": recs})
         return 0
-    dense = next((r["bytes"] for r in recs if r["format"] == "dense"), None)
-    output.table(
-        f"artifacts of {run_id} in {out}",
-        ["variant", "bytes", "gzip", "vs dense fp32", "sparsity read back", "trained sparsity", "sha256"],
-        [
-            [
-                r["format"],
-                f"{r['bytes']:,}",
-                f"{r['gzip_bytes']:,}",
-                f"{dense / r['bytes']:.1f}x" if dense else "-",
-                f"{r['sparsity']:.2%}",
-                f"{trained:.2%}" if trained is not None else "-",
-                r["sha256"][:12],
-            ]
-            for r in recs
-        ],
-    )
+    views.terminal(f"artifacts of {run_id} in {out}", views.artifacts(trained), views.with_dense(recs))
     return 0
 
 

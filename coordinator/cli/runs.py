@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from .. import output
+from .. import output, views
 from .common import _common, _find_run, _store
 
 
@@ -70,24 +70,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     dense = (cfg.get("layers") or {}).get("dense") or {}
     for layer, why in dense.items():
         print(f"  layer {layer} left dense: {why}")
-    output.table(
-        "rounds",
-        ["round", "clients", "accuracy", "loss", "sparsity", "up/client", "down/client", "up vs fp32", "wall s"],
-        [
-            [
-                f"{r['round']}" + ("" if r.get("applied", True) else " (not applied)"),
-                f"{r['clients_ok']}/{r['clients_selected']}",
-                f"{r['accuracy'] * 100:.2f}%" if r.get("accuracy") is not None else "-",
-                f"{r['loss']:.4f}" if r.get("loss") is not None else "-",
-                f"{r['sparsity']:.2%}",
-                output.human_bytes(r.get("bytes_up_per_client")),
-                output.human_bytes(r.get("bytes_down_per_client")),
-                f"{r['up_ratio_vs_dense_fp32']:.1f}x" if r.get("up_ratio_vs_dense_fp32") else "-",
-                f"{r['wall_s']:.1f}",
-            ]
-            for r in rounds
-        ],
-    )
+    views.terminal("rounds", views.ROUNDS, rounds)
     failed = [c for c in clients if not c["ok"]]
     if failed:
         output.table(
