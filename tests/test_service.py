@@ -18,7 +18,7 @@ import pytest
 import tomllib
 
 from coordinator.flash import wait_online
-from edge_agent import service
+from edge_agent import service, servicemgr
 
 from .conftest import wait_until
 
@@ -64,23 +64,23 @@ def test_write_config_is_private_validated_and_atomic(tmp_path):
 
 
 def test_layouts_and_unit():
-    user = service.layout(root=False, home=Path("/home/pi"))
+    user = servicemgr.layout(root=False, home=Path("/home/pi"))
     assert user.config == Path("/home/pi/.config/edgeprune/agent.toml")
     assert user.unit == Path("/home/pi/.config/systemd/user/edgeprune-agent.service")
-    root = service.layout(root=True)
+    root = servicemgr.layout(root=True)
     assert root.config == Path("/etc/edgeprune/agent.toml") and root.prefix == Path("/opt/edgeprune")
-    unit = service.unit_text(root)
+    unit = servicemgr.unit_text(root)
     assert (
         "ExecStart=/opt/edgeprune/current/bin/python -m edge_agent.cli run --config /etc/edgeprune/agent.toml" in unit
     )
     assert "Restart=on-failure" in unit and "WantedBy=multi-user.target" in unit
-    assert "WantedBy=default.target" in service.unit_text(user)
+    assert "WantedBy=default.target" in servicemgr.unit_text(user)
 
 
 # -- the real thing: install, crash, upgrade, bad upgrades, uninstall ------------------------------
 
 
-def _venv(lay: service.Layout, name: str, importable: bool = True) -> Path:
+def _venv(lay: servicemgr.Layout, name: str, importable: bool = True) -> Path:
     """A venv like install.sh makes; the project and its dependencies come from this test's venv via .pth."""
     venv = lay.prefix / "venvs" / name
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
@@ -90,7 +90,7 @@ def _venv(lay: service.Layout, name: str, importable: bool = True) -> Path:
     return venv
 
 
-def _agent_pids(lay: service.Layout) -> list[int]:
+def _agent_pids(lay: servicemgr.Layout) -> list[int]:
     try:
         sup = psutil.Process(int(lay.pidfile.read_text()))
     except (OSError, ValueError, psutil.Error):
@@ -110,11 +110,11 @@ def device_home(tmp_path, monkeypatch):
     home = tmp_path / "home"
     home.mkdir()
     monkeypatch.setenv("HOME", str(home))
-    monkeypatch.setattr(service, "has_systemd", lambda: False)
-    lay = service.layout(root=False, home=home)
+    monkeypatch.setattr(servicemgr, "has_systemd", lambda: False)
+    lay = servicemgr.layout(root=False, home=home)
     yield lay
     try:
-        service.Supervisor(lay).stop()
+        servicemgr.Supervisor(lay).stop()
     except OSError:
         pass
 
@@ -130,7 +130,7 @@ def test_install_crash_upgrade_rollback_uninstall(mosquitto, session_factory, de
     with pytest.raises(service.InstallError, match="did not stay up"):
         service.install(broken, "broken", cfg, lay)
     assert not lay.current.exists() and not lay.config.exists() and not _agent_pids(lay)
-    assert not service.Supervisor(lay).running()
+    assert not servicemgr.Supervisor(lay).running()
 
     # first install
     v1 = _venv(lay, "b1")

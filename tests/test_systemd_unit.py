@@ -24,7 +24,7 @@ import pytest
 
 from coordinator import bundle
 from coordinator.flash import wait_online
-from edge_agent import service
+from edge_agent import servicemgr
 
 from .conftest import wait_until
 from .helpers import systemd_boot
@@ -32,7 +32,7 @@ from .helpers.cli import json_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 PLATFORM = bundle.Platform.parse("aarch64", "3.11")
-UNIT = service.UNIT_NAME
+UNIT = servicemgr.UNIT_NAME
 DEVICE = "emu-systemd"
 
 pytestmark = pytest.mark.slow
@@ -131,7 +131,7 @@ def test_unit_starts_restarts_refuses_exit_2_and_starts_at_boot(pi, cli, mosquit
     assert out["install"]["service"] == "systemd" and out["install"]["root"], out["install"]
     assert out["caps"]["arch"] == "aarch64" and out["caps"]["device_id"] == DEVICE
     unit_file = pi.root / "etc/systemd/system" / UNIT
-    assert unit_file.read_text() == service.unit_text(service.layout(root=True))
+    assert unit_file.read_text() == servicemgr.unit_text(servicemgr.layout(root=True))
     assert (pi.root / "etc/systemd/system/multi-user.target.wants" / UNIT).is_symlink()
     props = pi.show(UNIT)
     assert props["ActiveState"] == "active" and props["SubState"] == "running", props
@@ -270,7 +270,7 @@ def test_user_unit_survives_logout_and_starts_at_boot(pi, cli, mosquitto, sessio
     assert out["install"]["service"] == "systemd" and not out["install"]["root"], out["install"]
     stale_note = [n for n in out["install"]["notes"] if "linger" in n]  # lingering *is* on: a false alarm
     unit_file = pi.root / "home/pi/.config/systemd/user" / UNIT
-    assert unit_file.read_text() == service.unit_text(service.layout(root=False, home=Path("/home/pi")))
+    assert unit_file.read_text() == servicemgr.unit_text(servicemgr.layout(root=False, home=Path("/home/pi")))
     assert (pi.root / "home/pi/.config/systemd/user/default.target.wants" / UNIT).is_symlink()
     time.sleep(logout_s)  # the flash's SSH session is over: the user manager stays (lingering) and so does the agent
     assert linger() == "yes"
