@@ -40,10 +40,11 @@ def plain_loop(args) -> dict:
     import numpy as np
 
     from edge_agent.ml import data, models, tfenv
+    from edge_agent.ml.shards import partition
 
     t = tfenv.load(args.threads)
     train, test = data.digits_split()
-    shards = data.partition(train.y, args.clients, "dirichlet", args.alpha, args.seed)
+    shards = partition(train.y, args.clients, "dirichlet", args.alpha, args.seed)
     model = models.build("digits_cnn", (8, 8, 1), 10, args.seed)
     models.compile_model(model, args.lr)
     weights = model.get_weights()

@@ -25,7 +25,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from .ml.data import BUILTIN_DATASETS, FASHION_MNIST_PACKAGE, PARTITION_FORMS, parse_partition
+from .ml.data import BUILTIN_DATASETS, FASHION_MNIST_PACKAGE
+from .ml.shards import PARTITION_FORMS, parse_partition
 from .protocol.constants import DEFAULT_CHUNK_BYTES, DEFAULT_HEARTBEAT_S, DEFAULT_KEEPALIVE_S, MAX_CONTROL_BYTES
 from .protocol.topics import ID_RE
 

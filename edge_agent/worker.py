@@ -295,7 +295,7 @@ class Run:
         return seed
 
     def info(self) -> dict[str, Any]:
-        from .ml.data import label_histogram
+        from .ml.shards import label_histogram
 
         return {
             "num_samples": len(self.data),

@@ -189,7 +189,8 @@ def test_global_policy_result_hits_sparsity():
 def test_digits_reader_matches_sklearn():
     from sklearn.datasets import load_digits
 
-    from edge_agent.ml.data import _load_digits, digits_split, partition
+    from edge_agent.ml.data import _load_digits, digits_split
+    from edge_agent.ml.shards import partition
 
     images, target = _load_digits()
     ref = load_digits()

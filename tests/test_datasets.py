@@ -13,6 +13,7 @@ import pytest
 
 from edge_agent import settings
 from edge_agent.ml import data
+from edge_agent.ml.shards import MIN_SHARD_SAMPLES, partition
 
 REAL = Path(data.FASHION_MNIST_DIR)
 HAVE_REAL = all((REAL / name).is_file() for files in data.FASHION_MNIST_FILES.values() for name in files)
@@ -85,7 +86,7 @@ def test_real_shards_cover_the_train_split(real_train, monkeypatch):
     shards = [data.load_local({**cfg, "data_shard": f"{k}/2"}) for k in range(2)]
     assert sum(len(s) for s in shards) == 60000
     assert len({s.name.split("#")[1] for s in shards}) == 1  # one partition digest for the whole fleet
-    idx = data.partition(real_train.y, 2, "dirichlet:0.1", seed=4)[1]
+    idx = partition(real_train.y, 2, "dirichlet:0.1", seed=4)[1]
     np.testing.assert_array_equal(shards[1].x, real_train.x[idx])
 
 
@@ -194,7 +195,7 @@ def test_load_local_shards_of_generated_files(small_fmnist):
     images, labels = sets["train"]
     cfg = {"data": "fashion-mnist", "data_partition": "classes:2", "data_seed": 1}
     parts = [data.load_local({**cfg, "data_shard": f"{k}/5"}) for k in range(5)]
-    shards = data.partition(labels, 5, "classes:2", seed=1)
+    shards = partition(labels, 5, "classes:2", seed=1)
     for k, (ds, idx) in enumerate(zip(parts, shards)):
         assert ds.x.shape == (len(idx), 28, 28, 1) and ds.x.dtype == np.float32
         np.testing.assert_array_equal(ds.y, labels[idx])
@@ -224,19 +225,19 @@ MODES = ["iid", "dirichlet", "dirichlet:0.1", "dirichlet:5", "classes:1", "class
     ],
 )
 def test_shards_are_disjoint_cover_and_are_reproducible(mode, num_shards):
-    shards = data.partition(FASHION_LABELS, num_shards, mode, alpha=0.3, seed=11)
+    shards = partition(FASHION_LABELS, num_shards, mode, alpha=0.3, seed=11)
     _check_partition(shards, len(FASHION_LABELS))
-    again = data.partition(FASHION_LABELS, num_shards, mode, alpha=0.3, seed=11)
+    again = partition(FASHION_LABELS, num_shards, mode, alpha=0.3, seed=11)
     assert all(np.array_equal(a, b) for a, b in zip(shards, again))
     if num_shards > 1:
-        other = data.partition(FASHION_LABELS, num_shards, mode, alpha=0.3, seed=12)
+        other = partition(FASHION_LABELS, num_shards, mode, alpha=0.3, seed=12)
         assert any(not np.array_equal(a, b) for a, b in zip(shards, other))
 
 
 def test_digits_shards_cover_the_train_split():
     train, _ = data.digits_split()
     for mode in ("iid", "dirichlet", "dirichlet:0.05", "classes:2"):
-        _check_partition(data.partition(train.y, 30, mode, seed=3), len(train))
+        _check_partition(partition(train.y, 30, mode, seed=3), len(train))
     parts = [
         data.load_local({"data": "digits", "data_shard": f"{k}/4", "data_partition": "dirichlet", "data_alpha": 0.2})
         for k in range(4)
@@ -245,25 +246,25 @@ def test_digits_shards_cover_the_train_split():
 
 
 def test_bare_dirichlet_takes_data_alpha():
-    a = data.partition(FASHION_LABELS, 10, "dirichlet", alpha=0.2, seed=5)
-    b = data.partition(FASHION_LABELS, 10, "dirichlet:0.2", alpha=99.0, seed=5)
+    a = partition(FASHION_LABELS, 10, "dirichlet", alpha=0.2, seed=5)
+    b = partition(FASHION_LABELS, 10, "dirichlet:0.2", alpha=99.0, seed=5)
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
 
 
 def test_classes_gives_each_shard_c_labels_and_balanced_holders():
     for c in (1, 2, 3, 10):
-        shards = data.partition(FASHION_LABELS, 100, f"classes:{c}", seed=2)
+        shards = partition(FASHION_LABELS, 100, f"classes:{c}", seed=2)
         held = [np.unique(FASHION_LABELS[s]) for s in shards]
         assert all(len(h) == c for h in held)
         holders = np.bincount(np.concatenate(held), minlength=10)
         assert holders.max() - holders.min() <= 1  # every class held by floor or ceil(100 * c / 10) shards
-    combos = {tuple(np.unique(FASHION_LABELS[s])) for s in data.partition(FASHION_LABELS, 100, "classes:2", seed=2)}
+    combos = {tuple(np.unique(FASHION_LABELS[s])) for s in partition(FASHION_LABELS, 100, "classes:2", seed=2)}
     assert len(combos) > 5  # not the same few pairs over and over
 
 
 def test_dirichlet_alpha_controls_skew():
     def skew(mode):
-        shards = data.partition(FASHION_LABELS, 100, mode, seed=0)
+        shards = partition(FASHION_LABELS, 100, mode, seed=0)
         return np.mean([np.bincount(FASHION_LABELS[s]).max() / len(s) for s in shards])
 
     assert skew("dirichlet:0.1") > 0.5
@@ -273,24 +274,24 @@ def test_dirichlet_alpha_controls_skew():
 
 def test_dirichlet_top_up_leaves_no_shard_small():
     labels = np.repeat(np.arange(10), 50)  # 500 samples, 100 shards: alpha 0.05 leaves many shards empty
-    shards = data.partition(labels, 100, "dirichlet:0.05", seed=0)
+    shards = partition(labels, 100, "dirichlet:0.05", seed=0)
     _check_partition(shards, 500)
     assert min(len(s) for s in shards) == 5  # min(MIN_SHARD_SAMPLES, 500 // 100)
-    shards = data.partition(labels, 20, "dirichlet:0.05", seed=0)
-    assert min(len(s) for s in shards) == data.MIN_SHARD_SAMPLES
-    again = data.partition(labels, 20, "dirichlet:0.05", seed=0)
+    shards = partition(labels, 20, "dirichlet:0.05", seed=0)
+    assert min(len(s) for s in shards) == MIN_SHARD_SAMPLES
+    again = partition(labels, 20, "dirichlet:0.05", seed=0)
     assert all(np.array_equal(a, b) for a, b in zip(shards, again))
 
 
 def test_impossible_partitions_say_why():
     with pytest.raises(ValueError, match="non-empty"):
-        data.partition(np.arange(5) % 2, 6, "iid")
+        partition(np.arange(5) % 2, 6, "iid")
     with pytest.raises(ValueError, match="only 10 classes"):
-        data.partition(FASHION_LABELS, 4, "classes:11")
+        partition(FASHION_LABELS, 4, "classes:11")
     with pytest.raises(ValueError, match="at most 4 of the 10 classes"):
-        data.partition(FASHION_LABELS, 4, "classes:1")
+        partition(FASHION_LABELS, 4, "classes:1")
     with pytest.raises(ValueError, match="would be empty"):
-        data.partition(np.array([0, 1, 1, 1, 1, 1]), 5, "classes:1")
+        partition(np.array([0, 1, 1, 1, 1, 1]), 5, "classes:1")
 
 
 @pytest.mark.parametrize(
