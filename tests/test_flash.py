@@ -12,7 +12,8 @@ import sys
 import pytest
 
 from coordinator import bundle
-from coordinator.flash import FlashError, Target, check, ssh_error
+from coordinator.flash import check
+from coordinator.ssh import FlashError, Target, ssh_error
 
 
 @pytest.mark.parametrize(

@@ -25,7 +25,7 @@ def _ssh_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _ssh(args: argparse.Namespace):
-    from ..flash import Ssh, Target
+    from ..ssh import Ssh, Target
 
     target = Target.parse(args.target)
     return target, Ssh(target, args.identity, args.ssh_option, args.ssh_timeout)
@@ -33,8 +33,9 @@ def _ssh(args: argparse.Namespace):
 
 def cmd_flash(args: argparse.Namespace) -> int:
     from .. import bundle
-    from ..flash import FlashError, flash, undo_after_timeout, wait_online
+    from ..flash import flash, undo_after_timeout, wait_online
     from ..progress import Reporter
+    from ..ssh import FlashError
 
     say = Reporter(quiet=args.json).say
     home = Path(args.home) if args.home else default_home()
@@ -133,7 +134,8 @@ def cmd_flash(args: argparse.Namespace) -> int:
 
 
 def cmd_unflash(args: argparse.Namespace) -> int:
-    from ..flash import FlashError, unflash
+    from ..flash import unflash
+    from ..ssh import FlashError
 
     try:
         target, ssh = _ssh(args)
