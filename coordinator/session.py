@@ -95,7 +95,7 @@ class Session:
         self._pulls: dict[str, set[transfer.Pull]] = {}  # device -> pulls in progress (failed if it goes away)
         self._fetch_slots = threading.Semaphore(max_concurrent_uploads)
         self._published: dict[str, bytes] = {}  # sha -> data of broadcast blobs: re-sent on request, cleared at close
-        self._resent: dict[tuple[str, int], float] = {}  # (sha, chunk) -> when it was last re-sent
+        self._resent: dict[tuple[str, int, int], float] = {}  # (sha, chunk, frame version) -> when last re-sent
         self._resender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="blob-resend")
         self._t_status = topics.coordinator_status(fleet)
         will = Will(self._t_status, self._coordinator_msg("offline")) if long_running else None
@@ -269,9 +269,24 @@ class Session:
             )
             return
         self.stats.wants_in += 1
-        self._resender.submit(self._resend, want.sha256, data, want.chunks)
+        self._resender.submit(self._resend, want.sha256, data, want.chunks, self.frame_version_of(want.device_id))
 
-    def _resend(self, sha: str, data: bytes, chunks: list[int] | None) -> None:
+    def frame_version_of(self, device_id: str) -> int:
+        """The chunk frame version a device reads, from the protocol version in its capabilities."""
+        view = self.views.get(device_id)
+        caps = view.caps if view is not None else None
+        return serde.frame_version_for(caps.get("protocol_version") if caps else None)
+
+    def broadcast_frame_version(self) -> int:
+        """Broadcast chunks in the newest frame version every device seen in the fleet reads. A device
+        that cannot read them (one older than all the others, joining later) asks with a ``blob_want``
+        and gets the chunks again in its own version."""
+        versions = [
+            serde.frame_version_for(r["caps"].get("protocol_version")) for r in self.device_table() if r["caps"]
+        ]
+        return min(versions, default=serde.FRAME_VERSION)
+
+    def _resend(self, sha: str, data: bytes, chunks: list[int] | None, frame_version: int) -> None:
         """Publish the wanted chunks as ordinary messages; a chunk re-sent less than RESEND_MIN_S ago is
         skipped, so a fleet asking for the same chunks costs one re-send, not one per device."""
         now = time.monotonic()
@@ -279,12 +294,15 @@ class Session:
         frames = [
             f
             for f in split(data, self.chunk_bytes, sha256=sha)
-            if (wanted is None or f.index in wanted) and now - self._resent.get((sha, f.index), -1e9) >= RESEND_MIN_S
+            if (wanted is None or f.index in wanted)
+            and now - self._resent.get((sha, f.index, frame_version), -1e9) >= RESEND_MIN_S
         ]
         for f in frames:
-            self._resent[(sha, f.index)] = now
+            self._resent[(sha, f.index, frame_version)] = now
         try:
-            transfer.send_frames(self.link, frames, lambda f: topics.blob_chunk(self.fleet, sha, f.index))
+            transfer.send_frames(
+                self.link, frames, lambda f: topics.blob_chunk(self.fleet, sha, f.index), frame_version=frame_version
+            )
             self.stats.messages_out += len(frames)
             self.stats.resent_chunks += len(frames)
             self.stats.bytes_out += sum(len(f.data) for f in frames)
@@ -402,7 +420,11 @@ class Session:
             self._published[sha] = data  # before the first chunk: a device may ask for what it missed at once
             try:
                 transfer.send_frames(
-                    self.link, frames, lambda f: topics.blob_chunk(self.fleet, sha, f.index), retain=True
+                    self.link,
+                    frames,
+                    lambda f: topics.blob_chunk(self.fleet, sha, f.index),
+                    retain=True,
+                    frame_version=self.broadcast_frame_version(),
                 )
             except ProtocolError:
                 self._published.pop(sha, None)
@@ -458,7 +480,7 @@ class Session:
         def ask(chunks: list[int] | None) -> None:
             if chunks is not None:
                 log.info("blob %s from %s: asking again for %d missing chunks", sha256[:12], device_id, len(chunks))
-            rid, fut = self.submit(device_id, "blob_get", BlobGet(sha256, chunks))
+            rid, fut = self.submit(device_id, "blob_get", BlobGet(sha256, chunks, serde.FRAME_VERSION))
             self.receiver.expect(pull, rid)
             requests.append((rid, fut))
             fut.add_done_callback(lambda f: self._pull_answered(pull, f.result()))

@@ -398,15 +398,18 @@ class Agent:
         self.reply(request_id, "progress", info)
 
     # -- blobs -----------------------------------------------------------
-    def upload_blob(self, sha256: str, request_id: str | None, chunks: list[int] | None = None) -> int:
-        """Publish a stored blob (or only the listed chunks) as frames on our data topic, paced;
-        return the blob's size. Raises TIMEOUT if the broker stops acknowledging."""
+    def upload_blob(
+        self, sha256: str, request_id: str | None, chunks: list[int] | None = None, frame_version: int = 1
+    ) -> int:
+        """Publish a stored blob (or only the listed chunks) as frames on our data topic, paced, in the
+        frame version the coordinator reads; return the blob's size. Raises TIMEOUT if the broker stops
+        acknowledging."""
         data = self.blobs.get(sha256)
         frames = split(data, self.settings["chunk_bytes"], request_id, sha256)
         if chunks is not None:
             wanted = set(chunks)
             frames = (f for f in frames if f.index in wanted)
-        transfer.send_frames(self.link, frames, self.t["data"])
+        transfer.send_frames(self.link, frames, self.t["data"], frame_version=frame_version)
         return len(data)
 
     def fetch_blob(
@@ -539,7 +542,7 @@ def _ack(agent: Agent, cmd: Command, a: Ack) -> dict[str, Any]:
     help="Upload a stored blob (an update or result), or only the listed `chunks`, as chunks on the data topic.",
 )
 def _blob_get(agent: Agent, cmd: Command, a: BlobGet) -> dict[str, Any]:
-    size = agent.upload_blob(a.sha256, cmd.id, a.chunks)
+    size = agent.upload_blob(a.sha256, cmd.id, a.chunks, a.frame)
     return {"sha256": a.sha256, "bytes": size, "chunks": len(a.chunks) if a.chunks is not None else "all"}
 
 

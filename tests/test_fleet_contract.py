@@ -191,3 +191,43 @@ def test_memory_broker_retains_clears_and_publishes_the_will_of_a_killed_link(tm
     assert sorted(got) == [("t/kept", b"1", True), ("t/status", b"offline", True)]
     watcher.stop()
     MemoryBroker.drop("wills")
+
+
+def _frames_on(url: str, topic: str) -> list[bytes]:
+    from edge_agent.common.memlink import MemoryLink
+
+    got: list[bytes] = []
+    link = MemoryLink(url, "spy", on_message=lambda t, p, r: got.append(p))
+    link.subscribe(topic)
+    link.start(2)
+    return got
+
+
+def test_each_peer_gets_chunk_frames_in_the_version_it_reads(tmp_path):
+    """1.2 frames (little-endian, EPF2) go only to peers that speak 1.2; a 1.1 coordinator, which sends
+    blob_get without ``frame``, and a fleet with a 1.1 device get EPF1, which they read."""
+    url = "memory://frames"
+    values = agent_settings.load(
+        {"broker": url, "fleet": "c", "device_id": "pi1", "state_dir": str(tmp_path / "a")}, environ={}
+    )
+    a = Agent(values)
+    a.start()
+    s = Session(url, "c", Store(tmp_path / "home")).start(5)
+    try:
+        assert _online(s, 1)
+        sha = a.blobs.put(os.urandom(1000))
+        up = _frames_on(url, topics.device("c", "pi1", "data"))
+        assert s.call("pi1", "blob_get", {"sha256": sha}, timeout_s=5).ok  # as a 1.1 coordinator asks
+        assert s.fetch_blob("pi1", sha, timeout_s=5, expected_bytes=1000)  # as this one asks
+        assert wait_until(lambda: len(up) == 2, 2) and [f[:4] for f in up] == [b"EPF1", b"EPF2"]
+        assert s.broadcast_frame_version() == 2
+        down = _frames_on(url, "edgeprune/v1/c/blob/+/+")
+        s.presence.update_caps("old-pi", {"protocol_version": "1.1"}, retained=True)
+        assert s.broadcast_frame_version() == 1
+        ref = s.publish_blob(os.urandom(500))
+        assert wait_until(lambda: len(down) == 1, 2) and down[0][:4] == b"EPF1"
+        assert s.call("pi1", "blob_fetch", serde.encode_args(ref), timeout_s=5).ok  # and the 1.2 device reads it
+    finally:
+        s.close()
+        a.stop()
+        MemoryBroker.drop("frames")

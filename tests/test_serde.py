@@ -181,3 +181,27 @@ def test_bad_arguments_are_bad_args_with_the_argument_named(cls, cmd, bad, needl
 def test_a_bad_hash_inside_an_argument_is_refused():
     with pytest.raises(ProtocolError):
         serde.decode_args(args.TrainRound, "train_round", {**ROUND, "model": {"sha256": "nothex"}})
+
+
+# -- chunk frame versions -----------------------------------------------------------
+
+
+def test_both_frame_versions_round_trip_and_differ_only_in_magic_and_byte_order():
+    f = ChunkFrame("cd" * 32, 2, 5, 1000, b"chunk", "r9")
+    new, old = serde.encode_frame(f), serde.encode_frame(f, 1)
+    assert new[:4] == b"EPF2" and old[:4] == b"EPF1"
+    assert new[4:8] == old[4:8][::-1] and new[8:] == old[8:]  # the length in the other byte order
+    assert serde.decode_frame(new) == serde.decode_frame(old) == f
+
+
+def test_a_frame_written_by_a_1_1_peer_is_still_read():
+    header = b'{"v":"1.1","blob":"' + b"cd" * 32 + b'","i":0,"n":1,"size":3,"req":null}'
+    legacy = b"EPF1" + len(header).to_bytes(4, "big") + header + b"abc"  # as protocol 1.1 wrote it
+    assert serde.decode_frame(legacy) == ChunkFrame("cd" * 32, 0, 1, 3, b"abc")
+
+
+@pytest.mark.parametrize(
+    "version, frame", [("1.2", 2), ("1.10", 2), ("2.0", 2), ("1.1", 1), ("1.0", 1), (None, 1), ("junk", 1)]
+)
+def test_the_frame_version_a_peer_reads(version, frame):
+    assert serde.frame_version_for(version) == frame

@@ -279,8 +279,10 @@ def send_frames(
     retain: bool = False,
     window: int = UPLOAD_WINDOW_CHUNKS,
     timeout_s: float = PUBLISH_TIMEOUT_S,
+    frame_version: int = serde.FRAME_VERSION,
 ) -> int:
     """Publish chunk frames with at most ``window`` unacknowledged; return the bytes sent.
+    ``frame_version``: what the receivers read (:func:`~edge_agent.protocol.serde.frame_version_for`).
 
     Raises TIMEOUT when the broker does not acknowledge a chunk in time (the
     connection is gone or the link is stalled): the caller must not report success.
@@ -295,7 +297,7 @@ def send_frames(
             raise ProtocolError(ErrorCode.TIMEOUT, str(exc)) from None
 
     for frame in frames:
-        payload = serde.encode_frame(frame)
+        payload = serde.encode_frame(frame, frame_version)
         info = link.publish(topic(frame) if callable(topic) else topic, payload, retain=retain)
         inflight.append((frame.index, info))
         sent += len(frame.data)

@@ -7,6 +7,7 @@ coordinator. Layout:
 - ``errors``: the error-code enum and :class:`ProtocolError`.
 - ``topics``: topic builders and the one parser/validator.
 - ``messages``: frozen dataclasses for every control message.
+- ``args``: frozen dataclasses for every command's arguments.
 - ``serde``: the only place messages and chunk frames become bytes.
 - ``codec``: the documented binary format for (sparse) tensor bundles.
 """

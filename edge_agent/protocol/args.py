@@ -82,10 +82,13 @@ class BlobGet:
     TYPE: ClassVar[str] = "blob_get"
     sha256: str
     chunks: list[int] | None = None  # None: every chunk
+    frame: int = 1  # the chunk frame version the coordinator reads (1.2: 2; older ones send none)
 
     def check(self, cmd: str) -> None:
         validate_sha256(self.sha256)
         _chunk_list(cmd, self.chunks)
+        if self.frame not in (1, 2):
+            raise _bad(cmd, "frame must be 1 or 2")
 
 
 @dataclass(frozen=True)

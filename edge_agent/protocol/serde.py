@@ -1,9 +1,12 @@
 """The only place control messages and chunk frames are turned into bytes and back.
 
 Control messages are UTF-8 JSON objects with a protocol version ``v`` and a
-``type``. Chunk frames are binary::
+``type``. Chunk frames are binary, little-endian like the tensor codec::
 
-    b"EPF1" | u32 big-endian header length | header (JSON) | chunk bytes
+    b"EPF2" | u32 little-endian header length | header (JSON) | chunk bytes
+
+(``EPF1``, with a big-endian length, is what protocol 1.0 and 1.1 peers read and write: it is
+still read, and written to a peer older than 1.2; see :func:`frame_version_for`)
 
 with header ``{"v", "blob", "i", "n", "size", "req"}``. Tensor bundles inside
 blobs have their own documented format in :mod:`.codec`.
@@ -23,14 +26,21 @@ import types
 import typing
 from typing import Any, TypeVar
 
-from .constants import MAX_CHUNK_BYTES, MAX_CONTROL_BYTES, MAX_WANTED_CHUNKS, PROTOCOL_VERSION
+from .constants import (
+    FRAMES_LITTLE_ENDIAN_SINCE,
+    MAX_CHUNK_BYTES,
+    MAX_CONTROL_BYTES,
+    MAX_WANTED_CHUNKS,
+    PROTOCOL_VERSION,
+)
 from .errors import ErrorCode, ProtocolError
 from .messages import REPLY_KINDS, BlobWant, ChunkFrame, Command, Reply
 from .topics import validate_id, validate_sha256
 
 T = TypeVar("T")
-FRAME_MAGIC = b"EPF1"
-_FRAME_HEAD = struct.Struct(">4sI")
+FRAME_VERSION = 2
+_FRAME_HEADS = {1: (b"EPF1", struct.Struct(">4sI")), 2: (b"EPF2", struct.Struct("<4sI"))}
+_FRAME_MAGICS = {magic: head for magic, head in _FRAME_HEADS.values()}
 _MAX_FRAME_HEADER_BYTES = 4096
 
 
@@ -204,7 +214,16 @@ def peek_request_id(payload: bytes) -> str | None:
         return None
 
 
-def encode_frame(frame: ChunkFrame) -> bytes:
+def frame_version_for(protocol_version: str | None) -> int:
+    """The chunk frame version a peer of this protocol version reads (None, unknown: the oldest)."""
+    try:
+        major, minor = (int(p) for p in str(protocol_version).split(".")[:2])
+    except ValueError:
+        return 1
+    return FRAME_VERSION if (major, minor) >= FRAMES_LITTLE_ENDIAN_SINCE else 1
+
+
+def encode_frame(frame: ChunkFrame, version: int = FRAME_VERSION) -> bytes:
     header = json.dumps(
         {
             "v": PROTOCOL_VERSION,
@@ -216,17 +235,19 @@ def encode_frame(frame: ChunkFrame) -> bytes:
         },
         separators=(",", ":"),
     ).encode("utf-8")
-    return _FRAME_HEAD.pack(FRAME_MAGIC, len(header)) + header + frame.data
+    magic, head = _FRAME_HEADS[version]
+    return head.pack(magic, len(header)) + header + frame.data
 
 
 def decode_frame(payload: bytes, max_chunk_bytes: int = MAX_CHUNK_BYTES) -> ChunkFrame:
     """Decode and validate one chunk frame (structure only; blob hash is checked on assembly)."""
-    if len(payload) < _FRAME_HEAD.size or payload[:4] != FRAME_MAGIC:
+    head_struct = _FRAME_MAGICS.get(bytes(payload[:4]))
+    if head_struct is None or len(payload) < head_struct.size:
         raise ProtocolError(ErrorCode.MALFORMED, "not an edgeprune chunk frame (bad magic)")
-    _, header_len = _FRAME_HEAD.unpack_from(payload)
-    if header_len > _MAX_FRAME_HEADER_BYTES or _FRAME_HEAD.size + header_len > len(payload):
+    _, header_len = head_struct.unpack_from(payload)
+    if header_len > _MAX_FRAME_HEADER_BYTES or head_struct.size + header_len > len(payload):
         raise ProtocolError(ErrorCode.MALFORMED, f"chunk frame header length {header_len} is invalid")
-    start = _FRAME_HEAD.size
+    start = head_struct.size
     head = _load_json(payload[start : start + header_len], _MAX_FRAME_HEADER_BYTES)
     check_version(head.get("v"))
     data = payload[start + header_len :]
