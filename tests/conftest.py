@@ -141,6 +141,19 @@ def session_factory(tmp_path):
             pass
 
 
+@pytest.fixture
+def live(mosquitto, session_factory, tmp_path):
+    """An in-process agent ``pi1`` of fleet ``t`` on Mosquitto, and a long-running session that sees it."""
+    from .helpers.inproc import in_process_agent
+
+    agent = in_process_agent(mosquitto.url, tmp_path / "a", chunk_bytes=32 * 1024)
+    agent.start()
+    s = session_factory(mosquitto.url, "t", long_running=True)
+    assert wait_until(lambda: "pi1" in s.online(), 10)
+    yield agent, s
+    agent.stop()
+
+
 def wait_until(predicate, timeout_s: float = 10.0, interval_s: float = 0.05):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

@@ -20,13 +20,13 @@ import edge_agent.commands  # noqa: F401  (registers the commands)
 from coordinator import broker as broker_mod
 from coordinator.session import Session
 from coordinator.store import Store
-from edge_agent import settings as agent_settings
 from edge_agent.common.memlink import MemoryBroker
 from edge_agent.daemon import Agent
 from edge_agent.protocol import serde, topics
 from edge_agent.protocol.messages import Command
 
 from .conftest import wait_until
+from .helpers.inproc import in_process_agent
 
 TRANSPORTS = ["memory", "mosquitto", "embedded"]
 
@@ -50,12 +50,7 @@ def fleet(url, tmp_path):
     sessions: list[Session] = []
 
     def agent(device_id: str) -> Agent:
-        values = agent_settings.load(
-            {"broker": url, "fleet": "c", "device_id": device_id, "state_dir": str(tmp_path / device_id)},
-            environ={},
-        )
-        values |= {"heartbeat_s": 0.2}
-        a = Agent(values)
+        a = in_process_agent(url, tmp_path / device_id, fleet="c", device_id=device_id, heartbeat_s=0.2)
         a.start()
         agents.append(a)
         return a
@@ -207,10 +202,7 @@ def test_each_peer_gets_chunk_frames_in_the_version_it_reads(tmp_path):
     """1.2 frames (little-endian, EPF2) go only to peers that speak 1.2; a 1.1 coordinator, which sends
     blob_get without ``frame``, and a fleet with a 1.1 device get EPF1, which they read."""
     url = "memory://frames"
-    values = agent_settings.load(
-        {"broker": url, "fleet": "c", "device_id": "pi1", "state_dir": str(tmp_path / "a")}, environ={}
-    )
-    a = Agent(values)
+    a = in_process_agent(url, tmp_path / "a", fleet="c")
     a.start()
     s = Session(url, "c", Store(tmp_path / "home")).start(5)
     try:

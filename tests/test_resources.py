@@ -7,24 +7,9 @@ from __future__ import annotations
 import collections
 import hashlib
 
-import pytest
-
 from edge_agent import commands
 
-from .conftest import wait_until
-from .test_transfer_fleet import _agent
-
 WIDE_MODEL_BYTES = 25_988_648  # fmnist_cnn_wide as fp32: 6,497,162 parameters
-
-
-@pytest.fixture
-def device(mosquitto, session_factory, tmp_path):
-    agent = _agent(mosquitto.url, tmp_path)
-    agent.start()
-    s = session_factory(mosquitto.url, "t", long_running=True)
-    assert wait_until(lambda: "pi1" in s.online(), 10)
-    yield agent, s
-    agent.stop()
 
 
 def _round(s, model_bytes: int):
@@ -32,8 +17,8 @@ def _round(s, model_bytes: int):
     return s.call("pi1", "train_round", {"run_id": "r1", "round": 1, "model": ref}, timeout_s=20)
 
 
-def test_a_model_too_large_for_free_memory_is_refused_before_anything_starts(device, monkeypatch):
-    agent, s = device
+def test_a_model_too_large_for_free_memory_is_refused_before_anything_starts(live, monkeypatch):
+    agent, s = live
     vm = collections.namedtuple("vm", "available total")
     monkeypatch.setattr("psutil.virtual_memory", lambda: vm(1000 * 10**6, 2000 * 10**6))
     reply = _round(s, WIDE_MODEL_BYTES)
@@ -45,8 +30,8 @@ def test_a_model_too_large_for_free_memory_is_refused_before_anything_starts(dev
     commands.check_training_fits(agent, 1_135_144)
 
 
-def test_a_model_too_large_for_free_disk_is_refused(device, monkeypatch):
-    agent, s = device
+def test_a_model_too_large_for_free_disk_is_refused(live, monkeypatch):
+    agent, s = live
     usage = collections.namedtuple("usage", "total used free")
     monkeypatch.setattr("shutil.disk_usage", lambda path: usage(10**9, 10**9 - 30 * 10**6, 30 * 10**6))
     reply = _round(s, WIDE_MODEL_BYTES)

@@ -10,7 +10,6 @@ import time
 
 import pytest
 
-import edge_agent.commands  # noqa: F401  (registers the commands)
 from coordinator import broker as broker_mod
 from edge_agent import settings as agent_settings
 from edge_agent.daemon import Agent
@@ -19,35 +18,11 @@ from edge_agent.protocol.messages import Reply
 
 from .conftest import raw_client, wait_until
 from .helpers.brokerlog import abnormal_disconnects
+from .helpers.inproc import in_process_agent
 
 
 def _agent(url: str, tmp_path, **over) -> Agent:
-    values = agent_settings.load(
-        {
-            "broker": url,
-            "fleet": "t",
-            "device_id": "pi1",
-            "state_dir": str(tmp_path / "a"),
-            "heartbeat_s": 0.5,
-            "keepalive_s": 5,
-            "chunk_bytes": 32 * 1024,
-            "reconnect_min_s": 0.1,
-            "reconnect_max_s": 0.5,
-            **over,
-        },
-        environ={},
-    )
-    return Agent(values)
-
-
-@pytest.fixture
-def live(mosquitto, session_factory, tmp_path):
-    agent = _agent(mosquitto.url, tmp_path)
-    agent.start()
-    s = session_factory(mosquitto.url, "t", long_running=True)
-    assert wait_until(lambda: "pi1" in s.online(), 10)
-    yield agent, s
-    agent.stop()
+    return in_process_agent(url, tmp_path / "a", chunk_bytes=32 * 1024, **over)
 
 
 def _tamper(agent: Agent, change):
@@ -91,7 +66,8 @@ def test_lost_chunks_are_asked_for_again_and_only_those(live):
     assert s.fetch_blob("pi1", sha, timeout_s=60, expected_bytes=len(blob)) == blob
     elapsed = time.monotonic() - t0
     gets = [c["args"] for c in commands if c["cmd"] == "blob_get"]
-    assert gets == [{"sha256": sha}, {"sha256": sha, "chunks": [2, 5]}]
+    frame = {"frame": serde.FRAME_VERSION}
+    assert gets == [{"sha256": sha, **frame}, {"sha256": sha, "chunks": [2, 5], **frame}]
     assert elapsed < 10, f"the missing chunks took {elapsed:.1f} s (asked for once the device said it had sent all)"
 
 
@@ -109,7 +85,8 @@ def test_a_corrupted_blob_is_pulled_once_more(live):
 
     commands = _tamper(agent, corrupt_once)
     assert s.fetch_blob("pi1", sha, timeout_s=60, expected_bytes=len(blob)) == blob
-    assert [c["args"] for c in commands if c["cmd"] == "blob_get"] == [{"sha256": sha}, {"sha256": sha}]
+    frame = {"frame": serde.FRAME_VERSION}
+    assert [c["args"] for c in commands if c["cmd"] == "blob_get"] == [{"sha256": sha, **frame}] * 2
 
 
 def test_a_size_other_than_the_announced_one_is_refused(live):

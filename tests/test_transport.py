@@ -19,30 +19,16 @@ from concurrent.futures import ThreadPoolExecutor
 import paho.mqtt.client as mqtt
 import pytest
 
-import edge_agent.commands  # noqa: F401  (registers the commands)
-from edge_agent import settings as agent_settings
 from edge_agent.daemon import Agent
 from edge_agent.protocol import serde
 
 from .conftest import wait_until
 from .helpers.brokerlog import abnormal_disconnects
+from .helpers.inproc import in_process_agent
 
 
 def _agent(url: str, tmp_path, **over) -> Agent:
-    values = agent_settings.load(
-        {
-            "broker": url,
-            "fleet": "t",
-            "device_id": "pi1",
-            "state_dir": str(tmp_path / "a"),
-            "heartbeat_s": 0.05,
-            "keepalive_s": 5,
-            "chunk_bytes": 64 * 1024,
-            **over,
-        },
-        environ={},
-    )
-    return Agent(values)
+    return in_process_agent(url, tmp_path / "a", heartbeat_s=0.05, chunk_bytes=64 * 1024, **over)
 
 
 @pytest.fixture
