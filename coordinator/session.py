@@ -95,6 +95,7 @@ class Session:
         self._pulls: dict[str, set[transfer.Pull]] = {}  # device -> pulls in progress (failed if it goes away)
         self._fetch_slots = threading.Semaphore(max_concurrent_uploads)
         self._published: dict[str, bytes] = {}  # sha -> data of broadcast blobs: re-sent on request, cleared at close
+        self._offered: set[str] = set()  # of those, the ones never broadcast (offer_blob): sent only on request
         self._resent: dict[tuple[str, int, int], float] = {}  # (sha, chunk, frame version) -> when last re-sent
         self._resender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="blob-resend")
         self._t_status = topics.coordinator_status(fleet)
@@ -416,7 +417,8 @@ class Session:
         sha = sha256_hex(data)
         frames = split(data, self.chunk_bytes, sha256=sha)
         count = -(-len(data) // self.chunk_bytes) or 1
-        if sha not in self._published:
+        if sha not in self._published or sha in self._offered:
+            self._offered.discard(sha)
             self._published[sha] = data  # before the first chunk: a device may ask for what it missed at once
             try:
                 transfer.send_frames(
@@ -433,9 +435,21 @@ class Session:
             self.stats.bytes_out += len(data)
         return BlobRef(sha, len(data), count)
 
+    def offer_blob(self, data: bytes) -> BlobRef:
+        """Keep a blob ready without broadcasting it: a device that asks (``blob_want``) gets its chunks as
+        ordinary messages. For what few devices will fetch (the exact model beside a delta)."""
+        sha = sha256_hex(data)
+        if sha not in self._published:
+            self._published[sha] = data
+            self._offered.add(sha)
+        return BlobRef(sha, len(data), -(-len(data) // self.chunk_bytes) or 1)
+
     def clear_blob(self, sha256: str) -> None:
-        """Remove a broadcast blob's retained chunks from the broker."""
+        """Remove a broadcast blob's retained chunks from the broker (an offered one: only forget it)."""
         data = self._published.pop(sha256, None)
+        if sha256 in self._offered:
+            self._offered.discard(sha256)
+            return
         count = (-(-len(data) // self.chunk_bytes) or 1) if data is not None else 0
         infos = [self._publish(topics.blob_chunk(self.fleet, sha256, i), b"", retain=True) for i in range(count)]
         for info in infos:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from . import heldmodels
 from .daemon import Agent, command
 from .protocol.args import Bench, NoArgs, TrainBegin, TrainPrepare, TrainRound
 from .protocol.errors import ErrorCode, ProtocolError
@@ -107,7 +108,7 @@ def _train_round(agent: Agent, cmd: Command, a: TrainRound) -> dict[str, Any]:
         check_training_fits(agent, a.model.bytes)  # before fetching it or starting TensorFlow
     trainer = _trainer(agent)
     t0 = time.perf_counter()
-    blob = agent.fetch_blob(a.model.sha256, a.fetch_timeout_s, a.model.bytes, a.model.chunks)
+    blob, download = heldmodels.obtain(agent.held, a, agent.fetch_blob)
     fetch_s = time.perf_counter() - t0
     agent.progress(cmd.id, phase="training", round=a.round)
     work = {
@@ -117,7 +118,7 @@ def _train_round(agent: Agent, cmd: Command, a: TrainRound) -> dict[str, Any]:
     reply = trainer.round(a.run_id, {**work, "importance": a.importance, "model": blob})
     update = reply["update"]
     sha = agent.blobs.put(update)  # kept until the coordinator pulls it (blob_get)
-    metrics = {**reply["metrics"], "fetch_s": round(fetch_s, 4), "model_bytes": len(blob)}
+    metrics = {**reply["metrics"], **download, "fetch_s": round(fetch_s, 4), "model_bytes": a.model.bytes}
     return {"run_id": a.run_id, "round": a.round, "update": {"sha256": sha, "bytes": len(update)}, "metrics": metrics}
 
 

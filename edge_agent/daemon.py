@@ -37,6 +37,7 @@ from . import __version__, caps
 from .common import transfer
 from .common.blobs import BlobStore, split
 from .common.link import Will, open_link
+from .heldmodels import HeldModels
 from .protocol import serde, topics
 from .protocol.args import Ack, BlobFetch, BlobGet, Logs, NoArgs, Sleep
 from .protocol.constants import BROADCAST_WAIT_S, MAX_WANTED_CHUNKS
@@ -88,6 +89,7 @@ class Agent:
         self.state_dir = Path(settings["state_dir"])
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.blobs = BlobStore(self.state_dir / "blobs")
+        self.held = HeldModels(self.state_dir / "models", settings["model_cache"], settings["model_cache_bytes"])
         self.outbox = self.state_dir / "outbox"  # finished results not yet acknowledged (survive restarts)
         self.outbox.mkdir(exist_ok=True)
         self.started = time.time()

@@ -137,6 +137,18 @@ SETTINGS: tuple[Setting, ...] = (
         "disk space for cached models/artifacts before least-recently-used ones are evicted",
     ),
     Setting(
+        "model_cache",
+        2,
+        int,
+        "global models kept (by digest) so the next round can come down as a delta against one; 0 = none",
+    ),
+    Setting(
+        "model_cache_bytes",
+        1 << 30,
+        int,
+        "disk space for those models; the newest are kept",
+    ),
+    Setting(
         "data",
         "",
         str,
@@ -280,6 +292,9 @@ def validate(values: dict[str, Any]) -> dict[str, Any]:
     for key in ("heartbeat_s", "keepalive_s", "reconnect_min_s", "max_message_bytes", "chunk_bytes", "worker_idle_s"):
         if values[key] <= 0:
             raise SettingsError(f"setting {key}: must be positive, got {values[key]}")
+    for key in ("model_cache", "model_cache_bytes"):
+        if values[key] < 0:
+            raise SettingsError(f"setting {key}: must be >= 0, got {values[key]}")
     if values["reconnect_max_s"] < values["reconnect_min_s"]:
         raise SettingsError("setting reconnect_max_s: must be >= reconnect_min_s")
     if not re.match(r"^\d+/\d+$", values["data_shard"]):

@@ -11,6 +11,7 @@ from edge_agent.ml.models import BUILTIN
 from edge_agent.ml.pruning import BLOCK_SHAPE, GRANULARITIES
 from edge_agent.protocol.constants import IMPORTANCE_METHODS
 
+from ..downlink import DOWNLOAD_FORMATS
 from ..masks import MASK_POLICIES
 from ..schedule import SCHEDULES
 from ..strategy import AGGREGATIONS
@@ -112,6 +113,13 @@ class TrainConfig:
         "activation",
         "how devices rank units: mean |activation| on local data, weight L1/L2 norm, or a first-order " "Taylor score",
         choices=IMPORTANCE_METHODS,
+    )
+    download_format: str = option(
+        "exact",
+        "what goes down each round: the model as fp32 or fp16 values, or its change since the model the "
+        "clients hold, quantised to int8 / int4 with error feedback (devices without it get the exact "
+        "model)",
+        choices=DOWNLOAD_FORMATS,
     )
     round_timeout_s: float = option(600.0, "seconds to wait for updates in a round", flag="round_timeout")
     seed: int = option(0, "seed for model init, client sampling and local shuffling")

@@ -18,6 +18,7 @@ from typing import Any
 from edge_agent.protocol import codec
 from edge_agent.protocol.args import TrainPrepare, TrainRound
 
+from ..downlink import Downlink
 from ..masks import round_targets
 from ..model_worker import ModelWorkerError
 from ..schedule import sparsity_at
@@ -146,6 +147,8 @@ def setup(run: "Run", resume: str | None) -> Any:
             },
         )
     run.run_dir.mkdir(parents=True, exist_ok=True)
+    run.downlink = Downlink(cfg.download_format, seed=cfg.seed)
+    run.cast = run.downlink.prepare(gm, run.run_id)  # the devices' starting model is its reconstruction
     return gm
 
 
@@ -180,6 +183,8 @@ def run_round(run: Run, rnd: int) -> dict[str, Any]:
         if step is not None:
             with t("shrink"):
                 shrink(run, rnd, step)
+        with t("serialize"):  # what the devices will hold from here on: evaluated, saved, trained from
+            run.cast = run.downlink.prepare(gm, run.run_id)
     with t("evaluate"):
         metrics = gm.evaluate() if evaluated(cfg, rnd) else {}
     row = round_row(run, rnd, target, clients, agg, sent, applied, metrics, dense_bytes)
@@ -201,11 +206,13 @@ def send_and_collect(
     run: Run, rnd: int, clients: list[str], targets: list[float], agg: MaskedFedAvg, t: Timer, sent: Sent
 ) -> None:
     """Broadcast the model once, ask each client for a round, take each update as it comes (intake)."""
-    cfg, s, gm = run.cfg, run.session, run.gm
-    with t("serialize"):
-        blob = gm.encode({"run_id": run.run_id, "round": rnd})
-    with t("publish"):
-        ref = s.publish_blob(blob)
+    cfg, s, gm, cast = run.cfg, run.session, run.gm, run.cast
+    held = {d: run.downlink.holds.get(d) for d in clients}
+    with t("publish"):  # each broadcast goes out (retained) only if a client will fetch it; the exact model is
+        small = cast.small is not None and any(cast.fetches_small(h) for h in held.values())  # always on offer
+        exact = not all(cast.fetches_small(h) for h in held.values())
+        ref = s.publish_blob(cast.exact) if exact else s.offer_blob(cast.exact)
+        small_ref = s.publish_blob(cast.small) if small and cast.small is not None else None
     importance = None
     run.importance = {}
     if cfg.structured_step(rnd) is not None:  # the statistics the shrinking step after this round ranks by
@@ -215,6 +222,9 @@ def send_and_collect(
         run_id=run.run_id,
         round=rnd,
         model=ref,
+        model_digest=cast.digest,
+        delta=small_ref,
+        delta_base=cast.base,
         epochs=cfg.local_epochs,
         batch_size=cfg.batch_size,
         lr=cfg.lr,
@@ -233,12 +243,21 @@ def send_and_collect(
             break
         for fut in done:
             dev = pending.pop(fut)
-            error = intake(run, rnd, dev, fut.result(), targets, agg, t, sent.bytes_up)
+            reply = fut.result()
+            error = intake(run, rnd, dev, reply, targets, agg, t, sent.bytes_up)
             if error:
                 sent.failures[dev] = error
+            else:
+                run.downlink.trained(dev, cast.digest)
+            fetched = ((reply.result or {}).get("metrics") or {}).get("download_bytes")
+            sent.bytes_down[dev] = fetched if isinstance(fetched, int) else cast.size_for(held[dev])
         run.reporter.round_progress(rnd, len(clients) - len(pending), len(clients))
     for dev in pending.values():
         sent.failures[dev] = f"no update within --round-timeout {cfg.round_timeout_s:.0f} s"
         s.forget(submitted[dev][0])  # a result that still comes is late: logged and ignored
     s.clear_blob(ref.sha256)
-    sent.bytes_down = len(blob)
+    if small_ref is not None:
+        s.clear_blob(small_ref.sha256)
+    for dev in pending.values():
+        sent.bytes_down.setdefault(dev, cast.size_for(held[dev]))  # planned: it did not say
+    sent.download_format = cast.format

@@ -56,6 +56,8 @@ class Run:
     original_units: dict[str, int] = field(default_factory=dict)  # before any structured step
     initial_dense_bytes: int = 0  # the model as the run began (what upload ratios compare against)
     importance: dict[str, Any] = field(default_factory=dict)  # this round's sample-weighted sums, and the weight
+    downlink: Any = None  # coordinator.downlink.Downlink: what the devices hold, the error feedback
+    cast: Any = None  # coordinator.downlink.Cast: the next round's broadcast (prepared after aggregation)
 
 
 @dataclass
@@ -63,8 +65,9 @@ class Sent:
     """What one round moved: bytes each client uploaded, the broadcast's size, and why clients failed."""
 
     bytes_up: dict[str, int] = field(default_factory=dict)
-    bytes_down: int = 0
+    bytes_down: dict[str, int] = field(default_factory=dict)  # per client: what it fetched (it says; else planned)
     failures: dict[str, str] = field(default_factory=dict)
+    download_format: str = "exact"
 
 
 def round_row(
@@ -81,7 +84,7 @@ def round_row(
     """The record of one round (stored, printed, charted)."""
     gm = run.gm
     sparsity = sparsity_report(gm.masks, gm.names, gm.shapes)
-    ups = list(sent.bytes_up.values())
+    ups, downs = list(sent.bytes_up.values()), list(sent.bytes_down.values())
     return {
         "round": rnd,
         "target_sparsity": round(target, 5),
@@ -96,8 +99,10 @@ def round_row(
         "accuracy": metrics.get("accuracy"),
         "loss": metrics.get("loss"),
         "metrics": metrics,  # everything evaluated (a user model's own metrics too)
-        "bytes_down_per_client": sent.bytes_down,
-        "bytes_down_total": sent.bytes_down * len(clients),
+        "download_format": sent.download_format,
+        "bytes_down_per_client": (sum(downs) / len(downs)) if downs else 0,
+        "bytes_down_total": sum(downs),
+        "down_ratio_vs_dense_fp32": (dense_bytes / (sum(downs) / len(downs))) if downs and sum(downs) else None,
         "bytes_up_per_client": (sum(ups) / len(ups)) if ups else None,
         "bytes_up_total": sum(ups),
         "up_ratio_vs_dense_fp32": (dense_bytes / (sum(ups) / len(ups))) if ups else None,

@@ -173,10 +173,21 @@ class TrainRound:
     regrow: float = 0.0
     importance: dict[str, Any] | None = None  # statistics for the structured step after this round
     fetch_timeout_s: float = 300.0
+    # 1.3: the model's digest (codec.digest), and a smaller broadcast of it: a delta against the model
+    # ``delta_base`` (a digest the device holds), or with no base a quantised model; ``model`` is then the
+    # exact encoding, fetched by devices without the base or whose reconstruction does not match
+    model_digest: str | None = None
+    delta: BlobRef | None = None
+    delta_base: str | None = None
 
     def check(self, cmd: str) -> None:
         _run_id(cmd, self.run_id)
         self.model.check(cmd)
+        if self.delta is not None:
+            self.delta.check(cmd)
+        for d in (self.model_digest, self.delta_base):
+            if d is not None:
+                validate_sha256(d)
         if self.fetch_timeout_s <= 0:
             raise _bad(cmd, "fetch_timeout_s must be a positive number")
         if self.epochs < 1 or self.batch_size < 1:

@@ -42,6 +42,7 @@ is the receiver's policy (the aggregator rejects NaN/Inf updates).
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
@@ -188,6 +189,23 @@ def encode(
         allow_nan=True,
     ).encode()
     return _HEAD.pack(MAGIC, len(header)) + header + body
+
+
+def digest(names: Sequence[str], tensors: Sequence[np.ndarray], masks: Sequence[np.ndarray | None]) -> str:
+    """sha256 of what a model *is*: each tensor's name, shape, mask and float32 values (zeros where
+    masked, -0.0 as 0.0). Two encodings of the same weights have one digest; a delta's reconstruction
+    is checked against the one its sender announced."""
+    h = hashlib.sha256()
+    for name, t, m in zip(names, tensors, masks):
+        a = np.asarray(t, dtype="<f4") + np.float32(0.0)
+        if m is not None:
+            m = np.asarray(m, dtype=bool)
+            a = np.where(m, a, np.float32(0.0)).astype("<f4")
+        h.update(json.dumps([name, list(a.shape), m is not None]).encode())
+        if m is not None:
+            h.update(np.packbits(m.reshape(-1)).tobytes())
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
 
 
 def encode_update(

@@ -1,9 +1,10 @@
 """Protocol constants. Units are part of every name that has one."""
 
-PROTOCOL_VERSION = "1.2"
+PROTOCOL_VERSION = "1.3"
 """major.minor. Peers refuse a different major; minors only add optional keys and messages
 (1.1: ``blob_want``, ``blob_get`` with ``chunks``; 1.2: chunk frames in little-endian like the
-tensor codec, ``EPF2``, written only to peers that speak 1.2 and read from all)."""
+tensor codec, ``EPF2``, written only to peers that speak 1.2 and read from all; 1.3: ``train_round``
+with ``model_digest``, ``delta`` and ``delta_base``, the sparse downlink)."""
 
 FRAMES_LITTLE_ENDIAN_SINCE = (1, 2)
 """The protocol version from which a peer reads ``EPF2`` chunk frames."""

@@ -1,0 +1,127 @@
+"""What goes down to the devices each round, and what they then hold (``--download-format``).
+
+Formats:
+
+- ``exact``: the global model as fp32 values and bitmap masks (zstd), to every client.
+- ``fp16``: the same with fp16 values.
+- ``delta-int8`` / ``delta-int4``: the change since the model the clients already hold (their
+  *base*): mask changes against the base's masks (``relative``/``xor`` bitmaps), kept values as
+  ``new - base`` quantised to int8 / int4 per tensor with unbiased stochastic rounding, zstd.
+  With no base (round 1, after a structured step, after a resume) the quantised model itself.
+
+Every lossy format is defined by its *reconstruction*: the coordinator decodes its own broadcast
+with the same codec the devices run and gets, bit for bit, the weights each device will hold. That
+reconstruction becomes the global model (it is evaluated, saved and trained from), and its
+:func:`~edge_agent.protocol.codec.digest` is announced, so a device whose reconstruction differs
+throws it away and fetches the exact encoding of the same weights instead. The quantisation error
+(what the broadcast left out) is kept here and added to the next round's model before it is
+encoded, so it is re-sent instead of lost (error feedback) and does not accumulate over rounds.
+
+Devices that do not hold the base (new, missed a round, restarted without their cache) get the
+exact encoding; a broadcast goes out only to whom needs it (:meth:`Cast.plan`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from edge_agent.protocol import codec
+
+DOWNLOAD_FORMATS = ("exact", "fp16", "delta-int8", "delta-int4")
+KEEP_BASES = 2  # reconstructions kept to encode a delta against (the devices keep as many, settings)
+
+
+@dataclass
+class Cast:
+    """One round's downlink: the reconstruction's digest, its exact encoding, and the smaller broadcast."""
+
+    digest: str
+    exact: bytes  # the reconstruction as fp32 + bitmaps: what a device without the base fetches
+    small: bytes | None  # the delta (or the quantised / fp16 model); None for --download-format exact
+    base: str | None  # the digest ``small`` is a delta against; None if it needs no base
+    format: str
+
+    def fetches_small(self, held: str | None) -> bool:
+        """Whether a device that holds the model ``held`` is sent the small broadcast."""
+        return self.small is not None and (self.base is None or held == self.base)
+
+    def size_for(self, held: str | None) -> int:
+        return len(self.small) if self.small is not None and self.fetches_small(held) else len(self.exact)
+
+
+@dataclass
+class Downlink:
+    format: str = "exact"
+    error: list[np.ndarray] | None = None  # error feedback: what the last broadcast left out
+    bases: dict[str, tuple[list[str], list[np.ndarray], list[np.ndarray | None]]] = field(default_factory=dict)
+    holds: dict[str, str] = field(default_factory=dict)  # device -> digest of the model it last trained from
+    seed: int = 0
+
+    def prepare(self, gm: Any, run_id: str) -> Cast:
+        """Encode the global model for the next round and replace ``gm.weights`` by the reconstruction."""
+        names, masks = list(gm.names), list(gm.masks)
+        target = [np.asarray(w, dtype=np.float32) for w in gm.weights]
+        if self.error is not None and [e.shape for e in self.error] == [t.shape for t in target]:
+            target = [t + e for t, e in zip(target, self.error)]
+        target = [t * m if m is not None else t for t, m in zip(target, masks)]
+        meta = {"run_id": run_id}
+        base_digest, base = self._base_for(names, target)
+        self.seed += 1
+        small: bytes | None = None
+        if self.format == "fp16":
+            small = codec.encode(target, names=names, masks=masks, kind="model", values="fp16", meta=meta)
+            recon = codec.decode(small).tensors
+        elif self.format != "exact":
+            values = self.format.removeprefix("delta-")
+            if base is None:
+                small = codec.encode(
+                    target, names=names, masks=masks, kind="model", values=values, meta=meta, seed=self.seed
+                )
+                recon = codec.decode(small).tensors
+            else:
+                _, ref, ref_masks = base
+                small = codec.encode(
+                    target,
+                    names=names,
+                    masks=masks,
+                    kind="delta",
+                    reference=ref,
+                    reference_masks=ref_masks,
+                    values=values,
+                    delta=True,
+                    meta={**meta, "base": base_digest},
+                    seed=self.seed,
+                )
+                recon = codec.decode(small, reference=ref, reference_masks=ref_masks).tensors
+        else:
+            recon = target
+        gm.weights = recon
+        exact = gm.encode(meta)  # fp32 values (and bitmaps when pruning): what a device without a base gets
+        if self.format == "exact":
+            recon = gm.weights = codec.decode(exact).tensors
+        self.error = None if self.format == "exact" else [t - r for t, r in zip(target, recon)]
+        digest = codec.digest(names, recon, masks)
+        self.bases[digest] = (names, recon, masks)
+        while len(self.bases) > KEEP_BASES:
+            self.bases.pop(next(iter(self.bases)))
+        return Cast(digest, exact, small, base_digest if small is not None and base is not None else None, self.format)
+
+    def _base_for(self, names: list[str], target: list[np.ndarray]):
+        """The model most devices hold, if it has this model's tensors (a structured step changes them)."""
+        if not self.format.startswith("delta-") or not self.holds:
+            return None, None
+        counts: dict[str, int] = {}
+        for digest in self.holds.values():
+            counts[digest] = counts.get(digest, 0) + 1
+        for digest, _ in sorted(counts.items(), key=lambda kv: -kv[1]):
+            base = self.bases.get(digest)
+            if base is not None and base[0] == names and [b.shape for b in base[1]] == [t.shape for t in target]:
+                return digest, base
+        return None, None
+
+    def trained(self, device: str, digest: str) -> None:
+        """``device``'s update of a round counted: it holds that round's model now."""
+        self.holds[device] = digest
