@@ -27,31 +27,6 @@ from pathlib import Path
 from common import BIN, broker_mod, machine
 
 MAX_COORDINATOR_RSS_MB = 500
-SYS_TOPICS = ("messages/received", "messages/sent", "bytes/received", "bytes/sent")
-
-
-class BrokerCounters:
-    """Mosquitto's $SYS totals, refreshed every second (sys_interval 1)."""
-
-    def __init__(self, url: str):
-        import paho.mqtt.client as mqtt
-
-        host, port = url.split("//")[1].split(":")
-        self.values: dict[str, int] = {}
-        self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
-        self.c.on_message = lambda c, u, m: self.values.__setitem__(m.topic.split("broker/", 1)[1], int(m.payload))
-        self.c.connect(host, int(port))
-        for t in SYS_TOPICS:
-            self.c.subscribe(f"$SYS/broker/{t}")
-        self.c.loop_start()
-
-    def snapshot(self) -> dict[str, int]:
-        time.sleep(2.2)  # two refreshes: the totals include everything before this call
-        return dict(self.values)
-
-    def close(self) -> None:
-        self.c.loop_stop()
-        self.c.disconnect()
 
 
 def measure(n: int, processes: int, delay: float, work: Path) -> dict:
@@ -95,7 +70,7 @@ def measure(n: int, processes: int, delay: float, work: Path) -> dict:
         registry.close()
         if not ok:
             raise RuntimeError(f"only {sum(r['state'] == 'online' for r in registry.device_table())}/{n} online")
-        counters = BrokerCounters(b.url)
+        counters = broker_mod.SysCounters(b.url)
         before = counters.snapshot()
         t1 = time.perf_counter()
         out = subprocess.run(
@@ -139,7 +114,7 @@ def measure(n: int, processes: int, delay: float, work: Path) -> dict:
             raise RuntimeError(f"edgeprune train failed ({out.returncode}): {out.stdout[-2000:]} {out.stderr[-2000:]}")
         summary = json.loads(out.stdout)
         row = summary["rounds"][0]
-        delta = {k.replace("/", "_"): after.get(k, 0) - before.get(k, 0) for k in SYS_TOPICS}
+        delta = {k.replace("/", "_"): after.get(k, 0) - before.get(k, 0) for k in broker_mod.SYS_TOPICS}
         rss = summary["peak_rss_bytes"]
         return {
             "configuration": f"N={n}",

@@ -262,3 +262,31 @@ if __name__ == "__main__":  # used by start(kind="embedded")
     a = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     run_embedded(a.host, a.port)
+
+
+SYS_TOPICS = ("messages/received", "messages/sent", "bytes/received", "bytes/sent")
+
+
+class SysCounters:
+    """Mosquitto's $SYS totals (messages and bytes in and out), refreshed every second: start the broker
+    with ``sys_interval_s=1``. For benchmarks and tests that check what crossed the broker."""
+
+    def __init__(self, url: str):
+        import paho.mqtt.client as mqtt
+
+        host, port = url.split("//")[1].split(":")
+        self.values: dict[str, int] = {}
+        self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
+        self.c.on_message = lambda c, u, m: self.values.__setitem__(m.topic.split("broker/", 1)[1], int(m.payload))
+        self.c.connect(host, int(port))
+        for t in SYS_TOPICS:
+            self.c.subscribe(f"$SYS/broker/{t}")
+        self.c.loop_start()
+
+    def snapshot(self) -> dict[str, int]:
+        time.sleep(2.2)  # two refreshes: the totals include everything before this call
+        return dict(self.values)
+
+    def close(self) -> None:
+        self.c.loop_stop()
+        self.c.disconnect()

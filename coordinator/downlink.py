@@ -109,6 +109,16 @@ class Downlink:
             self.bases.pop(next(iter(self.bases)))
         return Cast(digest, exact, small, base_digest if small is not None and base is not None else None, self.format)
 
+    def finish(self, gm: Any) -> None:
+        """After the last round nothing goes down again: the global model is the exact one (the aggregate
+        plus what earlier broadcasts left out), not a reconstruction."""
+        if self.error is not None and [e.shape for e in self.error] == [np.shape(w) for w in gm.weights]:
+            gm.weights = [
+                (np.asarray(w, np.float32) + e) * (m if m is not None else 1)
+                for w, e, m in zip(gm.weights, self.error, gm.masks)
+            ]
+        self.error = None
+
     def _base_for(self, names: list[str], target: list[np.ndarray]):
         """The model most devices hold, if it has this model's tensors (a structured step changes them)."""
         if not self.format.startswith("delta-") or not self.holds:

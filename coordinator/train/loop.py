@@ -184,7 +184,10 @@ def run_round(run: Run, rnd: int) -> dict[str, Any]:
             with t("shrink"):
                 shrink(run, rnd, step)
         with t("serialize"):  # what the devices will hold from here on: evaluated, saved, trained from
-            run.cast = run.downlink.prepare(gm, run.run_id)
+            if rnd < cfg.rounds:
+                run.cast = run.downlink.prepare(gm, run.run_id)
+            else:
+                run.downlink.finish(gm)
     with t("evaluate"):
         metrics = gm.evaluate() if evaluated(cfg, rnd) else {}
     row = round_row(run, rnd, target, clients, agg, sent, applied, metrics, dense_bytes)

@@ -33,10 +33,12 @@ class Behaviour:
     """How one device's training goes wrong, from round ``from_round`` on."""
 
     fail: bool = False  # an error reply instead of an update
+    forget: bool = False  # with fail: it also loses the global models it held (never had this round's)
     stall_s: float = 0.0  # answer this much later (past a round timeout)
     vanish: bool = False  # its connection dies mid-round, as a device that loses power
     shift: float = 0.0  # every kept weight of its update moved by this much (a poisoned update)
     from_round: int = 1
+    to_round: int = 10**9
 
 
 class FaultyTrainer(SyntheticTrainer):
@@ -46,15 +48,18 @@ class FaultyTrainer(SyntheticTrainer):
 
     def round(self, run_id: str, msg: dict[str, Any]) -> dict[str, Any]:
         b = self.behaviour
-        if msg.get("round", 0) >= b.from_round:
+        if b.from_round <= msg.get("round", 0) <= b.to_round:
             if b.fail:
+                if b.forget:
+                    for digest in self.agent_ref[0].held.digests():
+                        self.agent_ref[0].held.path(digest).unlink()
                 raise ProtocolError(ErrorCode.INTERNAL, "simulated training failure")
             if b.vanish:
                 self.agent_ref[0].link.kill()
                 time.sleep(1.0)
             time.sleep(b.stall_s)
         out = super().round(run_id, msg)
-        if b.shift and msg.get("round", 0) >= b.from_round:
+        if b.shift and b.from_round <= msg.get("round", 0) <= b.to_round:
             out["update"] = _shifted(out["update"], msg, b.shift)
         return out
 
@@ -77,8 +82,8 @@ def _shifted(update: bytes, msg: dict[str, Any], shift: float) -> bytes:
 
 
 class MemoryFleet:
-    def __init__(self, root: Path, fleet: str = "mem"):
-        self.url = f"memory://fleet{next(_names)}"
+    def __init__(self, root: Path, fleet: str = "mem", url: str | None = None):
+        self.url = url or f"memory://fleet{next(_names)}"
         self.root, self.fleet = root, fleet
         self.agents: dict[str, SimulatedAgent] = {}
         self.cache = UpdateCache()
@@ -122,12 +127,14 @@ class MemoryFleet:
             t.start()
         for t in stoppers:
             t.join(10)
-        MemoryBroker.drop(self.url.removeprefix("memory://"))
+        if self.url.startswith("memory://"):
+            MemoryBroker.drop(self.url.removeprefix("memory://"))
 
 
 @contextmanager
-def memory_fleet(root: Path, fleet: str = "mem") -> Iterator[MemoryFleet]:
-    f = MemoryFleet(root, fleet)
+def memory_fleet(root: Path, fleet: str = "mem", url: str | None = None) -> Iterator[MemoryFleet]:
+    """Simulated agents in this process: over memory:// unless ``url`` names a real broker."""
+    f = MemoryFleet(root, fleet, url)
     try:
         yield f
     finally:

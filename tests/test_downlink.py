@@ -1,0 +1,241 @@
+"""The sparse downlink: exact reconstructions, error feedback, and devices that lack or lose their base."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from coordinator import broker as broker_mod
+from coordinator.downlink import Downlink
+from coordinator.global_model import GlobalModel
+from coordinator.model_worker import InProcessModelWorker
+from coordinator.train import TrainConfig, train
+from coordinator.train.observer import Silent
+from edge_agent import heldmodels
+from edge_agent.protocol import codec
+from edge_agent.protocol.args import BlobRef, TrainRound
+from edge_agent.protocol.errors import ProtocolError
+
+from .helpers.memfleet import Behaviour, memory_fleet
+
+SHAPES = [(6, 5), (5,)]
+NAMES = ["d/kernel", "d/bias"]
+
+
+class _Model:
+    """What Downlink reads and writes of a GlobalModel: names, weights, masks, and its exact encoding."""
+
+    def __init__(self, weights, masks):
+        self.names, self.weights, self.masks, self.pruning_on = NAMES, weights, masks, True
+
+    def encode(self, meta):
+        return codec.encode(self.weights, names=self.names, masks=self.masks, kind="model", meta=meta)
+
+
+def _device_view(cast, held: codec.Bundle | None) -> codec.Bundle:
+    """What a device rebuilds from the cast, holding ``held`` (the round before's model) or nothing."""
+    if cast.small is not None and (cast.base is None or held is not None):
+        if cast.base is None:
+            return codec.decode(cast.small)
+        return codec.decode(cast.small, reference=held.tensors, reference_masks=held.masks)
+    return codec.decode(cast.exact)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    fmt=st.sampled_from(["exact", "fp16", "delta-int8", "delta-int4"]),
+    seed=st.integers(0, 2**16),
+    rounds=st.integers(2, 6),
+)
+def test_what_a_device_rebuilds_is_what_the_coordinator_announced(fmt, seed, rounds):
+    """Masks that shrink and grow back (regrowth), rounds after rounds: the device's reconstruction has
+    the announced digest, and it is what the coordinator goes on from."""
+    rng = np.random.default_rng(seed)
+    link = Downlink(fmt, seed=seed)
+    held = None
+    for rnd in range(rounds):
+        masks = [rng.random(SHAPES[0]) < rng.uniform(0.2, 0.9), None]
+        weights = [rng.normal(0, 1, s).astype(np.float32) * (m if m is not None else 1) for s, m in zip(SHAPES, masks)]
+        gm = _Model(weights, masks)
+        cast = link.prepare(gm, "r")
+        got = _device_view(cast, held)
+        assert codec.digest(got.names, got.tensors, got.masks) == cast.digest
+        assert all(np.array_equal(a, b) for a, b in zip(got.tensors, gm.weights))  # the global model is it
+        exact = codec.decode(cast.exact)
+        assert codec.digest(exact.names, exact.tensors, exact.masks) == cast.digest  # the fallback is the same
+        link.trained("dev", cast.digest)
+        held = got
+        if fmt.startswith("delta") and rnd:
+            assert cast.base is not None  # a delta, after round one
+
+
+@pytest.mark.parametrize("fmt, step", [("delta-int8", 1 / 127), ("delta-int4", 1 / 7), ("fp16", 1e-3)])
+def test_error_feedback_keeps_the_held_model_on_the_true_one(fmt, step):
+    """With the true model fixed, what devices hold never drifts from it and averages to it."""
+    rng = np.random.default_rng(0)
+    true = [rng.normal(0, 1, s).astype(np.float32) for s in SHAPES]
+    masks = [np.ones(SHAPES[0], bool), None]
+    link, held = Downlink(fmt), []
+    for _ in range(40):
+        gm = _Model([t.copy() for t in true], masks)
+        link.prepare(gm, "r")
+        link.trained("dev", "x")  # holders make the next cast a delta (the digest is looked up by base)
+        link.holds["dev"] = next(reversed(link.bases))
+        held.append(gm.weights[0])
+    err = np.abs(np.stack(held) - true[0])
+    peak = np.abs(true[0]).max()
+    assert err.max() <= 2 * step * peak + 1e-6  # bounded: no accumulation over 40 rounds
+    assert np.abs(np.mean(held, axis=0) - true[0]).max() <= 0.25 * step * peak + 1e-6  # and unbiased
+
+
+def _round_args(cast, small_ref, exact_ref, base):
+    return TrainRound(run_id="r", round=2, model=exact_ref, model_digest=cast.digest, delta=small_ref, delta_base=base)
+
+
+def _blobs(*datas):
+    store = {codec_sha(d): d for d in datas}
+    fetched: list[str] = []
+
+    def fetch(sha, timeout_s, size, chunks):
+        fetched.append(sha)
+        return store[sha]
+
+    return fetch, fetched
+
+
+def codec_sha(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+BIG = [(200, 100), (100,)]
+
+
+def _two_casts(tmp_path):
+    rng = np.random.default_rng(1)
+    link = Downlink("delta-int8")
+    masks = [rng.random(BIG[0]) < 0.5, None]
+    first = link.prepare(_Model([rng.normal(0, 1, s).astype(np.float32) for s in BIG], masks), "r")
+    link.trained("dev", first.digest)
+    second = link.prepare(_Model([rng.normal(0, 1, s).astype(np.float32) for s in BIG], masks), "r")
+    assert second.base == first.digest
+    held = heldmodels.HeldModels(tmp_path / "models", keep=2, max_bytes=1 << 20)
+    held.put(codec.decode(first.exact))
+    ref = lambda data: BlobRef(codec_sha(data), len(data), 1)  # noqa: E731
+    return held, first, second, ref
+
+
+def test_a_device_holding_the_base_fetches_only_the_delta(tmp_path):
+    held, first, second, ref = _two_casts(tmp_path)
+    fetch, fetched = _blobs(second.small, second.exact)
+    _, how = heldmodels.obtain(held, _round_args(second, ref(second.small), ref(second.exact), first.digest), fetch)
+    assert how == {"download": "delta", "download_bytes": len(second.small)} and len(second.small) < len(second.exact)
+    _, again = heldmodels.obtain(held, _round_args(second, ref(second.small), ref(second.exact), first.digest), fetch)
+    assert again["download"] == "cached" and fetched == [codec_sha(second.small)]
+
+
+@pytest.mark.parametrize("damage", ["evicted", "corrupted"])
+def test_a_lost_or_corrupted_base_is_detected_and_the_exact_model_fetched(tmp_path, damage):
+    held, first, second, ref = _two_casts(tmp_path)
+    path = held.path(first.digest)
+    if damage == "evicted":
+        path.unlink()
+    else:
+        data = bytearray(path.read_bytes())
+        data[-1] ^= 0xFF  # one weight's last byte
+        path.write_bytes(bytes(data))
+    fetch, fetched = _blobs(second.small, second.exact)
+    data, how = heldmodels.obtain(held, _round_args(second, ref(second.small), ref(second.exact), first.digest), fetch)
+    assert how == {"download": "exact", "download_bytes": len(second.exact)} and fetched == [codec_sha(second.exact)]
+    got = codec.decode(data)
+    assert codec.digest(got.names, got.tensors, got.masks) == second.digest
+    assert not path.exists() or damage == "evicted"
+
+
+def test_a_reconstruction_that_does_not_match_is_discarded_for_the_exact_model(tmp_path):
+    held, first, second, ref = _two_casts(tmp_path)
+    other = Downlink("delta-int8")  # a delta of other weights against the same base: decodes, wrong digest
+    other.bases = {first.digest: _base_of(first)}
+    other.holds = {"dev": first.digest}
+    rng = np.random.default_rng(9)
+    bad = other.prepare(_Model([rng.normal(0, 1, s).astype(np.float32) for s in BIG], _base_of(first)[2]), "r")
+    fetch, fetched = _blobs(bad.small, second.exact)
+    data, how = heldmodels.obtain(held, _round_args(second, ref(bad.small), ref(second.exact), first.digest), fetch)
+    assert how["download"] == "recovered" and how["download_bytes"] == len(bad.small) + len(second.exact)
+    got = codec.decode(data)
+    assert codec.digest(got.names, got.tensors, got.masks) == second.digest
+    with pytest.raises(ProtocolError, match="digest"):  # an exact model that is not the announced one: refused
+        heldmodels.obtain(
+            heldmodels.HeldModels(tmp_path / "m2", 2, 1 << 20),
+            TrainRound(run_id="r", round=2, model=ref(bad.exact), model_digest=second.digest),
+            _blobs(bad.exact)[0],
+        )
+
+
+def _base_of(cast):
+    b = codec.decode(cast.exact)
+    return (b.names, b.tensors, b.masks)
+
+
+# -- a whole run ------------------------------------------------------------------------------
+
+MLP = {"model": "mlp", "input_shape": (64,), "num_classes": 10, "eval_data": None, "local_epochs": 1}
+
+
+@pytest.fixture
+def keras_in_process(monkeypatch):
+    monkeypatch.setattr(GlobalModel, "worker_class", InProcessModelWorker)
+
+
+def test_a_device_that_missed_a_round_gets_the_exact_model_and_trains_on_the_same_weights(tmp_path, keras_in_process):
+    with memory_fleet(tmp_path) as f:
+        for d in ("a", "b"):
+            f.add(d)
+        f.add("late", Behaviour(fail=True, forget=True, from_round=2, to_round=2))
+        s = f.connect(3)
+        cfg = TrainConfig(**MLP, rounds=4, sparsity=0.8, schedule="constant", download_format="delta-int8")
+        out = train(cfg, s, s.store, Silent())
+        rows = s.store.rounds(out["run_id"])
+        clients = {(c["round"], c["device_id"]): c for c in s.store.client_rounds(out["run_id"])}
+        held = {d: set(a.held.digests()) for d, a in f.agents.items()}
+    assert out["state"] == "done" and [r["clients_ok"] for r in rows] == [3, 2, 3, 3]
+    how = lambda rnd, dev: (clients[(rnd, dev)]["metrics"] or {}).get("download")  # noqa: E731
+    assert [how(1, d) for d in ("a", "b", "late")] == ["small"] * 3  # round 1: the quantised model, to all
+    assert how(3, "a") == how(3, "b") == "delta" and how(3, "late") == "exact"  # it did not count in round 2
+    assert how(4, "late") == "delta"
+    assert set.intersection(*held.values())  # every device holds the same model: the one of the last round
+    r3 = rows[2]
+    assert r3["download_format"] == "delta-int8" and r3["bytes_down_total"] == sum(
+        clients[(3, d)]["metrics"]["download_bytes"] for d in ("a", "b", "late")
+    )
+
+
+def test_round_rows_count_the_bytes_that_crossed_the_broker(tmp_path, keras_in_process):
+    """The bytes a round row says went down and up are what Mosquitto's $SYS counters saw it send,
+    less the control traffic and framing (which the row does not count)."""
+    b = broker_mod.start("mosquitto", "127.0.0.1", 0, tmp_path / "broker", sys_interval_s=1)
+    counters = broker_mod.SysCounters(b.url)
+    try:
+        with memory_fleet(tmp_path, url=b.url) as f:
+            for d in ("a", "b", "c"):
+                f.add(d, heartbeat_s=30.0)
+            s = f.connect(3)
+            rows = {}
+            for fmt in ("exact", "delta-int8"):
+                before = counters.snapshot()["bytes/sent"]
+                cfg = TrainConfig(**MLP, rounds=3, sparsity=0.5, schedule="constant", download_format=fmt)
+                out = train(cfg, s, s.store, Silent())
+                sent = counters.snapshot()["bytes/sent"] - before
+                rows[fmt] = s.store.rounds(out["run_id"])
+                counted = sum(r["bytes_down_total"] + r["bytes_up_total"] for r in rows[fmt])
+                print(f"{fmt}: rows count {counted:,} B, the broker sent {sent:,} B")
+                assert counted <= sent <= counted * 1.05 + 60_000, (fmt, counted, sent)
+    finally:
+        counters.close()
+        b.stop()
+    assert sum(r["bytes_down_total"] for r in rows["delta-int8"]) * 3 < sum(
+        r["bytes_down_total"] for r in rows["exact"]
+    )
