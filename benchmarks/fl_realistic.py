@@ -54,7 +54,7 @@ def pruning_only_bytes(row_sparsity_per_tensor: dict, tensors: list[dict]) -> fl
     return total
 
 
-def run_config(url: str, fleet: str, sparsity: float, a, work: Path, say) -> dict:
+def run_config(url: str, fleet: str, sparsity: float, a, work: Path, say, fmt: str = "exact") -> dict:
     from coordinator.progress import Reporter
     from coordinator.session import Session
     from coordinator.store import Store
@@ -76,7 +76,7 @@ def run_config(url: str, fleet: str, sparsity: float, a, work: Path, say) -> dic
                 f"clients, {row['wall_s']:.1f} s; config ETA {eta / 60:.1f} min"
             )
 
-    store = Store(work / f"home-{sparsity}")
+    store = Store(work / f"home-{sparsity}-{fmt}")
     s = Session(url, fleet, store, long_running=True, keepalive_s=30).start(20)
     try:
         assert s.wait_for(
@@ -97,6 +97,7 @@ def run_config(url: str, fleet: str, sparsity: float, a, work: Path, say) -> dic
             schedule=a.schedule,
             ramp_fraction=a.ramp,
             eval_every=a.eval_every,
+            download_format=fmt,
         )
         t0 = time.monotonic()
         summary = train(cfg, s, store, Progress())
@@ -115,8 +116,10 @@ def run_config(url: str, fleet: str, sparsity: float, a, work: Path, say) -> dic
         cum.append(total)
     dense = rows[0]["dense_fp32_bytes"]
     return {
-        "configuration": "dense FedAvg" if sparsity == 0 else f"{sparsity:.0%} sparsity",
+        "configuration": ("dense FedAvg" if sparsity == 0 else f"{sparsity:.0%} sparsity")
+        + ("" if fmt == "exact" else f", {fmt} download"),
         "sparsity_target": sparsity,
+        "download_format": fmt,
         "run_id": summary["run_id"],
         "state": summary["state"],
         "rounds": len(rows),
@@ -127,6 +130,9 @@ def run_config(url: str, fleet: str, sparsity: float, a, work: Path, say) -> dic
         "accuracy_per_round": acc,
         "upload_bytes_per_client_round": sum(ups) / len(ups),
         "download_bytes_per_client_round": sum(r["bytes_down_per_client"] for r in rows) / len(rows),
+        "download_bytes_steady": sum(r["bytes_down_per_client"] for r in rows[1:]) / max(1, len(rows) - 1),
+        "down_ratio_vs_dense_fp32": rows[0]["dense_fp32_bytes"]
+        / (sum(r["bytes_down_per_client"] for r in rows) / len(rows)),
         "upload_total": sum(r["bytes_up_total"] for r in rows),
         "download_total": sum(r["bytes_down_total"] for r in rows),
         "cumulative_bytes": cum,
@@ -177,6 +183,11 @@ def main() -> int:
     p.add_argument("--ramp", type=float, default=0.5, help="fraction of rounds to reach the target sparsity")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-every", type=int, default=5, help="evaluate every K rounds (and each of the last 10)")
+    p.add_argument(
+        "--download-formats",
+        default="exact",
+        help="comma-separated --download-format runs of each pruned configuration (dense: exact only)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object per configuration")
     p.add_argument("--figure", default=str(ROOT / "benchmarks" / "results" / "fl_realistic.png"))
     a = p.parse_args()
@@ -222,10 +233,11 @@ def main() -> int:
         ready = json.loads(sim.stdout.readline())
         say(f"{ready['connected']}/{a.devices} simulated devices connected in {ready['ready_s']:.1f} s")
         rss = PeakRss(ready["pids"][0])  # the agents' host (--trainer tf: one), not the launcher
-        for i, sparsity in enumerate(a.configs):
-            say(f"[{i + 1}/{len(a.configs)}] {'dense FedAvg' if sparsity == 0 else f'{sparsity:.0%} sparsity'}")
-            rows.append(run_config(b.url, fleet, sparsity, a, work, say))
-            left = (time.monotonic() - t_start) / (i + 1) * (len(a.configs) - i - 1)
+        plan = [(sp, f) for sp in a.configs for f in (["exact"] if sp == 0 else a.download_formats.split(","))]
+        for i, (sparsity, fmt) in enumerate(plan):
+            say(f"[{i + 1}/{len(plan)}] {'dense FedAvg' if sparsity == 0 else f'{sparsity:.0%} sparsity'}, {fmt}")
+            rows.append(run_config(b.url, fleet, sparsity, a, work, say, fmt))
+            left = (time.monotonic() - t_start) / (i + 1) * (len(plan) - i - 1)
             say(f"  done: last-10 accuracy {rows[-1]['accuracy_last10'] * 100:.2f}%; benchmark ETA {left / 60:.1f} min")
         peaks = rss.stop()
     finally:
@@ -237,6 +249,12 @@ def main() -> int:
         b.stop()
     dense = next((r for r in rows if r["sparsity_target"] == 0), None)
     for r in rows:
+        exact = next(
+            (e for e in rows if e["sparsity_target"] == r["sparsity_target"] and e["download_format"] == "exact"), None
+        )
+        if r["download_format"] != "exact" and exact is not None:  # issue 16's comparison, same run
+            r["gap_to_exact_download_last10_pts"] = round((exact["accuracy_last10"] - r["accuracy_last10"]) * 100, 2)
+            r["gap_to_exact_download_final_pts"] = round((exact["final_accuracy"] - r["final_accuracy"]) * 100, 2)
         r["simulator_peak_rss_mb"] = round(peaks["simulator_agents"] / 2**20, 1)
         r["worker_peak_rss_mb"] = round(peaks["worker_max"] / 2**20, 1)
         r["tf_workers"] = peaks["workers"]

@@ -46,27 +46,39 @@ def _met(r) -> str:
 def scale_section(rows) -> list[str]:
     runs = [r for r in rows if "devices" in r]
     g = next((r for r in rows if r["configuration"].startswith("growth")), None)
+    rounds = runs[0].get("rounds", 1)
     out = [
         f"**Fleet scale** (`python benchmarks/fleet_scale.py`): `edgeprune simulate` agents (the real agent code "
         f"with a synthetic trainer, {runs[0]['simulator_processes']} processes on this same machine) against "
-        "Mosquitto; one `edgeprune train --rounds 1` over all of them with digits_cnn "
-        f"({runs[0]['model_dense_fp32_bytes'] / 1e6:.2f} MB dense fp32) at 50% sparsity. Broker figures are "
-        "Mosquitto's `$SYS` counters over the train command.",
+        f"Mosquitto; at each size one `edgeprune train --rounds {rounds}` per download format over all of them "
+        f"with digits_cnn ({runs[0]['model_dense_fp32_bytes'] / 1e6:.2f} MB dense fp32) at 50% sparsity. Round "
+        "figures are round 1; broker figures are Mosquitto's `$SYS` counters over the train command (MB out per "
+        "round: divided by the rounds).",
         "",
-        "| devices | all online | round wall | of which decode+check | coordinator peak RSS | TF model worker "
-        "(apart) | coordinator CPU | aggregator memory | broker msgs in/out | broker MB in/out | target |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| devices | download | all online | round wall | of which decode+check | coordinator peak RSS | TF model "
+        "worker (apart) | coordinator CPU | aggregator memory | broker msgs in/out | broker MB in/out | MB out per "
+        "round | target |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in runs:
         b = r["broker"]
+        per_round = r.get("broker_bytes_sent_per_round", b["bytes_sent"])
         out.append(
-            f"| {r['devices']:,} | {r['online_s']:.1f} s | {r['round_wall_s']:.1f} s "
+            f"| {r['devices']:,} | {r.get('download_format', 'exact')} | {r['online_s']:.1f} s | {r['round_wall_s']:.1f} s "
             f"({r['clients_ok']:,} updates) | {r['round_phases_s']['decode']:.1f} s | "
             f"{r['coordinator_peak_rss_mb']:.0f} MB | {r['model_worker_peak_rss_mb']:.0f} MB | "
             f"{r['coordinator_cpu_s']:.0f} s | {r['aggregator_bytes'] / 2**20:.1f} MiB | "
             f"{b['messages_received']:,} / {b['messages_sent']:,} | {b['bytes_received'] / 1e6:,.0f} / "
-            f"{b['bytes_sent'] / 1e6:,.0f} | {_met(r)} |"
+            f"{b['bytes_sent'] / 1e6:,.0f} | {per_round / 1e6:,.0f} | {_met(r)} |"
         )
+    for r in rows:
+        if "broker_bytes_out_ratio" in r:
+            out += [
+                "",
+                f"{r['configuration']}: **{r['broker_bytes_out_ratio']:.1f}x** fewer broker bytes out per round, "
+                f"download per client-round {r['download_ratio_per_client_round']:.1f}x smaller"
+                + (f" (target >= {r['target']['min_broker_bytes_out_ratio']}x: {_met(r)})." if "target" in r else "."),
+            ]
     if g:
         out += [
             "",
@@ -151,20 +163,32 @@ def fl_section(rows) -> list[str]:
     out = [
         f"**Federated pruning on digits** (`python benchmarks/fl_pruning.py`): {first['clients']} agents as local "
         f"processes, Dirichlet alpha 0.5 shards, {first['rounds']} rounds x 2 local epochs, the same seed for every "
-        "row, all measured in one run. Upload bytes are averaged over every client-round of the run "
-        "(ramp-up rounds included); the last column is the steady-state last round.",
+        "row, all measured in one run. Upload and download bytes are averaged over every client-round of the run "
+        "(ramp-up rounds and the first, full download included); 'last round' is the steady-state last round's "
+        "upload, the download in brackets the mean after round 1. Each pruned sparsity runs with every "
+        "`--download-format`; 'vs exact download' is the accuracy gap to the exact broadcast at that sparsity.",
         "",
-        "| sparsity | final accuracy | gap to dense | upload B/client-round | vs dense fp32 | last round | "
-        "round wall | vs dense round (after round 1) | total wall | target |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| sparsity | download | final accuracy | gap to dense | vs exact download | upload B/client-round | "
+        "vs dense fp32 | last round | download B/client-round (steady) | vs dense fp32 | round wall | vs dense "
+        "round (after round 1) | total wall | target |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in runs:
         target = r.get("target") or {}
         met = {True: "met", False: "**missed**", None: "-"}[r.get("target_met")]
+        gap_exact = r.get("accuracy_gap_vs_exact_pts")
+        down = r.get("download_bytes_per_client_round")
         out.append(
-            f"| {r['sparsity']:.0%} | {r['final_accuracy'] * 100:.2f}% | {r['accuracy_gap_pts']:.2f} pts | "
+            f"| {r['sparsity']:.0%} | {r.get('download_format', 'exact')} | {r['final_accuracy'] * 100:.2f}% | "
+            f"{r['accuracy_gap_pts']:.2f} pts | {'' if gap_exact is None else f'{gap_exact:.2f} pts'} | "
             f"{r['upload_bytes_per_client_round']:,.0f} | {r['ratio_vs_dense_fp32']:.1f}x | "
-            f"{r['dense_fp32_bytes'] / r['upload_bytes_last_round']:.1f}x | {r['round_wall_s']:.2f} s | "
+            f"{r['dense_fp32_bytes'] / r['upload_bytes_last_round']:.1f}x | "
+            + (
+                f"{down:,.0f} ({r['download_bytes_steady']:,.0f}) | {r['down_ratio_vs_dense_fp32']:.1f}x | "
+                if down is not None and "download_bytes_steady" in r
+                else "| | "
+            )
+            + f"{r['round_wall_s']:.2f} s | "
             + (
                 f"{r['round_wall_ratio_vs_dense']:.2f}x ({r['round_wall_ratio_vs_dense_after_round_1']:.2f}x) | "
                 if "round_wall_ratio_vs_dense" in r
@@ -179,7 +203,7 @@ def fl_section(rows) -> list[str]:
         else ""
     )
     out.append(
-        f"| plain loop | {plain['final_accuracy'] * 100:.2f}% | | | | | | {plain['total_wall_s']:.1f} s{spread} | |"
+        f"| plain loop | | {plain['final_accuracy'] * 100:.2f}% | | | | | | | | | | {plain['total_wall_s']:.1f} s{spread} | |"
     )
     dense = next((r for r in runs if r["sparsity"] == 0.0), None)
     if dense:
