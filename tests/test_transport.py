@@ -111,3 +111,35 @@ def test_partial_sends_and_late_acknowledgements_keep_bytes_exact(mosquitto, ses
         agent.stop()
     time.sleep(0.2)
     assert abnormal_disconnects(mosquitto.log_text()) == []
+
+
+def test_stopping_paho_loop_survives_its_thread_ending_at_the_same_time():
+    """paho's loop_stop reads ``_thread`` twice; its thread clears it on exit. Reproduced deterministically:
+    the thread object clears it between the two reads, as a network thread ending at that moment does."""
+    from edge_agent.common.link import stop_loop
+
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
+
+    def racing_thread():
+        done = threading.Event()
+        real = threading.Thread(target=lambda: done.wait(5) and time.sleep(0.2), daemon=True)
+        real.start()
+
+        class EndsDuringTheCheck:
+            def __ne__(self, other):  # loop_stop's `current_thread() != self._thread`: the thread exits now
+                client._thread = None
+                done.set()
+                return True
+
+            def join(self, timeout=None):
+                real.join(timeout)
+
+        client._thread = EndsDuringTheCheck()
+        return real
+
+    racing_thread()
+    with pytest.raises(AttributeError):  # what paho does on its own
+        mqtt.Client.loop_stop(client)
+    real = racing_thread()
+    stop_loop(client)  # ours: no exception, and it returns only once the thread has ended
+    assert not real.is_alive()

@@ -174,6 +174,20 @@ def wait_published(info: mqtt.MQTTMessageInfo, timeout_s: float, what: str = "me
         raise PublishTimeout(f"{what} not acknowledged by the broker within {timeout_s:.0f} s")
 
 
+def stop_loop(client: mqtt.Client) -> None:
+    """``client.loop_stop()``, safe against paho's own race: its network thread sets ``_thread = None`` as it
+    exits, and ``loop_stop`` reads ``_thread`` twice (``is None``, then ``.join()``), so a thread ending in
+    between raised AttributeError and killed the supervisor that called it (seen with 1,000 agents on a
+    loaded machine: that agent never reconnected). The thread is taken once and joined here."""
+    thread = getattr(client, "_thread", None)
+    try:
+        client.loop_stop()
+    except AttributeError:
+        pass
+    if thread is not None and thread is not threading.current_thread():
+        thread.join()
+
+
 class Link:
     """A supervised MQTT 3.1.1 connection to the first reachable broker of a list.
 
@@ -318,7 +332,7 @@ class Link:
             while not self._ended.wait(1.0):
                 if getattr(self.client, "_thread", True) is None:  # paho's thread died of something unexpected
                     break
-            self.client.loop_stop()  # joins paho's thread: from here on nothing writes the old socket
+            stop_loop(self.client)  # joins paho's thread: from here on nothing writes the old socket
             self.connected.clear()
             if self._stop.is_set():
                 break
