@@ -7,6 +7,8 @@
     python benchmarks/agent_footprint.py --json > benchmarks/results/agent_footprint.json
     python benchmarks/structured_pruning.py --json > benchmarks/results/structured_pruning.json
     python benchmarks/fl_realistic.py --json > benchmarks/results/fl_realistic.json   (about an hour)
+    python benchmarks/fl_realistic.py --configs 0.8 --rounds 50 --download-formats exact,fp16,delta-int8,delta-int4 \
+        --figure benchmarks/results/fl_realistic_downlink.png --json > benchmarks/results/fl_realistic_downlink.json
     python benchmarks/brokers.py --json > benchmarks/results/brokers.json
     python benchmarks/model_size.py --json > benchmarks/results/model_size.json   (about 10 minutes)
     python benchmarks/fmnist_export.py --json > benchmarks/results/fmnist_export.json   (about 20 minutes)
@@ -294,6 +296,31 @@ def realistic_section(rows) -> list[str]:
     return out
 
 
+def realistic_downlink_section(rows) -> list[str]:
+    runs = [r for r in rows if "accuracy_last10" in r]
+    meta = next((r for r in rows if r.get("configuration") == "run"), {})
+    out = [
+        f"**Download formats on the realistic workload** (`python benchmarks/fl_realistic.py --configs 0.8 "
+        f"--rounds {meta.get('rounds')} --download-formats exact,fp16,delta-int8,delta-int4`, "
+        f"{meta.get('total_minutes', '?')} min): the same fleet and model as above, 80% target sparsity, "
+        f"{meta.get('rounds')} rounds, one run; each row differs only in `--download-format`. Download bytes are what "
+        "each selected device fetched, averaged over every client-round (the first, full download included) and "
+        "after round 1.",
+        "",
+        "| download | last-10 accuracy | final | gap to exact (last-10) | download/client-round | after round 1 | "
+        "vs dense fp32 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in runs:
+        out.append(
+            f"| {r.get('download_format', 'exact')} | {r['accuracy_last10'] * 100:.2f}% | "
+            f"{r['final_accuracy'] * 100:.2f}% | {r.get('gap_to_exact_download_last10_pts', 0.0):.2f} pts | "
+            f"{r['download_bytes_per_client_round']:,.0f} B | {r['download_bytes_steady']:,.0f} B | "
+            f"{r['down_ratio_vs_dense_fp32']:.1f}x |"
+        )
+    return out
+
+
 def fmnist_export_section(rows) -> list[str]:
     arts = [r for r in rows if "variant" in r]
     meta = next((r for r in rows if r.get("configuration") == "run"), {})
@@ -423,6 +450,7 @@ def main() -> int:
         parts += export_section(ex) + [""]
     for name, section in (
         ("fl_realistic", realistic_section),
+        ("fl_realistic_downlink", realistic_downlink_section),
         ("fmnist_export", fmnist_export_section),
         ("model_size", model_size_section),
         ("structured_pruning", structured_section),
