@@ -271,6 +271,7 @@ def mosquitto_acl() -> str:
             "pattern write edgeprune/v1/+/device/%u/data",
             "pattern write edgeprune/v1/+/device/%u/want",
             "pattern read edgeprune/v1/+/device/%u/cmd",
+            "pattern read edgeprune/v1/+/device/%u/down",
             "pattern read edgeprune/v1/+/coordinator/status",
             "pattern read edgeprune/v1/+/blob/#",
             "",

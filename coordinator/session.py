@@ -32,7 +32,13 @@ from edge_agent.common.blobs import sha256_hex, split
 from edge_agent.common.link import Will, open_link
 from edge_agent.protocol import serde, signing, topics
 from edge_agent.protocol.args import Ack, BlobGet, BlobRef
-from edge_agent.protocol.constants import CHUNK_IDLE_S, DEFAULT_CHUNK_BYTES, DEFAULT_STALE_AFTER_BEATS, RESEND_MIN_S
+from edge_agent.protocol.constants import (
+    CHUNK_IDLE_S,
+    DEFAULT_CHUNK_BYTES,
+    DEFAULT_STALE_AFTER_BEATS,
+    RESEND_MIN_S,
+    WANT_DOWN_SINCE,
+)
 from edge_agent.protocol.errors import ErrorCode, ProtocolError
 from edge_agent.protocol.messages import BlobWant, Capabilities, Command, CoordinatorStatus, Reply, Status
 
@@ -96,7 +102,7 @@ class Session:
         self._fetch_slots = threading.Semaphore(max_concurrent_uploads)
         self._published: dict[str, bytes] = {}  # sha -> data of broadcast blobs: re-sent on request, cleared at close
         self._offered: set[str] = set()  # of those, the ones never broadcast (offer_blob): sent only on request
-        self._resent: dict[tuple[str, int, int], float] = {}  # (sha, chunk, frame version) -> when last re-sent
+        self._resent: dict[tuple, float] = {}  # (sha, chunk, frame version, device or None) -> when last re-sent
         self._resender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="blob-resend")
         self._t_status = topics.coordinator_status(fleet)
         will = Will(self._t_status, self._coordinator_msg("offline")) if long_running else None
@@ -270,13 +276,21 @@ class Session:
             )
             return
         self.stats.wants_in += 1
-        self._resender.submit(self._resend, want.sha256, data, want.chunks, self.frame_version_of(want.device_id))
+        version = self.protocol_of(want.device_id)
+        # 1.3 devices take the chunks on their own topic: a fleet's worth of wants (a broker slow to replay
+        # retained chunks to a thousand devices) costs each asker its chunks, not every device every chunk
+        alone = want.device_id if serde.version_at_least(version, WANT_DOWN_SINCE) else None
+        self._resender.submit(self._resend, want.sha256, data, want.chunks, serde.frame_version_for(version), alone)
+
+    def protocol_of(self, device_id: str) -> str | None:
+        """The protocol version in a device's capabilities (None: not known)."""
+        view = self.views.get(device_id)
+        caps = view.caps if view is not None else None
+        return caps.get("protocol_version") if caps else None
 
     def frame_version_of(self, device_id: str) -> int:
         """The chunk frame version a device reads, from the protocol version in its capabilities."""
-        view = self.views.get(device_id)
-        caps = view.caps if view is not None else None
-        return serde.frame_version_for(caps.get("protocol_version") if caps else None)
+        return serde.frame_version_for(self.protocol_of(device_id))
 
     def broadcast_frame_version(self) -> int:
         """Broadcast chunks in the newest frame version every device seen in the fleet reads. A device
@@ -287,22 +301,29 @@ class Session:
         ]
         return min(versions, default=serde.FRAME_VERSION)
 
-    def _resend(self, sha: str, data: bytes, chunks: list[int] | None, frame_version: int) -> None:
-        """Publish the wanted chunks as ordinary messages; a chunk re-sent less than RESEND_MIN_S ago is
-        skipped, so a fleet asking for the same chunks costs one re-send, not one per device."""
+    def _resend(
+        self, sha: str, data: bytes, chunks: list[int] | None, frame_version: int, device: str | None = None
+    ) -> None:
+        """Publish the wanted chunks as ordinary messages, on ``device``'s own ``down`` topic (or, for an
+        older device, on the broadcast's topic, which every device fetching it receives); a chunk re-sent
+        to the same place less than RESEND_MIN_S ago is skipped."""
         now = time.monotonic()
         wanted = set(chunks) if chunks is not None else None
         frames = [
             f
             for f in split(data, self.chunk_bytes, sha256=sha)
             if (wanted is None or f.index in wanted)
-            and now - self._resent.get((sha, f.index, frame_version), -1e9) >= RESEND_MIN_S
+            and now - self._resent.get((sha, f.index, frame_version, device), -1e9) >= RESEND_MIN_S
         ]
         for f in frames:
-            self._resent[(sha, f.index, frame_version)] = now
+            self._resent[(sha, f.index, frame_version, device)] = now
+        down = topics.device(self.fleet, device, "down") if device is not None else None
         try:
             transfer.send_frames(
-                self.link, frames, lambda f: topics.blob_chunk(self.fleet, sha, f.index), frame_version=frame_version
+                self.link,
+                frames,
+                (lambda f: down) if down is not None else (lambda f: topics.blob_chunk(self.fleet, sha, f.index)),
+                frame_version=frame_version,
             )
             self.stats.messages_out += len(frames)
             self.stats.resent_chunks += len(frames)

@@ -40,7 +40,7 @@ from .common.link import Will, open_link
 from .heldmodels import HeldModels
 from .protocol import serde, topics
 from .protocol.args import Ack, BlobFetch, BlobGet, Logs, NoArgs, Sleep
-from .protocol.constants import BROADCAST_WAIT_S, MAX_WANTED_CHUNKS
+from .protocol.constants import BROADCAST_PATIENCE_S, BROADCAST_WAIT_S, MAX_WANTED_CHUNKS
 from .protocol.errors import ErrorCode, ProtocolError
 from .protocol.messages import BlobWant, Command, CoordinatorStatus, Reply, Status, error_dict
 
@@ -127,6 +127,7 @@ class Agent:
             "reply": topics.device(self.fleet, self.device_id, "reply"),
             "data": topics.device(self.fleet, self.device_id, "data"),
             "want": topics.device(self.fleet, self.device_id, "want"),
+            "down": topics.device(self.fleet, self.device_id, "down"),
             "coordinator": topics.coordinator_status(self.fleet),
         }
         self._blob_prefix = f"{topics.PREFIX}/{self.fleet}/blob/"
@@ -147,6 +148,7 @@ class Agent:
             force_plain_password=bool(settings.get("plain_password")),
         )
         self.link.subscribe(self.t["cmd"])
+        self.link.subscribe(self.t["down"])
         self.link.subscribe(self.t["coordinator"])
 
     # -- lifecycle -------------------------------------------------------
@@ -260,7 +262,7 @@ class Agent:
             if msg.state == "online" and not retained:  # a replayed retained one: we announced on connect
                 self._announce()
                 self._outbox_replay()  # a coordinator that was away missed what we sent meanwhile
-        elif topic.startswith(self._blob_prefix):
+        elif topic.startswith(self._blob_prefix) or topic == self.t["down"]:
             self._on_blob_chunk(topic, payload)
         else:
             # Not addressed to us. amqtt 0.12.1 sends a connecting client the retained
@@ -458,6 +460,7 @@ class Agent:
                         first_ask_s=BROADCAST_WAIT_S,
                         idle_s=2 * BROADCAST_WAIT_S,
                         max_idle_s=30.0,
+                        progress_ask_s=BROADCAST_PATIENCE_S,
                     )
                     break
                 except ProtocolError as exc:
@@ -500,12 +503,12 @@ class Agent:
     def _on_blob_chunk(self, topic: str, payload: bytes) -> None:
         try:
             parsed = topics.parse(topic)
-            if parsed.kind != "blob":
+            if parsed.kind != "blob" and topic != self.t["down"]:
                 raise ProtocolError(ErrorCode.BAD_TOPIC, f"unexpected topic {topic}")
             if not payload:
                 return  # a retained chunk being cleared
             frame = serde.decode_frame(payload)
-            if frame.blob_sha256 != parsed.blob_sha256 or frame.index != parsed.chunk_index:
+            if parsed.kind == "blob" and (frame.blob_sha256 != parsed.blob_sha256 or frame.index != parsed.chunk_index):
                 raise ProtocolError(ErrorCode.BAD_FIELD, f"chunk header does not match topic {topic}")
         except ProtocolError as exc:
             log.warning("ignoring chunk on %s: %s", topic, exc)

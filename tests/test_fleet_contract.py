@@ -223,3 +223,27 @@ def test_each_peer_gets_chunk_frames_in_the_version_it_reads(tmp_path):
         s.close()
         a.stop()
         MemoryBroker.drop("frames")
+
+
+def test_chunks_a_device_asks_for_go_to_it_alone(tmp_path):
+    """A want is answered on the asker's own ``down`` topic: a thousand devices that ask (a broker slow to
+    replay retained chunks to all of them) cost a thousand blobs, not a thousand times the fleet."""
+    url = "memory://wants"
+    agents = [in_process_agent(url, tmp_path / d, fleet="c", device_id=d) for d in ("pi1", "pi2")]
+    for a in agents:
+        a.start()
+    s = Session(url, "c", Store(tmp_path / "home")).start(5)
+    try:
+        assert _online(s, 2)
+        fanout = _frames_on(url, "edgeprune/v1/c/blob/+/+")
+        own = _frames_on(url, topics.device("c", "pi1", "down"))
+        other = _frames_on(url, topics.device("c", "pi2", "down"))
+        ref = s.offer_blob(os.urandom(600_000))  # not broadcast: only a want brings it
+        assert s.call("pi1", "blob_fetch", serde.encode_args(ref), timeout_s=10).ok
+        assert len(own) == ref.chunks and not fanout and not other
+        assert s.stats.wants_in >= 1 and s.stats.resent_chunks == ref.chunks
+    finally:
+        s.close()
+        for a in agents:
+            a.stop()
+        MemoryBroker.drop("wants")

@@ -242,13 +242,15 @@ def wait(
     idle_s: float = CHUNK_IDLE_S,
     sent_all: Callable[[], bool] | None = None,
     max_idle_s: float = 60.0,
+    progress_ask_s: float = 0.0,
 ) -> bytes:
     """Wait for ``pull``; when no chunk came for a while, ``ask`` for the missing ones (None: all).
 
     The first ask comes after ``first_ask_s`` without progress, later ones after ``idle_s``,
     doubling up to ``max_idle_s`` (a slow link is not flooded with repeats), and
     ``SENT_GRACE_S`` after ``sent_all()`` turns true (the sender says every chunk was
-    acknowledged by the broker: the missing ones were lost on the way).
+    acknowledged by the broker: the missing ones were lost on the way). Once some chunks have come,
+    at least ``progress_ask_s`` passes without progress before each ask.
     """
     deadline = time.monotonic() + timeout_s
     asked_at, wait_s, asks = time.monotonic(), first_ask_s, 0
@@ -263,6 +265,8 @@ def wait(
             break
         quiet = now - max(pull.last_progress, asked_at)
         limit = min(wait_s, SENT_GRACE_S) if sent_all is not None and sent_all() else wait_s
+        if progress_ask_s and pull.progress()[0] > 0:  # chunks are coming, only slowly: do not add to the load
+            limit = max(limit, progress_ask_s)
         if quiet >= limit:
             ask(pull.missing())
             wait_s = idle_s if asks == 0 else min(max_idle_s, wait_s * 2)

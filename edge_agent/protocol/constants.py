@@ -4,7 +4,15 @@ PROTOCOL_VERSION = "1.3"
 """major.minor. Peers refuse a different major; minors only add optional keys and messages
 (1.1: ``blob_want``, ``blob_get`` with ``chunks``; 1.2: chunk frames in little-endian like the
 tensor codec, ``EPF2``, written only to peers that speak 1.2 and read from all; 1.3: ``train_round``
-with ``model_digest``, ``delta`` and ``delta_base``, the sparse downlink)."""
+with ``model_digest``, ``delta`` and ``delta_base``, the sparse downlink; chunks a device asks for
+with ``blob_want`` come on its own ``down`` topic, not to the whole fleet)."""
+
+WANT_DOWN_SINCE = (1, 3)
+"""The protocol version from which a device takes re-sent chunks on its own ``down`` topic."""
+
+BROADCAST_PATIENCE_S = 10.0
+"""A device already receiving a broadcast's retained chunks (the broker replays them, only slowly: a
+thousand devices fetching at once) waits this long without progress before asking for the rest."""
 
 FRAMES_LITTLE_ENDIAN_SINCE = (1, 2)
 """The protocol version from which a peer reads ``EPF2`` chunk frames."""

@@ -214,13 +214,18 @@ def peek_request_id(payload: bytes) -> str | None:
         return None
 
 
-def frame_version_for(protocol_version: str | None) -> int:
-    """The chunk frame version a peer of this protocol version reads (None, unknown: the oldest)."""
+def version_at_least(protocol_version: str | None, since: tuple[int, int]) -> bool:
+    """Whether a peer reporting ``protocol_version`` (None, unparsable: the oldest) speaks ``since`` or later."""
     try:
         major, minor = (int(p) for p in str(protocol_version).split(".")[:2])
     except ValueError:
-        return 1
-    return FRAME_VERSION if (major, minor) >= FRAMES_LITTLE_ENDIAN_SINCE else 1
+        return False
+    return (major, minor) >= since
+
+
+def frame_version_for(protocol_version: str | None) -> int:
+    """The chunk frame version a peer of this protocol version reads (None, unknown: the oldest)."""
+    return FRAME_VERSION if version_at_least(protocol_version, FRAMES_LITTLE_ENDIAN_SINCE) else 1
 
 
 def encode_frame(frame: ChunkFrame, version: int = FRAME_VERSION) -> bytes:

@@ -25,7 +25,8 @@ from .errors import ErrorCode, ProtocolError
 
 ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
-DEVICE_CHANNELS = ("status", "caps", "cmd", "reply", "data", "want")
+DEVICE_CHANNELS = ("status", "caps", "cmd", "reply", "data", "want", "down")
+"""``down`` (protocol 1.3): broadcast chunks re-sent to one device that asked for them (``blob_want``)."""
 PREFIX = f"{TOPIC_ROOT}/{TOPIC_VERSION}"
 
 
