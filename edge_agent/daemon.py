@@ -149,6 +149,10 @@ class Agent:
         )
         self.link.subscribe(self.t["cmd"])
         self.link.subscribe(self.t["down"])
+        # Set (to the link's failover count) once the broker replayed a broadcast's retained chunks to us: it
+        # does (RabbitMQ never does), so a broadcast slow to come is slow, not missing, and we wait for it
+        # BROADCAST_PATIENCE_S before asking for it again; another broker after a failover must show it anew.
+        self.replays_retained: int | None = None
         self.link.subscribe(self.t["coordinator"])
 
     # -- lifecycle -------------------------------------------------------
@@ -263,6 +267,8 @@ class Agent:
                 self._announce()
                 self._outbox_replay()  # a coordinator that was away missed what we sent meanwhile
         elif topic.startswith(self._blob_prefix) or topic == self.t["down"]:
+            if retained and payload:
+                self.replays_retained = self.link.failovers  # this broker replays retained chunks to wildcards
             self._on_blob_chunk(topic, payload)
         else:
             # Not addressed to us. amqtt 0.12.1 sends a connecting client the retained
@@ -453,11 +459,12 @@ class Agent:
                         self.link.unsubscribe(flt)
                         self.link.subscribe(flt)
                         self._want(sha256, None)
+                    patient = self.replays_retained is not None and self.replays_retained == self.link.failovers
                     data = transfer.wait(
                         pull,
                         max(0.1, deadline - time.monotonic()),
                         lambda missing: self._want(sha256, missing),
-                        first_ask_s=BROADCAST_WAIT_S,
+                        first_ask_s=BROADCAST_PATIENCE_S if patient else BROADCAST_WAIT_S,
                         idle_s=2 * BROADCAST_WAIT_S,
                         max_idle_s=30.0,
                         progress_ask_s=BROADCAST_PATIENCE_S,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 import pytest
 
@@ -247,3 +248,30 @@ def test_chunks_a_device_asks_for_go_to_it_alone(tmp_path):
         for a in agents:
             a.stop()
         MemoryBroker.drop("wants")
+
+
+def test_a_device_that_saw_the_broker_replay_retained_chunks_is_patient_before_asking(tmp_path):
+    """Once a broker has replayed a broadcast's retained chunks, a broadcast slow to come is slow, not
+    missing: the device waits BROADCAST_PATIENCE_S, not BROADCAST_WAIT_S, before its first want."""
+    from edge_agent.protocol.constants import BROADCAST_PATIENCE_S, BROADCAST_WAIT_S
+
+    url = "memory://patience"
+    a = in_process_agent(url, tmp_path / "a", fleet="c")
+    a.start()
+    s = Session(url, "c", Store(tmp_path / "home")).start(5)
+    try:
+        assert _online(s, 1)
+        assert a.replays_retained is None
+        ref = s.publish_blob(os.urandom(1000))
+        assert s.call("pi1", "blob_fetch", serde.encode_args(ref), timeout_s=10).ok
+        assert a.replays_retained == a.link.failovers and s.stats.wants_in == 0
+        hidden = s.offer_blob(os.urandom(1000))  # as if its retained chunks were slow to come
+        t0 = time.monotonic()
+        reply = s.call("pi1", "blob_fetch", serde.encode_args(hidden), timeout_s=30)
+        took = time.monotonic() - t0
+        assert reply.ok and s.stats.wants_in == 1
+        assert BROADCAST_PATIENCE_S <= took < BROADCAST_PATIENCE_S + 3 and took > 2 * BROADCAST_WAIT_S
+    finally:
+        s.close()
+        a.stop()
+        MemoryBroker.drop("patience")
