@@ -305,8 +305,8 @@ def realistic_downlink_section(rows) -> list[str]:
         f"{meta.get('total_minutes', '?')} min): the same fleet and model as above, 80% target sparsity, "
         f"{meta.get('rounds')} rounds, one run; each row differs only in `--download-format`. Download bytes are what "
         "each selected device fetched, averaged over every client-round (the first, full download included) and "
-        "after round 1. With 10 of 100 devices per round few selected devices hold last round's model, so a round "
-        "goes down as the quantised model when that is cheaper for the fleet than a delta plus exact models.",
+        "after round 1. With 10 of 100 devices per round few selected devices hold last round's model: those that "
+        "do not fetch the exact model, which is why the ratios are small here.",
         "",
         "| download | last-10 accuracy | final | gap to exact (last-10) | download/client-round | after round 1 | "
         "vs dense fp32 |",

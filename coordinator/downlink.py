@@ -60,13 +60,8 @@ class Downlink:
     holds: dict[str, str] = field(default_factory=dict)  # device -> digest of the model it last trained from
     seed: int = 0
 
-    def prepare(self, gm: Any, run_id: str, fleet_size: int = 0) -> Cast:
-        """Encode the global model for the next round and replace ``gm.weights`` by the reconstruction.
-
-        ``fleet_size``: the devices a round samples from. With partial participation few selected devices
-        hold last round's model, and those that do not would fetch the exact model: when the delta for the
-        expected holders plus the exact model for the rest costs more than the quantised model for all,
-        the round goes down as the quantised model (no base)."""
+    def prepare(self, gm: Any, run_id: str) -> Cast:
+        """Encode the global model for the next round and replace ``gm.weights`` by the reconstruction."""
         names, masks = list(gm.names), list(gm.masks)
         target = [np.asarray(w, dtype=np.float32) for w in gm.weights]
         if self.error is not None and [e.shape for e in self.error] == [t.shape for t in target]:
@@ -81,22 +76,25 @@ class Downlink:
             recon = codec.decode(small).tensors
         elif self.format != "exact":
             values = self.format.removeprefix("delta-")
-            full = codec.encode(
-                target, names=names, masks=masks, kind="model", values=values, meta=meta, seed=self.seed
-            )
-            if base is not None:
-                share = sum(d == base_digest for d in self.holds.values()) / max(fleet_size, len(self.holds), 1)
-                gm.weights = target
-                exact_bytes = len(gm.encode(meta))  # about what a device without the base would fetch
-                delta = self._delta(target, names, masks, base, base_digest, values, meta)
-                if share * len(delta) + (1 - share) * exact_bytes > len(full):
-                    base = None  # cheaper for the fleet: everyone rebuilds the quantised model
             if base is None:
-                small = full
+                small = codec.encode(
+                    target, names=names, masks=masks, kind="model", values=values, meta=meta, seed=self.seed
+                )
                 recon = codec.decode(small).tensors
             else:
                 _, ref, ref_masks = base
-                small = delta
+                small = codec.encode(
+                    target,
+                    names=names,
+                    masks=masks,
+                    kind="delta",
+                    reference=ref,
+                    reference_masks=ref_masks,
+                    values=values,
+                    delta=True,
+                    meta={**meta, "base": base_digest},
+                    seed=self.seed,
+                )
                 recon = codec.decode(small, reference=ref, reference_masks=ref_masks).tensors
         else:
             recon = target
@@ -110,21 +108,6 @@ class Downlink:
         while len(self.bases) > KEEP_BASES:
             self.bases.pop(next(iter(self.bases)))
         return Cast(digest, exact, small, base_digest if small is not None and base is not None else None, self.format)
-
-    def _delta(self, target, names, masks, base, base_digest, values, meta) -> bytes:
-        _, ref, ref_masks = base
-        return codec.encode(
-            target,
-            names=names,
-            masks=masks,
-            kind="delta",
-            reference=ref,
-            reference_masks=ref_masks,
-            values=values,
-            delta=True,
-            meta={**meta, "base": base_digest},
-            seed=self.seed,
-        )
 
     def finish(self, gm: Any) -> None:
         """After the last round nothing goes down again: the global model is the exact one (the aggregate

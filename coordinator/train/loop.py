@@ -185,7 +185,7 @@ def run_round(run: Run, rnd: int) -> dict[str, Any]:
                 shrink(run, rnd, step)
         with t("serialize"):  # what the devices will hold from here on: evaluated, saved, trained from
             if rnd < cfg.rounds:
-                run.cast = run.downlink.prepare(gm, run.run_id, len(run.begun))
+                run.cast = run.downlink.prepare(gm, run.run_id)
             else:
                 run.downlink.finish(gm)
     with t("evaluate"):
