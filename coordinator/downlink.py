@@ -18,7 +18,8 @@ throws it away and fetches the exact encoding of the same weights instead. The q
 encoded, so it is re-sent instead of lost (error feedback) and does not accumulate over rounds.
 
 Devices that do not hold the base (new, missed a round, restarted without their cache) get the
-exact encoding; a broadcast goes out only to whom needs it (:meth:`Cast.plan`).
+exact encoding; each broadcast goes out (retained) only if a selected device will fetch it, and the exact
+encoding is otherwise only offered, for devices that ask (``blob_want``).
 """
 
 from __future__ import annotations
