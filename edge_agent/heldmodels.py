@@ -35,15 +35,17 @@ class HeldModels:
     def path(self, digest: str) -> Path:
         return self.root / topics.validate_sha256(digest)
 
-    def get(self, digest: str | None) -> codec.Bundle | None:
-        """The model with this digest, or None (not held, or its file no longer matches: removed)."""
+    def get(self, digest: str | None) -> tuple[codec.Bundle, bytes] | None:
+        """The model with this digest and its stored (uncompressed) encoding, or None (not held, or its
+        file no longer matches: removed)."""
         if digest is None or not self.path(digest).is_file():
             return None
         try:
-            bundle = codec.decode(self.path(digest).read_bytes())
+            data = self.path(digest).read_bytes()
+            bundle = codec.decode(data)
             if codec.digest(bundle.names, bundle.tensors, bundle.masks) == digest:
                 os.utime(self.path(digest))  # the newest are kept
-                return bundle
+                return bundle, data
             why = "its digest does not match"
         except (OSError, ProtocolError) as exc:
             why = str(exc)
@@ -51,9 +53,10 @@ class HeldModels:
         self.path(digest).unlink(missing_ok=True)
         return None
 
-    def put(self, bundle: codec.Bundle) -> tuple[str, bytes]:
-        """Keep ``bundle``; returns its digest and its uncompressed encoding (what the trainer reads)."""
-        digest = codec.digest(bundle.names, bundle.tensors, bundle.masks)
+    def put(self, bundle: codec.Bundle, digest: str | None = None) -> tuple[str, bytes]:
+        """Keep ``bundle`` (``digest``: its digest, if the caller has computed it); returns its digest and
+        its uncompressed encoding (what the trainer reads)."""
+        digest = digest or codec.digest(bundle.names, bundle.tensors, bundle.masks)
         data = encode_plain(bundle)
         with self._lock:
             if self.keep > 0 and len(data) <= self.max_bytes:
@@ -94,11 +97,12 @@ def obtain(
     if a.model_digest is not None:
         have = held.get(a.model_digest)
         if have is not None:
-            return encode_plain(have), {"download": "cached", "download_bytes": 0}
+            return have[1], {"download": "cached", "download_bytes": 0}
     fetched = 0
     recovered = False
     if a.delta is not None:
-        base = held.get(a.delta_base) if a.delta_base is not None else None
+        stored = held.get(a.delta_base) if a.delta_base is not None else None
+        base = stored[0] if stored is not None else None
         if a.delta_base is None or base is not None:
             small = fetch(a.delta.sha256, a.fetch_timeout_s, a.delta.bytes, a.delta.chunks)
             fetched += len(small)
@@ -107,8 +111,9 @@ def obtain(
                     bundle = codec.decode(small)
                 else:
                     bundle = codec.decode(small, reference=base.tensors, reference_masks=base.masks)
-                if a.model_digest is None or codec.digest(bundle.names, bundle.tensors, bundle.masks) == a.model_digest:
-                    _, data = held.put(bundle)
+                digest = codec.digest(bundle.names, bundle.tensors, bundle.masks)
+                if a.model_digest is None or digest == a.model_digest:
+                    _, data = held.put(bundle, digest)
                     return data, {"download": "delta" if base is not None else "small", "download_bytes": fetched}
                 why = "its digest is not the announced one"
             except ProtocolError as exc:
@@ -120,7 +125,8 @@ def obtain(
     exact = fetch(a.model.sha256, a.fetch_timeout_s, a.model.bytes, a.model.chunks)
     fetched += len(exact)
     bundle = codec.decode(exact)
-    if a.model_digest is not None and codec.digest(bundle.names, bundle.tensors, bundle.masks) != a.model_digest:
+    digest = codec.digest(bundle.names, bundle.tensors, bundle.masks)
+    if a.model_digest is not None and digest != a.model_digest:
         raise ProtocolError(ErrorCode.INTEGRITY, f"round {a.round}: the exact model's digest is not the announced one")
-    _, data = held.put(bundle)
+    _, data = held.put(bundle, digest)
     return data, {"download": "recovered" if recovered else "exact", "download_bytes": fetched}

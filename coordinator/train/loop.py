@@ -258,9 +258,8 @@ def send_and_collect(
     for dev in pending.values():
         sent.failures[dev] = f"no update within --round-timeout {cfg.round_timeout_s:.0f} s"
         s.forget(submitted[dev][0])  # a result that still comes is late: logged and ignored
+        sent.bytes_down[dev] = cast.size_for(held[dev])  # planned: it did not say
     s.clear_blob(ref.sha256)
     if small_ref is not None:
         s.clear_blob(small_ref.sha256)
-    for dev in pending.values():
-        sent.bytes_down.setdefault(dev, cast.size_for(held[dev]))  # planned: it did not say
     sent.download_format = cast.format
