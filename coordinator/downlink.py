@@ -7,7 +7,10 @@ Formats:
 - ``delta-int8`` / ``delta-int4``: the change since the model the clients already hold (their
   *base*): mask changes against the base's masks (``relative``/``xor`` bitmaps), kept values as
   ``new - base`` quantised to int8 / int4 per tensor with unbiased stochastic rounding, zstd.
-  With no base (round 1, after a structured step, after a resume) the quantised model itself.
+  With no base (after a structured step, after a resume) the quantised model itself. A fresh run of a
+  built-in model starts from a *seeded* model instead (``codec.encode_seeded``: each tensor re-drawn
+  from a seed with its initialiser's spread), which a device draws itself from a header of a few
+  hundred bytes: round 1 sends no weights.
 
 Every lossy format is defined by its *reconstruction*: the coordinator decodes its own broadcast
 with the same codec the devices run and gets, bit for bit, the weights each device will hold. That
@@ -60,6 +63,7 @@ class Downlink:
     bases: dict[str, tuple[list[str], list[np.ndarray], list[np.ndarray | None]]] = field(default_factory=dict)
     holds: dict[str, str] = field(default_factory=dict)  # device -> digest of the model it last trained from
     seed: int = 0
+    seeded: bool = False  # the next broadcast is a fresh initial model: send a seed, not weights (delta formats)
 
     def prepare(self, gm: Any, run_id: str) -> Cast:
         """Encode the global model for the next round and replace ``gm.weights`` by the reconstruction."""
@@ -77,7 +81,10 @@ class Downlink:
             recon = codec.decode(small).tensors
         elif self.format != "exact":
             values = self.format.removeprefix("delta-")
-            if base is None:
+            if self.seeded and all(m is None or m.all() for m in masks):
+                small = codec.encode_seeded(target, names=names, masks=masks, seed=self.seed, meta=meta)
+                recon = target = codec.decode(small).tensors  # it *is* the initial model: no error to feed back
+            elif base is None:
                 small = codec.encode(
                     target, names=names, masks=masks, kind="model", values=values, meta=meta, seed=self.seed
                 )
@@ -99,6 +106,7 @@ class Downlink:
                 recon = codec.decode(small, reference=ref, reference_masks=ref_masks).tensors
         else:
             recon = target
+        self.seeded = False
         gm.weights = recon
         exact = gm.encode(meta)  # fp32 values (and bitmaps when pruning): what a device without a base gets
         if self.format == "exact":

@@ -257,3 +257,53 @@ def test_decompression_bomb_refused():
     with pytest.raises(ProtocolError) as e:
         codec.decode(data, max_body_bytes=1 << 20)
     assert e.value.code == ErrorCode.TOO_LARGE
+
+
+# -- seeded models: a fresh model the receiver draws itself -----------------------------------
+
+
+def _seeded_model():
+    rng = np.random.default_rng(4)
+    limit = np.sqrt(6 / (64 + 32))  # Glorot uniform, as the built-in models initialise kernels
+    kernel = rng.uniform(-limit, limit, (64, 32)).astype(np.float32)
+    return [kernel, np.zeros(32, np.float32), np.ones(8, np.float32)], limit
+
+
+def test_a_seeded_model_costs_its_header_and_keeps_each_tensors_spread():
+    tensors, limit = _seeded_model()
+    data = codec.encode_seeded(tensors, names=["k", "b", "g"], masks=[np.ones((64, 32), bool), None, None], seed=5)
+    assert len(data) < 600 < 4 * 64 * 32
+    got = codec.decode(data)
+    assert got.masks[0].all() and got.masks[1] is None
+    kernel = got.tensors[0]
+    assert not np.array_equal(kernel, tensors[0]) and np.abs(kernel).max() <= limit * 1.02  # its rms, measured
+    assert abs(float(kernel.std()) - float(tensors[0].std())) < 0.05 * float(tensors[0].std())
+    assert not got.tensors[1].any() and (got.tensors[2] == 1).all()  # constant tensors are kept as they are
+    again = codec.decode(codec.encode_seeded(tensors, names=["k", "b", "g"], masks=[None, None, None], seed=5))
+    other = codec.decode(codec.encode_seeded(tensors, names=["k", "b", "g"], masks=[None, None, None], seed=6))
+    assert np.array_equal(again.tensors[0], kernel) and not np.array_equal(other.tensors[0], kernel)
+
+
+def test_a_seeded_model_keeps_its_masks():
+    tensors, _ = _seeded_model()
+    mask = np.random.default_rng(1).random((64, 32)) < 0.3
+    got = codec.decode(codec.encode_seeded(tensors, names=["k", "b", "g"], masks=[mask, None, None], seed=1))
+    assert np.array_equal(got.masks[0], mask) and not got.tensors[0][~mask].any() and got.tensors[0][mask].all()
+
+
+@pytest.mark.parametrize(
+    "mutate,code",
+    [
+        (_set("seed", None, 0), ErrorCode.MALFORMED),  # uniform values need their seed
+        (_set("seed", -1, 0), ErrorCode.MALFORMED),
+        (_set("scale", None, 1), ErrorCode.MALFORMED),  # const values need their value
+        (_set("delta", True, 0), ErrorCode.MALFORMED),  # a drawn value is never a delta
+        (_set("shape", [1 << 20, 1 << 10], 0), ErrorCode.TOO_LARGE),  # a tiny header must not draw 4 GB
+    ],
+)
+def test_bad_seeded_bundles_refused(mutate, code):
+    tensors, _ = _seeded_model()
+    data = codec.encode_seeded(tensors, names=["k", "b", "g"], masks=[None, None, None], seed=5)
+    with pytest.raises(ProtocolError) as e:
+        codec.decode(rewrite_header(data, mutate))
+    assert e.value.code == code

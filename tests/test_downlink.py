@@ -137,6 +137,27 @@ def test_a_device_holding_the_base_fetches_only_the_delta(tmp_path):
     assert again["download"] == "cached" and fetched == [codec_sha(second.small)]
 
 
+def test_a_fresh_model_goes_down_as_a_seed_and_the_next_round_as_a_delta_against_it(tmp_path):
+    rng = np.random.default_rng(3)
+    init = [rng.uniform(-0.2, 0.2, BIG[0]).astype(np.float32), np.zeros(BIG[1], np.float32)]
+    link = Downlink("delta-int8", seed=7, seeded=True)
+    gm = _Model(init, [np.ones(BIG[0], bool), None])
+    first = link.prepare(gm, "r")
+    assert first.base is None and len(first.small) < 1_000 and len(first.exact) > 50_000
+    held = heldmodels.HeldModels(tmp_path / "models", keep=2, max_bytes=1 << 20)
+    fetch, fetched = _blobs(first.small, first.exact)
+    ref = lambda data: BlobRef(codec_sha(data), len(data), 1)  # noqa: E731
+    data, how = heldmodels.obtain(held, _round_args(first, ref(first.small), ref(first.exact), None), fetch)
+    assert how == {"download": "small", "download_bytes": len(first.small)}
+    drawn = codec.decode(data)  # the device drew the model the coordinator now holds, bit for bit
+    assert codec.digest(drawn.names, drawn.tensors, drawn.masks) == first.digest
+    assert all(np.array_equal(a, b) for a, b in zip(drawn.tensors, gm.weights))
+    assert not any(e.any() for e in link.error)  # it is the model: nothing owed to the next round
+    link.trained("dev", first.digest)
+    second = link.prepare(_Model([w + 0.01 for w in gm.weights], gm.masks), "r")  # only the first is seeded
+    assert second.base == first.digest and link.error is not None
+
+
 @pytest.mark.parametrize("damage", ["evicted", "corrupted"])
 def test_a_lost_or_corrupted_base_is_detected_and_the_exact_model_fetched(tmp_path, damage):
     held, first, second, ref = _two_casts(tmp_path)
@@ -203,7 +224,8 @@ def test_a_device_that_missed_a_round_gets_the_exact_model_and_trains_on_the_sam
         held = {d: set(a.held.digests()) for d, a in f.agents.items()}
     assert out["state"] == "done" and [r["clients_ok"] for r in rows] == [3, 2, 3, 3]
     how = lambda rnd, dev: (clients[(rnd, dev)]["metrics"] or {}).get("download")  # noqa: E731
-    assert [how(1, d) for d in ("a", "b", "late")] == ["small"] * 3  # round 1: the quantised model, to all
+    assert [how(1, d) for d in ("a", "b", "late")] == ["small"] * 3  # round 1: the seeded model, to all
+    assert rows[0]["bytes_down_per_client"] < 2_000 < rows[1]["bytes_down_per_client"]  # a header, not weights
     assert how(3, "a") == how(3, "b") == "delta" and how(3, "late") == "exact"  # it did not count in round 2
     assert how(4, "late") == "delta"
     assert set.intersection(*held.values())  # every device holds the same model: the one of the last round

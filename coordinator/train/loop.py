@@ -11,12 +11,15 @@ round; ``min_clients`` decides whether what arrived is enough.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import os
 import time
 from dataclasses import asdict, replace
 from typing import Any
 
-from edge_agent.protocol import codec
+from edge_agent.ml.models import BUILTIN
+from edge_agent.protocol import codec, serde
 from edge_agent.protocol.args import TrainPrepare, TrainRound
+from edge_agent.protocol.constants import SEEDED_MODELS_SINCE
 
 from ..downlink import Downlink
 from ..masks import round_targets
@@ -51,7 +54,7 @@ def train(
         for dev in usable:  # workers import TensorFlow while our model worker does the same
             session.submit(dev, "train_prepare", TrainPrepare(run_id))
         try:
-            run.gm = setup(run, resume)
+            run.gm = setup(run, resume, usable)
         except BaseException:  # the run never started: the workers just prepared must not linger
             for dev in usable:
                 session.submit(dev, "train_end")
@@ -99,7 +102,7 @@ def train(
     return out
 
 
-def setup(run: "Run", resume: str | None) -> Any:
+def setup(run: "Run", resume: str | None, devices: list[str]) -> Any:
     """The global model (fresh, or at the resume point) and the run record."""
     from ..global_model import GlobalModel, load_eval_data
 
@@ -147,7 +150,10 @@ def setup(run: "Run", resume: str | None) -> Any:
             },
         )
     run.run_dir.mkdir(parents=True, exist_ok=True)
-    run.downlink = Downlink(cfg.download_format, seed=cfg.seed)
+    # a fresh built-in model goes down as a seed when every device can draw it (a model file has its own weights)
+    fresh = not resume and cfg.model in BUILTIN and not os.path.exists(cfg.model)
+    seeded = fresh and all(serde.version_at_least(session.protocol_of(d), SEEDED_MODELS_SINCE) for d in devices)
+    run.downlink = Downlink(cfg.download_format, seed=cfg.seed, seeded=seeded)
     run.cast = run.downlink.prepare(gm, run.run_id)  # the devices' starting model is its reconstruction
     return gm
 

@@ -35,6 +35,12 @@ about their entropy). ``delta`` = true means values are ``x - reference`` at the
 kept positions (updates relative to the global model they started from:
 smaller range, so int8 loses far less).
 
+Seeded values (no body bytes; a model a device can draw itself): ``uniform``
+(``scale`` = half-width L: the receiver draws ``(2u - 1) * L`` in float32 from
+``numpy.random.PCG64(seed)``, the entry's ``seed``) and ``const`` (every kept
+value is ``scale``). :func:`encode_seeded` writes a freshly initialised model
+this way, so round 1 of a run costs a header instead of the model.
+
 Decoding validates the structure (sizes, counts, shapes, that a relative mask
 fits its reference) and raises :class:`ProtocolError`; whether values are finite
 is the receiver's policy (the aggregator rejects NaN/Inf updates).
@@ -65,6 +71,8 @@ VALUE_DTYPES: dict[str, np.dtype[Any]] = {
     "int6": np.dtype("i1"),
     "int4": np.dtype("i1"),
 }
+SEEDED_VALUES = ("uniform", "const")
+"""Value encodings with no body bytes: the receiver draws or fills the values (see the module docstring)."""
 INT_LEVELS = {"int8": 127, "int6": 31, "int4": 7}
 """Symmetric integer formats: values in -L..L, one byte each; zstd's entropy coder then
 spends about the entropy of the quantised values, not 8 bits."""
@@ -208,6 +216,73 @@ def digest(names: Sequence[str], tensors: Sequence[np.ndarray], masks: Sequence[
     return h.hexdigest()
 
 
+def encode_seeded(
+    tensors: Sequence[np.ndarray],
+    *,
+    names: Sequence[str],
+    masks: Sequence[np.ndarray | None],
+    seed: int,
+    meta: dict[str, Any] | None = None,
+) -> bytes:
+    """A stand-in for a freshly initialised model that costs only its header: the same names, shapes and
+    masks, each constant tensor kept (zero biases), every other one re-drawn as uniform with the same
+    root mean square (so Glorot-uniform kernels, the built-in models' init, keep their distribution).
+    Decode it to get the values; they are the model, on the sender and on every receiver."""
+    entries, mask_parts = [], []
+    for i, (name, t) in enumerate(zip(names, tensors)):
+        t = np.asarray(t, dtype=np.float32)
+        m = None if masks[i] is None else np.asarray(masks[i], dtype=bool)
+        kept = t.reshape(-1) if m is None else t[m]
+        if m is not None:
+            mask_parts.append(np.packbits(m.reshape(-1)).tobytes())
+        if kept.size and np.all(kept == kept[0]):
+            entry = {"values": "const", "scale": float(kept[0])}
+        else:
+            rms = float(np.sqrt(np.mean(np.square(kept, dtype=np.float64)))) if kept.size else 0.0
+            entry = {"values": "uniform", "scale": math.sqrt(3.0) * rms, "seed": (seed * 1_000_003 + i) % 2**63}
+        entries.append(
+            {
+                "name": name,
+                "shape": list(t.shape),
+                "mask": "dense" if m is None else "bitmap",
+                "nnz": int(kept.size),
+                "delta": False,
+                **entry,
+            }
+        )
+    body = b"".join(mask_parts)
+    header = json.dumps(
+        {
+            "v": 1,
+            "kind": "model",
+            "compression": "zstd",
+            "body_bytes": len(body),
+            "meta": meta or {},
+            "tensors": entries,
+        },
+        separators=(",", ":"),
+    ).encode()
+    packed: bytes = _zstd().ZstdCompressor(level=ZSTD_LEVEL).compress(body)
+    return _HEAD.pack(MAGIC, len(header)) + header + packed
+
+
+def _seeded_values(e: dict[str, Any], nnz: int) -> np.ndarray:
+    if e["values"] == "const":
+        return np.full(nnz, e["scale"], dtype=np.float32)
+    u = np.random.Generator(np.random.PCG64(e["seed"])).random(nnz, dtype=np.float32)
+    return (u * np.float32(2.0) - np.float32(1.0)) * np.float32(e["scale"])
+
+
+def _read_values(body: bytes, pos: int, e: dict[str, Any], nnz: int) -> tuple[np.ndarray, int]:
+    dtype = VALUE_DTYPES[e["values"]]
+    raw = np.frombuffer(body, dtype, nnz, pos)
+    if e["values"] not in INT_LEVELS:
+        return raw.astype(np.float32), pos + nnz * dtype.itemsize
+    if raw.size and int(np.abs(raw.astype(np.int16)).max()) > INT_LEVELS[e["values"]]:
+        raise ProtocolError(ErrorCode.BAD_FIELD, f"{e['name']}: {e['values']} value out of range")
+    return raw.astype(np.float32) * np.float32(e["scale"]), pos + nnz * dtype.itemsize
+
+
 def encode_update(
     weights: Sequence[np.ndarray],
     *,
@@ -280,16 +355,24 @@ def _check_header(header: dict[str, Any]) -> None:
             or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**31 for d in shape)
         ):
             raise bad(f"{e['name']}: shape {shape!r} is not a list of at most 8 non-negative integers")
-        if e.get("mask") not in _MASKS or e.get("values") not in VALUE_DTYPES:
+        if e.get("mask") not in _MASKS or (
+            e.get("values") not in VALUE_DTYPES and e.get("values") not in SEEDED_VALUES
+        ):
             raise bad(f"{e['name']}: unknown mask {e.get('mask')!r} or values {e.get('values')!r}")
         if not isinstance(e.get("nnz"), int) or isinstance(e.get("nnz"), bool) or e["nnz"] < 0:
             raise bad(f"{e['name']}: nnz must be a non-negative integer")
         if not isinstance(e.get("delta"), bool):
             raise bad(f"{e['name']}: delta must be true or false")
-        if e["values"] in INT_LEVELS and (
+        if (e["values"] in INT_LEVELS or e["values"] in SEEDED_VALUES) and (
             not isinstance(e.get("scale"), (int, float)) or isinstance(e["scale"], bool) or not np.isfinite(e["scale"])
         ):
             raise bad(f"{e['name']}: {e['values']} values need a finite scale")
+        if e["values"] in SEEDED_VALUES and e["delta"]:
+            raise bad(f"{e['name']}: {e['values']} values cannot be a delta")
+        if e["values"] == "uniform" and (
+            not isinstance(e.get("seed"), int) or isinstance(e["seed"], bool) or not 0 <= e["seed"] < 2**63
+        ):
+            raise bad(f"{e['name']}: uniform values need a seed in 0..2**63-1")
 
 
 def decode(
@@ -317,9 +400,14 @@ def decode(
     if len(body) != body_len:
         raise ProtocolError(ErrorCode.MALFORMED, f"tensor bundle body is {len(body)} bytes, header says {body_len}")
     entries = header["tensors"]
+    seeded = 0
     for e in entries:  # a tiny header must not make us allocate a huge tensor: every kept value costs body bytes
         n = int(np.prod(e["shape"], dtype=np.int64))
-        if n > 8 * max(body_len, 1) + 64 and (reference is None or e["mask"] != "relative"):
+        if e["values"] in SEEDED_VALUES:  # drawn, not sent: bounded by what an fp32 body could be
+            seeded += n
+            if 4 * seeded > max_body_bytes:
+                raise ProtocolError(ErrorCode.TOO_LARGE, f"{e['name']}: seeded values beyond {max_body_bytes} bytes")
+        elif n > 8 * max(body_len, 1) + 64 and (reference is None or e["mask"] != "relative"):
             raise ProtocolError(ErrorCode.MALFORMED, f"{e['name']}: shape {e['shape']} cannot fit in {body_len} bytes")
     if reference is not None and len(reference) != len(entries):
         raise ProtocolError(ErrorCode.BAD_FIELD, f"bundle has {len(entries)} tensors, the model has {len(reference)}")
@@ -380,15 +468,10 @@ def decode(
             nnz = int(np.prod(shape)) if m is None else int(m.sum())
             if int(e["nnz"]) != nnz:
                 raise ProtocolError(ErrorCode.BAD_FIELD, f"{e['name']}: header says {e['nnz']} values, mask has {nnz}")
-            dtype = VALUE_DTYPES[e["values"]]
-            raw = np.frombuffer(body, dtype, nnz, pos)
-            pos += nnz * dtype.itemsize
-            if e["values"] in INT_LEVELS:
-                if raw.size and int(np.abs(raw.astype(np.int16)).max()) > INT_LEVELS[e["values"]]:
-                    raise ProtocolError(ErrorCode.BAD_FIELD, f"{e['name']}: {e['values']} value out of range")
-                vals = raw.astype(np.float32) * np.float32(e["scale"])
+            if e["values"] in SEEDED_VALUES:
+                vals = _seeded_values(e, nnz)
             else:
-                vals = raw.astype(np.float32)
+                vals, pos = _read_values(body, pos, e, nnz)
             if e["delta"]:
                 if reference is None:
                     raise ProtocolError(ErrorCode.BAD_FIELD, f"{e['name']}: delta values without a reference")
