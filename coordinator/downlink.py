@@ -7,10 +7,12 @@ Formats:
 - ``delta-int8`` / ``delta-int4``: the change since the model the clients already hold (their
   *base*): mask changes against the base's masks (``relative``/``xor`` bitmaps), kept values as
   ``new - base`` quantised to int8 / int4 per tensor with unbiased stochastic rounding, zstd.
-  With no base (after a structured step, after a resume) the quantised model itself. A fresh run of a
-  built-in model starts from a *seeded* model instead (``codec.encode_seeded``: each tensor re-drawn
-  from a seed with its initialiser's spread), which a device draws itself from a header of a few
-  hundred bytes: round 1 sends no weights.
+  With no base (after a structured step, after a resume) the quantised model itself.
+
+In every format, a fresh run of a built-in model starts from a *seeded* model
+(``codec.encode_seeded``: each tensor re-drawn from a seed with its initialiser's spread), which a
+device draws itself from a header of about a kilobyte: round 1 sends no weights, and every format
+starts from the same weights, so comparing formats compares only what they do to later rounds.
 
 Every lossy format is defined by its *reconstruction*: the coordinator decodes its own broadcast
 with the same codec the devices run and gets, bit for bit, the weights each device will hold. That
@@ -63,7 +65,7 @@ class Downlink:
     bases: dict[str, tuple[list[str], list[np.ndarray], list[np.ndarray | None]]] = field(default_factory=dict)
     holds: dict[str, str] = field(default_factory=dict)  # device -> digest of the model it last trained from
     seed: int = 0
-    seeded: bool = False  # the next broadcast is a fresh initial model: send a seed, not weights (delta formats)
+    seeded: bool = False  # the next broadcast is a fresh initial model: send a seed, not weights
 
     def prepare(self, gm: Any, run_id: str) -> Cast:
         """Encode the global model for the next round and replace ``gm.weights`` by the reconstruction."""
@@ -76,15 +78,15 @@ class Downlink:
         base_digest, base = self._base_for(names, target)
         self.seed += 1
         small: bytes | None = None
-        if self.format == "fp16":
+        if self.seeded and all(m is None or m.all() for m in masks):  # any format: a seed is lossless
+            small = codec.encode_seeded(target, names=names, masks=masks, seed=self.seed, meta=meta)
+            recon = target = codec.decode(small).tensors  # it *is* the initial model: no error to feed back
+        elif self.format == "fp16":
             small = codec.encode(target, names=names, masks=masks, kind="model", values="fp16", meta=meta)
             recon = codec.decode(small).tensors
         elif self.format != "exact":
             values = self.format.removeprefix("delta-")
-            if self.seeded and all(m is None or m.all() for m in masks):
-                small = codec.encode_seeded(target, names=names, masks=masks, seed=self.seed, meta=meta)
-                recon = target = codec.decode(small).tensors  # it *is* the initial model: no error to feed back
-            elif base is None:
+            if base is None:
                 small = codec.encode(
                     target, names=names, masks=masks, kind="model", values=values, meta=meta, seed=self.seed
                 )
@@ -109,7 +111,7 @@ class Downlink:
         self.seeded = False
         gm.weights = recon
         exact = gm.encode(meta)  # fp32 values (and bitmaps when pruning): what a device without a base gets
-        if self.format == "exact":
+        if self.format == "exact" and small is None:
             recon = gm.weights = codec.decode(exact).tensors
         self.error = None if self.format == "exact" else [t - r for t, r in zip(target, recon)]
         digest = codec.digest(names, recon, masks)

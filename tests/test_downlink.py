@@ -137,10 +137,11 @@ def test_a_device_holding_the_base_fetches_only_the_delta(tmp_path):
     assert again["download"] == "cached" and fetched == [codec_sha(second.small)]
 
 
-def test_a_fresh_model_goes_down_as_a_seed_and_the_next_round_as_a_delta_against_it(tmp_path):
+@pytest.mark.parametrize("fmt", ["exact", "fp16", "delta-int8"])
+def test_a_fresh_model_goes_down_as_a_seed_in_every_format(tmp_path, fmt):
     rng = np.random.default_rng(3)
     init = [rng.uniform(-0.2, 0.2, BIG[0]).astype(np.float32), np.zeros(BIG[1], np.float32)]
-    link = Downlink("delta-int8", seed=7, seeded=True)
+    link = Downlink(fmt, seed=7, seeded=True)
     gm = _Model(init, [np.ones(BIG[0], bool), None])
     first = link.prepare(gm, "r")
     assert first.base is None and len(first.small) < 1_000 and len(first.exact) > 50_000
@@ -152,10 +153,12 @@ def test_a_fresh_model_goes_down_as_a_seed_and_the_next_round_as_a_delta_against
     drawn = codec.decode(data)  # the device drew the model the coordinator now holds, bit for bit
     assert codec.digest(drawn.names, drawn.tensors, drawn.masks) == first.digest
     assert all(np.array_equal(a, b) for a, b in zip(drawn.tensors, gm.weights))
-    assert not any(e.any() for e in link.error)  # it is the model: nothing owed to the next round
+    assert link.error is None or not any(e.any() for e in link.error)  # it is the model: nothing owed
     link.trained("dev", first.digest)
     second = link.prepare(_Model([w + 0.01 for w in gm.weights], gm.masks), "r")  # only the first is seeded
-    assert second.base == first.digest and link.error is not None
+    assert second.digest != first.digest
+    assert second.base == (first.digest if fmt.startswith("delta-") else None)
+    assert (second.small is None) == (fmt == "exact")
 
 
 @pytest.mark.parametrize("damage", ["evicted", "corrupted"])
