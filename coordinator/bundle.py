@@ -21,16 +21,16 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from edge_agent.protocol.errors import EdgepruneError
 
-from . import __version__
+from . import __version__, agentwheel
 
 BUNDLE_FORMAT = 1
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-SOURCE_PARTS = ("pyproject.toml", "README.md", "edge_agent", "coordinator")
+CONSTRAINTS = "edge_agent/constraints.txt"  # in the wheel: the dependency versions a release was tested with
 
 # manylinux tags pip may pick for each machine, oldest first; filtered by the device's glibc.
 _MANYLINUX_ARCH = {
@@ -95,24 +95,6 @@ def wheel_cache(platform: Platform) -> Path:
     return Path(base) / platform.tag
 
 
-def source_digest(root: Path = PROJECT_ROOT) -> str:
-    """Hash of the project files that go into the wheel: a changed source means a new bundle."""
-    h = hashlib.sha256()
-    for part in SOURCE_PARTS:
-        path = root / part
-        files = (
-            [path]
-            if path.is_file()
-            else sorted(
-                p for p in path.rglob("*") if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc"
-            )
-        )
-        for f in files:
-            h.update(str(f.relative_to(root)).encode())
-            h.update(f.read_bytes())
-    return h.hexdigest()[:16]
-
-
 def _run_pip(args: list[str], what: str) -> str:
     proc = subprocess.run(
         [sys.executable, "-m", "pip", *args, "--disable-pip-version-check"], capture_output=True, text=True
@@ -129,36 +111,6 @@ class _PipFailed(Exception):
         self.output = output
 
 
-def build_project_wheel(dest: Path, root: Path = PROJECT_ROOT) -> Path:
-    """Build the edgeprune wheel from a clean copy of the source (keeps build/ out of the tree)."""
-    if not (root / "pyproject.toml").is_file():
-        raise BundleError(
-            f"edgeprune's source is not at {root}: flashing builds the agent wheel from a source "
-            "checkout (git clone ... && ./scripts/demo)"
-        )
-    with tempfile.TemporaryDirectory(prefix="edgeprune-wheel-") as tmp:
-        src = Path(tmp) / "src"
-        src.mkdir()
-        for part in SOURCE_PARTS:
-            p = root / part
-            if p.is_dir():
-                shutil.copytree(p, src / part, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info"))
-            else:
-                shutil.copy2(p, src / part)
-        try:
-            # no build isolation: setuptools comes with the coordinator extra, so this works offline
-            _run_pip(
-                ["wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dest), str(src)],
-                "build the edgeprune wheel",
-            )
-        except _PipFailed as exc:
-            raise BundleError(f"building the edgeprune wheel failed:\n{_tail(exc.output)}") from None
-    wheels = sorted(dest.glob("edgeprune-*.whl"))
-    if not wheels:
-        raise BundleError("pip wheel produced no edgeprune wheel")
-    return wheels[-1]
-
-
 def _tail(text: str, lines: int = 12) -> str:
     return "\n".join(text.strip().splitlines()[-lines:])
 
@@ -169,9 +121,16 @@ def _missing_package(output: str) -> str | None:
 
 
 def download_wheels(
-    project_wheel: Path, extras: list[str], platform: Platform, cache: Path, dest: Path, offline: bool
+    project_wheel: Path,
+    extras: list[str],
+    platform: Platform,
+    cache: Path,
+    dest: Path,
+    offline: bool,
+    constraints: Path | None = None,
 ) -> None:
-    """Resolve ``edgeprune[extras]`` for the device's platform into ``dest`` (pip decides what).
+    """Resolve ``edgeprune[extras]`` for the device's platform into ``dest`` (pip decides what, within
+    ``constraints``: the versions the release was tested with).
 
     Tries the wheel cache alone first; goes to the index only for what is missing,
     then adds the new files to the cache.
@@ -195,6 +154,8 @@ def download_wheels(
     ]
     for tag in platform.pip_platforms():
         base += ["--platform", tag]
+    if constraints is not None:
+        base += ["--constraint", str(constraints)]
     targets = [req, "pip"]  # pip's own wheel: installs into a venv made --without-pip (no python3-venv needed)
     try:
         _run_pip([*base, "--no-index", *targets], "resolve from the wheel cache")
@@ -249,7 +210,7 @@ def build(
     cache: Path | None = None,
     offline: bool = False,
     say=lambda msg: None,
-    source_root: Path = PROJECT_ROOT,
+    source_root: Path = agentwheel.PROJECT_ROOT,
 ) -> dict:
     """Write the bundle to ``out`` and return its manifest."""
     extras = ["agent"] + (["train"] if train else [])
@@ -258,35 +219,50 @@ def build(
         tmp = Path(tmp)
         wheels = tmp / "wheels"
         wheels.mkdir()
-        say("building the edgeprune wheel")
-        project = build_project_wheel(tmp / "project", source_root)
+        try:
+            agent = agentwheel.build(tmp / "project", source_root)
+        except agentwheel.WheelError as exc:
+            raise BundleError(str(exc)) from None
+        say(
+            f"edgeprune {agent.version} wheel from the {'installed distribution' if agent.source == 'installed' else 'checkout'}"
+            + (" (a development build: the checkout has uncommitted changes)" if agent.development else "")
+        )
+        project = agent.path
+        with zipfile.ZipFile(project) as whl:  # the installer and the pins of the agent being bundled
+            installers = {s: whl.read(f"edge_agent/installer/{s}") for s in ("install.sh", "uninstall.sh")}
+            constraints = whl.read(CONSTRAINTS)
+        (tmp / "constraints.txt").write_bytes(constraints)
         say(f"collecting wheels for {platform.arch} / Python {platform.python} ({', '.join(extras)})")
-        download_wheels(project, extras, platform, cache, wheels, offline)
+        download_wheels(project, extras, platform, cache, wheels, offline, tmp / "constraints.txt")
         if not any(wheels.glob("edgeprune-*.whl")):
             shutil.copy2(project, wheels / project.name)
         files = sorted(wheels.glob("*.whl"))
         entries = [{"file": f.name, "sha256": _sha256(f), "bytes": f.stat().st_size} for f in files]
         bundle_id = hashlib.sha256("".join(e["sha256"] for e in entries).encode()).hexdigest()[:16]
-        version = project.name.split("-")[1]
+        versions = pinned_versions(files)
+        say("versions (edge_agent/constraints.txt): " + ", ".join(f"{k} {v}" for k, v in versions.items()))
         manifest = {
             "format": BUNDLE_FORMAT,
-            "edgeprune": version,
+            "edgeprune": agent.version,
+            "build": "development" if agent.development else "release",
+            "wheel_from": agent.source,
             "bundle_id": bundle_id,
             "arch": platform.arch,
             "python": platform.python,
             "glibc": "%d.%d" % platform.glibc,
             "extras": extras,
+            "versions": versions,
             "wheels": entries,
             "wheel_bytes": sum(e["bytes"] for e in entries),
         }
-        name = bundle_name(platform, train, version)
+        name = bundle_name(platform, train, agent.version)
         out.parent.mkdir(parents=True, exist_ok=True)
         partial = out.with_name(out.name + ".partial")
         with tarfile.open(partial, "w:gz", compresslevel=1) as tar:  # wheels are zips already
             _add_bytes(tar, f"{name}/manifest.json", json.dumps(manifest, indent=2).encode(), 0o644)
-            installer = source_root / "edge_agent" / "installer"  # the scripts of the agent being bundled
-            for script in ("install.sh", "uninstall.sh"):
-                _add_bytes(tar, f"{name}/{script}", (installer / script).read_bytes(), 0o755)
+            _add_bytes(tar, f"{name}/constraints.txt", constraints, 0o644)
+            for script, data in installers.items():
+                _add_bytes(tar, f"{name}/{script}", data, 0o755)
             for f in files:
                 tar.add(f, arcname=f"{name}/wheels/{f.name}")
         os.replace(partial, out)  # never leave a truncated bundle where a good one is expected
@@ -294,6 +270,15 @@ def build(
         manifest["dir"] = name
         manifest["bundle_bytes"] = out.stat().st_size
         return manifest
+
+
+def pinned_versions(wheels: list[Path]) -> dict[str, str]:
+    """Each bundled distribution's version, from its wheel's file name: what the device will run."""
+    out = {}
+    for f in wheels:
+        name, version = f.name.split("-")[:2]
+        out[name.lower().replace("_", "-")] = version
+    return dict(sorted(out.items()))
 
 
 def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes, mode: int) -> None:
@@ -307,7 +292,7 @@ def cached_build(
     platform: Platform, home: Path, *, train: bool = False, offline: bool = False, say=lambda msg: None
 ) -> dict:
     """Reuse the bundle for this platform + source if it exists, else build it."""
-    key = f"{bundle_name(platform, train)}-glibc{platform.glibc[0]}.{platform.glibc[1]}-{source_digest()}"
+    key = f"{bundle_name(platform, train)}-glibc{platform.glibc[0]}.{platform.glibc[1]}-{agentwheel.source_digest()}"
     path = home / "bundles" / f"{key}.tar.gz"
     meta = path.with_suffix(".json")
     if path.is_file() and meta.is_file():

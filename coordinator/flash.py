@@ -316,7 +316,19 @@ _INSTALL_CODES = {10: "platform", 11: "no_python", 12: "old_python", 13: "disk",
 def _bundle_summary(manifest: dict) -> dict:
     return {
         k: manifest.get(k)
-        for k in ("path", "bundle_id", "arch", "python", "extras", "bundle_bytes", "wheel_bytes", "reused")
+        for k in (
+            "path",
+            "bundle_id",
+            "edgeprune",
+            "build",
+            "arch",
+            "python",
+            "extras",
+            "versions",
+            "bundle_bytes",
+            "wheel_bytes",
+            "reused",
+        )
     } | {"wheels": len(manifest.get("wheels", []))}
 
 

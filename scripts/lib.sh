@@ -72,10 +72,12 @@ ensure_venv() {  # ensure_venv EXTRAS   e.g. ensure_venv dev
     "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
   fi
   stamp="$VENV/.edgeprune-$extras"
-  want="$(sha256sum "$ROOT/pyproject.toml" | cut -c1-16)"
+  want="$(cat "$ROOT/pyproject.toml" "$ROOT/edge_agent/constraints.txt" | sha256sum | cut -c1-16)"
   if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     log "installing edgeprune[$extras] into .venv (first time: TensorFlow is ~600 MB, a few minutes)"
+    # the constraints: the versions a release ships to devices are the versions tested here
     if ! "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$ROOT[$extras]" \
+        --constraint "$ROOT/edge_agent/constraints.txt" \
         > "$VENV/pip-install.log" 2>&1; then
       tail -30 "$VENV/pip-install.log" >&2
       echo "pip install failed; full log: $VENV/pip-install.log" >&2

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator import bundle
+from coordinator import agentwheel, bundle
 
 from .helpers.cli import json_cli
 
@@ -176,7 +176,7 @@ def test_flash_bench_upgrade_unflash(cli, pi, mosquitto, tmp_path):
     state_marker = ROOTFS / "home/pi/.local/state/edgeprune/agent/marker"
     state_marker.write_text("kept")
     src = tmp_path / "src-0.1.1"
-    for part in bundle.SOURCE_PARTS:
+    for part in agentwheel.SOURCE_PARTS:
         if (ROOT / part).is_dir():
             shutil.copytree(ROOT / part, src / part, ignore=shutil.ignore_patterns("__pycache__"))
         else:

@@ -79,7 +79,9 @@ else
   EXTRAS="$(manifest "','.join(extras)")"
   PIPWHL="$(ls "$HERE"/wheels/pip-*.whl | head -1)"
   say "installing edgeprune[$EXTRAS] from $(ls "$HERE"/wheels | wc -l) wheels (no network)"
+  # constraints.txt: the dependency versions this release was tested with (the bundle holds just those)
   if ! "$VENV/bin/python" "$PIPWHL/pip" install -q --no-index --find-links "$HERE/wheels" \
+      --constraint "$HERE/constraints.txt" \
       --disable-pip-version-check "edgeprune[$EXTRAS]" pip > "$HERE/pip.log" 2>&1; then
     tail -15 "$HERE/pip.log" >&2
     rm -rf "$VENV"
