@@ -90,19 +90,24 @@ def from_installed(dist: importlib.metadata.Distribution, dest: Path) -> Path:
     if not tags:
         raise WheelError(f"the installed {DISTRIBUTION} {dist.version} has no WHEEL tags: reinstall it with pip")
     out = dest / f"{info_dir.removesuffix('.dist-info')}-{tags[0]}.whl"
-    files = sorted((f for f in dist.files or [] if _ships(f, info_dir)), key=str)
-    with WheelFile(out, "w") as whl:
-        for f in files:
-            data = Path(str(dist.locate_file(f))).read_bytes()
-            if f.hash is not None and f.hash.mode == "sha256" and _record_hash(data) != f.hash.value:
-                raise WheelError(
-                    f"{f} changed after {DISTRIBUTION} {dist.version} was installed: reinstall it "
-                    f"(pip install --force-reinstall edgeprune-{dist.version}-*.whl) before flashing"
-                )
-            info = zipfile.ZipInfo(str(f).replace("\\", "/"), _ZIP_DATE)
-            info.compress_type = zipfile.ZIP_DEFLATED
-            info.external_attr = 0o644 << 16
-            whl.writestr(info, data)
+    files = {}
+    for f in sorted((f for f in dist.files or [] if _ships(f, info_dir)), key=str):
+        data = Path(str(dist.locate_file(f))).read_bytes()
+        if f.hash is not None and f.hash.mode == "sha256" and _record_hash(data) != f.hash.value:
+            raise WheelError(
+                f"{f} changed after {DISTRIBUTION} {dist.version} was installed: reinstall it "
+                f"(pip install --force-reinstall edgeprune-{dist.version}-*.whl) before flashing"
+            )
+        files[str(f).replace("\\", "/")] = data
+    dest.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest) as tmp:  # never a half-written wheel under the final name
+        with WheelFile(Path(tmp) / out.name, "w") as whl:  # writes RECORD from what goes in
+            for name, data in files.items():
+                info = zipfile.ZipInfo(name, _ZIP_DATE)
+                info.compress_type = zipfile.ZIP_DEFLATED
+                info.external_attr = 0o644 << 16
+                whl.writestr(info, data)
+        (Path(tmp) / out.name).replace(out)
     return out
 
 
