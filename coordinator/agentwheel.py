@@ -131,14 +131,7 @@ def contents(wheel: Path) -> dict[str, str]:
 def _from_checkout(dest: Path, root: Path) -> Path:
     """``pip wheel`` of a clean copy of the source (keeps build/ out of the tree)."""
     with tempfile.TemporaryDirectory(prefix="edgeprune-wheel-") as tmp:
-        src = Path(tmp) / "src"
-        src.mkdir()
-        for part in SOURCE_PARTS:
-            p = root / part
-            if p.is_dir():
-                shutil.copytree(p, src / part, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info"))
-            elif p.is_file():
-                shutil.copy2(p, src / part)
+        src = copy_sources(root, Path(tmp) / "src")
         # no build isolation: setuptools and wheel come with the coordinator extra, so this works offline
         proc = subprocess.run(
             [
@@ -163,6 +156,18 @@ def _from_checkout(dest: Path, root: Path) -> Path:
     if not wheels:
         raise WheelError("pip wheel produced no edgeprune wheel")
     return wheels[-1]
+
+
+def copy_sources(root: Path, dest: Path) -> Path:
+    """The files of a checkout that make the package (``SOURCE_PARTS``), copied to ``dest``."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for part in SOURCE_PARTS:
+        p = root / part
+        if p.is_dir():
+            shutil.copytree(p, dest / part, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info"))
+        elif p.is_file():
+            shutil.copy2(p, dest / part)
+    return dest
 
 
 def _uncommitted(root: Path) -> bool:

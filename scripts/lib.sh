@@ -193,7 +193,7 @@ ensure_cluster_deps() {  # ensure_cluster_deps [aedes|bridge|rabbitmq]...  (defa
 
 run_checks() {  # lint, format, types and layering: the same on every machine (pinned in edgeprune[dev])
   if [ "${EDGEPRUNE_SKIP_CHECKS:-}" = 1 ]; then log "EDGEPRUNE_SKIP_CHECKS=1: checks skipped"; return 0; fi
-  log "checks: ruff (lint + format), mypy --strict (edge_agent/protocol, coordinator/train), import contracts"
+  log "checks: ruff (lint + format), mypy --strict (edge_agent/protocol, coordinator/train), import contracts, pins"
   local ok=0
   "$VENV/bin/ruff" check --quiet "$ROOT" || { echo "ruff check failed (fix: .venv/bin/ruff check --fix .)" >&2; ok=1; }
   "$VENV/bin/ruff" format --check --quiet "$ROOT" || { echo "ruff format: files above need .venv/bin/ruff format ." >&2; ok=1; }
@@ -201,5 +201,7 @@ run_checks() {  # lint, format, types and layering: the same on every machine (p
     || { cat "$VENV/mypy.log" >&2; echo "mypy --strict failed" >&2; ok=1; }
   (cd "$ROOT" && "$VENV/bin/lint-imports" --no-cache) >"$VENV/lint-imports.log" 2>&1 \
     || { cat "$VENV/lint-imports.log" >&2; echo "an import contract is broken (pyproject.toml [tool.importlinter])" >&2; ok=1; }
+  "$VENV/bin/python" "$ROOT/scripts/pin.py" --check \
+    || { echo "a dependency is not pinned at its tested version (after ./scripts/test passes: .venv/bin/python scripts/pin.py)" >&2; ok=1; }
   return $ok
 }

@@ -175,13 +175,7 @@ def test_flash_bench_upgrade_unflash(cli, pi, mosquitto, tmp_path):
     # 3. upgrade in place: a newer agent version, same identity, config and state
     state_marker = ROOTFS / "home/pi/.local/state/edgeprune/agent/marker"
     state_marker.write_text("kept")
-    src = tmp_path / "src-0.1.1"
-    for part in agentwheel.SOURCE_PARTS:
-        if (ROOT / part).is_dir():
-            shutil.copytree(ROOT / part, src / part, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            src.mkdir(exist_ok=True)
-            shutil.copy2(ROOT / part, src / part)
+    src = agentwheel.copy_sources(ROOT, tmp_path / "src-0.1.1")
     for f in ("pyproject.toml", "edge_agent/__init__.py"):
         p = src / f
         p.write_text(p.read_text().replace('"0.1.0"', '"0.1.1"', 1))

@@ -33,14 +33,7 @@ def _git_files(*parts: str) -> set[str]:
 def built(tmp_path_factory):
     """sdist and wheel from a copy of the sources (`python -m build`: the wheel is built from the sdist)."""
     tmp = tmp_path_factory.mktemp("dist")
-    src = tmp / "src"
-    src.mkdir()
-    for part in agentwheel.SOURCE_PARTS:
-        p = ROOT / part
-        if p.is_dir():
-            shutil.copytree(p, src / part, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info"))
-        else:
-            shutil.copy2(p, src / part)
+    src = agentwheel.copy_sources(ROOT, tmp / "src")
     out = subprocess.run(
         [sys.executable, "-m", "build", "--no-isolation", "--outdir", str(tmp / "dist"), str(src)],
         capture_output=True,
@@ -240,3 +233,18 @@ def test_from_a_clean_virtualenv_the_installed_wheel_runs_the_main_job_and_build
         member = next(m for m in t.getmembers() if m.name.endswith(whl.name))
         (work / "from-bundle.whl").write_bytes(t.extractfile(member).read())
     assert agentwheel.contents(work / "from-bundle.whl") == agentwheel.contents(whl)  # byte for byte, RECORD aside
+
+
+def test_a_bundle_wheel_from_a_checkout_with_uncommitted_changes_is_a_development_build(tmp_path):
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    src = agentwheel.copy_sources(ROOT, tmp_path / "checkout")
+    git = ["git", "-C", str(src), "-c", "user.name=t", "-c", "user.email=t@t"]
+    for args in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "release"]):
+        subprocess.run([*git, *args], check=True, capture_output=True)
+    clean = agentwheel.build(tmp_path / "clean", src)
+    assert (clean.source, clean.development) == ("checkout", False)
+    (src / "edge_agent" / "daemon.py").write_text((src / "edge_agent" / "daemon.py").read_text() + "\n# local change\n")
+    dirty = agentwheel.build(tmp_path / "dirty", src)
+    assert (dirty.source, dirty.development) == ("checkout", True)
+    assert agentwheel.contents(dirty.path) != agentwheel.contents(clean.path)
