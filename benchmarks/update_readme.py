@@ -166,7 +166,7 @@ def fl_section(rows) -> list[str]:
         f"**Federated pruning on digits** (`python benchmarks/fl_pruning.py`): {first['clients']} agents as local "
         f"processes, Dirichlet alpha 0.5 shards, {first['rounds']} rounds x 2 local epochs, the same seed for every "
         "row, all measured in one run. Upload and download bytes are averaged over every client-round of the run "
-        "(ramp-up rounds and the first, full download included); 'last round' is the steady-state last round's "
+        "(ramp-up rounds and round 1's seeded download, about 1 KB, included); 'last round' is the steady-state last round's "
         "upload, the download in brackets the mean after round 1. Each pruned sparsity runs with every "
         "`--download-format`; 'vs exact download' is the accuracy gap to the exact broadcast at that sparsity.",
         "",
@@ -304,7 +304,7 @@ def realistic_downlink_section(rows) -> list[str]:
         f"--rounds {meta.get('rounds')} --download-formats {','.join(r.get('download_format', 'exact') for r in runs)}`, "
         f"{meta.get('total_minutes', '?')} min): the same fleet and model as above, 80% target sparsity, "
         f"{meta.get('rounds')} rounds, one run; each row differs only in `--download-format`. Download bytes are what "
-        "each selected device fetched, averaged over every client-round (the first, full download included) and "
+        "each selected device fetched, averaged over every client-round (round 1's seeded download included) and "
         "after round 1. With 10 of 100 devices per round few selected devices hold last round's model: those that "
         "do not fetch the exact model, which is why the ratios are small here.",
         "",

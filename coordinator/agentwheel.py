@@ -10,7 +10,8 @@ Two sources, in this order:
   ``RECORD`` lists under site-packages, with its hash checked against that ``RECORD``, so a file
   changed since the install is refused rather than shipped. The scripts pip generated and pip's own
   bookkeeping (``INSTALLER``, ``REQUESTED``, ``direct_url.json``) are left out; ``RECORD`` is written
-  afresh. The result has the original wheel's files, byte for byte.
+  afresh. The result has the original wheel's files, byte for byte (their contents; every file is 0644,
+  as setuptools writes them).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from edge_agent.protocol.errors import EdgepruneError
 
@@ -82,33 +84,48 @@ def installed() -> importlib.metadata.Distribution | None:
 
 def from_installed(dist: importlib.metadata.Distribution, dest: Path) -> Path:
     """Put the wheel of ``dist`` back together from its installed files (see the module docstring)."""
-    from wheel.wheelfile import WheelFile
-
-    info_dir = f"{dist.metadata['Name'].replace('-', '_')}-{dist.version}.dist-info"
+    info_dir = next(
+        (f.parts[0] for f in dist.files or [] if len(f.parts) == 2 and f.parts[1] == "METADATA"),
+        f"{dist.metadata['Name'].replace('-', '_')}-{dist.version}.dist-info",
+    )
     wheel_meta = dist.read_text("WHEEL") or ""
     tags = [line.split(":", 1)[1].strip() for line in wheel_meta.splitlines() if line.startswith("Tag:")]
     if not tags:
         raise WheelError(f"the installed {DISTRIBUTION} {dist.version} has no WHEEL tags: reinstall it with pip")
     out = dest / f"{info_dir.removesuffix('.dist-info')}-{tags[0]}.whl"
+    reinstall = f"reinstall it (pip install --force-reinstall edgeprune-{dist.version}-*.whl) before flashing"
     files = {}
     for f in sorted((f for f in dist.files or [] if _ships(f, info_dir)), key=str):
-        data = Path(str(dist.locate_file(f))).read_bytes()
+        try:
+            data = Path(str(dist.locate_file(f))).read_bytes()
+        except OSError as exc:
+            raise WheelError(f"{f} of {DISTRIBUTION} {dist.version} cannot be read ({exc}): {reinstall}") from None
         if f.hash is not None and f.hash.mode == "sha256" and _record_hash(data) != f.hash.value:
-            raise WheelError(
-                f"{f} changed after {DISTRIBUTION} {dist.version} was installed: reinstall it "
-                f"(pip install --force-reinstall edgeprune-{dist.version}-*.whl) before flashing"
-            )
+            raise WheelError(f"{f} changed after {DISTRIBUTION} {dist.version} was installed: {reinstall}")
         files[str(f).replace("\\", "/")] = data
     dest.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest) as tmp:  # never a half-written wheel under the final name
-        with WheelFile(Path(tmp) / out.name, "w") as whl:  # writes RECORD from what goes in
+        with _fixed_time_wheel()(Path(tmp) / out.name, "w") as whl:  # writes RECORD from what goes in
             for name, data in files.items():
-                info = zipfile.ZipInfo(name, _ZIP_DATE)
-                info.compress_type = zipfile.ZIP_DEFLATED
-                info.external_attr = 0o644 << 16
-                whl.writestr(info, data)
+                whl.writestr(name, data)
         (Path(tmp) / out.name).replace(out)
     return out
+
+
+def _fixed_time_wheel() -> type:
+    """wheel's WheelFile (it hashes what goes in and writes RECORD), with every entry, RECORD included,
+    dated _ZIP_DATE: the same files make the same bytes."""
+    from wheel.wheelfile import WheelFile
+
+    class FixedTimeWheelFile(WheelFile):  # type: ignore[misc]
+        def writestr(self, zinfo_or_arcname: Any, data: Any, compress_type: Any = None) -> None:
+            if isinstance(zinfo_or_arcname, str):
+                zinfo_or_arcname = zipfile.ZipInfo(zinfo_or_arcname, _ZIP_DATE)
+                zinfo_or_arcname.compress_type = zipfile.ZIP_DEFLATED
+                zinfo_or_arcname.external_attr = 0o644 << 16
+            super().writestr(zinfo_or_arcname, data, compress_type)
+
+    return FixedTimeWheelFile
 
 
 def _ships(f: importlib.metadata.PackagePath, info_dir: str) -> bool:

@@ -231,6 +231,10 @@ def build(
         with zipfile.ZipFile(project) as whl:  # the installer and the pins of the agent being bundled
             installers = {s: whl.read(f"edge_agent/installer/{s}") for s in ("install.sh", "uninstall.sh")}
             constraints = whl.read(CONSTRAINTS)
+        tested = pinned_python(constraints.decode())
+        if tested != platform.python:  # pip evaluates the pins for the laptop's Python, not the device's
+            say(f"no tested pins for Python {platform.python} (they are for {tested}): pip chooses the versions")
+            constraints = f"# no tested pins for Python {platform.python} (edgeprune's are for {tested})\n".encode()
         (tmp / "constraints.txt").write_bytes(constraints)
         say(f"collecting wheels for {platform.arch} / Python {platform.python} ({', '.join(extras)})")
         download_wheels(project, extras, platform, cache, wheels, offline, tmp / "constraints.txt")
@@ -240,7 +244,10 @@ def build(
         entries = [{"file": f.name, "sha256": _sha256(f), "bytes": f.stat().st_size} for f in files]
         bundle_id = hashlib.sha256("".join(e["sha256"] for e in entries).encode()).hexdigest()[:16]
         versions = pinned_versions(files)
-        say("versions (edge_agent/constraints.txt): " + ", ".join(f"{k} {v}" for k, v in versions.items()))
+        say(
+            ("tested versions (edge_agent/constraints.txt): " if tested == platform.python else "versions: ")
+            + ", ".join(f"{k} {v}" for k, v in versions.items())
+        )
         manifest = {
             "format": BUNDLE_FORMAT,
             "edgeprune": agent.version,
@@ -252,6 +259,7 @@ def build(
             "glibc": "%d.%d" % platform.glibc,
             "extras": extras,
             "versions": versions,
+            "pinned": tested == platform.python,  # the versions are the tested ones (constraints.txt)
             "wheels": entries,
             "wheel_bytes": sum(e["bytes"] for e in entries),
         }
@@ -270,6 +278,14 @@ def build(
         manifest["dir"] = name
         manifest["bundle_bytes"] = out.stat().st_size
         return manifest
+
+
+def pinned_python(constraints: str) -> str | None:
+    """The Python version a constraints file was written for (its ``# python: X.Y`` line)."""
+    for line in constraints.splitlines():
+        if line.startswith("# python: "):
+            return line.removeprefix("# python: ").strip()
+    return None
 
 
 def pinned_versions(wheels: list[Path]) -> dict[str, str]:

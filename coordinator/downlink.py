@@ -34,7 +34,8 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent.protocol import codec
+from edge_agent.protocol import codec, serde
+from edge_agent.protocol.constants import SEEDED_MODELS_SINCE
 
 DOWNLOAD_FORMATS = ("exact", "fp16", "delta-int8", "delta-int4")
 KEEP_BASES = 2  # reconstructions kept to encode a delta against (the devices keep as many, settings)
@@ -46,16 +47,21 @@ class Cast:
 
     digest: str
     exact: bytes  # the reconstruction as fp32 + bitmaps: what a device without the base fetches
-    small: bytes | None  # the delta (or the quantised / fp16 model); None for --download-format exact
+    small: bytes | None  # the delta, the quantised / fp16 model or a seeded first model; else None (exact)
     base: str | None  # the digest ``small`` is a delta against; None if it needs no base
     format: str
+    since: tuple[int, int] | None = None  # the protocol version that reads ``small`` (a seeded model: 1.4)
 
-    def fetches_small(self, held: str | None) -> bool:
-        """Whether a device that holds the model ``held`` is sent the small broadcast."""
-        return self.small is not None and (self.base is None or held == self.base)
+    def readable_by(self, protocol: str | None) -> bool:
+        """Whether a device that speaks ``protocol`` can decode the small broadcast."""
+        return self.small is not None and (self.since is None or serde.version_at_least(protocol, self.since))
 
-    def size_for(self, held: str | None) -> int:
-        return len(self.small) if self.small is not None and self.fetches_small(held) else len(self.exact)
+    def fetches_small(self, held: str | None, protocol: str | None = None) -> bool:
+        """Whether a device that holds the model ``held`` and speaks ``protocol`` is sent the small broadcast."""
+        return self.readable_by(protocol) and (self.base is None or held == self.base)
+
+    def size_for(self, held: str | None, protocol: str | None = None) -> int:
+        return len(self.small) if self.fetches_small(held, protocol) else len(self.exact)
 
 
 @dataclass
@@ -78,7 +84,8 @@ class Downlink:
         base_digest, base = self._base_for(names, target)
         self.seed += 1
         small: bytes | None = None
-        if self.seeded and all(m is None or m.all() for m in masks):  # any format: a seed is lossless
+        seeded = self.seeded and all(m is None or m.all() for m in masks)
+        if seeded:  # any format: a seed is lossless
             small = codec.encode_seeded(target, names=names, masks=masks, seed=self.seed, meta=meta)
             recon = target = codec.decode(small).tensors  # it *is* the initial model: no error to feed back
         elif self.format == "fp16":
@@ -118,7 +125,8 @@ class Downlink:
         self.bases[digest] = (names, recon, masks)
         while len(self.bases) > KEEP_BASES:
             self.bases.pop(next(iter(self.bases)))
-        return Cast(digest, exact, small, base_digest if small is not None and base is not None else None, self.format)
+        base_of_small = base_digest if small is not None and base is not None and not seeded else None
+        return Cast(digest, exact, small, base_of_small, self.format, SEEDED_MODELS_SINCE if seeded else None)
 
     def finish(self, gm: Any) -> None:
         """After the last round nothing goes down again: the global model is the exact one (the aggregate

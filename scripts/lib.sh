@@ -75,9 +75,17 @@ ensure_venv() {  # ensure_venv EXTRAS   e.g. ensure_venv dev
   want="$(cat "$ROOT/pyproject.toml" "$ROOT/edge_agent/constraints.txt" | sha256sum | cut -c1-16)"
   if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     log "installing edgeprune[$extras] into .venv (first time: TensorFlow is ~600 MB, a few minutes)"
-    # the constraints: the versions a release ships to devices are the versions tested here
+    # the constraints: the versions a release ships to devices are the versions tested here (they are
+    # for one Python; on another, pip chooses within pyproject.toml's ranges and pin.py --check says so)
+    local pins=/dev/null pinned
+    pinned="$(sed -n 's/^# python: //p' "$ROOT/edge_agent/constraints.txt")"
+    if [ "$("$VENV/bin/python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')" = "$pinned" ]; then
+      pins="$ROOT/edge_agent/constraints.txt"
+    else
+      log "edge_agent/constraints.txt pins Python $pinned: installing the newest versions the ranges allow"
+    fi
     if ! "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$ROOT[$extras]" \
-        --constraint "$ROOT/edge_agent/constraints.txt" \
+        --constraint "$pins" \
         > "$VENV/pip-install.log" 2>&1; then
       tail -30 "$VENV/pip-install.log" >&2
       echo "pip install failed; full log: $VENV/pip-install.log" >&2

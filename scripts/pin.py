@@ -20,12 +20,16 @@ from packaging.markers import default_environment
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
+from coordinator.bundle import pinned_python
+
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "edge_agent" / "constraints.txt"
 EXTRAS = ("agent", "train", "coordinator")
 HEADER = """\
 # The dependency versions this edgeprune release was tested with (written by scripts/pin.py from the
-# environment ./scripts/test passed in). Device bundles download and install exactly these.
+# environment ./scripts/test passed in). Device bundles for this Python download and install exactly
+# these; for another Python pip chooses within pyproject.toml's ranges (untested).
+# python: {python}
 """
 
 
@@ -61,7 +65,8 @@ def closure(root: str, extras: tuple[str, ...]) -> dict[str, str]:
 
 
 def render(pins: dict[str, str]) -> str:
-    return HEADER + "".join(f"{name}=={version}\n" for name, version in pins.items())
+    python = "%d.%d" % sys.version_info[:2]
+    return HEADER.format(python=python) + "".join(f"{name}=={version}\n" for name, version in pins.items())
 
 
 def main() -> int:
@@ -70,6 +75,10 @@ def main() -> int:
     args = ap.parse_args()
     text = render(closure("edgeprune", EXTRAS))
     if args.check:
+        here = "%d.%d" % sys.version_info[:2]
+        if pinned_python(OUT.read_text()) != here:
+            print(f"{OUT.name} pins Python {pinned_python(OUT.read_text())}, this is {here}: not compared")
+            return 0
         if OUT.read_text() != text:
             print(f"{OUT} differs from this environment: run {Path(sys.argv[0]).name} to rewrite it", file=sys.stderr)
             return 1

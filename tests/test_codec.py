@@ -298,6 +298,8 @@ def test_a_seeded_model_keeps_its_masks():
         (_set("seed", -1, 0), ErrorCode.MALFORMED),
         (_set("scale", None, 1), ErrorCode.MALFORMED),  # const values need their value
         (_set("delta", True, 0), ErrorCode.MALFORMED),  # a drawn value is never a delta
+        (_set("kind", "update"), ErrorCode.MALFORMED),  # nor an update
+        (_set("scale", 10**400, 0), ErrorCode.MALFORMED),  # an integer no float holds: refused, not a crash
         (_set("shape", [1 << 20, 1 << 10], 0), ErrorCode.TOO_LARGE),  # a tiny header must not draw 4 GB
     ],
 )

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -65,6 +66,31 @@ def test_the_wheel_and_sdist_hold_every_module_and_file_the_package_needs(built)
         in_sdist = {n.split("/", 1)[1] for n in t.getnames() if "/" in n}
     missing = sorted(f for f in shipped | {"LICENSE", "README.md", "pyproject.toml"} if f not in in_sdist)
     assert not missing, f"not in the sdist: {missing}"
+
+
+def _listening(port: int, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), 1).close()
+            return True
+        except OSError:
+            time.sleep(0.2)
+    return False
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM to the process's whole session (an agent's training worker too), SIGKILL after 20 s."""
+    for sig, wait_s in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(wait_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def _free_port() -> int:
@@ -141,53 +167,22 @@ def test_from_a_clean_virtualenv_the_installed_wheel_runs_the_main_job_and_build
         assert out.returncode == 0 and out.stdout.strip() == f"{name} {__version__}", out
 
     port = _free_port()
-    procs = [
-        subprocess.Popen(
-            [str(bin_ / "edgeprune"), "broker", "--port", str(port)],
-            cwd=work,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=open(work / "broker.log", "w"),
-        )
-    ]
+    url = f"mqtt://127.0.0.1:{port}"
+    agent = ["run", "--broker", url, "--fleet", "wheel", "--data", "digits", "--train-threads", "1"]
+    commands = [[str(bin_ / "edgeprune"), "broker", "--port", str(port)]] + [
+        [str(bin_ / "edgeprune-agent"), *agent, "--device-id", f"pi{i}", "--data-shard", f"{i}/2",
+         "--state-dir", str(work / f"agent-{i}"), "--heartbeat-s", "0.5"]
+        for i in range(2)
+    ]  # fmt: skip
+    procs: list[subprocess.Popen] = []
     try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", port), 1).close()
-                break
-            except OSError:
-                time.sleep(0.2)
-        url = f"mqtt://127.0.0.1:{port}"
-        for i in range(2):
-            procs.append(
-                subprocess.Popen(
-                    [
-                        str(bin_ / "edgeprune-agent"),
-                        "run",
-                        "--broker",
-                        url,
-                        "--fleet",
-                        "wheel",
-                        "--device-id",
-                        f"pi{i}",
-                        "--state-dir",
-                        str(work / f"agent-{i}"),
-                        "--data",
-                        "digits",
-                        "--data-shard",
-                        f"{i}/2",
-                        "--train-threads",
-                        "1",
-                        "--heartbeat-s",
-                        "0.5",
-                    ],
-                    cwd=work,
-                    env=env,
-                    stdout=subprocess.DEVNULL,
-                    stderr=open(work / f"agent-{i}.log", "w"),
+        for i, command in enumerate(commands):
+            with open(work / f"process-{i}.log", "w") as log:  # each in its own session: killed whole below
+                procs.append(
+                    subprocess.Popen(command, cwd=work, env=env, stdout=log, stderr=log, start_new_session=True)
                 )
-            )
+            if i == 0:
+                assert _listening(port, 30), (work / "process-0.log").read_text()[-2000:]
         common = ["--broker", url, "--fleet", "wheel", "--json"]
         out = run(str(bin_ / "edgeprune"), "train", *common, "--rounds", "2", "--sparsity", "0.5", "--wait-for", "2")
         assert out.returncode == 0, out.stderr[-3000:]
@@ -205,10 +200,8 @@ def test_from_a_clean_virtualenv_the_installed_wheel_runs_the_main_job_and_build
         out = run(str(bin_ / "edgeprune"), "report", trained["run_id"], "--html", str(work / "report.html"))
         assert out.returncode == 0 and "final accuracy" in out.stdout and (work / "report.html").stat().st_size > 10_000
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            p.wait(20)
+        for p in reversed(procs):
+            _stop(p)
 
     cache = Path(env["EDGEPRUNE_WHEEL_CACHE"]) / "aarch64-cp311"
     if not any(cache.glob("ai_edge_litert-*.whl")):
@@ -239,7 +232,8 @@ def test_a_bundle_wheel_from_a_checkout_with_uncommitted_changes_is_a_developmen
     if shutil.which("git") is None:
         pytest.skip("git is not installed")
     src = agentwheel.copy_sources(ROOT, tmp_path / "checkout")
-    git = ["git", "-C", str(src), "-c", "user.name=t", "-c", "user.email=t@t"]
+    git = ["git", "-C", str(src), "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    git += ["-c", "core.hooksPath=/dev/null"]
     for args in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "release"]):
         subprocess.run([*git, *args], check=True, capture_output=True)
     clean = agentwheel.build(tmp_path / "clean", src)

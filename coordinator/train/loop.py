@@ -217,11 +217,10 @@ def send_and_collect(
     """Broadcast the model once, ask each client for a round, take each update as it comes (intake)."""
     cfg, s, gm, cast = run.cfg, run.session, run.gm, run.cast
     held = {d: run.downlink.holds.get(d) for d in clients}
+    small_to = {d for d in clients if cast.fetches_small(held[d], s.protocol_of(d))}
     with t("publish"):  # each broadcast goes out (retained) only if a client will fetch it; the exact model is
-        small = cast.small is not None and any(cast.fetches_small(h) for h in held.values())  # always on offer
-        exact = not all(cast.fetches_small(h) for h in held.values())
-        ref = s.publish_blob(cast.exact) if exact else s.offer_blob(cast.exact)
-        small_ref = s.publish_blob(cast.small) if small and cast.small is not None else None
+        ref = s.publish_blob(cast.exact) if len(small_to) < len(clients) else s.offer_blob(cast.exact)  # always
+        small_ref = s.publish_blob(cast.small) if small_to and cast.small is not None else None  # on offer
     importance = None
     run.importance = {}
     if cfg.structured_step(rnd) is not None:  # the statistics the shrinking step after this round ranks by
@@ -242,7 +241,17 @@ def send_and_collect(
         regrow=cfg.regrow_fraction,
         importance=importance,
     )
-    submitted = {d: s.submit(d, "train_round", replace(args, seed=client_seed(cfg.seed, rnd, d))) for d in clients}
+    nodelta: dict[str, Any] = {"delta": None}  # a device that cannot decode it (a seeded model for a 1.3 device)
+    submitted = {
+        d: s.submit(
+            d,
+            "train_round",
+            replace(
+                args, seed=client_seed(cfg.seed, rnd, d), **({} if cast.readable_by(s.protocol_of(d)) else nodelta)
+            ),
+        )
+        for d in clients
+    }
     pending = {fut: d for d, (_, fut) in submitted.items()}
     deadline = time.monotonic() + cfg.round_timeout_s
     while pending:
@@ -259,12 +268,12 @@ def send_and_collect(
             else:
                 run.downlink.trained(dev, cast.digest)
             fetched = ((reply.result or {}).get("metrics") or {}).get("download_bytes")
-            sent.bytes_down[dev] = fetched if isinstance(fetched, int) else cast.size_for(held[dev])
+            sent.bytes_down[dev] = fetched if isinstance(fetched, int) else cast.size_for(held[dev], s.protocol_of(dev))
         run.reporter.round_progress(rnd, len(clients) - len(pending), len(clients))
     for dev in pending.values():
         sent.failures[dev] = f"no update within --round-timeout {cfg.round_timeout_s:.0f} s"
         s.forget(submitted[dev][0])  # a result that still comes is late: logged and ignored
-        sent.bytes_down[dev] = cast.size_for(held[dev])  # planned: it did not say
+        sent.bytes_down[dev] = cast.size_for(held[dev], s.protocol_of(dev))  # planned: it did not say
     s.clear_blob(ref.sha256)
     if small_ref is not None:
         s.clear_blob(small_ref.sha256)

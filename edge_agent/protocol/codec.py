@@ -64,6 +64,9 @@ MAGIC = b"EPT1"
 _HEAD = struct.Struct("<4sI")
 MAX_HEADER_BYTES = 16 << 20
 MAX_BODY_BYTES = 1 << 30
+MAX_SEEDED_VALUES = 64 << 20
+"""Most values a bundle may have drawn rather than sent (256 MiB as float32): a header of a few hundred
+bytes must not make a device allocate more than a real model would."""
 VALUE_DTYPES: dict[str, np.dtype[Any]] = {
     "fp32": np.dtype("<f4"),
     "fp16": np.dtype("<f2"),
@@ -225,8 +228,9 @@ def encode_seeded(
     meta: dict[str, Any] | None = None,
 ) -> bytes:
     """A stand-in for a freshly initialised model that costs only its header: the same names, shapes and
-    masks, each constant tensor kept (zero biases), every other one re-drawn as uniform with the same
-    root mean square (so Glorot-uniform kernels, the built-in models' init, keep their distribution).
+    masks, each constant tensor kept (zero biases, batch-norm ones), every other one re-drawn as uniform
+    with the same root mean square (so Glorot-uniform kernels keep their distribution exactly, and
+    He-normal ones, as in mobilenet_tiny, their variance).
     Decode it to get the values; they are the model, on the sender and on every receiver."""
     entries, mask_parts = [], []
     for i, (name, t) in enumerate(zip(names, tensors)):
@@ -270,7 +274,10 @@ def _seeded_values(e: dict[str, Any], nnz: int) -> np.ndarray:
     if e["values"] == "const":
         return np.full(nnz, e["scale"], dtype=np.float32)
     u = np.random.Generator(np.random.PCG64(e["seed"])).random(nnz, dtype=np.float32)
-    return (u * np.float32(2.0) - np.float32(1.0)) * np.float32(e["scale"])
+    u *= np.float32(2.0)  # in place: one array of the tensor's size, however large
+    u -= np.float32(1.0)
+    u *= np.float32(e["scale"])
+    return u
 
 
 def _read_values(body: bytes, pos: int, e: dict[str, Any], nnz: int) -> tuple[np.ndarray, int]:
@@ -335,6 +342,13 @@ def read_header(data: bytes) -> tuple[dict[str, Any], int]:
 _MASKS = ("dense", "bitmap", "xor", "relative")
 
 
+def _finite(x: float) -> bool:
+    try:
+        return math.isfinite(float(x))
+    except OverflowError:  # an integer too large for a float
+        return False
+
+
 def _check_header(header: dict[str, Any]) -> None:
     """Every field's type and range, before any byte of the body is interpreted (found by fuzzing)."""
 
@@ -364,11 +378,11 @@ def _check_header(header: dict[str, Any]) -> None:
         if not isinstance(e.get("delta"), bool):
             raise bad(f"{e['name']}: delta must be true or false")
         if (e["values"] in INT_LEVELS or e["values"] in SEEDED_VALUES) and (
-            not isinstance(e.get("scale"), (int, float)) or isinstance(e["scale"], bool) or not np.isfinite(e["scale"])
+            not isinstance(e.get("scale"), (int, float)) or isinstance(e["scale"], bool) or not _finite(e["scale"])
         ):
             raise bad(f"{e['name']}: {e['values']} values need a finite scale")
-        if e["values"] in SEEDED_VALUES and e["delta"]:
-            raise bad(f"{e['name']}: {e['values']} values cannot be a delta")
+        if e["values"] in SEEDED_VALUES and (e["delta"] or header["kind"] != "model"):
+            raise bad(f"{e['name']}: {e['values']} values belong in a model, never a delta or an update")
         if e["values"] == "uniform" and (
             not isinstance(e.get("seed"), int) or isinstance(e["seed"], bool) or not 0 <= e["seed"] < 2**63
         ):
@@ -405,8 +419,8 @@ def decode(
         n = int(np.prod(e["shape"], dtype=np.int64))
         if e["values"] in SEEDED_VALUES:  # drawn, not sent: bounded by what an fp32 body could be
             seeded += n
-            if 4 * seeded > max_body_bytes:
-                raise ProtocolError(ErrorCode.TOO_LARGE, f"{e['name']}: seeded values beyond {max_body_bytes} bytes")
+            if seeded > min(MAX_SEEDED_VALUES, max_body_bytes // 4):
+                raise ProtocolError(ErrorCode.TOO_LARGE, f"{e['name']}: more seeded values than a model may have")
         elif n > 8 * max(body_len, 1) + 64 and (reference is None or e["mask"] != "relative"):
             raise ProtocolError(ErrorCode.MALFORMED, f"{e['name']}: shape {e['shape']} cannot fit in {body_len} bytes")
     if reference is not None and len(reference) != len(entries):
