@@ -315,6 +315,8 @@ def cached_build(
         manifest = json.loads(meta.read_text())
         manifest["reused"] = True
         say(f"reusing bundle {path.name}")
+        if manifest.get("versions"):
+            say("versions: " + ", ".join(f"{k} {v}" for k, v in manifest["versions"].items()))
         return manifest
     for old in (home / "bundles").glob(f"{bundle_name(platform, train)}-glibc*"):  # older source versions
         old.unlink(missing_ok=True)
