@@ -229,12 +229,17 @@ def build(
         )
         project = agent.path
         with zipfile.ZipFile(project) as whl:  # the installer and the pins of the agent being bundled
-            installers = {s: whl.read(f"edge_agent/installer/{s}") for s in ("install.sh", "uninstall.sh")}
-            constraints = whl.read(CONSTRAINTS)
+            names = set(whl.namelist())
+            try:
+                installers = {s: whl.read(f"edge_agent/installer/{s}") for s in ("install.sh", "uninstall.sh")}
+            except KeyError as exc:
+                raise BundleError(f"the edgeprune {agent.version} wheel has no installer script: {exc}") from None
+            constraints = whl.read(CONSTRAINTS) if CONSTRAINTS in names else b""  # none before 0.1.0's packaging
         tested = pinned_python(constraints.decode())
         if tested != platform.python:  # pip evaluates the pins for the laptop's Python, not the device's
-            say(f"no tested pins for Python {platform.python} (they are for {tested}): pip chooses the versions")
-            constraints = f"# no tested pins for Python {platform.python} (edgeprune's are for {tested})\n".encode()
+            why = f"they are for {tested}" if tested else f"edgeprune {agent.version} ships none"
+            say(f"no tested pins for Python {platform.python} ({why}): pip chooses the versions")
+            constraints = f"# no tested pins for Python {platform.python} ({why})\n".encode()
         (tmp / "constraints.txt").write_bytes(constraints)
         say(f"collecting wheels for {platform.arch} / Python {platform.python} ({', '.join(extras)})")
         download_wheels(project, extras, platform, cache, wheels, offline, tmp / "constraints.txt")
