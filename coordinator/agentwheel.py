@@ -12,6 +12,9 @@ Two sources, in this order:
   bookkeeping (``INSTALLER``, ``REQUESTED``, ``direct_url.json``) are left out; ``RECORD`` is written
   afresh. The result has the original wheel's files, byte for byte (their contents; every file is 0644,
   as setuptools writes them).
+
+Processes: ``pip wheel`` and ``git status``, each run to completion on the caller's thread; pip reads a
+copy of the checkout and writes only into ``dest``; git only reads the checkout. No threads.
 """
 
 from __future__ import annotations
