@@ -267,9 +267,13 @@ def brokers_section(rows) -> list[str]:
     return out
 
 
+def _realistic_runs(rows) -> tuple[list[dict], dict]:
+    """fl_realistic's rows: each configuration's, and the run's own (devices, rounds, minutes, figure)."""
+    return [r for r in rows if "accuracy_last10" in r], next((r for r in rows if r.get("configuration") == "run"), {})
+
+
 def realistic_section(rows) -> list[str]:
-    runs = [r for r in rows if "accuracy_last10" in r]
-    meta = next((r for r in rows if r.get("configuration") == "run"), {})
+    runs, meta = _realistic_runs(rows)
     out = [
         f"**Realistic workload** (`python benchmarks/fl_realistic.py`, {meta.get('total_minutes', '?')} min): "
         f"Fashion-MNIST, {meta.get('devices')} simulated devices that really train (TF-MOT, {meta.get('workers')} "
@@ -297,8 +301,7 @@ def realistic_section(rows) -> list[str]:
 
 
 def realistic_downlink_section(rows) -> list[str]:
-    runs = [r for r in rows if "accuracy_last10" in r]
-    meta = next((r for r in rows if r.get("configuration") == "run"), {})
+    runs, meta = _realistic_runs(rows)
     out = [
         f"**Download formats on the realistic workload** (`python benchmarks/fl_realistic.py --configs 0.8 "
         f"--rounds {meta.get('rounds')} --download-formats {','.join(r.get('download_format', 'exact') for r in runs)}`, "

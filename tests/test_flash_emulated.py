@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from coordinator import agentwheel, bundle
+from coordinator import broker as broker_mod
 
 from .helpers.cli import json_cli
 
@@ -53,12 +53,6 @@ if REASON:
     pytestmark = [pytest.mark.slow, pytest.mark.skip(reason=REASON)]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _chroot(*cmd: str) -> subprocess.CompletedProcess:
     return subprocess.run(["chroot", str(ROOTFS), *cmd], capture_output=True, text=True)
 
@@ -66,7 +60,7 @@ def _chroot(*cmd: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def pi(tmp_path_factory):
     """The emulated Pi, plus a second user 'tiny' whose home is a 40 MB tmpfs (for the disk check)."""
-    port = _free_port()
+    port = broker_mod.free_port()
     proc = subprocess.run(["bash", str(EMULATOR), "start", "--port", str(port)], capture_output=True, text=True)
     if proc.returncode != 0:
         pytest.fail(f"pi-emulator start failed: {proc.stderr}")
@@ -124,7 +118,7 @@ def test_refusals_leave_nothing_installed(cli, pi, tmp_path):
     stray_key = tmp_path / "stray"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(stray_key)], check=True)
     cases = [
-        ("unreachable", [cli.target(port=_free_port()), *cli.ssh], "SSH server"),
+        ("unreachable", [cli.target(port=broker_mod.free_port()), *cli.ssh], "SSH server"),
         (
             "auth",
             [cli.target(), "--identity", str(stray_key), "--ssh-option", f"UserKnownHostsFile={pi['known_hosts']}"],
@@ -245,7 +239,6 @@ def test_upgrade_from_the_old_layout(cli, pi, mosquitto, tmp_path):
 def test_flash_as_root_into_a_secure_fleet(cli, pi, tmp_path):
     """As root, with a TLS broker: system paths, the device's own certificate installed 0600, online over
     mutual TLS; unflash removes it all."""
-    from coordinator import broker as broker_mod
     from coordinator import pki
 
     pki.init(cli.home)

@@ -11,6 +11,7 @@ a real broker: test_presence and test_netfaults.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -199,15 +200,28 @@ def _frames_on(url: str, topic: str) -> list[bytes]:
     return got
 
 
+@contextlib.contextmanager
+def _memory_fleet(tmp_path, name: str, devices=("pi1",)):
+    """In-process agents ``devices`` and a coordinator session on ``memory://name``, all online."""
+    url = f"memory://{name}"
+    agents = [in_process_agent(url, tmp_path / d, fleet="c", device_id=d) for d in devices]
+    for a in agents:
+        a.start()
+    s = Session(url, "c", Store(tmp_path / "home")).start(5)
+    try:
+        assert _online(s, len(agents))
+        yield url, s, agents
+    finally:
+        s.close()
+        for a in agents:
+            a.stop()
+        MemoryBroker.drop(name)
+
+
 def test_each_peer_gets_chunk_frames_in_the_version_it_reads(tmp_path):
     """1.2 frames (little-endian, EPF2) go only to peers that speak 1.2; a 1.1 coordinator, which sends
     blob_get without ``frame``, and a fleet with a 1.1 device get EPF1, which they read."""
-    url = "memory://frames"
-    a = in_process_agent(url, tmp_path / "a", fleet="c")
-    a.start()
-    s = Session(url, "c", Store(tmp_path / "home")).start(5)
-    try:
-        assert _online(s, 1)
+    with _memory_fleet(tmp_path, "frames") as (url, s, (a,)):
         sha = a.blobs.put(os.urandom(1000))
         up = _frames_on(url, topics.device("c", "pi1", "data"))
         assert s.call("pi1", "blob_get", {"sha256": sha}, timeout_s=5).ok  # as a 1.1 coordinator asks
@@ -220,22 +234,12 @@ def test_each_peer_gets_chunk_frames_in_the_version_it_reads(tmp_path):
         ref = s.publish_blob(os.urandom(500))
         assert wait_until(lambda: len(down) == 1, 2) and down[0][:4] == b"EPF1"
         assert s.call("pi1", "blob_fetch", serde.encode_args(ref), timeout_s=5).ok  # and the 1.2 device reads it
-    finally:
-        s.close()
-        a.stop()
-        MemoryBroker.drop("frames")
 
 
 def test_chunks_a_device_asks_for_go_to_it_alone(tmp_path):
     """A want is answered on the asker's own ``down`` topic: a thousand devices that ask (a broker slow to
     replay retained chunks to all of them) cost a thousand blobs, not a thousand times the fleet."""
-    url = "memory://wants"
-    agents = [in_process_agent(url, tmp_path / d, fleet="c", device_id=d) for d in ("pi1", "pi2")]
-    for a in agents:
-        a.start()
-    s = Session(url, "c", Store(tmp_path / "home")).start(5)
-    try:
-        assert _online(s, 2)
+    with _memory_fleet(tmp_path, "wants", ("pi1", "pi2")) as (url, s, agents):
         fanout = _frames_on(url, "edgeprune/v1/c/blob/+/+")
         own = _frames_on(url, topics.device("c", "pi1", "down"))
         other = _frames_on(url, topics.device("c", "pi2", "down"))
@@ -243,11 +247,6 @@ def test_chunks_a_device_asks_for_go_to_it_alone(tmp_path):
         assert s.call("pi1", "blob_fetch", serde.encode_args(ref), timeout_s=10).ok
         assert len(own) == ref.chunks and not fanout and not other
         assert s.stats.wants_in >= 1 and s.stats.resent_chunks == ref.chunks
-    finally:
-        s.close()
-        for a in agents:
-            a.stop()
-        MemoryBroker.drop("wants")
 
 
 def test_a_device_that_saw_the_broker_replay_retained_chunks_is_patient_before_asking(tmp_path):
@@ -255,12 +254,7 @@ def test_a_device_that_saw_the_broker_replay_retained_chunks_is_patient_before_a
     missing: the device waits BROADCAST_PATIENCE_S, not BROADCAST_WAIT_S, before its first want."""
     from edge_agent.protocol.constants import BROADCAST_PATIENCE_S, BROADCAST_WAIT_S
 
-    url = "memory://patience"
-    a = in_process_agent(url, tmp_path / "a", fleet="c")
-    a.start()
-    s = Session(url, "c", Store(tmp_path / "home")).start(5)
-    try:
-        assert _online(s, 1)
+    with _memory_fleet(tmp_path, "patience") as (url, s, (a,)):
         assert a.replays_retained is None
         ref = s.publish_blob(os.urandom(1000))
         assert s.call("pi1", "blob_fetch", serde.encode_args(ref), timeout_s=10).ok
@@ -271,7 +265,3 @@ def test_a_device_that_saw_the_broker_replay_retained_chunks_is_patient_before_a
         took = time.monotonic() - t0
         assert reply.ok and s.stats.wants_in == 1
         assert BROADCAST_PATIENCE_S <= took < BROADCAST_PATIENCE_S + 3 and took > 2 * BROADCAST_WAIT_S
-    finally:
-        s.close()
-        a.stop()
-        MemoryBroker.drop("patience")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from coordinator import broker as broker_mod
 from coordinator import bundle
 from coordinator.flash import wait_online
 from edge_agent import servicemgr
@@ -56,19 +56,16 @@ if REASON:
     pytestmark = [pytest.mark.slow, pytest.mark.skip(reason=REASON)]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def pi(tmp_path):
     """A booted emulated Pi (systemd PID 1) with sshd on a loopback port; powered off and unmounted after."""
     key = tmp_path / "id_ed25519"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key), "-C", "edgeprune-test"], check=True)
     machine = systemd_boot.Machine(
-        tmp_path / "machine", f"edgeprune-pi-{os.getpid()}", _free_port(), (tmp_path / "id_ed25519.pub").read_text()
+        tmp_path / "machine",
+        f"edgeprune-pi-{os.getpid()}",
+        broker_mod.free_port(),
+        (tmp_path / "id_ed25519.pub").read_text(),
     )
     systemd_boot.reap_stale()  # what a killed earlier run left (its pytest process is gone)
     try:

@@ -8,17 +8,16 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tarfile
-import time
 import zipfile
 from pathlib import Path
 
 import pytest
 
 from coordinator import agentwheel, bundle
+from coordinator import broker as broker_mod
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -68,17 +67,6 @@ def test_the_wheel_and_sdist_hold_every_module_and_file_the_package_needs(built)
     assert not missing, f"not in the sdist: {missing}"
 
 
-def _listening(port: int, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), 1).close()
-            return True
-        except OSError:
-            time.sleep(0.2)
-    return False
-
-
 def _stop(proc: subprocess.Popen) -> None:
     """SIGTERM to the process's whole session (an agent's training worker too), SIGKILL after 20 s."""
     for sig, wait_s in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
@@ -91,12 +79,6 @@ def _stop(proc: subprocess.Popen) -> None:
             return
         except subprocess.TimeoutExpired:
             continue
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_a_wheel_put_back_together_from_an_install_has_the_original_files_and_refuses_a_changed_one(built, tmp_path):
@@ -166,7 +148,7 @@ def test_from_a_clean_virtualenv_the_installed_wheel_runs_the_main_job_and_build
         out = run(str(bin_ / exe), "--version")
         assert out.returncode == 0 and out.stdout.strip() == f"{name} {__version__}", out
 
-    port = _free_port()
+    port = broker_mod.free_port()
     url = f"mqtt://127.0.0.1:{port}"
     agent = ["run", "--broker", url, "--fleet", "wheel", "--data", "digits", "--train-threads", "1"]
     commands = [[str(bin_ / "edgeprune"), "broker", "--port", str(port)]] + [
@@ -182,7 +164,7 @@ def test_from_a_clean_virtualenv_the_installed_wheel_runs_the_main_job_and_build
                     subprocess.Popen(command, cwd=work, env=env, stdout=log, stderr=log, start_new_session=True)
                 )
             if i == 0:
-                assert _listening(port, 30), (work / "process-0.log").read_text()[-2000:]
+                assert broker_mod.wait_for_port("127.0.0.1", port, 30), (work / "process-0.log").read_text()[-2000:]
         common = ["--broker", url, "--fleet", "wheel", "--json"]
         out = run(str(bin_ / "edgeprune"), "train", *common, "--rounds", "2", "--sparsity", "0.5", "--wait-for", "2")
         assert out.returncode == 0, out.stderr[-3000:]

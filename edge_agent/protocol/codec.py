@@ -183,7 +183,13 @@ def encode(
                 "delta": bool(delta),
             }
         )
-    body = b"".join(mask_parts) + b"".join(value_parts)
+    return _pack(kind, entries, b"".join(mask_parts) + b"".join(value_parts), compression, meta)
+
+
+def _pack(
+    kind: str, entries: list[dict[str, Any]], body: bytes, compression: str, meta: dict[str, Any] | None
+) -> bytes:
+    """Magic, header and (compressed) body: one bundle."""
     raw_len = len(body)
     if compression == "zstd":
         body = _zstd().ZstdCompressor(level=ZSTD_LEVEL).compress(body)
@@ -254,20 +260,7 @@ def encode_seeded(
                 **entry,
             }
         )
-    body = b"".join(mask_parts)
-    header = json.dumps(
-        {
-            "v": 1,
-            "kind": "model",
-            "compression": "zstd",
-            "body_bytes": len(body),
-            "meta": meta or {},
-            "tensors": entries,
-        },
-        separators=(",", ":"),
-    ).encode()
-    packed: bytes = _zstd().ZstdCompressor(level=ZSTD_LEVEL).compress(body)
-    return _HEAD.pack(MAGIC, len(header)) + header + packed
+    return _pack("model", entries, b"".join(mask_parts), "zstd", meta)
 
 
 def _seeded_values(e: dict[str, Any], nnz: int) -> np.ndarray:
