@@ -15,6 +15,7 @@ from typing import Any
 
 from edge_agent.protocol.args import Artifact, Bench
 
+from . import tblog
 from .session import Session
 from .store import Store
 from .train import new_run_id
@@ -37,7 +38,8 @@ def collect_artifacts(store: Store, ref: str, formats: list[str], reporter) -> t
     run_id = run["run_id"] if run else new_run_id()
     out = Path((run["summary"] or {}).get("run_dir")) / "artifacts" if run else store.home / "exports" / run_id
     calib = load_eval_data((run["config"] or {}).get("eval_data") if run else "digits")
-    recs = export.export(model, formats, out, calibration=calib, progress=reporter.say)
+    scored = calib if run else None  # an untrained built-in model has no accuracy worth a number
+    recs = export.export(model, formats, out, calibration=calib, progress=reporter.say, eval_data=scored)
     if run is None:
         store.create_run(run_id, "-", "export", {"model": ref, "formats": formats})
         store.finish_run(run_id, "done", {"run_dir": str(out)})
@@ -124,9 +126,36 @@ def bench(
     for ref in refs:
         session.clear_blob(ref.sha256)
     summary = {"bench_id": bench_id, "run_id": run_id, "devices": results, "wall_s": round(time.perf_counter() - t0, 3)}
+    summary["tensorboard"] = write_tensorboard(store, bench_id, run_id, artifacts, reporter)
     store.finish_run(
         bench_id,
         "done" if all("error" not in r for r in results.values()) else "partial",
         {"run_id": run_id, "devices": sorted(results)},
     )
     return summary
+
+
+def tensorboard_dir(store: Store, bench_id: str, run_id: str | None) -> Path:
+    """A benchmark's TensorBoard run: beside its training run's, or on its own."""
+    run = store.run(run_id) if run_id else None
+    if run is not None and run["kind"] == "train":
+        return store.home / "runs" / run["run_id"] / "tensorboard" / f"bench-{bench_id}"
+    return store.home / "runs" / bench_id / "tensorboard"
+
+
+def write_tensorboard(store: Store, bench_id: str, run_id: str | None, artifacts: list[dict], reporter) -> str | None:
+    """The stored results as a TensorBoard run, written by a model worker with no model (this process stays
+    free of TensorFlow); returns its directory, or None (said as a warning: the results are stored anyway)."""
+    from .model_worker import ModelWorker, ModelWorkerError
+
+    rows = store.bench_results(bench_id=bench_id)
+    logdir = tensorboard_dir(store, bench_id, run_id)
+    worker = ModelWorker(None)
+    try:
+        worker.call("tensorboard", logdir=str(logdir), records=tblog.bench_records(rows, artifacts))
+    except ModelWorkerError as exc:
+        reporter.warn(f"benchmark TensorBoard run not written: {exc}")
+        return None
+    finally:
+        worker.close()
+    return str(logdir)

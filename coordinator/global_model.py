@@ -162,10 +162,10 @@ class GlobalModel:
             log.warning("evaluation failed: %s", exc)
             return {}
 
-    def scalars(self, logdir: Path, rows: list[tuple[int, dict[str, float]]]) -> None:
-        """TensorBoard scalars (written by the worker; buffered by the caller while it sleeps)."""
-        if rows:
-            self.worker.call("scalars", logdir=str(logdir), rows=rows)
+    def tensorboard(self, logdir: Path, records: list) -> None:
+        """Write :class:`coordinator.tblog.Record` s under ``logdir`` (in the worker: it has TensorFlow)."""
+        if records:
+            self.worker.call("tensorboard", logdir=str(logdir), records=records)
 
     def save(self, run_dir: Path, tag: str) -> None:
         """Atomically write the global model as a bundle (resume point) and, when final, as .keras."""

@@ -1,15 +1,16 @@
 """The coordinator's TensorFlow, in a child process.
 
 The round loop needs Keras only to build the initial model, to evaluate the
-global model on the held-out set, to write TensorBoard scalars and to save the
+global model on the held-out set, to write TensorBoard event files and to save the
 final ``model.keras``. Importing TensorFlow costs ~560 MB of RSS, more than the
 whole of what a 1,000-device round needs, so the coordinator process itself
 stays TensorFlow-free (numpy weights, streaming aggregation) and sends those
 few jobs here, exactly as an agent sends its training to a worker process.
 
 Messages are dicts ``{"op": ..., ...}``; replies are ``{"ok": True, ...}`` or
-``{"ok": False, "message": str}``. Ops: ``create``, ``evaluate``, ``scalars``,
-``save_keras``, ``end``.
+``{"ok": False, "message": str}``. Ops: ``create``, ``evaluate``, ``tensorboard``
+(:func:`coordinator.tblog.write`), ``save_keras``, ``end``. A worker made with no ``create``
+arguments holds no model: ``edgeprune bench`` uses one to write its TensorBoard run.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ class ModelWorkerError(EdgepruneError, RuntimeError):
 class ModelWorker:
     """A spawned process holding the Keras copy of the global model."""
 
-    def __init__(self, create: dict[str, Any]):
+    def __init__(self, create: dict[str, Any] | None):
         self.create_args = create
         self._child: Child | None = None
         self.info: dict[str, Any] | None = None
@@ -52,7 +53,10 @@ class ModelWorker:
         if self.alive:
             return self.info
         self._child = Child(main, (), "edgeprune-model-worker")
-        self.info = self._call({"op": "create", **self.create_args}, START_TIMEOUT_S)
+        if self.create_args is None:
+            self.info = self._call({"op": "ping"}, START_TIMEOUT_S)  # TensorFlow imported: ready
+        else:
+            self.info = self._call({"op": "create", **self.create_args}, START_TIMEOUT_S)
         return self.info
 
     def call(self, op: str, **args: Any) -> dict[str, Any]:
@@ -98,6 +102,8 @@ class KerasModel:
         from edge_agent.ml import models, pruning
 
         op = msg.get("op")
+        if op == "ping":
+            return {"ok": True}
         if op == "create":
             model = self.model = models.from_json(msg["arch_json"]) if msg.get("arch_json") else _build(msg, models)
             training = msg.get("training") or models.training_config(model)  # a user model's own loss
@@ -123,14 +129,10 @@ class KerasModel:
                 return {"ok": True}
             pruning.set_state(self.model, msg["weights"])
             return {"ok": True, **_evaluate(self.model, *self.eval_xy, classifier=self.classifier)}
-        if op == "scalars":
-            writer = self.writers.get(msg["logdir"]) or self.t.tf.summary.create_file_writer(msg["logdir"])
-            self.writers[msg["logdir"]] = writer
-            with writer.as_default():
-                for step, values in msg["rows"]:
-                    for key, value in values.items():
-                        self.t.tf.summary.scalar(key, value, step=step)
-            writer.flush()
+        if op == "tensorboard":
+            from . import tblog
+
+            tblog.write(self.t.tf, msg["logdir"], msg["records"], self.writers)
             return {"ok": True}
         if op == "save_keras":
             pruning.set_state(self.model, msg["weights"])

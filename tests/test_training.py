@@ -11,11 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from coordinator import tblog
 from coordinator.progress import Reporter
 from coordinator.train import TrainConfig, train
 from edge_agent.protocol import codec, serde, topics
 from edge_agent.protocol.messages import Reply
 from tests.conftest import raw_client, wait_until
+from tests.helpers import events
 
 pytestmark = [pytest.mark.slow, pytest.mark.tf]
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,7 +73,31 @@ def test_federated_pruning_end_to_end(mosquitto, agents, session_factory, tmp_pa
         if mask is not None:
             assert np.all(t[~mask] == 0)
     assert (Path(summary["run_dir"]) / "model.keras").exists()
-    assert list((Path(summary["run_dir"]) / "tensorboard").glob("events.out.tfevents.*"))
+    # TensorBoard: everything the run produced, read back with TensorBoard's event reader
+    tb = Path(summary["run_dir"]) / "tensorboard"
+    tags = events.read(tb)
+    steps = [1, 2, 3]
+    for name in ("eval/accuracy", "eval/loss", "sparsity/prunable", "bytes/up_per_client", "bytes/down_cumulative"):
+        assert tags[name] == ("scalars", steps), name
+    for name in ("phase_s/aggregate", "phase_s/round", "clients/ok", "structure/params", "structure/flops"):
+        assert tags[name] == ("scalars", steps), name
+    pruned = [t["name"] for t in s.store.run(summary["run_id"])["config"]["tensors"] if t["pruned"]]
+    assert pruned
+    for name in pruned:
+        assert tags[tblog.tag("sparsity", name)] == ("scalars", steps)
+        assert tags[tblog.tag("sparsity_target", name)] == ("scalars", steps)
+        assert tags[tblog.tag("weights", name)] == ("histograms", steps)
+        stored = [r["sparsity_per_tensor"][name] for r in rounds]
+        assert events.values(tb, tblog.tag("sparsity", name)) == pytest.approx(stored, abs=1e-6)
+    assert events.values(tb, "bytes/up_cumulative") == pytest.approx(np.cumsum([r["bytes_up_total"] for r in rounds]))
+    assert tags["config"][0] == "text" and tags["__graph__"] and any(p == "hparams" for p, _ in tags.values())
+    for layer in summary["architecture"]:
+        assert tags[tblog.tag("structure/units", layer)] == ("scalars", steps)
+    devices = events.read(tb / tblog.DEVICES_RUN)
+    for dev in ("pi0", "pi1", "pi2"):
+        for name in ("samples", "local_loss", "local_accuracy", "update_bytes", "train_s", "failed"):
+            assert devices[f"{dev}/{name}"] == ("scalars", steps), (dev, name)
+    assert events.values(tb / tblog.DEVICES_RUN, "pi1/failed") == [0.0, 0.0, 0.0]
     # workers end with the run; agents stay up
     for p in procs:
         assert wait_until(lambda: not s.call(p.device_id, "train_status", timeout_s=5).result["worker_alive"], 15)
@@ -123,6 +149,11 @@ def test_round_survives_bad_and_vanishing_clients(mosquitto, agents, session_fac
     assert "offline" in rounds[1]["failure_reasons"]["pi1"]
     assert rounds[1]["sparsity"] == pytest.approx(0.5, abs=0.002)
     assert good[0].alive()
+    # TensorBoard's devices run: who failed when (1) and who trained (0, with its local loss)
+    board = Path(result["run_dir"]) / "tensorboard" / tblog.DEVICES_RUN
+    assert events.values(board, "evil-nan/failed") == [1.0, 1.0]
+    assert events.values(board, "pi1/failed") == [0.0, 1.0]
+    assert events.values(board, "pi0/failed") == [0.0, 0.0] and len(events.values(board, "pi0/local_loss")) == 2
 
 
 def test_resume_after_coordinator_kill9(mosquitto, agents, tmp_path):

@@ -7,7 +7,7 @@ from edge_agent.protocol.errors import ProtocolError
 from edge_agent.protocol.messages import Reply
 
 from ..strategy import MaskedFedAvg, UpdateRejected, check_norm, clip_update
-from .record import Run, Timer
+from .record import Run, Sent, Timer
 from .structured import fold_importance
 
 
@@ -19,7 +19,7 @@ def intake(
     targets: list[float],
     agg: MaskedFedAvg,
     t: Timer,
-    bytes_up: dict[str, int],
+    sent: Sent,
 ) -> str | None:
     """Pull, check and aggregate one client's update. Returns an error text, or None."""
     s, gm = run.session, run.gm
@@ -59,7 +59,8 @@ def intake(
     if "importance" in result["metrics"]:
         fold_importance(run, dev, result["metrics"]["importance"], float(result["metrics"]["num_samples"]))
     s.acknowledge(reply)  # the device may drop it from its outbox now
-    bytes_up[dev] = len(data)
+    sent.bytes_up[dev] = len(data)
+    sent.device_metrics[dev] = result["metrics"]
     run.store.save_client_round(
         run.run_id, rnd, dev, True, result["metrics"].get("model_bytes"), len(data), result["metrics"], None
     )

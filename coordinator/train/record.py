@@ -49,9 +49,7 @@ class Run:
     begun: dict[str, dict[str, Any]] = field(default_factory=dict)
     counted: set[tuple[str, int]] = field(default_factory=set)
     rows: list[dict[str, Any]] = field(default_factory=list)
-    tb_rows: list[tuple[int, dict[str, Any]]] = field(
-        default_factory=list
-    )  # TensorBoard scalars not yet written by the model worker
+    board: list[Any] = field(default_factory=list)  # tblog.Record: TensorBoard records the worker has not written
     norm: float | None = None  # the global model's L2 norm this round (for the update-norm check)
     original_units: dict[str, int] = field(default_factory=dict)  # before any structured step
     initial_dense_bytes: int = 0  # the model as the run began (what upload ratios compare against)
@@ -67,6 +65,7 @@ class Sent:
     bytes_up: dict[str, int] = field(default_factory=dict)
     bytes_down: dict[str, int] = field(default_factory=dict)  # per client: what it fetched (it says; else planned)
     failures: dict[str, str] = field(default_factory=dict)
+    device_metrics: dict[str, dict[str, Any]] = field(default_factory=dict)  # what each aggregated client reported
     download_format: str = "exact"
 
 
@@ -116,18 +115,24 @@ def round_row(
     }
 
 
-TB_SCALARS = ("accuracy", "loss", "sparsity", "bytes_up_per_client", "bytes_down_per_client")
-
-
-def persist(run: Run, rnd: int, row: dict[str, Any]) -> None:
-    """The resume point (written before the round is recorded) and the TensorBoard scalars."""
-    gm = run.gm
-    gm.save(run.run_dir, f"round-{rnd:04d}")
+def persist(run: Run, rnd: int) -> None:
+    """The resume point, written before the round is recorded."""
+    run.gm.save(run.run_dir, f"round-{rnd:04d}")
     (run.run_dir / f"round-{rnd - 2:04d}.ept").unlink(missing_ok=True)
-    run.tb_rows.append((rnd, {k: row[k] for k in TB_SCALARS if row.get(k) is not None}))
-    if gm.has_eval:  # its worker is up anyway; otherwise the scalars wait for the end of the run
-        gm.scalars(run.run_dir / "tensorboard", run.tb_rows)
-        run.tb_rows.clear()
+
+
+def to_board(run: Run, records: list[Any]) -> None:
+    """Queue TensorBoard records: written at once when the model worker is up anyway (it evaluates every
+    round), else they wait for the end of the run, when the worker starts to save model.keras."""
+    run.board.extend(records)
+    if run.gm.has_eval:
+        flush_board(run)
+
+
+def flush_board(run: Run) -> None:
+    if run.board:
+        run.gm.tensorboard(run.run_dir / "tensorboard", run.board)
+        run.board = []
 
 
 def new_run_id() -> str:
