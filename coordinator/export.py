@@ -11,8 +11,10 @@ Variants:
 - ``sparse-int8-qat`` (with ``--qat``): pruning-preserving quantisation-aware
   fine-tuning (TF-MOT ``Default8BitPrunePreserveQuantizeScheme``), then as above.
 
-Every artifact is recorded with its sha256, raw and gzip size, and the weight
-sparsity read back from the .tflite bytes (:mod:`edge_agent.ml.tflite_info`).
+Every artifact is recorded with its sha256, raw and gzip size, the weight
+sparsity read back from the .tflite bytes (:mod:`edge_agent.ml.tflite_info`) and,
+given labelled eval data, its own accuracy: each .tflite file run by the TFLite
+interpreter on that data (what quantisation costs shows here, not in training).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from edge_agent.ml import tfenv, tflite_info
 
 FORMATS = ("dense", "sparse", "sparse-int8", "fp16")
 CALIBRATION_SAMPLES = 200
+EVAL_SAMPLES = 10_000  # at most this many examples of the eval data per artifact (fashion-mnist's test split)
 
 
 def latency_model(name: str, sparsity: float, policy: str = "all", granularity: str = "unstructured", seed: int = 0):
@@ -165,8 +168,10 @@ def export(
     qat_data=None,
     prefix: str = "model",
     progress=lambda msg: None,
+    eval_data=None,
 ) -> list[dict[str, Any]]:
-    """Convert ``model`` to each format, write ``out_dir/<prefix>-<format>.tflite``, return records."""
+    """Convert ``model`` to each format, write ``out_dir/<prefix>-<format>.tflite``, return records
+    (with each artifact's accuracy on ``eval_data`` when it is labelled data of the model's input shape)."""
     from edge_agent.ml import tfenv
 
     tfenv.load()
@@ -194,6 +199,34 @@ def export(
         os.replace(tmp, path)
         rec = record(data, f"{prefix}-{fmt}", fmt, path)
         rec["convert_s"] = round(time.perf_counter() - t0, 3)
+        rec.update(artifact_accuracy(data, eval_data, shape))
         records.append(rec)
     (out_dir / "artifacts.json").write_text(json.dumps(records, indent=1))
     return records
+
+
+def artifact_accuracy(data: bytes, eval_data, shape: tuple) -> dict[str, Any]:
+    """``accuracy`` of a .tflite classifier on labelled data, run example by example in the TFLite
+    interpreter, and ``accuracy_on`` (the data's name and size); ``accuracy`` None with the reason
+    in ``accuracy_on`` when there is nothing to measure it on."""
+    if eval_data is None:
+        return {"accuracy": None, "accuracy_on": "no eval data (a model without a training run)"}
+    if int(np.prod(eval_data.x.shape[1:])) != int(np.prod(shape)) or not eval_data.num_classes:
+        return {"accuracy": None, "accuracy_on": f"{eval_data.name}: not labelled data of input shape {shape}"}
+    tf = tfenv.load().tf
+    interp = tf.lite.Interpreter(model_content=data)
+    interp.allocate_tensors()
+    inp, out = interp.get_input_details()[0], interp.get_output_details()[0]
+    x = eval_data.x[:EVAL_SAMPLES].reshape((-1, *shape)).astype(np.float32)
+    y = eval_data.y[: len(x)]
+    if inp["dtype"] != np.float32:  # a full-integer model with integer input: quantise as the converter says
+        scale, zero = inp["quantization"]
+        x = np.clip(np.round(x / scale + zero), np.iinfo(inp["dtype"]).min, np.iinfo(inp["dtype"]).max)
+    if out["shape"][-1] < 2:
+        return {"accuracy": None, "accuracy_on": f"{eval_data.name}: the model is not a classifier"}
+    correct = 0
+    for xi, yi in zip(x, y):
+        interp.set_tensor(inp["index"], xi[None, ...].astype(inp["dtype"]))
+        interp.invoke()
+        correct += int(np.argmax(interp.get_tensor(out["index"])[0]) == yi)
+    return {"accuracy": correct / len(x), "accuracy_on": f"{eval_data.name} ({len(x):,} examples)"}

@@ -62,6 +62,8 @@ def artifacts(trained_sparsity: float | None = None, *, sha_chars: int = 12) -> 
         Column("gzip", lambda a: f"{a['gzip_bytes']:,}"),
         Column("vs dense fp32", lambda a: f"{a['_dense'] / a['bytes']:.1f}x" if a.get("_dense") else None),
         Column("sparsity read back", lambda a: _pct(a["sparsity"])),
+        Column("accuracy (.tflite)", lambda a: _pct(a.get("accuracy"))),
+        Column("scored on", lambda a: a.get("accuracy_on"), brief=False),
     ]
     if trained_sparsity is not None:
         cols.append(Column("trained sparsity", lambda a: _pct(trained_sparsity)))
@@ -127,6 +129,20 @@ BENCH: list[Column] = [
         brief=False,
     ),
     Column("note", lambda r: r.get("error") or ""),
+]
+
+
+DEPLOYMENT: list[Column] = [  # coordinator.deployment.options rows
+    Column("device", lambda o: o["device"], keep=True),
+    Column("artifact", lambda o: o["artifact"], keep=True),
+    Column("accuracy", lambda o: _pct(o["accuracy"])),
+    Column("p50 ms", lambda o: f"{o['p50_ms']:.3f}"),
+    Column("p99 ms", lambda o: None if o.get("p99_ms") is None else f"{o['p99_ms']:.3f}"),
+    Column("size", lambda o: human_bytes(o["bytes"])),
+    Column("RSS +", lambda o: human_bytes(o["rss_increase_bytes"]) if o.get("rss_increase_bytes") else None),
+    Column("energy/inference", lambda o: _energy(o)),
+    Column("Pareto", lambda o: "yes" if o["pareto"] else ""),
+    Column("pick", lambda o: "<- recommended" if o.get("recommended") else ""),
 ]
 
 

@@ -31,8 +31,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     reporter = Reporter(quiet=args.json)
     try:
         model, run = export.resolve_model(store, args.model, args.prune, args.prune_policy, args.granularity)
-        calib = load_eval_data(args.calibration_data or ((run or {}).get("config") or {}).get("eval_data") or "digits")
+        run_eval = ((run or {}).get("config") or {}).get("eval_data")
+        calib = load_eval_data(args.calibration_data or run_eval or "digits")
         qat = load_eval_data(args.qat_data) if args.qat else None
+        scored = load_eval_data(args.eval_data or (run_eval if run else None))
     except ValueError as exc:
         return output.fail(str(exc), code="bad_args", as_json=args.json, status=2)
     run_id = run["run_id"] if run else new_run_id()
@@ -41,7 +43,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         if args.out
         else (Path(run["summary"]["run_dir"]) / "artifacts" if run else store.home / "exports" / run_id)
     )
-    recs = export.export(model, formats, out, calibration=calib, qat_data=qat, progress=reporter.say)
+    recs = export.export(model, formats, out, calibration=calib, qat_data=qat, progress=reporter.say, eval_data=scored)
     if run is None:
         store.create_run(
             run_id,
@@ -161,6 +163,11 @@ def add_parsers(sub) -> None:
         help="training data for --qat fine-tuning: 'digits', .npz or .csv (default digits)",
     )
     p.add_argument("--calibration-data", help="representative data for int8 calibration (default: the run's eval data)")
+    p.add_argument(
+        "--eval-data",
+        help="labelled data each .tflite is scored on, in the TFLite interpreter: 'digits', 'fashion-mnist', "
+        ".npz, .csv or an image folder (default: the run's eval data; none for a model without a run)",
+    )
     p.add_argument("--out", help="output directory (default: the run's artifacts/ folder)")
     _common(p, broker=False)
     p.set_defaults(func=cmd_export)

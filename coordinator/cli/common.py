@@ -255,3 +255,14 @@ def _explicit(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: l
             if action is not None:
                 out.add(action.dest)
     return out
+
+
+def positive(text: str) -> float:
+    """argparse type: a number > 0 (a budget, a duration)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a positive number")
+    return value

@@ -6,7 +6,7 @@ import argparse
 import time
 
 from .. import output, views
-from .common import _common, _find_run, _store
+from .common import _common, _find_run, _store, positive
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
@@ -108,13 +108,14 @@ def cmd_runs_rm(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .. import report
+    from .. import deployment, report
 
     store = _store(args)
     run, rc = _find_run(args, args.run)
     if run is None:
         return rc
-    data = report.gather(store, run)
+    budget = deployment.Budget(args.latency_budget_ms, args.size_budget_kb)
+    data = report.gather(store, run, budget)
     if args.html:
         report.write_html(data, args.html)
     if args.json:
@@ -130,12 +131,23 @@ def add_parsers(sub) -> None:
     p = sub.add_parser(
         "report",
         help="print a run's summary and write a self-contained HTML report",
-        description="Accuracy and sparsity per round, bytes per round, artifact sizes, latency per "
-        "variant per device (p50 with p90/p99), energy per inference with its label, "
-        "temperatures.",
+        description="Accuracy and sparsity per round (and per tensor), bytes per round, artifact sizes and "
+        "accuracy, latency per variant per device (p50 with p99), energy per inference with its label, "
+        "temperatures; and which artifact to ship to which device: every artifact on every device with "
+        "its Pareto front, and a pick per device within the budget given. Training curves in full "
+        "(per-tensor sparsity, weight histograms, per-device training) are in TensorBoard: "
+        "tensorboard --logdir <home>/runs.",
     )
     p.add_argument("run", help="training run id (prefix) or a bench id")
     p.add_argument("--html", help="write the HTML report to this file")
+    p.add_argument(
+        "--latency-budget-ms",
+        type=positive,
+        help="the pick per device is the most accurate artifact whose p50 latency there is at most this",
+    )
+    p.add_argument(
+        "--size-budget-kb", type=positive, help="... and whose .tflite file is at most this many KB (1 KB = 1000 B)"
+    )
     _common(p, broker=False)
     p.set_defaults(func=cmd_report)
     p = sub.add_parser(
