@@ -20,6 +20,7 @@ from coordinator import agentwheel, bundle
 from coordinator import broker as broker_mod
 
 ROOT = Path(__file__).resolve().parent.parent
+VENV_DISK_BYTES = 3.5e9  # edgeprune[agent,coordinator] installed without .pyc files, with room to spare
 
 
 def _git_files(*parts: str) -> set[str]:
@@ -110,6 +111,17 @@ def test_from_a_clean_virtualenv_the_installed_wheel_runs_the_main_job_and_build
     work = tmp_path / "user"  # outside the source tree: nothing of the checkout can be imported from here
     work.mkdir()
     venv = work / "venv"
+    free = shutil.disk_usage(work).free
+    assert (
+        free > VENV_DISK_BYTES
+    ), f"{work}: {free / 1e9:.1f} GB free; the fresh virtualenv needs {VENV_DISK_BYTES / 1e9:.1f}"
+    try:
+        _install_and_run_from(whl, work, venv)
+    finally:  # the venv is the size of TensorFlow: gone even when the test fails (its logs stay)
+        shutil.rmtree(venv, ignore_errors=True)
+
+
+def _install_and_run_from(whl: Path, work: Path, venv: Path) -> None:
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     install = subprocess.run(
         [
@@ -119,6 +131,7 @@ def test_from_a_clean_virtualenv_the_installed_wheel_runs_the_main_job_and_build
             "install",
             "-q",
             "--disable-pip-version-check",
+            "--no-compile",  # no .pyc files written at install: less disk; what runs compiles on import
             f"{whl}[agent,coordinator]",
             "--constraint",
             str(ROOT / "edge_agent" / "constraints.txt"),
