@@ -162,6 +162,9 @@ def main() -> int:
     print(f"  .venv/bin/edgeprune ping --broker {broker.url} --fleet {FLEET} --device pi-1")
     print(f"  .venv/bin/edgeprune show {run_id}            # the run, round by round")
     print(f"  open {html}")
+    from coordinator.store import default_home  # the home the commands above used (EDGEPRUNE_HOME or the default)
+
+    print(f"  .venv/bin/tensorboard --logdir {default_home() / 'runs'}   # then open http://localhost:6006")
     print("  ./scripts/demo stop                                        # stop broker and agents")
     return 0
 
