@@ -11,7 +11,8 @@ evaluation on the held-out split. The round loop times its phases
   selection), ``serialize`` (encode the global model), ``publish`` (hand its
   chunks to the broker), ``decode`` (decode and check updates), ``aggregate``
   (streaming FedAvg + new masks), ``evaluate`` (held-out accuracy, in the model
-  worker), ``persist`` (resume point, database), and ``other`` = the rest of the
+  worker), ``persist`` (resume point, database), ``tensorboard`` (the round's records, written by the
+  model worker), and ``other`` = the rest of the
   round's wall time (client selection, bookkeeping).
 
 Target: coordinator time <= 5% of the round's wall time (rounds after the first,
@@ -38,7 +39,7 @@ from pathlib import Path
 from common import BIN, local_fleet, machine
 
 MAX_OVERHEAD = 0.05
-COORDINATOR_PHASES = ("plan", "serialize", "publish", "decode", "aggregate", "evaluate", "persist")
+COORDINATOR_PHASES = ("plan", "serialize", "publish", "decode", "aggregate", "evaluate", "persist", "tensorboard")
 CLIENT_PHASES = ("wait", "transfer")
 
 

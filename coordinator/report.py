@@ -240,7 +240,7 @@ def _latency_figure(plt, options: list[dict], colours: dict) -> tuple[str, str, 
     if len(devices) > MANY_DEVICES:
         fig, ax = plt.subplots(figsize=(7, 0.8 + 0.45 * len(variants)))
         data = [[o["p50_ms"] for o in options if o["format"] == v] for v in variants]
-        box = ax.boxplot(data, vert=False, patch_artist=True, tick_labels=variants)
+        box = ax.boxplot(data, orientation="horizontal", patch_artist=True, tick_labels=variants)
         for patch, v in zip(box["boxes"], variants):
             patch.set_facecolor(colours[v])
         ax.invert_yaxis()

@@ -25,18 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 from coordinator.broker import free_port, wait_for_port  # noqa: E402
 from coordinator.store import Store, default_home  # noqa: E402
-
-CHROMIUM_FLAGS = (  # no network beyond loopback: Chromium's own background traffic is switched off
-    "--headless=new",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-    "--disable-dev-shm-usage",
-    "--window-size=1500,1100",
-)
+from tests.helpers import browser  # noqa: E402
 
 
 def main() -> int:
@@ -51,8 +40,7 @@ def main() -> int:
         print(f"no finished training run in {args.home} (run ./scripts/demo first)", file=sys.stderr)
         return 1
     logdir = args.home / "runs"  # what the README says to open: every run of the home, side by side
-    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
-    if not chromium or not driver:
+    if not browser.available():
         print("needs chromium and chromedriver: sudo apt-get install chromium chromium-driver", file=sys.stderr)
         return 1
     port = free_port()
@@ -61,29 +49,22 @@ def main() -> int:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
     try:
         wait_for_port("127.0.0.1", port, 60)
-        opts = webdriver.ChromeOptions()
-        opts.binary_location = chromium
         profile = tempfile.mkdtemp(prefix="edgeprune-chrome-")
-        for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={profile}"):
-            opts.add_argument(flag)
-        browser = webdriver.Chrome(service=Service(driver), options=opts)
+        driver = browser.chromium(Path(profile), "--window-size=1500,1100")
         try:
             from urllib.parse import quote
 
             # the scalars dashboard keeps its settings in the URL's fragment: the filter, and no smoothing
-            browser.get(
+            driver.get(
                 f"http://127.0.0.1:{port}/#scalars&tagFilter={quote(args.filter)}&_smoothingWeight=0&_ignoreYOutliers=false"
             )
             time.sleep(8)  # the dashboard fetches runs, tags and series, then draws
             args.out.parent.mkdir(parents=True, exist_ok=True)
-            browser.save_screenshot(str(args.out))
+            driver.save_screenshot(str(args.out))
         finally:
-            browser.quit()
+            driver.quit()
             shutil.rmtree(profile, ignore_errors=True)
     finally:
         tb.terminate()

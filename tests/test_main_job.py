@@ -4,14 +4,13 @@ and the HTML report opened in headless Chromium."""
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import events
+from tests.helpers import browser, events
 
 pytestmark = [pytest.mark.slow, pytest.mark.tf]
 
@@ -73,28 +72,9 @@ def test_train_export_bench_report(mosquitto, agents, tmp_path, rounds):
     assert "not available" in html  # this machine has no power sensor: said so, never zero
     assert "Which artifact to ship" in html and "&lt;- recommended" in html
 
-    chromium, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
-    if not chromium or not driver_path:
+    if not browser.available():
         pytest.skip("chromium/chromedriver not installed (./scripts/test installs them)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = chromium
-    for flag in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--no-first-run",
-        "--disable-dev-shm-usage",
-        f"--user-data-dir={tmp_path / 'chrome'}",
-    ):
-        opts.add_argument(flag)
-    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(driver_path), options=opts)
+    driver = browser.chromium(tmp_path / "chrome")
     try:
         driver.get(html_path.as_uri())
         assert "edgeprune report" in driver.title
