@@ -99,7 +99,8 @@ def recommend(rows: list[dict[str, Any]], budget: Budget) -> dict[str, dict[str,
         out[dev] = {
             "artifact": best,
             "why": f"{acc}{best['p50_ms']:.3f} ms p50, {best['bytes'] / KB:.1f} KB; "
-            f"the most accurate of {len(fits)} of {len(mine)} within {budget.describe()}",
+            f"the most accurate of {len(fits)} of {len(mine)} "
+            + ("(no budget given)" if budget == Budget() else f"within {budget.describe()}"),
         }
     return out
 

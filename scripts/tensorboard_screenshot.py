@@ -58,8 +58,11 @@ def main() -> int:
 
             # the scalars dashboard keeps its settings in the URL's fragment: the filter, and no smoothing
             driver.get(
-                f"http://127.0.0.1:{port}/#scalars&tagFilter={quote(args.filter)}&_smoothingWeight=0&_ignoreYOutliers=false"
+                f"http://127.0.0.1:{port}/#scalars&tagFilter={quote(args.filter)}&_smoothingWeight=0"
             )
+            # round 1 is no outlier: the whole curve (this setting lives in the browser's local storage)
+            driver.execute_script("window.localStorage.setItem('_ignoreYOutliers', 'false')")
+            driver.refresh()
             time.sleep(8)  # the dashboard fetches runs, tags and series, then draws
             args.out.parent.mkdir(parents=True, exist_ok=True)
             driver.save_screenshot(str(args.out))
