@@ -162,10 +162,11 @@ class GlobalModel:
             log.warning("evaluation failed: %s", exc)
             return {}
 
-    def tensorboard(self, logdir: Path, records: list) -> None:
-        """Write :class:`coordinator.tblog.Record` s under ``logdir`` (in the worker: it has TensorFlow)."""
+    def tensorboard(self, logdir: Path, records: list, background: bool = False) -> None:
+        """Write :class:`coordinator.tblog.Record` s under ``logdir`` (in the worker: it has TensorFlow);
+        ``background``: return once the worker has them, not once they are written."""
         if records:
-            self.worker.call("tensorboard", logdir=str(logdir), records=records)
+            self.worker.call("tensorboard", logdir=str(logdir), records=records, background=background)
 
     def save(self, run_dir: Path, tag: str) -> None:
         """Atomically write the global model as a bundle (resume point) and, when final, as .keras."""

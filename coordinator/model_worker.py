@@ -9,7 +9,8 @@ few jobs here, exactly as an agent sends its training to a worker process.
 
 Messages are dicts ``{"op": ..., ...}``; replies are ``{"ok": True, ...}`` or
 ``{"ok": False, "message": str}``. Ops: ``create``, ``evaluate``, ``tensorboard``
-(:func:`coordinator.tblog.write`), ``save_keras``, ``end``. A worker made with no ``create``
+(:func:`coordinator.tblog.write`; with ``background`` it answers first and writes after, so a
+round does not wait for it; the next request waits), ``save_keras``, ``end``. A worker made with no ``create``
 arguments holds no model: ``edgeprune bench`` uses one to write its TensorBoard run.
 """
 
@@ -129,10 +130,15 @@ class KerasModel:
                 return {"ok": True}
             pruning.set_state(self.model, msg["weights"])
             return {"ok": True, **_evaluate(self.model, *self.eval_xy, classifier=self.classifier)}
-        if op == "tensorboard":
+        if op == "tensorboard":  # with background: answered first, written while the round loop goes on
             from . import tblog
 
-            tblog.write(self.t.tf, msg["logdir"], msg["records"], self.writers)
+            def write() -> None:
+                tblog.write(self.t.tf, msg["logdir"], msg["records"], self.writers)
+
+            if msg.get("background"):
+                return {"ok": True}, write
+            write()
             return {"ok": True}
         if op == "save_keras":
             pruning.set_state(self.model, msg["weights"])
@@ -188,6 +194,9 @@ class InProcessModelWorker:
         assert self._model is not None
         try:
             reply = self._model.handle(msg)
+            if isinstance(reply, tuple):  # (reply, work to do after replying): here, at once
+                reply, then = reply
+                then()
         except Exception as exc:
             reply = self._model.on_error(exc)
         if not reply.pop("ok", False):

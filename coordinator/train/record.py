@@ -126,12 +126,12 @@ def to_board(run: Run, records: list[Any]) -> None:
     round), else they wait for the end of the run, when the worker starts to save model.keras."""
     run.board.extend(records)
     if run.gm.has_eval:
-        flush_board(run)
+        flush_board(run, background=True)  # written while the next round runs
 
 
-def flush_board(run: Run) -> None:
+def flush_board(run: Run, background: bool = False) -> None:
     if run.board:
-        run.gm.tensorboard(run.run_dir / "tensorboard", run.board)
+        run.gm.tensorboard(run.run_dir / "tensorboard", run.board, background)
         run.board = []
 
 
