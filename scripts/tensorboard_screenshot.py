@@ -57,9 +57,7 @@ def main() -> int:
             from urllib.parse import quote
 
             # the scalars dashboard keeps its settings in the URL's fragment: the filter, and no smoothing
-            driver.get(
-                f"http://127.0.0.1:{port}/#scalars&tagFilter={quote(args.filter)}&_smoothingWeight=0"
-            )
+            driver.get(f"http://127.0.0.1:{port}/#scalars&tagFilter={quote(args.filter)}&_smoothingWeight=0")
             # round 1 is no outlier: the whole curve (this setting lives in the browser's local storage)
             driver.execute_script("window.localStorage.setItem('_ignoreYOutliers', 'false')")
             driver.refresh()
