@@ -124,7 +124,7 @@ def round_records(
     scalar("structure/flops", row["flops"], "FLOPs of one inference after the round")
     scalar("structure/units_removed", row["units_removed"], "fraction of units removed by structured steps")
     for layer, units in (row.get("architecture") or {}).items():
-        scalar(tag("structure/units", layer), units, "units (neurons or filters) of this layer")
+        scalar(tag("structure", "units", layer), units, "units (neurons or filters) of this layer")
     for dev in sorted(set(device_metrics) | set(failures) - {"round"}):
         metrics = device_metrics.get(dev) or {}
         for name, key, description in DEVICE_METRICS:

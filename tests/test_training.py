@@ -92,7 +92,7 @@ def test_federated_pruning_end_to_end(mosquitto, agents, session_factory, tmp_pa
     assert events.values(tb, "bytes/up_cumulative") == pytest.approx(np.cumsum([r["bytes_up_total"] for r in rounds]))
     assert tags["config"][0] == "text" and tags["__graph__"] and any(p == "hparams" for p, _ in tags.values())
     for layer in summary["architecture"]:
-        assert tags[tblog.tag("structure/units", layer)] == ("scalars", steps)
+        assert tags[tblog.tag("structure", "units", layer)] == ("scalars", steps)
     devices = events.read(tb / tblog.DEVICES_RUN)
     for dev in ("pi0", "pi1", "pi2"):
         for name in ("samples", "local_loss", "local_accuracy", "update_bytes", "train_s", "failed"):
