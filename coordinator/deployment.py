@@ -58,10 +58,18 @@ def options(artifacts: list[dict[str, Any]], bench: list[dict[str, Any]]) -> lis
                 "energy": r.get("energy") or {},
             }
         )
-    for row in rows:
-        same = [o for o in rows if o["device"] == row["device"] and o is not row]
-        row["pareto"] = not any(dominates(o, row) for o in same)
+    for mine in by_device(rows).values():
+        for row in mine:
+            row["pareto"] = not any(dominates(o, row) for o in mine if o is not row)
     return rows
+
+
+def by_device(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Rows grouped per device (devices sorted), each group in the rows' order: one pass, not one per device."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(r["device"], []).append(r)
+    return dict(sorted(groups.items()))
 
 
 def dominates(a: dict[str, Any], b: dict[str, Any]) -> bool:
@@ -77,8 +85,7 @@ def dominates(a: dict[str, Any], b: dict[str, Any]) -> bool:
 def recommend(rows: list[dict[str, Any]], budget: Budget) -> dict[str, dict[str, Any]]:
     """Per device: ``{"artifact": row or None, "why": text}``: the pick within ``budget``, or why none."""
     out: dict[str, dict[str, Any]] = {}
-    for dev in sorted({r["device"] for r in rows}):
-        mine = [r for r in rows if r["device"] == dev]
+    for dev, mine in by_device(rows).items():
         fits = [r for r in mine if budget.admits(r)]
         if not fits:
             fastest = min(mine, key=lambda r: r["p50_ms"])

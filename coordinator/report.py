@@ -277,19 +277,18 @@ def _deployment_figure(plt, options: list[dict], colours: dict) -> tuple[str, st
         panels.insert(0, ("accuracy % (.tflite on the eval data)", lambda o: o["accuracy"] * 100, scored))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels) + 1.5, 3.8), squeeze=False)
     for ax, (label, y, rows) in zip(axes[0], panels):
-        for o in rows:
-            ax.scatter(
-                o["p50_ms"],
-                y(o),
-                s=60,
-                color=colours[o["format"]],
-                edgecolors="black" if o["pareto"] else "none",
-                linewidths=1.5,
-                alpha=0.85,
-                zorder=3,
-            )
-        for dev in sorted({o["device"] for o in rows}):
-            front = sorted((o for o in rows if o["device"] == dev and o["pareto"]), key=lambda o: o["p50_ms"])
+        ax.scatter(  # one call for all points: per-point calls took seconds at 1,000 devices
+            [o["p50_ms"] for o in rows],
+            [y(o) for o in rows],
+            s=60,
+            color=[colours[o["format"]] for o in rows],
+            edgecolors=["black" if o["pareto"] else "none" for o in rows],
+            linewidths=1.5,
+            alpha=0.85,
+            zorder=3,
+        )
+        for mine in deployment.by_device(rows).values():
+            front = sorted((o for o in mine if o["pareto"]), key=lambda o: o["p50_ms"])
             ax.plot([o["p50_ms"] for o in front], [y(o) for o in front], "-", color="grey", lw=0.8, zorder=2)
         ax.set_xlabel("p50 latency ms (on the device)")
         ax.set_ylabel(label)
