@@ -143,10 +143,14 @@ def add_parsers(sub) -> None:
     p.add_argument(
         "--latency-budget-ms",
         type=positive,
+        metavar="MS",
         help="the pick per device is the most accurate artifact whose p50 latency there is at most this",
     )
     p.add_argument(
-        "--size-budget-kb", type=positive, help="... and whose .tflite file is at most this many KB (1 KB = 1000 B)"
+        "--size-budget-kb",
+        type=positive,
+        metavar="KB",
+        help="... and whose .tflite file is at most this many KB (1 KB = 1000 B)",
     )
     _common(p, broker=False)
     p.set_defaults(func=cmd_report)
