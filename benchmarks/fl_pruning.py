@@ -10,9 +10,14 @@ sides (and, for edgeprune, starting the 8 training workers).
 
 Download: bytes each client fetched per round (run average and the steady state after round 1), for
 ``--download-format`` exact, fp16, delta-int8 and delta-int4 at each pruned sparsity; the accuracy of each
-against the exact broadcast at the same sparsity.
+against the exact broadcast at the same sparsity and training seed. On 360 test images one image is 0.28
+points, and a lossy broadcast changes every later round's training, so a single seed's gap is mostly which
+way two chaotic trajectories happened to land: each pruned configuration runs with every ``--seeds`` (the
+training seed: initial model, client shuffles; the shards stay those of ``--seed``), and the download
+targets are judged on the mean over seeds of the paired gap (each seed's exact run against the same seed's
+lossy run), with every seed's gap printed.
 
-    python benchmarks/fl_pruning.py [--rounds 10] [--download-formats exact,delta-int8] [--json]
+    python benchmarks/fl_pruning.py [--rounds 10] [--download-formats exact,delta-int8] [--seeds 0,1,2] [--json]
 """
 
 from __future__ import annotations
@@ -42,6 +47,42 @@ DOWNLOAD_TARGETS = {  # issue 16: download vs dense fp32 averaged over the run, 
     0.8: {"min_down_ratio_vs_dense_fp32": 10.0, "max_accuracy_gap_vs_exact_pts": 0.3},
     0.9: {"min_down_ratio_vs_dense_fp32": 15.0, "max_accuracy_gap_vs_exact_pts": 0.3},
 }
+
+
+def _paired(a: dict, b: dict) -> bool:
+    return a["sparsity"] == b["sparsity"] and a["seed"] == b["seed"]
+
+
+def download_over_seeds(results: list[dict]) -> list[dict]:
+    """Per pruned sparsity and lossy format: the paired gap to exact over the seeds, and the targets on its mean."""
+    out = []
+    for sparsity, target in DOWNLOAD_TARGETS.items():
+        formats = dict.fromkeys(r["download_format"] for r in results if r["sparsity"] == sparsity)
+        for fmt in formats:
+            rows = [r for r in results if r["sparsity"] == sparsity and r["download_format"] == fmt]
+            paired = [r for r in rows if "accuracy_gap_vs_exact_pts" in r]
+            if fmt == "exact" or not paired:
+                continue
+            gaps = [r["accuracy_gap_vs_exact_pts"] for r in paired]
+            mean_gap = round(sum(gaps) / len(gaps), 2)
+            ratio = sum(r["down_ratio_vs_dense_fp32"] for r in paired) / len(paired)
+            out.append(
+                {
+                    "configuration": "download_over_seeds",
+                    "sparsity": sparsity,
+                    "download_format": fmt,
+                    "seeds": [r["seed"] for r in paired],
+                    "accuracy_gaps_vs_exact_pts": gaps,
+                    "mean_accuracy_gap_vs_exact_pts": mean_gap,
+                    "final_accuracies": [r["final_accuracy"] for r in paired],
+                    "down_ratio_vs_dense_fp32": ratio,
+                    "down_ratios_vs_dense_fp32": [r["down_ratio_vs_dense_fp32"] for r in paired],
+                    "target": target,
+                    "target_met": ratio >= target["min_down_ratio_vs_dense_fp32"]
+                    and mean_gap <= target["max_accuracy_gap_vs_exact_pts"],
+                }
+            )
+    return out
 
 
 def plain_loop(args) -> dict:
@@ -92,6 +133,11 @@ def main() -> int:
         default="exact,fp16,delta-int8,delta-int4",
         help="--download-format of each pruned run (the dense run is exact)",
     )
+    p.add_argument(
+        "--seeds",
+        default="0,1,2",
+        help="training seeds of each pruned run (the dense run and the plain loop use --seed)",
+    )
     p.add_argument("--train-args", default="", help="extra `edgeprune train` flags, e.g. '--mask-policy layer'")
     p.add_argument("--no-plain", action="store_true", help="skip the plain loop (then gaps are not computed)")
     p.add_argument("--json", action="store_true")
@@ -133,13 +179,15 @@ def main() -> int:
         "5",
     ]
     with local_fleet(args.clients, "bench", agent_args, lambda i: ["--data-shard", f"{i}/{args.clients}"]) as (b, work):
+        seeds = [int(x) for x in args.seeds.split(",")]
         runs = [
-            (float(s), fmt)
+            (float(s), fmt, seed)
             for s in args.sparsities.split(",")
+            for seed in ([args.seed] if float(s) == 0.0 else seeds)
             for fmt in (["exact"] if float(s) == 0.0 else args.download_formats.split(","))
         ]
-        for sparsity, fmt in runs:
-            log(f"== edgeprune train, sparsity {sparsity:.0%}, download {fmt} ...")
+        for sparsity, fmt, seed in runs:
+            log(f"== edgeprune train, sparsity {sparsity:.0%}, download {fmt}, seed {seed} ...")
             cmd = [
                 str(BIN / "edgeprune"),
                 "train",
@@ -160,7 +208,7 @@ def main() -> int:
                 "--lr",
                 str(args.lr),
                 "--seed",
-                str(args.seed),
+                str(seed),
                 "--wait-for",
                 str(args.clients),
                 "--download-format",
@@ -178,6 +226,7 @@ def main() -> int:
                 {
                     "sparsity": sparsity,
                     "download_format": fmt,
+                    "seed": seed,
                     "final_accuracy": s["final_accuracy"],
                     "final_sparsity": s["final_sparsity"],
                     "upload_bytes_per_client_round": s["upload_bytes_per_client_round"],
@@ -219,19 +268,12 @@ def main() -> int:
     reference = dense or plain  # the plain loop runs the same dense FedAvg when --sparsities has no 0
     for r in results:
         r["accuracy_gap_pts"] = round((reference["final_accuracy"] - r["final_accuracy"]) * 100, 2)
-        exact = next((e for e in results if e["sparsity"] == r["sparsity"] and e["download_format"] == "exact"), None)
-        down_target = DOWNLOAD_TARGETS.get(r["sparsity"])
+        exact = next((e for e in results if _paired(e, r) and e["download_format"] == "exact"), None)
         if exact is not None and r["sparsity"] > 0:
             r["accuracy_gap_vs_exact_pts"] = round((exact["final_accuracy"] - r["final_accuracy"]) * 100, 2)
-        if r["download_format"] != "exact":  # the download rows: their own targets
-            if down_target and exact is not None:
-                r["target"] = down_target
-                r["target_met"] = (
-                    r["down_ratio_vs_dense_fp32"] >= down_target["min_down_ratio_vs_dense_fp32"]
-                    and r["accuracy_gap_vs_exact_pts"] <= down_target["max_accuracy_gap_vs_exact_pts"]
-                )
-            continue
         target = TARGETS.get(r["sparsity"])
+        if r["download_format"] != "exact" or r["seed"] != args.seed:
+            continue  # the download rows are judged over seeds, below
         if r["sparsity"] == 0.0:
             r["target"] = {"max_wall_ratio_vs_plain_loop": MAX_WALL_RATIO_DENSE_VS_PLAIN}
             r["wall_ratio_vs_plain_loop"] = round(r["total_wall_s"] / plain["total_wall_s"], 3)
@@ -250,29 +292,38 @@ def main() -> int:
                 r["target_met"] = (
                     r["target_met"] and r["round_wall_ratio_vs_dense"] <= target["max_round_wall_ratio_vs_dense"]
                 )
-    out_rows = results + [plain]
+    over_seeds = download_over_seeds(results)
+    out_rows = results + over_seeds + [plain]
     if args.json:
         print(json.dumps(out_rows, indent=2))
         return 0
     print(
         f"\nfl_pruning: digits, {args.clients} agents, Dirichlet alpha {args.alpha}, {args.rounds} rounds x "
-        f"{args.epochs} local epochs, seed {args.seed}; machine: {machine()}"
+        f"{args.epochs} local epochs, shards of seed {args.seed}, training seeds {args.seeds}; machine: {machine()}"
     )
     print(
-        f"{'sparsity':>8} {'download':>10} {'accuracy':>9} {'gap pts':>8} {'vs exact':>8} {'up B/client-round':>18} "
+        f"{'sparsity':>8} {'download':>10} {'seed':>4} {'accuracy':>9} {'gap pts':>8} {'vs exact':>8} {'up B/client-round':>18} "
         f"{'vs dense fp32':>14} {'down B/client-round':>20} {'steady':>9} {'vs dense':>9} "
         f"{'round s':>8} {'vs dense':>8} {'total s':>8}  target"
     )
     for r in results:
         gap_exact = r.get("accuracy_gap_vs_exact_pts")
         print(
-            f"{r['sparsity']:>8.0%} {r['download_format']:>10} {r['final_accuracy'] * 100:>8.2f}% "
+            f"{r['sparsity']:>8.0%} {r['download_format']:>10} {r['seed']:>4} {r['final_accuracy'] * 100:>8.2f}% "
             f"{r['accuracy_gap_pts']:>8.2f} {'' if gap_exact is None else f'{gap_exact:.2f}':>8} "
             f"{r['upload_bytes_per_client_round']:>18,.0f} {r['ratio_vs_dense_fp32']:>13.1f}x "
             f"{r['download_bytes_per_client_round']:>20,.0f} {r['download_bytes_steady']:>9,.0f} "
             f"{r['down_ratio_vs_dense_fp32']:>8.1f}x {r['round_wall_s']:>8.2f} "
             f"{r.get('round_wall_ratio_vs_dense', 1.0):>7.2f}x {r['total_wall_s']:>8.1f}  "
-            f"{'met' if r.get('target_met') else 'MISSED'} {r.get('target')}"
+            f"{'' if 'target' not in r else 'met' if r.get('target_met') else 'MISSED'} {r.get('target') or ''}"
+        )
+    print("\ndownload formats against the exact broadcast, over the training seeds (paired by seed):")
+    for o in over_seeds:
+        print(
+            f"{o['sparsity']:>8.0%} {o['download_format']:>10}: gap to exact {o['mean_accuracy_gap_vs_exact_pts']:+.2f} "
+            f"pts mean (per seed {', '.join(f'{g:+.2f}' for g in o['accuracy_gaps_vs_exact_pts'])}), down "
+            f"{o['down_ratio_vs_dense_fp32']:.1f}x below dense fp32  {'met' if o['target_met'] else 'MISSED'} "
+            f"{o['target']}"
         )
     print(
         f"{'plain':>8} {plain['final_accuracy'] * 100:>8.2f}% {'':>8} {'':>18} {'':>14} {'':>8} {'':>8} {plain['total_wall_s']:>8.1f}"

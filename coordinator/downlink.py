@@ -7,7 +7,7 @@ Formats:
 - ``delta-int8`` / ``delta-int4``: the change since the model the clients already hold (their
   *base*): mask changes against the base's masks (``relative``/``xor`` bitmaps), kept values as
   ``new - base`` quantised to int8 / int4 per tensor with unbiased stochastic rounding, zstd.
-  With no base (after a structured step, after a resume) the quantised model itself.
+  With no base (after a structured step) the quantised model itself.
 
 In every format, a fresh run of a built-in model starts from a *seeded* model
 (``codec.encode_seeded``: each tensor re-drawn from a seed with its initialiser's spread), which a
@@ -22,9 +22,14 @@ throws it away and fetches the exact encoding of the same weights instead. The q
 (what the broadcast left out) is kept here and added to the next round's model before it is
 encoded, so it is re-sent instead of lost (error feedback) and does not accumulate over rounds.
 
-Devices that do not hold the base (new, missed a round, restarted without their cache) get the
-exact encoding; each broadcast goes out (retained) only if a selected device will fetch it, and the exact
-encoding is otherwise only offered, for devices that ask (``blob_want``).
+Each delta is against the round before's reconstruction, so the deltas form a chain: a device that
+holds an older model of it (it missed rounds: not selected, failed, late) catches up by applying the
+links since, in order (protocol 1.5, ``delta_chain``), and rebuilds the same weights bit for bit; so does
+a device that holds nothing, from the run's seeded first model. It is sent the chain only when that is
+smaller than the exact encoding; otherwise (no link reaches what it holds, a chain that long, a structured
+step since, a device older than 1.5) it gets the exact encoding. Links are kept only while some suffix of
+them is smaller than the exact encoding. Each blob goes out (retained) only if a selected device will
+fetch it, and the exact encoding is otherwise only offered, for devices that ask (``blob_want``).
 """
 
 from __future__ import annotations
@@ -35,10 +40,20 @@ from typing import Any
 import numpy as np
 
 from edge_agent.protocol import codec, serde
-from edge_agent.protocol.constants import SEEDED_MODELS_SINCE
+from edge_agent.protocol.constants import DELTA_CHAINS_SINCE, SEEDED_MODELS_SINCE
 
 DOWNLOAD_FORMATS = ("exact", "fp16", "delta-int8", "delta-int4")
 KEEP_BASES = 2  # reconstructions kept to encode a delta against (the devices keep as many, settings)
+
+
+@dataclass(frozen=True)
+class Link:
+    """One broadcast of the chain: applied to the model ``base`` (None: to nothing) it rebuilds ``digest``."""
+
+    digest: str
+    base: str | None
+    data: bytes
+    since: tuple[int, int] | None = None  # the protocol version that reads it (a seeded model: 1.4)
 
 
 @dataclass
@@ -51,17 +66,40 @@ class Cast:
     base: str | None  # the digest ``small`` is a delta against; None if it needs no base
     format: str
     since: tuple[int, int] | None = None  # the protocol version that reads ``small`` (a seeded model: 1.4)
+    chain: tuple[Link, ...] = ()  # the links that end in ``small`` (it last), oldest first: catching up
 
     def readable_by(self, protocol: str | None) -> bool:
         """Whether a device that speaks ``protocol`` can decode the small broadcast."""
         return self.small is not None and (self.since is None or serde.version_at_least(protocol, self.since))
 
+    def route(self, held: str | None, protocol: str | None = None) -> list[Link] | None:
+        """The broadcasts a device that holds ``held`` and speaks ``protocol`` applies, in order, to rebuild
+        this round's model (the first to ``held``, or to nothing); None: it fetches the exact encoding."""
+        if not self.readable_by(protocol):
+            return None
+        assert self.small is not None
+        head = Link(self.digest, self.base, self.small, self.since)
+        if self.base is None or held == self.base:
+            return [head]
+        if not serde.version_at_least(protocol, DELTA_CHAINS_SINCE) or not self.chain:
+            return None
+        total = 0
+        for i in range(len(self.chain) - 1, -1, -1):  # back from the head, while cheaper than the exact model
+            link = self.chain[i]
+            total += len(link.data)
+            if total >= len(self.exact) or not (link.since is None or serde.version_at_least(protocol, link.since)):
+                return None
+            if link.base is None or (held is not None and link.base == held):
+                return list(self.chain[i:])
+        return None
+
     def fetches_small(self, held: str | None, protocol: str | None = None) -> bool:
-        """Whether a device that holds the model ``held`` and speaks ``protocol`` is sent the small broadcast."""
-        return self.readable_by(protocol) and (self.base is None or held == self.base)
+        """Whether a device that holds the model ``held`` and speaks ``protocol`` is sent smaller broadcasts."""
+        return self.route(held, protocol) is not None
 
     def size_for(self, held: str | None, protocol: str | None = None) -> int:
-        return len(self.small) if self.fetches_small(held, protocol) else len(self.exact)
+        route = self.route(held, protocol)
+        return len(self.exact) if route is None else sum(len(link.data) for link in route)
 
 
 @dataclass
@@ -72,6 +110,8 @@ class Downlink:
     holds: dict[str, str] = field(default_factory=dict)  # device -> digest of the model it last trained from
     seed: int = 0
     seeded: bool = False  # the next broadcast is a fresh initial model: send a seed, not weights
+    links: list[Link] = field(default_factory=list)  # the chain of delta broadcasts (delta formats), oldest first
+    last: str | None = None  # the digest of the last reconstruction: the next delta's base
 
     def prepare(self, gm: Any, run_id: str) -> Cast:
         """Encode the global model for the next round and replace ``gm.weights`` by the reconstruction."""
@@ -125,8 +165,23 @@ class Downlink:
         self.bases[digest] = (names, recon, masks)
         while len(self.bases) > KEEP_BASES:
             self.bases.pop(next(iter(self.bases)))
+        self.last = digest
         base_of_small = base_digest if small is not None and base is not None and not seeded else None
-        return Cast(digest, exact, small, base_of_small, self.format, SEEDED_MODELS_SINCE if seeded else None)
+        since = SEEDED_MODELS_SINCE if seeded else None
+        self._extend_chain(digest, base_of_small, small, since, len(exact))
+        return Cast(digest, exact, small, base_of_small, self.format, since, tuple(self.links))
+
+    def _extend_chain(self, digest: str, base: str | None, small: bytes | None, since, exact_bytes: int) -> None:
+        """Add this round's broadcast to the chain (a self-contained one starts it again); drop the oldest
+        links while every route through them costs more than the exact encoding."""
+        if small is None or not (self.format.startswith("delta-") or since is not None):
+            self.links = []
+            return
+        if base is None or not self.links or self.links[-1].digest != base:
+            self.links = []
+        self.links.append(Link(digest, base, small, since))
+        while self.links and sum(len(link.data) for link in self.links) >= exact_bytes:
+            self.links.pop(0)
 
     def finish(self, gm: Any) -> None:
         """After the last round nothing goes down again: the global model is the exact one (the aggregate
@@ -139,17 +194,23 @@ class Downlink:
         self.error = None
 
     def _base_for(self, names: list[str], target: list[np.ndarray]):
-        """The model most devices hold, if it has this model's tensors (a structured step changes them)."""
-        if not self.format.startswith("delta-") or not self.holds:
+        """The last reconstruction, which the devices of the last round hold and every other device on the
+        chain reaches, if it has this model's tensors (a structured step changes them)."""
+        if not self.format.startswith("delta-") or not self.holds or self.last is None:
             return None, None
-        counts: dict[str, int] = {}
-        for digest in self.holds.values():
-            counts[digest] = counts.get(digest, 0) + 1
-        for digest, _ in sorted(counts.items(), key=lambda kv: -kv[1]):
-            base = self.bases.get(digest)
-            if base is not None and base[0] == names and [b.shape for b in base[1]] == [t.shape for t in target]:
-                return digest, base
+        base = self.bases.get(self.last)
+        if base is not None and base[0] == names and [b.shape for b in base[1]] == [t.shape for t in target]:
+            return self.last, base
         return None, None
+
+    def resume_from(self, bundle: codec.Bundle, devices: list[str]) -> None:
+        """A resumed run: ``devices`` hold ``bundle`` (they trained from it in the last recorded round), so the
+        next broadcast is a delta against it. The error still owed when the run stopped is lost (at most one
+        quantisation step); a device that no longer holds the model fetches the exact one."""
+        digest = codec.digest(bundle.names, bundle.tensors, bundle.masks)
+        self.bases[digest] = (list(bundle.names), list(bundle.tensors), list(bundle.masks))
+        self.last = digest
+        self.holds.update(dict.fromkeys(devices, digest))
 
     def trained(self, device: str, digest: str) -> None:
         """``device``'s update of a round counted: it holds that round's model now."""

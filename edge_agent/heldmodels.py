@@ -6,7 +6,8 @@ digest again, so a corrupted file is removed and reported as missing, never trai
 ``model_cache`` models and ``model_cache_bytes`` bytes are kept (the newest win).
 
 :func:`obtain` turns a ``train_round``'s arguments into the model to train from: the one already
-held, else the delta applied to the base it names, else the exact encoding; a reconstruction whose
+held, else the deltas applied in order to the base they name (one, or a chain after missed rounds),
+else the exact encoding; a reconstruction whose
 digest is not the announced one is discarded and the exact encoding fetched instead.
 """
 
@@ -89,39 +90,54 @@ def encode_plain(bundle: codec.Bundle) -> bytes:
     )
 
 
+def _start(held: HeldModels, steps: list[tuple[str | None, Any]]) -> tuple[int | None, codec.Bundle | None]:
+    """The latest step whose base this device holds (or that needs none), and that base."""
+    for i in range(len(steps) - 1, -1, -1):
+        base = steps[i][0]
+        if base is None:
+            return i, None
+        stored = held.get(base)
+        if stored is not None:
+            return i, stored[0]
+    return None, None
+
+
 def obtain(
     held: HeldModels, a: TrainRound, fetch: Callable[[str, float, int | None, int | None], bytes]
 ) -> tuple[bytes, dict[str, Any]]:
     """The global model of this round as the trainer reads it (uncompressed), and how it came:
-    ``{"download": cached|delta|exact|recovered, "download_bytes": bytes fetched}``."""
+    ``{"download": cached|small|delta|chain|exact|recovered, "download_bytes": bytes fetched}`` (and for the
+    small broadcasts ``delta_links``: how many were applied)."""
     if a.model_digest is not None:
         have = held.get(a.model_digest)
         if have is not None:
             return have[1], {"download": "cached", "download_bytes": 0}
     fetched = 0
     recovered = False
-    if a.delta is not None:
-        stored = held.get(a.delta_base) if a.delta_base is not None else None
-        base = stored[0] if stored is not None else None
-        if a.delta_base is None or base is not None:
-            small = fetch(a.delta.sha256, a.fetch_timeout_s, a.delta.bytes, a.delta.chunks)
-            fetched += len(small)
-            try:
-                if base is None:
+    steps = [(link.base, link.blob) for link in a.delta_chain] or ([(a.delta_base, a.delta)] if a.delta else [])
+    start, bundle = _start(held, steps)
+    if start is not None:
+        try:
+            for _, ref in steps[start:]:  # a device that missed rounds applies each broadcast since
+                small = fetch(ref.sha256, a.fetch_timeout_s, ref.bytes, ref.chunks)
+                fetched += len(small)
+                if bundle is None:
                     bundle = codec.decode(small)
                 else:
-                    bundle = codec.decode(small, reference=base.tensors, reference_masks=base.masks)
-                digest = codec.digest(bundle.names, bundle.tensors, bundle.masks)
-                if a.model_digest is None or digest == a.model_digest:
-                    _, data = held.put(bundle, digest)
-                    return data, {"download": "delta" if base is not None else "small", "download_bytes": fetched}
-                why = "its digest is not the announced one"
-            except ProtocolError as exc:
-                why = str(exc)
-            log.warning(
-                "the broadcast of round %s does not reconstruct here (%s): fetching the exact model", a.round, why
-            )
-            recovered = True
+                    bundle = codec.decode(small, reference=bundle.tensors, reference_masks=bundle.masks)
+            if bundle is None:  # steps[start:] is never empty; for the type checker
+                raise ProtocolError(ErrorCode.BAD_ARGS, "no broadcast to rebuild the model from")
+            digest = codec.digest(bundle.names, bundle.tensors, bundle.masks)
+            if a.model_digest is None or digest == a.model_digest:
+                _, data = held.put(bundle, digest)
+                links = len(steps) - start
+                how = "chain" if links > 1 else "delta" if steps[start][0] is not None else "small"
+                return data, {"download": how, "download_bytes": fetched, "delta_links": links}
+            why = "its digest is not the announced one"
+        except ProtocolError as exc:
+            why = str(exc)
+        log.warning("the broadcast of round %s does not reconstruct here (%s): fetching the exact model", a.round, why)
+        recovered = True
     exact = fetch(a.model.sha256, a.fetch_timeout_s, a.model.bytes, a.model.chunks)
     fetched += len(exact)
     bundle = codec.decode(exact)

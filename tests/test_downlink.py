@@ -15,7 +15,7 @@ from coordinator.train import TrainConfig, train
 from coordinator.train.observer import Silent
 from edge_agent import heldmodels
 from edge_agent.protocol import codec
-from edge_agent.protocol.args import BlobRef, TrainRound
+from edge_agent.protocol.args import BlobRef, DeltaLink, TrainRound
 from edge_agent.protocol.errors import ProtocolError
 
 from .helpers.memfleet import Behaviour, memory_fleet
@@ -69,6 +69,61 @@ def test_what_a_device_rebuilds_is_what_the_coordinator_announced(fmt, seed, rou
         held = got
         if fmt.startswith("delta") and rnd:
             assert cast.base is not None  # a delta, after round one
+
+
+def _rebuild(route, held: codec.Bundle | None) -> codec.Bundle:
+    """What a device rebuilds by applying ``route``'s broadcasts in order to ``held``."""
+    bundle = None if route[0].base is None else held
+    for link in route:
+        bundle = (
+            codec.decode(link.data)
+            if bundle is None
+            else codec.decode(link.data, reference=bundle.tensors, reference_masks=bundle.masks)
+        )
+    return bundle
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    fmt=st.sampled_from(["delta-int8", "delta-int4"]),
+    seed=st.integers(0, 2**16),
+    joins=st.lists(st.booleans(), min_size=3, max_size=10),
+    drift=st.sampled_from([0.01, 0.3]),
+)
+def test_a_device_that_missed_rounds_rebuilds_the_same_model_by_the_chain(fmt, seed, joins, drift):
+    """Device "a" trains every round, "b" only in some (``joins``); masks change a little each round
+    (``drift``: how much). Whenever "b" comes back it is sent the chain of broadcasts since the model it
+    holds, or the exact model when the chain would be as large, and ends on the same weights as "a"."""
+    rng = np.random.default_rng(seed)
+    link = Downlink(fmt, seed=seed, seeded=True)
+    weights = [rng.uniform(-0.2, 0.2, s).astype(np.float32) for s in BIG]
+    masks = [np.ones(BIG[0], bool), None]
+    b_held: codec.Bundle | None = None
+    b_digest: str | None = None
+    last = -1  # the round "b" last trained (-1: never; it then starts from the seeded first model)
+    for rnd, joined in enumerate(joins):
+        gm = _Model([w.copy() for w in weights], masks)
+        cast = link.prepare(gm, "r")
+        assert cast.route(b_digest, "1.4") is None or cast.base in (None, b_digest)  # no chains before 1.5
+        if joined:
+            route = cast.route(b_digest, "1.5")
+            got = codec.decode(cast.exact) if route is None else _rebuild(route, b_held)
+            assert codec.digest(got.names, got.tensors, got.masks) == cast.digest
+            assert all(np.array_equal(x, y) for x, y in zip(got.tensors, gm.weights))
+            if route is not None:
+                assert sum(len(x.data) for x in route) == cast.size_for(b_digest, "1.5") < len(cast.exact)
+            if drift == 0.01 and rnd - last <= 3:  # a delta is a quarter of the exact model (int8) or less
+                assert route is not None and len(route) == rnd - last, (rnd, last)
+            last = rnd
+            link.trained("b", cast.digest)
+            b_held, b_digest = got, cast.digest
+        link.trained("a", cast.digest)
+        assert sum(len(x.data) for x in link.links) < len(cast.exact)  # only links some route can use
+        # the next round's aggregate: the weights move, and a few (or many) kept weights are pruned or regrown
+        keep = rng.random(BIG[0]) < 0.5
+        flip = rng.random(BIG[0]) < drift * 0.1
+        masks = [np.where(flip, keep, masks[0]), None]
+        weights = [(gm.weights[0] + rng.normal(0, 0.01, BIG[0]).astype(np.float32)) * masks[0], gm.weights[1] + 0.01]
 
 
 @pytest.mark.parametrize("fmt, step", [("delta-int8", 1 / 127), ("delta-int4", 1 / 7), ("fp16", 1e-3)])
@@ -132,7 +187,8 @@ def test_a_device_holding_the_base_fetches_only_the_delta(tmp_path):
     held, first, second, ref = _two_casts(tmp_path)
     fetch, fetched = _blobs(second.small, second.exact)
     _, how = heldmodels.obtain(held, _round_args(second, ref(second.small), ref(second.exact), first.digest), fetch)
-    assert how == {"download": "delta", "download_bytes": len(second.small)} and len(second.small) < len(second.exact)
+    assert how == {"download": "delta", "download_bytes": len(second.small), "delta_links": 1}
+    assert len(second.small) < len(second.exact)
     _, again = heldmodels.obtain(held, _round_args(second, ref(second.small), ref(second.exact), first.digest), fetch)
     assert again["download"] == "cached" and fetched == [codec_sha(second.small)]
 
@@ -152,7 +208,7 @@ def test_a_fresh_model_goes_down_as_a_seed_in_every_format(tmp_path, fmt):
     fetch, fetched = _blobs(first.small, first.exact)
     ref = lambda data: BlobRef(codec_sha(data), len(data), 1)  # noqa: E731
     data, how = heldmodels.obtain(held, _round_args(first, ref(first.small), ref(first.exact), None), fetch)
-    assert how == {"download": "small", "download_bytes": len(first.small)}
+    assert how == {"download": "small", "download_bytes": len(first.small), "delta_links": 1}
     drawn = codec.decode(data)  # the device drew the model the coordinator now holds, bit for bit
     assert codec.digest(drawn.names, drawn.tensors, drawn.masks) == first.digest
     assert all(np.array_equal(a, b) for a, b in zip(drawn.tensors, gm.weights))
@@ -162,6 +218,80 @@ def test_a_fresh_model_goes_down_as_a_seed_in_every_format(tmp_path, fmt):
     assert second.digest != first.digest
     assert second.base == (first.digest if fmt.startswith("delta-") else None)
     assert (second.small is None) == (fmt == "exact")
+
+
+def _chain_casts(tmp_path, rounds=4):
+    """``rounds`` casts of a delta-int8 run whose weights move a little each round; a device's model store
+    holding the first round's model."""
+    rng = np.random.default_rng(2)
+    link = Downlink("delta-int8")
+    masks = [rng.random(BIG[0]) < 0.5, None]
+    weights = [rng.normal(0, 1, s).astype(np.float32) * (m if m is not None else 1) for s, m in zip(BIG, masks)]
+    casts = []
+    for _ in range(rounds):
+        gm = _Model([w.copy() for w in weights], masks)
+        casts.append(link.prepare(gm, "r"))
+        link.trained("a", casts[-1].digest)
+        weights = [
+            w + rng.normal(0, 0.01, w.shape).astype(np.float32) * (m if m is not None else 1)
+            for w, m in zip(gm.weights, masks)
+        ]
+    held = heldmodels.HeldModels(tmp_path / "models", keep=2, max_bytes=1 << 22)
+    held.put(codec.decode(casts[0].exact))
+    return held, casts
+
+
+def _chain_args(cast, route, base):
+    ref = lambda data: BlobRef(codec_sha(data), len(data), 1)  # noqa: E731
+    chain = [DeltaLink(ref(x.data), x.base) for x in route]
+    return TrainRound(
+        run_id="r",
+        round=4,
+        model=ref(cast.exact),
+        model_digest=cast.digest,
+        delta=chain[-1].blob,
+        delta_base=base,
+        delta_chain=chain,
+    )
+
+
+def test_a_device_that_missed_rounds_applies_the_chain_from_the_latest_model_it_holds(tmp_path):
+    held, casts = _chain_casts(tmp_path)
+    last = casts[-1]
+    route = last.route(casts[0].digest, "1.5")
+    assert [x.digest for x in route] == [c.digest for c in casts[1:]]  # rounds 2, 3 and 4
+    fetch, fetched = _blobs(*(x.data for x in route), last.exact)
+    args = _chain_args(last, route, casts[0].digest)
+    args.check("train_round")
+    data, how = heldmodels.obtain(held, args, fetch)
+    assert how == {"download": "chain", "download_bytes": last.size_for(casts[0].digest, "1.5"), "delta_links": 3}
+    got = codec.decode(data)
+    assert codec.digest(got.names, got.tensors, got.masks) == last.digest
+    assert last.size_for(casts[0].digest, "1.5") < len(last.exact) and codec_sha(last.exact) not in fetched
+    # a device that (unknown to the coordinator) already holds round 3's model applies only the last delta
+    other = heldmodels.HeldModels(tmp_path / "other", keep=2, max_bytes=1 << 22)
+    other.put(codec.decode(casts[2].exact))
+    fetch, fetched = _blobs(*(x.data for x in route), last.exact)
+    _, how = heldmodels.obtain(other, args, fetch)
+    assert how == {"download": "delta", "download_bytes": len(last.small), "delta_links": 1}
+    assert fetched == [codec_sha(last.small)]
+    # a device that speaks 1.4 gets the exact model; one that holds none of these models starts from the
+    # run's first broadcast, a model on its own (here the quantised one), while that costs less than exact
+    assert last.route(casts[0].digest, "1.4") is None
+    fresh = last.route("0" * 64, "1.5")
+    assert fresh == list(last.chain) and fresh[0].base is None and len(fresh) == 4
+
+
+def test_a_broken_link_of_the_chain_is_detected_and_the_exact_model_fetched(tmp_path):
+    held, casts = _chain_casts(tmp_path)
+    last = casts[-1]
+    route = last.route(casts[0].digest, "1.5")
+    broken = [route[0], type(route[1])(route[1].digest, route[1].base, casts[1].small), route[2]]  # wrong blob
+    fetch, fetched = _blobs(*(x.data for x in broken), last.exact)
+    data, how = heldmodels.obtain(held, _chain_args(last, broken, casts[0].digest), fetch)
+    assert how["download"] == "recovered" and fetched[-1] == codec_sha(last.exact)
+    got = codec.decode(data)
+    assert codec.digest(got.names, got.tensors, got.masks) == last.digest
 
 
 @pytest.mark.parametrize("damage", ["evicted", "corrupted"])
@@ -239,6 +369,44 @@ def test_a_device_that_missed_a_round_gets_the_exact_model_and_trains_on_the_sam
     assert r3["download_format"] == "delta-int8" and r3["bytes_down_total"] == sum(
         clients[(3, d)]["metrics"]["download_bytes"] for d in ("a", "b", "late")
     )
+
+
+def test_devices_that_sit_rounds_out_catch_up_by_the_chain_and_train_on_the_same_weights(tmp_path, keras_in_process):
+    """Two of four devices per round: a device sampled again after rounds out gets the broadcasts since the
+    model it holds (or, never sampled, since the seeded first one), when that costs less than the exact
+    model, and rebuilds what the coordinator announced (else its update would not count)."""
+    with memory_fleet(tmp_path) as f:
+        for d in ("a", "b", "c", "d"):
+            f.add(d)
+        s = f.connect(4)
+        cfg = TrainConfig(
+            **MLP, rounds=8, sparsity=0.8, schedule="constant", download_format="delta-int8", clients_per_round=2
+        )
+        out = train(cfg, s, s.store, Silent())
+        rows = s.store.rounds(out["run_id"])
+        clients = s.store.client_rounds(out["run_id"])
+    assert out["state"] == "done" and all(r["clients_ok"] == 2 for r in rows)
+    metrics = [c["metrics"] for c in clients]
+    chains = [m for m in metrics if m["download"] == "chain"]
+    assert chains and all(m["delta_links"] >= 2 for m in chains), [m["download"] for m in metrics]
+    assert all(m["download_bytes"] < m["model_bytes"] for m in chains)  # each chain cost less than the exact model
+    assert {m["download"] for m in metrics} <= {"small", "delta", "chain", "exact"}  # nothing recovered: all matched
+    assert sum(r["bytes_down_total"] for r in rows) == sum(m["download_bytes"] for m in metrics)
+
+
+def test_a_resumed_run_goes_on_with_deltas_against_what_the_devices_hold(tmp_path, keras_in_process):
+    with memory_fleet(tmp_path) as f:
+        for d in ("a", "b"):
+            f.add(d)
+        s = f.connect(2)
+        base = {**MLP, "sparsity": 0.8, "schedule": "constant", "download_format": "delta-int8"}
+        first = train(TrainConfig(**base, rounds=2), s, s.store, Silent())
+        out = train(TrainConfig(**base, rounds=4), s, s.store, Silent(), resume=first["run_id"])
+        clients = s.store.client_rounds(out["run_id"])
+    assert out["state"] == "done"
+    how = {(c["round"], c["device_id"]): c["metrics"]["download"] for c in clients}
+    assert how[(3, "a")] == how[(3, "b")] == "delta", how  # not the exact model: they held round 2's
+    assert how[(4, "a")] == how[(4, "b")] == "delta", how
 
 
 def test_round_rows_count_the_bytes_that_crossed_the_broker(tmp_path, keras_in_process):

@@ -18,7 +18,7 @@ from typing import Any
 
 from edge_agent.ml.models import BUILTIN
 from edge_agent.protocol import codec, serde
-from edge_agent.protocol.args import TrainPrepare, TrainRound
+from edge_agent.protocol.args import DeltaLink, TrainPrepare, TrainRound
 from edge_agent.protocol.constants import SEEDED_MODELS_SINCE
 
 from .. import tblog
@@ -169,6 +169,12 @@ def setup(run: "Run", resume: str | None, devices: list[str]) -> Any:
     fresh = not resume and cfg.model in BUILTIN and not os.path.exists(cfg.model)
     seeded = fresh and all(serde.version_at_least(session.protocol_of(d), SEEDED_MODELS_SINCE) for d in devices)
     run.downlink = Downlink(cfg.download_format, seed=cfg.seed, seeded=seeded)
+    if resume and run.rows:  # the last recorded round's clients hold the model they trained from
+        rnd = run.rows[-1]["round"]
+        before = run.run_dir / f"round-{rnd - 1:04d}.ept"  # that model (the resume point is the next one)
+        if before.exists():
+            held_by = [c["device_id"] for c in store.client_rounds(run_id) if c["round"] == rnd and c["ok"]]
+            run.downlink.resume_from(codec.decode(before.read_bytes()), held_by)
     run.cast = run.downlink.prepare(gm, run.run_id)  # the devices' starting model is its reconstruction
     return gm
 
@@ -238,10 +244,11 @@ def send_and_collect(
     """Broadcast the model once, ask each client for a round, take each update as it comes (intake)."""
     cfg, s, gm, cast = run.cfg, run.session, run.gm, run.cast
     held = {d: run.downlink.holds.get(d) for d in clients}
-    small_to = {d for d in clients if cast.fetches_small(held[d], s.protocol_of(d))}
+    routes = {d: cast.route(held[d], s.protocol_of(d)) for d in clients}  # None: the exact model
+    links = {link.digest: link for route in routes.values() if route for link in route}
     with t("publish"):  # each broadcast goes out (retained) only if a client will fetch it; the exact model is
-        ref = s.publish_blob(cast.exact) if len(small_to) < len(clients) else s.offer_blob(cast.exact)  # always
-        small_ref = s.publish_blob(cast.small) if small_to and cast.small is not None else None  # on offer
+        ref = s.publish_blob(cast.exact) if None in routes.values() else s.offer_blob(cast.exact)  # always on offer
+        refs = {digest: s.publish_blob(link.data) for digest, link in links.items()}
     importance = None
     run.importance = {}
     if cfg.structured_step(rnd) is not None:  # the statistics the shrinking step after this round ranks by
@@ -252,8 +259,6 @@ def send_and_collect(
         round=rnd,
         model=ref,
         model_digest=cast.digest,
-        delta=small_ref,
-        delta_base=cast.base,
         epochs=cfg.local_epochs,
         batch_size=cfg.batch_size,
         lr=cfg.lr,
@@ -262,15 +267,21 @@ def send_and_collect(
         regrow=cfg.regrow_fraction,
         importance=importance,
     )
-    nodelta: dict[str, Any] = {"delta": None}  # a device that cannot decode it (a seeded model for a 1.3 device)
+
+    def downlink_args(d: str) -> dict[str, Any]:
+        """The broadcasts ``d`` applies; sent the exact model, it still hears of this round's delta if it can
+        read it (a device that failed last round may hold the base all the same)."""
+        route = routes[d]
+        if route is None:
+            return {
+                "delta": refs.get(cast.digest) if cast.readable_by(s.protocol_of(d)) else None,
+                "delta_base": cast.base,
+            }
+        chain = [DeltaLink(refs[link.digest], link.base) for link in route] if len(route) > 1 else []
+        return {"delta": refs[route[-1].digest], "delta_base": route[0].base, "delta_chain": chain}
+
     submitted = {
-        d: s.submit(
-            d,
-            "train_round",
-            replace(
-                args, seed=client_seed(cfg.seed, rnd, d), **({} if cast.readable_by(s.protocol_of(d)) else nodelta)
-            ),
-        )
+        d: s.submit(d, "train_round", replace(args, seed=client_seed(cfg.seed, rnd, d), **downlink_args(d)))
         for d in clients
     }
     pending = {fut: d for d, (_, fut) in submitted.items()}
@@ -295,7 +306,6 @@ def send_and_collect(
         sent.failures[dev] = f"no update within --round-timeout {cfg.round_timeout_s:.0f} s"
         s.forget(submitted[dev][0])  # a result that still comes is late: logged and ignored
         sent.bytes_down[dev] = cast.size_for(held[dev], s.protocol_of(dev))  # planned: it did not say
-    s.clear_blob(ref.sha256)
-    if small_ref is not None:
-        s.clear_blob(small_ref.sha256)
+    for blob in (ref, *refs.values()):
+        s.clear_blob(blob.sha256)
     sent.download_format = cast.format

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from .constants import MAX_WANTED_CHUNKS
+from .constants import MAX_DELTA_CHAIN, MAX_WANTED_CHUNKS
 from .errors import ErrorCode, ProtocolError
 from .topics import validate_id, validate_sha256
 
@@ -44,6 +44,20 @@ class BlobRef:
     def check(self, cmd: str) -> None:
         validate_sha256(self.sha256)
         _non_negative(cmd, bytes=self.bytes, chunks=self.chunks)
+
+
+@dataclass(frozen=True)
+class DeltaLink:
+    """One broadcast of a catch-up chain: the blob, and the model (digest) it applies to; None: to nothing
+    (a model on its own, such as a run's seeded first model)."""
+
+    blob: BlobRef
+    base: str | None = None
+
+    def check(self, cmd: str) -> None:
+        self.blob.check(cmd)
+        if self.base is not None:
+            validate_sha256(self.base)
 
 
 @dataclass(frozen=True)
@@ -179,12 +193,26 @@ class TrainRound:
     model_digest: str | None = None
     delta: BlobRef | None = None
     delta_base: str | None = None
+    # 1.5: a device that missed rounds catches up: the broadcasts since ``delta_base``, in order, ``delta``
+    # last; each names the model it applies to, so a device that holds a later one starts from there
+    delta_chain: list[DeltaLink] = field(default_factory=list)
 
     def check(self, cmd: str) -> None:
         _run_id(cmd, self.run_id)
         self.model.check(cmd)
         if self.delta is not None:
             self.delta.check(cmd)
+        if self.delta_chain and (
+            len(self.delta_chain) > MAX_DELTA_CHAIN
+            or self.delta is None
+            or self.delta_chain[-1].blob != self.delta
+            or self.delta_chain[0].base != self.delta_base
+        ):
+            raise _bad(
+                cmd, f"delta_chain must be at most {MAX_DELTA_CHAIN} links, from delta_base's model to the delta"
+            )
+        for link in self.delta_chain:
+            link.check(cmd)
         for d in (self.model_digest, self.delta_base):
             if d is not None:
                 validate_sha256(d)

@@ -1,15 +1,22 @@
 """Protocol constants. Units are part of every name that has one."""
 
-PROTOCOL_VERSION = "1.4"
+PROTOCOL_VERSION = "1.5"
 """major.minor. Peers refuse a different major; minors only add optional keys and messages
 (1.1: ``blob_want``, ``blob_get`` with ``chunks``; 1.2: chunk frames in little-endian like the
 tensor codec, ``EPF2``, written only to peers that speak 1.2 and read from all; 1.3: ``train_round``
 with ``model_digest``, ``delta`` and ``delta_base``, the sparse downlink; chunks a device asks for
 with ``blob_want`` come on its own ``down`` topic, not to the whole fleet; 1.4: seeded values,
-``uniform`` and ``const``, in a model bundle: a fresh run's first model, drawn by the device)."""
+``uniform`` and ``const``, in a model bundle: a fresh run's first model, drawn by the device; 1.5:
+``train_round`` with ``delta_chain``, the deltas a device that missed rounds applies before ``delta``)."""
 
 SEEDED_MODELS_SINCE = (1, 4)
 """The protocol version from which a device draws a seeded model (``codec.encode_seeded``)."""
+
+DELTA_CHAINS_SINCE = (1, 5)
+"""The protocol version from which a device catches up on missed rounds by a chain of deltas."""
+
+MAX_DELTA_CHAIN = 1000
+"""Most deltas one ``train_round`` asks a device to apply before its own (``delta_chain``)."""
 
 WANT_DOWN_SINCE = (1, 3)
 """The protocol version from which a device takes re-sent chunks on its own ``down`` topic."""
