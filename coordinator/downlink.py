@@ -25,10 +25,10 @@ encoded, so it is re-sent instead of lost (error feedback) and does not accumula
 Each delta is against the round before's reconstruction, so the deltas form a chain: a device that
 holds an older model of it (it missed rounds: not selected, failed, late) catches up by applying the
 links since, in order (protocol 1.5, ``delta_chain``), and rebuilds the same weights bit for bit; so does
-a device that holds nothing, from the run's seeded first model. It is sent the chain only when that is
-smaller than the exact encoding; otherwise (no link reaches what it holds, a chain that long, a structured
-step since, a device older than 1.5) it gets the exact encoding. Links are kept only while some suffix of
-them is smaller than the exact encoding. Each blob goes out (retained) only if a selected device will
+a device that holds nothing, from the run's seeded first model (or the quantised model after a
+structured step). It is sent the chain only when that is smaller than the exact encoding; otherwise (no
+link reaches what it holds, a chain that long, a device older than 1.5) it gets the exact encoding. A
+link is kept while the chain from it to the newest costs less than the exact encoding. Each blob goes out (retained) only if a selected device will
 fetch it, and the exact encoding is otherwise only offered, for devices that ask (``blob_want``).
 """
 
@@ -92,10 +92,6 @@ class Cast:
             if link.base is None or (held is not None and link.base == held):
                 return list(self.chain[i:])
         return None
-
-    def fetches_small(self, held: str | None, protocol: str | None = None) -> bool:
-        """Whether a device that holds the model ``held`` and speaks ``protocol`` is sent smaller broadcasts."""
-        return self.route(held, protocol) is not None
 
     def size_for(self, held: str | None, protocol: str | None = None) -> int:
         route = self.route(held, protocol)

@@ -202,7 +202,7 @@ def test_a_fresh_model_goes_down_as_a_seed_in_every_format(tmp_path, fmt):
     first = link.prepare(gm, "r")
     assert first.base is None and len(first.small) < 1_000 and len(first.exact) > 50_000
     # a device on protocol 1.3 cannot draw it: it is sent the exact model, and told of no delta
-    assert first.fetches_small(None, "1.4") and not first.fetches_small(None, "1.3") and not first.readable_by(None)
+    assert first.route(None, "1.4") and first.route(None, "1.3") is None and not first.readable_by(None)
     assert first.size_for(None, "1.3") == len(first.exact) and first.size_for(None, "1.4") == len(first.small)
     held = heldmodels.HeldModels(tmp_path / "models", keep=2, max_bytes=1 << 20)
     fetch, fetched = _blobs(first.small, first.exact)
