@@ -28,8 +28,9 @@ links since, in order (protocol 1.5, ``delta_chain``), and rebuilds the same wei
 a device that holds nothing, from the run's seeded first model (or the quantised model after a
 structured step). It is sent the chain only when that is smaller than the exact encoding; otherwise (no
 link reaches what it holds, a chain that long, a device older than 1.5) it gets the exact encoding. A
-link is kept while the chain from it to the newest costs less than the exact encoding. Each blob goes out (retained) only if a selected device will
-fetch it, and the exact encoding is otherwise only offered, for devices that ask (``blob_want``).
+link is kept while the chain from it to the newest costs less than the exact encoding. Each blob goes
+out (retained) only if a selected device will fetch it, and the exact encoding is otherwise only
+offered, for devices that ask (``blob_want``).
 """
 
 from __future__ import annotations
@@ -167,7 +168,9 @@ class Downlink:
         self._extend_chain(digest, base_of_small, small, since, len(exact))
         return Cast(digest, exact, small, base_of_small, self.format, since, tuple(self.links))
 
-    def _extend_chain(self, digest: str, base: str | None, small: bytes | None, since, exact_bytes: int) -> None:
+    def _extend_chain(
+        self, digest: str, base: str | None, small: bytes | None, since: tuple[int, int] | None, exact_bytes: int
+    ) -> None:
         """Add this round's broadcast to the chain (a self-contained one starts it again); drop the oldest
         links while every route through them costs more than the exact encoding."""
         if small is None or not (self.format.startswith("delta-") or since is not None):
