@@ -104,6 +104,10 @@ def run_config(url: str, fleet: str, sparsity: float, a, work: Path, say, fmt: s
         wall = time.monotonic() - t0
         rows = store.rounds(summary["run_id"])
         tensors = store.run(summary["run_id"])["config"]["tensors"]
+        how: dict[str, int] = {}  # how each client-round's model came down (cached, small, delta, chain, exact)
+        for c in store.client_rounds(summary["run_id"]):
+            kind = (c["metrics"] or {}).get("download", "failed")
+            how[kind] = how.get(kind, 0) + 1
     finally:
         s.close()
     acc = [r["accuracy"] for r in rows]  # None where the round was not evaluated (--eval-every)
@@ -135,6 +139,7 @@ def run_config(url: str, fleet: str, sparsity: float, a, work: Path, say, fmt: s
         / (sum(r["bytes_down_per_client"] for r in rows) / len(rows)),
         "upload_total": sum(r["bytes_up_total"] for r in rows),
         "download_total": sum(r["bytes_down_total"] for r in rows),
+        "downloads_by_kind": how,
         "cumulative_bytes": cum,
         "dense_fp32_bytes": dense,
         "upload_ratio_vs_dense_fp32": dense / (sum(ups) / len(ups)),

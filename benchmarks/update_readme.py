@@ -328,19 +328,23 @@ def realistic_downlink_section(rows) -> list[str]:
         f"{meta.get('total_minutes', '?')} min): the same fleet and model as above, 80% target sparsity, "
         f"{meta.get('rounds')} rounds, one run; each row differs only in `--download-format`. Download bytes are what "
         "each selected device fetched, averaged over every client-round (round 1's seeded download included) and "
-        "after round 1. With 10 of 100 devices per round few selected devices hold last round's model: those that "
-        "do not fetch the exact model, which is why the ratios are small here.",
+        "after round 1. With 10 of 100 devices per round few selected devices hold last round's model: in a delta "
+        "format each catches up by the chain of deltas since the model it holds (or since the seeded first one) "
+        "when that costs less than the exact model, and fetches the exact model otherwise; 'how the model came' "
+        "counts the client-rounds of each kind.",
         "",
         "| download | last-10 accuracy | final | gap to exact (last-10) | download/client-round | after round 1 | "
-        "vs dense fp32 |",
-        "|---|---|---|---|---|---|---|",
+        "vs dense fp32 | how the model came |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in runs:
+        kinds = r.get("downloads_by_kind") or {}
         out.append(
             f"| {r.get('download_format', 'exact')} | {r['accuracy_last10'] * 100:.2f}% | "
             f"{r['final_accuracy'] * 100:.2f}% | {r.get('gap_to_exact_download_last10_pts', 0.0):.2f} pts | "
             f"{r['download_bytes_per_client_round']:,.0f} B | {r['download_bytes_steady']:,.0f} B | "
-            f"{r['down_ratio_vs_dense_fp32']:.1f}x |"
+            f"{r['down_ratio_vs_dense_fp32']:.1f}x | "
+            f"{', '.join(f'{k} {n}' for k, n in sorted(kinds.items(), key=lambda kv: -kv[1])) or 'not recorded'} |"
         )
     return out
 

@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from edge_agent.protocol import codec, serde
-from edge_agent.protocol.constants import DELTA_CHAINS_SINCE, SEEDED_MODELS_SINCE
+from edge_agent.protocol.constants import DELTA_CHAINS_SINCE, MAX_DELTA_CHAIN, SEEDED_MODELS_SINCE
 
 DOWNLOAD_FORMATS = ("exact", "fp16", "delta-int8", "delta-int4")
 KEEP_BASES = 2  # reconstructions kept to encode a delta against (the devices keep as many, settings)
@@ -75,7 +75,10 @@ class Cast:
 
     def route(self, held: str | None, protocol: str | None = None) -> list[Link] | None:
         """The broadcasts a device that holds ``held`` and speaks ``protocol`` applies, in order, to rebuild
-        this round's model (the first to ``held``, or to nothing); None: it fetches the exact encoding."""
+        this round's model (the first to ``held``, or to nothing; none if it holds the model already);
+        None: it fetches the exact encoding."""
+        if held is not None and held == self.digest:
+            return []  # it holds this very model (it trained from it in a round that was not applied)
         if not self.readable_by(protocol):
             return None
         assert self.small is not None
@@ -88,7 +91,11 @@ class Cast:
         for i in range(len(self.chain) - 1, -1, -1):  # back from the head, while cheaper than the exact model
             link = self.chain[i]
             total += len(link.data)
-            if total >= len(self.exact) or not (link.since is None or serde.version_at_least(protocol, link.since)):
+            if (
+                total >= len(self.exact)
+                or len(self.chain) - i > MAX_DELTA_CHAIN
+                or not (link.since is None or serde.version_at_least(protocol, link.since))
+            ):
                 return None
             if link.base is None or (held is not None and link.base == held):
                 return list(self.chain[i:])

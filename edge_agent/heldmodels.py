@@ -17,6 +17,7 @@ import logging
 import os
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -117,9 +118,13 @@ def obtain(
     steps = [(link.base, link.blob) for link in a.delta_chain] or ([(a.delta_base, a.delta)] if a.delta else [])
     start, bundle = _start(held, steps)
     if start is not None:
+        deadline = time.monotonic() + a.fetch_timeout_s  # for all of them; the exact model has its own
         try:
             for _, ref in steps[start:]:  # a device that missed rounds applies each broadcast since
-                small = fetch(ref.sha256, a.fetch_timeout_s, ref.bytes, ref.chunks)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise ProtocolError(ErrorCode.TIMEOUT, f"the broadcasts took over {a.fetch_timeout_s:.0f} s")
+                small = fetch(ref.sha256, left, ref.bytes, ref.chunks)
                 fetched += len(small)
                 if bundle is None:
                     bundle = codec.decode(small)

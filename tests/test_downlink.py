@@ -280,6 +280,39 @@ def test_a_device_that_missed_rounds_applies_the_chain_from_the_latest_model_it_
     assert last.route(casts[0].digest, "1.4") is None
     fresh = last.route("0" * 64, "1.5")
     assert fresh == list(last.chain) and fresh[0].base is None and len(fresh) == 4
+    # one that holds this very model (a round that was not applied reuses the cast) is sent nothing
+    assert last.route(last.digest, "1.5") == [] and last.size_for(last.digest, "1.5") == 0
+
+
+def test_a_chain_longer_than_a_train_round_may_carry_is_not_offered(tmp_path, monkeypatch):
+    _, casts = _chain_casts(tmp_path)
+    assert len(casts[-1].route("0" * 64, "1.5")) == 4
+    monkeypatch.setattr("coordinator.downlink.MAX_DELTA_CHAIN", 3)
+    assert casts[-1].route("0" * 64, "1.5") is None and len(casts[-1].route(casts[1].digest, "1.5")) == 2
+
+
+def test_a_round_that_changes_nothing_is_a_link_of_its_own(tmp_path):
+    """Two links can rebuild the same model (a round whose delta is all zero): a device applies both."""
+    rng = np.random.default_rng(4)
+    link = Downlink("delta-int8")
+    masks = [rng.random(BIG[0]) < 0.5, None]
+    weights = [rng.normal(0, 1, s).astype(np.float32) * (m if m is not None else 1) for s, m in zip(BIG, masks)]
+    first = link.prepare(_Model([w.copy() for w in weights], masks), "r")
+    link.trained("a", first.digest)
+    gm = _Model([w + 0.01 * (m if m is not None else 1) for w, m in zip(first_weights(first), masks)], masks)
+    second = link.prepare(gm, "r")
+    link.trained("a", second.digest)
+    link.error = None  # nothing owed, and the same weights again: an all-zero delta
+    third = link.prepare(_Model([w.copy() for w in gm.weights], masks), "r")
+    assert third.digest == second.digest and third.base == second.digest
+    route = third.route(first.digest, "1.5")
+    assert [(x.base, x.digest) for x in route] == [(first.digest, second.digest), (second.digest, second.digest)]
+    got = _rebuild(route, codec.decode(first.exact))
+    assert codec.digest(got.names, got.tensors, got.masks) == third.digest
+
+
+def first_weights(cast):
+    return codec.decode(cast.exact).tensors
 
 
 def test_a_broken_link_of_the_chain_is_detected_and_the_exact_model_fetched(tmp_path):
@@ -371,27 +404,33 @@ def test_a_device_that_missed_a_round_gets_the_exact_model_and_trains_on_the_sam
     )
 
 
-def test_devices_that_sit_rounds_out_catch_up_by_the_chain_and_train_on_the_same_weights(tmp_path, keras_in_process):
+def test_devices_that_sit_rounds_out_catch_up_by_the_chain_and_train_on_the_same_weights(
+    tmp_path, keras_in_process, monkeypatch
+):
     """Two of four devices per round: a device sampled again after rounds out gets the broadcasts since the
     model it holds (or, never sampled, since the seeded first one), when that costs less than the exact
     model, and rebuilds what the coordinator announced (else its update would not count)."""
     with memory_fleet(tmp_path) as f:
-        for d in ("a", "b", "c", "d"):
+        for d in ("a", "b", "c", "d", "old"):
             f.add(d)
-        s = f.connect(4)
+        s = f.connect(5)
+        protocol_of = s.protocol_of  # "old" says it speaks 1.4: it must never be sent a chain
+        monkeypatch.setattr(s, "protocol_of", lambda d: "1.4" if d == "old" else protocol_of(d))
         cfg = TrainConfig(
-            **MLP, rounds=8, sparsity=0.8, schedule="constant", download_format="delta-int8", clients_per_round=2
+            **MLP, rounds=8, sparsity=0.8, schedule="constant", download_format="delta-int8", clients_per_round=3
         )
         out = train(cfg, s, s.store, Silent())
         rows = s.store.rounds(out["run_id"])
         clients = s.store.client_rounds(out["run_id"])
-    assert out["state"] == "done" and all(r["clients_ok"] == 2 for r in rows)
-    metrics = [c["metrics"] for c in clients]
+    assert out["state"] == "done" and all(r["clients_ok"] == 3 for r in rows)
+    old = [c["metrics"]["download"] for c in clients if c["device_id"] == "old"]
+    assert old and "chain" not in old and "exact" in old, old  # it sat rounds out: the exact model then
+    metrics = [c["metrics"] for c in clients if c["device_id"] != "old"]
     chains = [m for m in metrics if m["download"] == "chain"]
     assert chains and all(m["delta_links"] >= 2 for m in chains), [m["download"] for m in metrics]
     assert all(m["download_bytes"] < m["model_bytes"] for m in chains)  # each chain cost less than the exact model
     assert {m["download"] for m in metrics} <= {"small", "delta", "chain", "exact"}  # nothing recovered: all matched
-    assert sum(r["bytes_down_total"] for r in rows) == sum(m["download_bytes"] for m in metrics)
+    assert sum(r["bytes_down_total"] for r in rows) == sum(c["metrics"]["download_bytes"] for c in clients)
 
 
 def test_a_resumed_run_goes_on_with_deltas_against_what_the_devices_hold(tmp_path, keras_in_process):
@@ -401,12 +440,13 @@ def test_a_resumed_run_goes_on_with_deltas_against_what_the_devices_hold(tmp_pat
         s = f.connect(2)
         base = {**MLP, "sparsity": 0.8, "schedule": "constant", "download_format": "delta-int8"}
         first = train(TrainConfig(**base, rounds=2), s, s.store, Silent())
-        out = train(TrainConfig(**base, rounds=4), s, s.store, Silent(), resume=first["run_id"])
+        out = train(TrainConfig(**base, rounds=3), s, s.store, Silent(), resume=first["run_id"])
+        out = train(TrainConfig(**base, rounds=5), s, s.store, Silent(), resume=first["run_id"])  # and again
         clients = s.store.client_rounds(out["run_id"])
     assert out["state"] == "done"
     how = {(c["round"], c["device_id"]): c["metrics"]["download"] for c in clients}
-    assert how[(3, "a")] == how[(3, "b")] == "delta", how  # not the exact model: they held round 2's
-    assert how[(4, "a")] == how[(4, "b")] == "delta", how
+    for rnd in (3, 4, 5):  # not the exact or the quantised model: they held the round before's
+        assert how[(rnd, "a")] == how[(rnd, "b")] == "delta", how
 
 
 def test_round_rows_count_the_bytes_that_crossed_the_broker(tmp_path, keras_in_process):

@@ -176,6 +176,8 @@ def setup(run: "Run", resume: str | None, devices: list[str]) -> Any:
             held_by = [c["device_id"] for c in store.client_rounds(run_id) if c["round"] == rnd and c["ok"]]
             run.downlink.resume_from(codec.decode(before.read_bytes()), held_by)
     run.cast = run.downlink.prepare(gm, run.run_id)  # the devices' starting model is its reconstruction
+    if resume and run.rows:  # which is the resume point from now on (a second resume deltas against it)
+        run.gm.save(run.run_dir, f"round-{run.rows[-1]['round']:04d}")
     return gm
 
 
@@ -245,10 +247,10 @@ def send_and_collect(
     cfg, s, gm, cast = run.cfg, run.session, run.gm, run.cast
     held = {d: run.downlink.holds.get(d) for d in clients}
     routes = {d: cast.route(held[d], s.protocol_of(d)) for d in clients}  # None: the exact model
-    links = {link.digest: link for route in routes.values() if route for link in route}
+    links = {(link.base, link.digest): link for route in routes.values() if route for link in route}
     with t("publish"):  # each broadcast goes out (retained) only if a client will fetch it; the exact model is
         ref = s.publish_blob(cast.exact) if None in routes.values() else s.offer_blob(cast.exact)  # always on offer
-        refs = {digest: s.publish_blob(link.data) for digest, link in links.items()}
+        refs = {key: s.publish_blob(link.data) for key, link in links.items()}
     importance = None
     run.importance = {}
     if cfg.structured_step(rnd) is not None:  # the statistics the shrinking step after this round ranks by
@@ -273,12 +275,12 @@ def send_and_collect(
         read it (a device that failed last round may hold the base all the same)."""
         route = routes[d]
         if route is None:
-            return {
-                "delta": refs.get(cast.digest) if cast.readable_by(s.protocol_of(d)) else None,
-                "delta_base": cast.base,
-            }
-        chain = [DeltaLink(refs[link.digest], link.base) for link in route] if len(route) > 1 else []
-        return {"delta": refs[route[-1].digest], "delta_base": route[0].base, "delta_chain": chain}
+            head = refs.get((cast.base, cast.digest)) if cast.readable_by(s.protocol_of(d)) else None
+            return {"delta": head, "delta_base": cast.base}
+        if not route:  # it holds this round's model: it trains from that
+            return {}
+        chain = [DeltaLink(refs[link.base, link.digest], link.base) for link in route] if len(route) > 1 else []
+        return {"delta": refs[route[-1].base, route[-1].digest], "delta_base": route[0].base, "delta_chain": chain}
 
     submitted = {
         d: s.submit(d, "train_round", replace(args, seed=client_seed(cfg.seed, rnd, d), **downlink_args(d)))
