@@ -225,7 +225,7 @@ def fl_section(rows) -> list[str]:
             f"{', '.join(str(x) for x in over_seeds[0]['seeds'])} (same run, same shards; each seed's gap is to "
             "the exact broadcast with that seed; one test image is 0.28 points):",
             "",
-            "| sparsity | download | gap to exact, mean | per seed | download vs dense fp32 (mean) | target |",
+            "| sparsity | download | gap to exact, mean (positive: below exact) | per seed | download vs dense fp32 (mean) | target |",
             "|---|---|---|---|---|---|",
         ]
         for o in over_seeds:
